@@ -1,0 +1,433 @@
+//! The `ferry` command line: `serve` runs the daemon; every other command is a client of a
+//! daemon's control API.
+
+use crate::config::{Config, ControlEndpoint, DEFAULT_CONTROL};
+use crate::io::IoChoice;
+use crate::proto::{self, ferry_client::FerryClient, transfer_event::Event};
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use hyper_util::rt::TokioIo;
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::{json, Value};
+use std::io::IsTerminal;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// `println!` that stops quietly when stdout is closed (`ferry tasks | head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout().lock(), $($arg)*);
+    }};
+}
+
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about = "RDMA-accelerated piece transfer engine for GPU clusters (Dragonfly-compatible)")]
+pub struct Cli {
+    /// Control endpoint of the daemon (for `serve`, where to listen): a unix socket path or
+    /// tcp://HOST:PORT [default: /run/ferry/control.sock, or the config file's `control`].
+    #[arg(long, global = true, env = "FERRY_CONTROL")]
+    pub control: Option<String>,
+    /// Print machine-readable JSON instead of text.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the daemon: the data-plane listener, the store and the control API.
+    Serve(ServeArgs),
+    /// Make a local file a task held by the daemon (its bytes are copied into the store).
+    Import(ImportArgs),
+    /// Fetch a task from source peers through the daemon and place it at an output path.
+    Pull(PullArgs),
+    /// Show one task and its pieces.
+    Stat {
+        /// Task id (64 hex characters).
+        task_id: String,
+    },
+    /// List the tasks the daemon holds.
+    Tasks,
+    /// Show the transports and devices this host can use.
+    Devices,
+    /// Cancel the running transfer into a task (pieces already held stay held).
+    Cancel {
+        task_id: String,
+    },
+    /// Delete a task and its bytes from the daemon's store.
+    Delete {
+        task_id: String,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file; flags override its values.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// Where tasks are stored [default: /var/lib/ferry].
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Data-plane listen address, IP:PORT [default: 0.0.0.0:4100].
+    #[arg(long)]
+    pub listen: Option<String>,
+    /// Data-plane address to tell peers (when it differs from --listen).
+    #[arg(long)]
+    pub advertise: Option<String>,
+    /// Only allow transfer outputs under this directory (repeatable). Without it any absolute
+    /// path is allowed.
+    #[arg(long = "output-dir")]
+    pub output_dirs: Vec<PathBuf>,
+    /// Buffer pool size in MiB, pinned at start-up [default: 256].
+    #[arg(long)]
+    pub pool_mib: Option<u64>,
+    /// Disk I/O backend [default: auto].
+    #[arg(long, value_enum)]
+    pub io: Option<IoChoice>,
+    /// Pieces in flight per source peer [default: 4].
+    #[arg(long)]
+    pub streams_per_source: Option<u32>,
+    /// Seconds of silence from a peer before a read fails [default: 10].
+    #[arg(long)]
+    pub io_timeout: Option<u64>,
+    /// Log as JSON lines.
+    #[arg(long)]
+    pub log_json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct ImportArgs {
+    /// The file to import.
+    pub file: PathBuf,
+    /// URL used for the task id [default: file://<absolute path>].
+    #[arg(long)]
+    pub url: Option<String>,
+    #[arg(long)]
+    pub tag: Option<String>,
+    #[arg(long)]
+    pub application: Option<String>,
+    #[arg(long)]
+    pub revision: Option<String>,
+    /// Piece length in bytes, 4 MiB to 64 MiB [default: from the file's length].
+    #[arg(long)]
+    pub piece_length: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct PullArgs {
+    /// Task id (64 hex characters).
+    #[arg(long)]
+    pub task: String,
+    /// Source peers' data addresses, HOST:PORT, comma-separated.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub from: Vec<String>,
+    /// Where the content appears once every piece verified (absolute, or relative to here).
+    #[arg(long)]
+    pub output: PathBuf,
+    /// Content length, if known (otherwise asked from the sources).
+    #[arg(long)]
+    pub content_length: Option<u64>,
+    /// Piece length, if known (otherwise asked from the sources).
+    #[arg(long)]
+    pub piece_length: Option<u64>,
+    /// Pieces in flight per source [default: the daemon's].
+    #[arg(long)]
+    pub streams: Option<u32>,
+}
+
+pub fn main(cli: Cli) -> ExitCode {
+    if let Command::Serve(args) = &cli.command {
+        return match run_serve(args, cli.control.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                esay!("ferry serve: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run_client(&cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            if let Some(status) = err.downcast_ref::<tonic::Status>() {
+                esay!("ferry: {:?}: {}", status.code(), status.message());
+            } else {
+                esay!("ferry: {err:#}");
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
+    let mut config = match &args.config {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(v) = control {
+        config.control = v.to_owned();
+    }
+    if let Some(v) = &args.data_dir {
+        config.data_dir = std::path::absolute(v)?;
+    }
+    if let Some(v) = &args.listen {
+        config.listen = v.clone();
+    }
+    if let Some(v) = &args.advertise {
+        config.advertise = Some(v.clone());
+    }
+    if !args.output_dirs.is_empty() {
+        config.output_dirs = args.output_dirs.iter().map(std::path::absolute).collect::<Result<_, _>>()?;
+    }
+    if let Some(v) = args.pool_mib {
+        config.pool.size_mib = v;
+    }
+    if let Some(v) = args.io {
+        config.io.backend = v;
+    }
+    if let Some(v) = args.streams_per_source {
+        config.transfer.streams_per_source = v;
+    }
+    if let Some(v) = args.io_timeout {
+        config.transfer.io_timeout_secs = v;
+    }
+    init_logging(args.log_json);
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ferry").build()?;
+    runtime.block_on(crate::daemon::serve(config))
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+/// Connects to the daemon's control API.
+pub async fn connect(control: &str) -> anyhow::Result<FerryClient<Channel>> {
+    let channel = match ControlEndpoint::parse(control) {
+        ControlEndpoint::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?.connect().await.with_context(|| format!("connecting to control API at {addr}"))?,
+        ControlEndpoint::Unix(path) => {
+            let shown = path.display().to_string();
+            Endpoint::from_static("http://localhost")
+                .connect_with_connector(tower::service_fn(move |_: Uri| {
+                    let path = path.clone();
+                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                }))
+                .await
+                .with_context(|| format!("connecting to control socket {shown} (is `ferry serve` running? set --control)"))?
+        }
+    };
+    Ok(FerryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+}
+
+async fn run_client(cli: &Cli) -> anyhow::Result<()> {
+    let mut client = connect(cli.control.as_deref().unwrap_or(DEFAULT_CONTROL)).await?;
+    match &cli.command {
+        Command::Serve(_) => unreachable!("handled in main"),
+        Command::Import(args) => {
+            let path = std::path::absolute(&args.file)?;
+            let task = client
+                .import_task(proto::ImportTaskRequest {
+                    path: path.display().to_string(),
+                    url: args.url.clone().unwrap_or_default(),
+                    tag: args.tag.clone().unwrap_or_default(),
+                    application: args.application.clone().unwrap_or_default(),
+                    revision: args.revision.clone().unwrap_or_default(),
+                    piece_length: args.piece_length.unwrap_or(0),
+                })
+                .await?
+                .into_inner();
+            print_task(cli.json, &task);
+        }
+        Command::Pull(args) => pull(cli.json, &mut client, args).await?,
+        Command::Stat { task_id } => {
+            let task = client.stat_task(proto::StatTaskRequest { task_id: task_id.clone() }).await?.into_inner();
+            print_task(cli.json, &task);
+        }
+        Command::Tasks => {
+            let tasks = client.list_tasks(proto::ListTasksRequest {}).await?.into_inner().tasks;
+            if cli.json {
+                say!("{}", Value::Array(tasks.iter().map(task_json).collect()));
+            } else {
+                say!("{:<64}  {:>14}  {:>10}  {:>9}  STATE", "TASK", "BYTES", "PIECE", "HELD");
+                for t in &tasks {
+                    let state = if t.transferring { "transferring" } else if t.complete { "complete" } else { "partial" };
+                    say!("{:<64}  {:>14}  {:>10}  {:>4}/{:<4}  {state}", t.task_id, t.content_length, t.piece_length, t.pieces_held, t.piece_count);
+                }
+            }
+        }
+        Command::Devices => {
+            let caps = client.get_capabilities(proto::GetCapabilitiesRequest {}).await?.into_inner();
+            if cli.json {
+                say!("{}", capabilities_json(&caps));
+            } else {
+                say!("host {} ({}), data plane {}", caps.host_id, caps.hostname, caps.data_address);
+                if let Some(store) = &caps.store {
+                    say!(
+                        "store {}: {} writes{}, pool {} MiB in {} KiB slots{}",
+                        store.data_dir,
+                        store.io_backend,
+                        if store.direct_io { " (O_DIRECT)" } else { "" },
+                        store.pool_bytes >> 20,
+                        store.pool_slot_bytes >> 10,
+                        if store.huge_pages { ", huge pages" } else { "" }
+                    );
+                }
+                for t in &caps.transports {
+                    let mut props: Vec<_> = t.properties.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    props.sort();
+                    say!("transport {:<5} {:<11} {} {}", t.name, if t.available { "available" } else { "unavailable" }, t.detail, props.join(" "));
+                }
+            }
+        }
+        Command::Cancel { task_id } => {
+            client.cancel_transfer(proto::CancelTransferRequest { task_id: task_id.clone() }).await?;
+            if cli.json {
+                say!("{}", json!({"task_id": task_id, "cancelled": true}));
+            } else {
+                say!("cancelled the transfer into {task_id}");
+            }
+        }
+        Command::Delete { task_id } => {
+            client.delete_task(proto::DeleteTaskRequest { task_id: task_id.clone() }).await?;
+            if cli.json {
+                say!("{}", json!({"task_id": task_id, "deleted": true}));
+            } else {
+                say!("deleted {task_id}");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn pull(as_json: bool, client: &mut FerryClient<Channel>, args: &PullArgs) -> anyhow::Result<()> {
+    let output = std::path::absolute(&args.output)?;
+    let mut stream = client
+        .transfer_pieces(proto::TransferPiecesRequest {
+            task_id: args.task.clone(),
+            content_length: args.content_length.unwrap_or(0),
+            piece_length: args.piece_length.unwrap_or(0),
+            pieces: Vec::new(),
+            sources: args.from.clone(),
+            output_path: output.display().to_string(),
+            transport: proto::TransportPreference::Auto as i32,
+            streams_per_source: args.streams.unwrap_or(0),
+        })
+        .await?
+        .into_inner();
+    let show_bar = !as_json && std::io::stderr().is_terminal();
+    let mut bar: Option<ProgressBar> = None;
+    let mut pieces = Vec::new();
+    let mut summary = None;
+    while let Some(event) = stream.message().await? {
+        match event.event {
+            Some(Event::Started(started)) => {
+                if show_bar {
+                    let fetch = started.pieces_requested - started.pieces_reused;
+                    let b = ProgressBar::new(fetch as u64 * started.piece_length.min(started.content_length).max(1));
+                    b.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}").expect("template"));
+                    bar = Some(b);
+                }
+            }
+            Some(Event::Piece(piece)) => {
+                if let Some(b) = &bar {
+                    b.inc(piece.bytes);
+                }
+                pieces.push(piece);
+            }
+            Some(Event::Summary(s)) => summary = Some(s),
+            None => {}
+        }
+    }
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let Some(summary) = summary else { bail!("the daemon ended the transfer without a summary") };
+    if as_json {
+        let value = json!({
+            "task_id": summary.task_id,
+            "output": summary.output_path,
+            "pieces": pieces.iter().map(|p| json!({
+                "number": p.number, "offset": p.offset, "length": p.length, "digest": p.digest,
+                "source": p.source, "transport": p.transport, "bytes": p.bytes,
+                "fetch_micros": p.fetch_micros, "write_micros": p.write_micros, "attempt": p.attempt,
+            })).collect::<Vec<_>>(),
+            "summary": summary_json(&summary),
+        });
+        say!("{value}");
+    } else {
+        let secs = summary.elapsed_micros as f64 / 1e6;
+        let rate = if secs > 0.0 { summary.bytes_fetched as f64 / secs } else { 0.0 };
+        say!(
+            "pulled {} ({} bytes) to {} in {:.2}s: {:.1} MiB/s ({:.2} Gbit/s); {} pieces fetched, {} already held, {} retries",
+            summary.task_id,
+            summary.content_length,
+            summary.output_path,
+            secs,
+            rate / (1 << 20) as f64,
+            rate * 8.0 / 1e9,
+            summary.pieces_fetched,
+            summary.pieces_reused,
+            summary.retries
+        );
+        for t in &summary.transports {
+            say!("  transport {:<5} {:>14} bytes  {:>5} pieces", t.transport, t.bytes, t.pieces);
+        }
+        for s in &summary.sources {
+            say!("  source {:<22} {:>14} bytes  {:>5} pieces  {} failures", s.source, s.bytes, s.pieces, s.failures);
+        }
+    }
+    Ok(())
+}
+
+fn summary_json(s: &proto::TransferSummary) -> Value {
+    json!({
+        "task_id": s.task_id, "content_length": s.content_length, "piece_length": s.piece_length,
+        "pieces_requested": s.pieces_requested, "pieces_fetched": s.pieces_fetched,
+        "pieces_reused": s.pieces_reused, "retries": s.retries, "bytes_fetched": s.bytes_fetched,
+        "elapsed_micros": s.elapsed_micros, "output_path": s.output_path,
+        "bits_per_second": if s.elapsed_micros > 0 { s.bytes_fetched as f64 * 8.0 / (s.elapsed_micros as f64 / 1e6) } else { 0.0 },
+        "sources": s.sources.iter().map(|x| json!({"source": x.source, "bytes": x.bytes, "pieces": x.pieces, "failures": x.failures})).collect::<Vec<_>>(),
+        "transports": s.transports.iter().map(|x| json!({"transport": x.transport, "bytes": x.bytes, "pieces": x.pieces})).collect::<Vec<_>>(),
+    })
+}
+
+fn task_json(t: &proto::Task) -> Value {
+    json!({
+        "task_id": t.task_id, "content_length": t.content_length, "piece_length": t.piece_length,
+        "piece_count": t.piece_count, "pieces_held": t.pieces_held, "complete": t.complete,
+        "pieces_served": t.pieces_served, "transferring": t.transferring,
+        "pieces": t.pieces.iter().map(|p| json!({"number": p.number, "offset": p.offset, "length": p.length, "digest": p.digest, "held": p.held})).collect::<Vec<_>>(),
+    })
+}
+
+fn capabilities_json(c: &proto::Capabilities) -> Value {
+    json!({
+        "host_id": c.host_id, "hostname": c.hostname, "data_address": c.data_address, "version": c.version,
+        "transports": c.transports.iter().map(|t| json!({"name": t.name, "available": t.available, "detail": t.detail, "properties": t.properties})).collect::<Vec<_>>(),
+        "store": c.store.as_ref().map(|s| json!({
+            "data_dir": s.data_dir, "io_backend": s.io_backend, "direct_io": s.direct_io, "pool_bytes": s.pool_bytes,
+            "pool_slot_bytes": s.pool_slot_bytes, "huge_pages": s.huge_pages, "output_dirs": s.output_dirs,
+        })),
+    })
+}
+
+fn print_task(as_json: bool, task: &proto::Task) {
+    if as_json {
+        say!("{}", task_json(task));
+        return;
+    }
+    say!("task {}", task.task_id);
+    say!("  content length {} bytes, piece length {}, {}/{} pieces held{}", task.content_length, task.piece_length, task.pieces_held, task.piece_count, if task.complete { " (complete)" } else { "" });
+    say!("  pieces served to peers: {}", task.pieces_served);
+    for p in &task.pieces {
+        say!("  piece {:>5}  offset {:>14}  length {:>10}  {}", p.number, p.offset, p.length, if p.held { p.digest.as_str() } else { "(missing)" });
+    }
+}

@@ -1,0 +1,215 @@
+//! The daemon's configuration: a TOML file, then command-line flags on top.
+
+use crate::io::IoChoice;
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONTROL: &str = "/run/ferry/control.sock";
+pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferry";
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:4100";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Where tasks are stored.
+    pub data_dir: PathBuf,
+    /// Data-plane (piece) listener, host:port.
+    pub listen: String,
+    /// Address peers should use to reach the data plane; derived from `listen` when empty.
+    pub advertise: Option<String>,
+    /// Control endpoint: a unix socket path, or tcp://host:port.
+    pub control: String,
+    /// Where transfer outputs may be written; empty allows any absolute path.
+    pub output_dirs: Vec<PathBuf>,
+    pub pool: PoolConfig,
+    pub io: IoConfig,
+    pub transfer: TransferConfig,
+    pub server: ServerConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Size of one buffer slot in MiB; a piece takes ceil(piece / slot) slots.
+    pub slot_mib: u64,
+    /// Total pool size in MiB (pinned at start-up).
+    pub size_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IoConfig {
+    pub backend: IoChoice,
+    /// io_uring threads (each owns a ring).
+    pub threads: usize,
+    /// O_DIRECT writes where the filesystem supports them.
+    pub direct: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TransferConfig {
+    pub streams_per_source: u32,
+    pub piece_timeout_secs: u64,
+    pub io_timeout_secs: u64,
+    pub connect_timeout_secs: u64,
+    pub max_attempts: u32,
+    pub source_failure_limit: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerConfig {
+    pub idle_timeout_secs: u64,
+    pub write_timeout_secs: u64,
+    pub max_connections: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: DEFAULT_DATA_DIR.into(),
+            listen: DEFAULT_LISTEN.into(),
+            advertise: None,
+            control: DEFAULT_CONTROL.into(),
+            output_dirs: Vec::new(),
+            pool: PoolConfig::default(),
+            io: IoConfig::default(),
+            transfer: TransferConfig::default(),
+            server: ServerConfig::default(),
+        }
+    }
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig { slot_mib: 4, size_mib: 256 }
+    }
+}
+
+impl Default for IoConfig {
+    fn default() -> Self {
+        IoConfig { backend: IoChoice::Auto, threads: 1, direct: true }
+    }
+}
+
+impl Default for TransferConfig {
+    fn default() -> Self {
+        TransferConfig {
+            streams_per_source: 4,
+            piece_timeout_secs: 60,
+            io_timeout_secs: 10,
+            connect_timeout_secs: 5,
+            max_attempts: 4,
+            source_failure_limit: 3,
+        }
+    }
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { idle_timeout_secs: 60, write_timeout_secs: 30, max_connections: 1024 }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config value {key} = {value}: {allowed}")]
+    Invalid { key: &'static str, value: String, allowed: &'static str },
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    /// Refuses values the daemon cannot run with, naming the key and what is allowed.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        fn invalid(key: &'static str, value: impl ToString, allowed: &'static str) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid { key, value: value.to_string(), allowed })
+        }
+        if !self.data_dir.is_absolute() {
+            return invalid("data_dir", self.data_dir.display(), "an absolute path");
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            return invalid("listen", &self.listen, "an ip:port address");
+        }
+        if let Some(dir) = self.output_dirs.iter().find(|d| !d.is_absolute()) {
+            return invalid("output_dirs", dir.display(), "absolute paths");
+        }
+        if !(1..=64).contains(&self.pool.slot_mib) {
+            return invalid("pool.slot_mib", self.pool.slot_mib, "1 to 64");
+        }
+        if self.pool.size_mib < 64 || self.pool.size_mib % self.pool.slot_mib != 0 {
+            return invalid("pool.size_mib", self.pool.size_mib, "at least 64 (one 64 MiB piece) and a multiple of pool.slot_mib");
+        }
+        if !(1..=16).contains(&self.io.threads) {
+            return invalid("io.threads", self.io.threads, "1 to 16");
+        }
+        if !(1..=64).contains(&self.transfer.streams_per_source) {
+            return invalid("transfer.streams_per_source", self.transfer.streams_per_source, "1 to 64");
+        }
+        if self.transfer.max_attempts == 0 {
+            return invalid("transfer.max_attempts", 0, "at least 1");
+        }
+        if self.transfer.source_failure_limit == 0 {
+            return invalid("transfer.source_failure_limit", 0, "at least 1");
+        }
+        for (key, value) in [
+            ("transfer.piece_timeout_secs", self.transfer.piece_timeout_secs),
+            ("transfer.io_timeout_secs", self.transfer.io_timeout_secs),
+            ("transfer.connect_timeout_secs", self.transfer.connect_timeout_secs),
+            ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            ("server.write_timeout_secs", self.server.write_timeout_secs),
+        ] {
+            if value == 0 {
+                return invalid(key, value, "at least 1 second");
+            }
+        }
+        if self.server.max_connections == 0 {
+            return invalid("server.max_connections", 0, "at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// Where the control API is: a unix socket or a TCP address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ControlEndpoint {
+    Unix(PathBuf),
+    Tcp(String),
+}
+
+impl ControlEndpoint {
+    pub fn parse(text: &str) -> ControlEndpoint {
+        if let Some(addr) = text.strip_prefix("tcp://") {
+            ControlEndpoint::Tcp(addr.to_owned())
+        } else {
+            ControlEndpoint::Unix(text.strip_prefix("unix://").unwrap_or(text).into())
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_name_their_key() {
+        Config::default().validate().unwrap();
+        let mut config = Config::default();
+        config.pool.slot_mib = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("pool.slot_mib"), "{err}");
+        let parsed: Result<Config, _> = toml::from_str("listen = \"127.0.0.1:1\"\nbogus = 1\n");
+        assert!(parsed.unwrap_err().to_string().contains("bogus"));
+        assert_eq!(ControlEndpoint::parse("tcp://127.0.0.1:5"), ControlEndpoint::Tcp("127.0.0.1:5".into()));
+        assert_eq!(ControlEndpoint::parse("/run/x.sock"), ControlEndpoint::Unix("/run/x.sock".into()));
+    }
+}

@@ -1,0 +1,297 @@
+//! The gRPC control API (`ferry.v1.Ferry`): validation and status codes here, the work in
+//! the engine.
+
+use crate::geometry::{self, format_digest, GeometryError};
+use crate::import::{self, ImportError, ImportOptions};
+use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
+use crate::store::{StoreError, StoredTask};
+use crate::transfer::{Engine, PieceOutcome, TransferError, TransferRequest, TransferSummary};
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::{Request, Response, Status};
+
+/// Host facts reported by `GetCapabilities`.
+#[derive(Debug, Clone)]
+pub struct HostInfo {
+    pub host_id: String,
+    pub hostname: String,
+    pub data_address: String,
+}
+
+pub struct ControlService {
+    pub engine: Arc<Engine>,
+    pub host: HostInfo,
+}
+
+impl From<TransferError> for Status {
+    fn from(err: TransferError) -> Status {
+        let message = err.to_string();
+        match err {
+            TransferError::InvalidArgument(_) => Status::invalid_argument(message),
+            TransferError::PermissionDenied(_) => Status::permission_denied(message),
+            TransferError::Geometry(err) => geometry_status(err),
+            TransferError::Store(err) => store_status(err),
+            TransferError::AlreadyRunning(_) => Status::already_exists(message),
+            TransferError::SourcesExhausted(_) => Status::unavailable(message),
+            TransferError::Cancelled(_) => Status::cancelled(message),
+        }
+    }
+}
+
+fn geometry_status(err: GeometryError) -> Status {
+    match err {
+        GeometryError::PieceOutOfRange { .. } => Status::out_of_range(err.to_string()),
+        _ => Status::invalid_argument(err.to_string()),
+    }
+}
+
+fn store_status(err: StoreError) -> Status {
+    let message = err.to_string();
+    match err {
+        StoreError::NoSpace { .. } => Status::resource_exhausted(message),
+        StoreError::NotFound(_) => Status::not_found(message),
+        StoreError::GeometryConflict { .. } => Status::failed_precondition(message),
+        StoreError::Geometry(err) => geometry_status(err),
+        StoreError::Deleted(_) => Status::aborted(message),
+        _ => Status::internal(message),
+    }
+}
+
+fn import_status(err: ImportError) -> Status {
+    let message = err.to_string();
+    match err {
+        ImportError::RelativePath(_) | ImportError::NotAFile(_) => Status::invalid_argument(message),
+        ImportError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Status::not_found(message),
+        ImportError::Open { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => Status::permission_denied(message),
+        ImportError::Geometry(err) => geometry_status(err),
+        ImportError::Store(err) => store_status(err),
+        _ => Status::internal(message),
+    }
+}
+
+fn known_task(engine: &Engine, task_id: &str) -> Result<Arc<StoredTask>, Status> {
+    geometry::validate_task_id(task_id).map_err(geometry_status)?;
+    engine.store.get(task_id).ok_or_else(|| Status::not_found(format!("task {task_id} is not in this daemon's store")))
+}
+
+/// The proto view of a task; `with_pieces` adds per-piece detail.
+pub fn task_message(task: &StoredTask, with_pieces: bool) -> proto::Task {
+    let geometry = task.geometry();
+    let digests = task.held_digests();
+    let pieces = if with_pieces {
+        geometry
+            .pieces()
+            .map(|p| {
+                let digest = digests[p.number as usize];
+                proto::Piece { number: p.number, offset: p.offset, length: p.length, digest: digest.map(format_digest).unwrap_or_default(), held: digest.is_some() }
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    let held = digests.iter().filter(|d| d.is_some()).count() as u32;
+    proto::Task {
+        task_id: task.id().to_owned(),
+        content_length: geometry.content_length(),
+        piece_length: geometry.piece_length(),
+        piece_count: geometry.piece_count(),
+        pieces_held: held,
+        complete: held == geometry.piece_count(),
+        pieces,
+        pieces_served: task.pieces_served(),
+        transferring: task.transferring.load(std::sync::atomic::Ordering::Acquire),
+    }
+}
+
+fn piece_message(outcome: PieceOutcome) -> proto::PieceResult {
+    proto::PieceResult {
+        number: outcome.piece.number,
+        offset: outcome.piece.offset,
+        length: outcome.piece.length,
+        digest: outcome.digest,
+        source: outcome.source,
+        transport: outcome.transport.to_owned(),
+        bytes: outcome.piece.length,
+        fetch_micros: outcome.fetch_time.as_micros() as u64,
+        write_micros: outcome.write_time.as_micros() as u64,
+        attempt: outcome.attempt,
+    }
+}
+
+fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
+    proto::TransferSummary {
+        task_id: summary.task_id,
+        content_length: summary.geometry.content_length(),
+        piece_length: summary.geometry.piece_length(),
+        pieces_requested: summary.pieces_requested,
+        pieces_fetched: summary.pieces_fetched,
+        pieces_reused: summary.pieces_reused,
+        retries: summary.retries,
+        bytes_fetched: summary.bytes_fetched,
+        elapsed_micros: summary.elapsed.as_micros() as u64,
+        sources: summary
+            .sources
+            .into_iter()
+            .map(|(source, t)| proto::SourceStats { source, bytes: t.bytes, pieces: t.pieces, failures: t.failures })
+            .collect(),
+        transports: summary
+            .transports
+            .into_iter()
+            .map(|(transport, bytes, pieces)| proto::TransportStats { transport, bytes, pieces })
+            .collect(),
+        output_path: summary.output.map(|p| p.display().to_string()).unwrap_or_default(),
+    }
+}
+
+fn non_empty(text: String) -> Option<String> {
+    (!text.is_empty()).then_some(text)
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<proto::TransferEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Ferry for ControlService {
+    async fn get_capabilities(&self, _: Request<proto::GetCapabilitiesRequest>) -> Result<Response<proto::Capabilities>, Status> {
+        let store = &self.engine.store;
+        let pool = store.pool().info();
+        let tcp = proto::TransportInfo {
+            name: "tcp".into(),
+            available: true,
+            detail: "Dragonfly Vortex protocol over TCP (sendfile on the serving side)".into(),
+            properties: [
+                ("protocol".to_owned(), "vortex".to_owned()),
+                ("streams_per_source".to_owned(), self.engine.settings.streams_per_source.to_string()),
+            ]
+            .into_iter()
+            .collect(),
+        };
+        let rdma = proto::TransportInfo {
+            name: "rdma".into(),
+            available: false,
+            detail: "not built into this version of Ferry".into(),
+            properties: Default::default(),
+        };
+        Ok(Response::new(proto::Capabilities {
+            host_id: self.host.host_id.clone(),
+            hostname: self.host.hostname.clone(),
+            data_address: self.host.data_address.clone(),
+            transports: vec![tcp, rdma],
+            store: Some(proto::StoreInfo {
+                data_dir: store.data_dir().display().to_string(),
+                io_backend: store.io_backend().into(),
+                direct_io: store.direct_io(),
+                pool_bytes: store.pool().total_bytes() as u64,
+                pool_slot_bytes: pool.slot_size as u64,
+                huge_pages: pool.huge_pages,
+                output_dirs: self.engine.output_dirs.iter().map(|d| d.display().to_string()).collect(),
+            }),
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn import_task(&self, request: Request<proto::ImportTaskRequest>) -> Result<Response<proto::Task>, Status> {
+        let request = request.into_inner();
+        if request.path.is_empty() {
+            return Err(Status::invalid_argument("path is empty"));
+        }
+        let options = ImportOptions {
+            url: non_empty(request.url),
+            tag: non_empty(request.tag),
+            application: non_empty(request.application),
+            revision: non_empty(request.revision),
+            piece_length: request.piece_length,
+        };
+        let task = import::import_file(&self.engine.store, &PathBuf::from(&request.path), &options).await.map_err(import_status)?;
+        Ok(Response::new(task_message(&task, true)))
+    }
+
+    type TransferPiecesStream = EventStream;
+
+    async fn transfer_pieces(&self, request: Request<proto::TransferPiecesRequest>) -> Result<Response<Self::TransferPiecesStream>, Status> {
+        let request = request.into_inner();
+        if request.transport == proto::TransportPreference::Rdma as i32 {
+            return Err(Status::failed_precondition("RDMA was asked for but this daemon has no RDMA transport"));
+        }
+        let prepared = self
+            .engine
+            .prepare(TransferRequest {
+                task_id: request.task_id,
+                content_length: request.content_length,
+                piece_length: request.piece_length,
+                pieces: request.pieces,
+                sources: request.sources,
+                output: non_empty(request.output_path).map(PathBuf::from),
+                streams_per_source: request.streams_per_source,
+            })
+            .await?;
+        let started = prepared.started();
+        let (events_tx, mut events_rx) = mpsc::channel(64);
+        let (stream_tx, stream_rx) = mpsc::channel(64);
+        let engine = Arc::clone(&self.engine);
+        let started_event = proto::TransferEvent {
+            event: Some(Event::Started(proto::TransferStarted {
+                task_id: started.task_id,
+                content_length: started.geometry.content_length(),
+                piece_length: started.geometry.piece_length(),
+                pieces_requested: started.pieces_requested,
+                pieces_reused: started.pieces_reused,
+                sources: started.sources,
+            })),
+        };
+        let _ = stream_tx.send(Ok(started_event)).await;
+        let forward = stream_tx.clone();
+        tokio::spawn(async move {
+            while let Some(outcome) = events_rx.recv().await {
+                let event = proto::TransferEvent { event: Some(Event::Piece(piece_message(outcome))) };
+                if forward.send(Ok(event)).await.is_err() {
+                    // The caller hung up: dropping the receiver stops the transfer's workers.
+                    return;
+                }
+            }
+        });
+        tokio::spawn(async move {
+            let result = engine.run(prepared, events_tx).await;
+            let last = match result {
+                Ok(summary) => Ok(proto::TransferEvent { event: Some(Event::Summary(summary_message(summary))) }),
+                Err(err) => {
+                    tracing::warn!(error = %err, "transfer failed");
+                    Err(Status::from(err))
+                }
+            };
+            let _ = stream_tx.send(last).await;
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(stream_rx))))
+    }
+
+    async fn stat_task(&self, request: Request<proto::StatTaskRequest>) -> Result<Response<proto::Task>, Status> {
+        let task = known_task(&self.engine, &request.into_inner().task_id)?;
+        Ok(Response::new(task_message(&task, true)))
+    }
+
+    async fn list_tasks(&self, _: Request<proto::ListTasksRequest>) -> Result<Response<proto::ListTasksResponse>, Status> {
+        let tasks = self.engine.store.list().iter().map(|t| task_message(t, false)).collect();
+        Ok(Response::new(proto::ListTasksResponse { tasks }))
+    }
+
+    async fn cancel_transfer(&self, request: Request<proto::CancelTransferRequest>) -> Result<Response<proto::CancelTransferResponse>, Status> {
+        let task_id = request.into_inner().task_id;
+        geometry::validate_task_id(&task_id).map_err(geometry_status)?;
+        if self.engine.cancel(&task_id) {
+            Ok(Response::new(proto::CancelTransferResponse { cancelled: true }))
+        } else {
+            Err(Status::not_found(format!("no transfer into task {task_id} is running")))
+        }
+    }
+
+    async fn delete_task(&self, request: Request<proto::DeleteTaskRequest>) -> Result<Response<proto::DeleteTaskResponse>, Status> {
+        let task = known_task(&self.engine, &request.into_inner().task_id)?;
+        if task.transferring.load(std::sync::atomic::Ordering::Acquire) {
+            return Err(Status::failed_precondition(format!("task {} has a transfer running; cancel it first", task.id())));
+        }
+        self.engine.store.delete(task.id()).map_err(store_status)?;
+        Ok(Response::new(proto::DeleteTaskResponse {}))
+    }
+}

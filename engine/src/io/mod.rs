@@ -1,0 +1,178 @@
+//! Writing pieces to disk: io_uring (O_DIRECT, the pool's slots registered as fixed buffers,
+//! store files registered as fixed files) on dedicated threads, with a synchronous fallback
+//! chosen at run time when io_uring is unavailable. This module and `rdma/` are the only
+//! places with `unsafe`; everything they expose is safe.
+
+pub mod pool;
+mod sync;
+mod uring;
+
+pub use pool::{BufferPool, PieceBuffer, PoolError, PoolInfo, DIRECT_IO_ALIGN};
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A store file open for piece writes, O_DIRECT where the filesystem allows.
+pub struct TaskFile {
+    id: u64,
+    file: File,
+    direct: bool,
+}
+
+static NEXT_FILE_ID: AtomicU64 = AtomicU64::new(1);
+
+impl TaskFile {
+    /// Opens (creating if needed) `path` for writes, trying O_DIRECT first; filesystems
+    /// without it (tmpfs) get buffered writes, made durable by the same fdatasync.
+    pub fn open(path: &Path, want_direct: bool) -> io::Result<TaskFile> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true).truncate(false);
+        if want_direct {
+            match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+                Ok(file) => return Ok(TaskFile::wrap(file, true)),
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!(path = %path.display(), "O_DIRECT not supported here; buffered writes");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(TaskFile::wrap(options.open(path)?, false))
+    }
+
+    fn wrap(file: File, direct: bool) -> TaskFile {
+        TaskFile { id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed), file, direct }
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    pub fn is_direct(&self) -> bool {
+        self.direct
+    }
+
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// How many bytes a write of `len` must cover: direct I/O writes whole aligned blocks.
+    pub fn write_len(&self, len: usize) -> usize {
+        if self.direct {
+            len.next_multiple_of(DIRECT_IO_ALIGN)
+        } else {
+            len
+        }
+    }
+}
+
+/// Which backend to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum IoChoice {
+    /// io_uring when the kernel allows it, else synchronous writes.
+    Auto,
+    /// io_uring or fail.
+    Uring,
+    /// Synchronous pwrite + fdatasync on blocking threads.
+    Sync,
+}
+
+/// A write of one piece: `len` bytes of `buf` (already padded for direct I/O) at `offset`.
+pub struct WriteRequest {
+    pub file: Arc<TaskFile>,
+    pub offset: u64,
+    pub buf: PieceBuffer,
+    pub len: usize,
+    /// Make the bytes durable (fdatasync) before completing.
+    pub sync: bool,
+}
+
+/// The store's disk backend, chosen once at start-up.
+pub enum IoEngine {
+    Uring(uring::UringIo),
+    Sync(sync::SyncIo),
+}
+
+impl IoEngine {
+    pub fn start(pool: &Arc<BufferPool>, choice: IoChoice, threads: usize) -> io::Result<IoEngine> {
+        match choice {
+            IoChoice::Sync => Ok(IoEngine::Sync(sync::SyncIo)),
+            IoChoice::Uring => Ok(IoEngine::Uring(uring::UringIo::start(pool, threads)?)),
+            IoChoice::Auto => match uring::UringIo::start(pool, threads) {
+                Ok(io) => Ok(IoEngine::Uring(io)),
+                Err(err) => {
+                    tracing::warn!(error = %err, "io_uring unavailable; using synchronous writes");
+                    Ok(IoEngine::Sync(sync::SyncIo))
+                }
+            },
+        }
+    }
+
+    pub fn name(&self) -> &'static str {
+        match self {
+            IoEngine::Uring(_) => "io_uring",
+            IoEngine::Sync(_) => "sync",
+        }
+    }
+
+    /// Writes the piece; the buffer comes back whatever happened, so it is never freed while
+    /// the kernel may still read it.
+    pub async fn write(&self, request: WriteRequest) -> (PieceBuffer, io::Result<()>) {
+        assert!(request.len <= request.buf.capacity());
+        match self {
+            IoEngine::Uring(io) => io.write(request).await,
+            IoEngine::Sync(io) => io.write(request).await,
+        }
+    }
+
+    /// Drops any registration of the file (call when it will not be written again).
+    pub fn release_file(&self, file: &TaskFile) {
+        if let IoEngine::Uring(io) = self {
+            io.release_file(file.id());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+
+    async fn write_and_read_back(choice: IoChoice) {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BufferPool::new(1 << 20, 8).unwrap();
+        let io = IoEngine::start(&pool, choice, 1).unwrap();
+        let file = Arc::new(TaskFile::open(&dir.path().join("content"), true).unwrap());
+        for (number, len) in [(0u64, 3 << 20), (1, 100_000)] {
+            let mut buf = pool.acquire(len as u64).await.unwrap();
+            for (i, chunk) in buf.chunks_mut().into_iter().enumerate() {
+                chunk.fill(number as u8 * 16 + i as u8 + 1);
+            }
+            let write_len = file.write_len(len);
+            buf.zero_tail(write_len);
+            let (buf, result) = io
+                .write(WriteRequest { file: Arc::clone(&file), offset: number * (4 << 20), buf, len: write_len, sync: true })
+                .await;
+            result.unwrap();
+            let mut back = vec![0u8; len];
+            file.file().read_exact_at(&mut back, number * (4 << 20)).unwrap();
+            let expected: Vec<u8> = buf.chunks().concat();
+            assert!(back == expected, "{choice:?} piece {number} differs");
+        }
+        io.release_file(&file);
+    }
+
+    #[tokio::test]
+    async fn sync_backend_writes() {
+        write_and_read_back(IoChoice::Sync).await;
+    }
+
+    #[tokio::test]
+    async fn auto_backend_writes() {
+        write_and_read_back(IoChoice::Auto).await;
+    }
+}

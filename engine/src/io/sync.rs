@@ -1,0 +1,30 @@
+//! The fallback: positional writes and fdatasync on tokio's blocking threads.
+
+use super::WriteRequest;
+use super::PieceBuffer;
+use std::io;
+use std::os::unix::fs::FileExt;
+
+pub struct SyncIo;
+
+impl SyncIo {
+    pub async fn write(&self, request: WriteRequest) -> (PieceBuffer, io::Result<()>) {
+        tokio::task::spawn_blocking(move || {
+            let WriteRequest { file, offset, mut buf, len, sync } = request;
+            let result = (|| {
+                let mut at = offset;
+                for chunk in buf.chunks_upto_mut(len) {
+                    file.file().write_all_at(chunk, at)?;
+                    at += chunk.len() as u64;
+                }
+                if sync {
+                    file.file().sync_data()?;
+                }
+                Ok(())
+            })();
+            (buf, result)
+        })
+        .await
+        .expect("blocking write task panicked")
+    }
+}

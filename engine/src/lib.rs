@@ -1,0 +1,19 @@
+//! Ferry's engine: the piece store, the transports composed into transfers, the gRPC control
+//! API, the daemon and the `ferry` CLI.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod daemon;
+pub mod geometry;
+pub mod import;
+pub mod io;
+pub mod store;
+pub mod transfer;
+pub mod transport;
+
+/// The generated gRPC types and stubs of `ferry.v1`.
+pub mod proto {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("ferry.v1");
+}

@@ -1,0 +1,574 @@
+//! Transfers: spreading a task's pieces over its sources, verifying each piece before it is
+//! written, retrying a failed piece from another source, and placing the output once every
+//! piece is held.
+
+use crate::geometry::{self, Geometry, GeometryError, PieceRange};
+use crate::store::{Store, StoreError, StoredTask};
+use crate::transport::{PieceTransport, TcpTransport, TransportError};
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::path::{Component, Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+/// Most sources one transfer may name (a piece's tried-sources set is a 64-bit mask).
+pub const MAX_SOURCES: usize = 64;
+
+/// Defaults a transfer request may override.
+#[derive(Debug, Clone)]
+pub struct TransferSettings {
+    pub streams_per_source: u32,
+    /// Longest a single piece fetch may take, end to end.
+    pub piece_timeout: Duration,
+    /// Attempts per piece, over all sources, before the transfer fails.
+    pub max_attempts: u32,
+    /// Consecutive connection failures after which a source is given up on.
+    pub source_failure_limit: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferError {
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    #[error(transparent)]
+    Geometry(#[from] GeometryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("a transfer into task {0} is already running")]
+    AlreadyRunning(String),
+    #[error("{0}")]
+    SourcesExhausted(String),
+    #[error("transfer of task {0} was cancelled")]
+    Cancelled(String),
+}
+
+/// A transfer as asked for.
+#[derive(Debug, Clone)]
+pub struct TransferRequest {
+    pub task_id: String,
+    pub content_length: u64,
+    pub piece_length: u64,
+    pub pieces: Vec<u32>,
+    pub sources: Vec<String>,
+    pub output: Option<PathBuf>,
+    pub streams_per_source: u32,
+}
+
+/// A validated transfer, ready to run.
+pub struct PreparedTransfer {
+    task: Arc<StoredTask>,
+    pieces: Vec<u32>,
+    sources: Vec<SocketAddr>,
+    source_names: Vec<String>,
+    output: Option<PathBuf>,
+    streams_per_source: u32,
+    cancel: CancellationToken,
+}
+
+/// What a prepared transfer will do, for its first event.
+#[derive(Debug, Clone)]
+pub struct TransferStart {
+    pub task_id: String,
+    pub geometry: Geometry,
+    pub pieces_requested: u32,
+    pub pieces_reused: u32,
+    pub sources: Vec<String>,
+}
+
+impl PreparedTransfer {
+    pub fn started(&self) -> TransferStart {
+        let reused = self.pieces.iter().filter(|&&n| self.task.held(n).is_some()).count() as u32;
+        TransferStart {
+            task_id: self.task.id().to_owned(),
+            geometry: self.task.geometry(),
+            pieces_requested: self.pieces.len() as u32,
+            pieces_reused: reused,
+            sources: self.source_names.clone(),
+        }
+    }
+}
+
+/// One piece that arrived, verified and durable.
+#[derive(Debug, Clone)]
+pub struct PieceOutcome {
+    pub piece: PieceRange,
+    pub digest: String,
+    pub source: String,
+    pub transport: &'static str,
+    pub fetch_time: Duration,
+    pub write_time: Duration,
+    pub attempt: u32,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct SourceTotals {
+    pub bytes: u64,
+    pub pieces: u32,
+    pub failures: u32,
+}
+
+#[derive(Debug, Clone)]
+pub struct TransferSummary {
+    pub task_id: String,
+    pub geometry: Geometry,
+    pub pieces_requested: u32,
+    pub pieces_fetched: u32,
+    pub pieces_reused: u32,
+    pub retries: u32,
+    pub bytes_fetched: u64,
+    pub elapsed: Duration,
+    pub sources: Vec<(String, SourceTotals)>,
+    pub transports: Vec<(String, u64, u32)>,
+    pub output: Option<PathBuf>,
+}
+
+/// The daemon's data-plane core: the store and the transports.
+pub struct Engine {
+    pub store: Arc<Store>,
+    pub tcp: Arc<TcpTransport>,
+    pub settings: TransferSettings,
+    pub output_dirs: Vec<PathBuf>,
+    running: Mutex<HashMap<String, CancellationToken>>,
+}
+
+impl Engine {
+    pub fn new(store: Arc<Store>, tcp: Arc<TcpTransport>, settings: TransferSettings, output_dirs: Vec<PathBuf>) -> Engine {
+        Engine { store, tcp, settings, output_dirs, running: Mutex::new(HashMap::new()) }
+    }
+
+    /// Checks an output path: absolute, no `..`, its directory existing and (when output
+    /// directories are configured) inside one of them.
+    pub fn check_output_path(&self, path: &Path) -> Result<PathBuf, TransferError> {
+        if !path.is_absolute() {
+            return Err(TransferError::InvalidArgument(format!("output path {} is relative; give an absolute path", path.display())));
+        }
+        if path.components().any(|c| matches!(c, Component::ParentDir)) {
+            return Err(TransferError::InvalidArgument(format!("output path {} contains '..'", path.display())));
+        }
+        let name = path.file_name().ok_or_else(|| TransferError::InvalidArgument(format!("output path {} names no file", path.display())))?;
+        let parent = path.parent().expect("absolute path with a file name has a parent");
+        let parent = parent
+            .canonicalize()
+            .map_err(|e| TransferError::InvalidArgument(format!("output directory {} is not usable: {e}", parent.display())))?;
+        if !self.output_dirs.is_empty() && !self.output_dirs.iter().any(|allowed| parent.starts_with(allowed)) {
+            let allowed: Vec<String> = self.output_dirs.iter().map(|d| d.display().to_string()).collect();
+            return Err(TransferError::PermissionDenied(format!(
+                "output path {} is outside the allowed output directories ({})",
+                path.display(),
+                allowed.join(", ")
+            )));
+        }
+        if parent.starts_with(self.store.data_dir().canonicalize().unwrap_or_else(|_| self.store.data_dir().to_owned())) {
+            return Err(TransferError::PermissionDenied(format!("output path {} is inside the daemon's data dir", path.display())));
+        }
+        Ok(parent.join(name))
+    }
+
+    /// Validates a request and reserves its task; errors here are the caller's mistakes or
+    /// the store's state, reported before any byte moves.
+    pub async fn prepare(&self, request: TransferRequest) -> Result<PreparedTransfer, TransferError> {
+        geometry::validate_task_id(&request.task_id)?;
+        if request.sources.is_empty() {
+            return Err(TransferError::InvalidArgument("no source peers given".into()));
+        }
+        if request.sources.len() > MAX_SOURCES {
+            return Err(TransferError::InvalidArgument(format!("{} sources given; at most {MAX_SOURCES}", request.sources.len())));
+        }
+        let mut sources = Vec::new();
+        for source in &request.sources {
+            let addr = tokio::net::lookup_host(source.as_str())
+                .await
+                .ok()
+                .and_then(|mut addrs| addrs.next())
+                .ok_or_else(|| TransferError::InvalidArgument(format!("source {source:?} is not a reachable host:port")))?;
+            if !sources.contains(&addr) {
+                sources.push(addr);
+            }
+        }
+        let output = request.output.as_deref().map(|p| self.check_output_path(p)).transpose()?;
+        if request.piece_length != 0 {
+            geometry::validate_piece_length(request.piece_length)?;
+        }
+        let geometry = self.resolve_geometry(&request, &sources).await?;
+        for &number in &request.pieces {
+            geometry.piece(number)?;
+        }
+        let mut pieces = if request.pieces.is_empty() { (0..geometry.piece_count()).collect() } else { request.pieces.clone() };
+        pieces.sort_unstable();
+        pieces.dedup();
+        if output.is_some() && pieces.len() as u32 != geometry.piece_count() {
+            return Err(TransferError::InvalidArgument("an output path needs every piece of the task; request all pieces or no output".into()));
+        }
+        let task = self.store.create_or_get(&request.task_id, geometry)?;
+        if task.transferring.swap(true, Ordering::AcqRel) {
+            return Err(TransferError::AlreadyRunning(request.task_id));
+        }
+        let cancel = CancellationToken::new();
+        self.running.lock().expect("running lock").insert(request.task_id.clone(), cancel.clone());
+        let streams_per_source = if request.streams_per_source == 0 { self.settings.streams_per_source } else { request.streams_per_source.min(64) };
+        Ok(PreparedTransfer {
+            task,
+            pieces,
+            source_names: sources.iter().map(|s| s.to_string()).collect(),
+            sources,
+            output,
+            streams_per_source,
+            cancel,
+        })
+    }
+
+    async fn resolve_geometry(&self, request: &TransferRequest, sources: &[SocketAddr]) -> Result<Geometry, TransferError> {
+        if request.content_length != 0 && request.piece_length != 0 {
+            return Ok(Geometry::new(request.content_length, request.piece_length)?);
+        }
+        if let Some(task) = self.store.get(&request.task_id) {
+            return Ok(task.geometry());
+        }
+        let mut errors = Vec::new();
+        for &source in sources {
+            match self.tcp.stat_task(source, &request.task_id).await {
+                Ok(info) => {
+                    let learnt = Geometry::new(info.content_length, info.piece_length)?;
+                    let conflicts = (request.content_length != 0 && request.content_length != info.content_length)
+                        || (request.piece_length != 0 && request.piece_length != info.piece_length);
+                    if conflicts {
+                        return Err(TransferError::InvalidArgument(format!(
+                            "source {source} holds task {} with content length {} and piece length {}, not what was asked",
+                            request.task_id, info.content_length, info.piece_length
+                        )));
+                    }
+                    return Ok(learnt);
+                }
+                Err(err) => errors.push(format!("{source}: {err}")),
+            }
+        }
+        Err(TransferError::SourcesExhausted(format!(
+            "no source could tell the geometry of task {} (pass content and piece length): {}",
+            request.task_id,
+            errors.join("; ")
+        )))
+    }
+
+    /// Cancels the running transfer into a task; false if none runs.
+    pub fn cancel(&self, task_id: &str) -> bool {
+        match self.running.lock().expect("running lock").get(task_id) {
+            Some(token) => {
+                token.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Cancels every running transfer (daemon shutdown).
+    pub fn cancel_all(&self) {
+        for token in self.running.lock().expect("running lock").values() {
+            token.cancel();
+        }
+    }
+
+    /// Runs a prepared transfer, sending one outcome per fetched piece.
+    pub async fn run(self: &Arc<Self>, prepared: PreparedTransfer, events: mpsc::Sender<PieceOutcome>) -> Result<TransferSummary, TransferError> {
+        let task_id = prepared.task.id().to_owned();
+        let result = self.run_inner(&prepared, events).await;
+        prepared.task.transferring.store(false, Ordering::Release);
+        self.running.lock().expect("running lock").remove(&task_id);
+        result
+    }
+
+    async fn run_inner(self: &Arc<Self>, prepared: &PreparedTransfer, events: mpsc::Sender<PieceOutcome>) -> Result<TransferSummary, TransferError> {
+        let started = Instant::now();
+        let task = &prepared.task;
+        let geometry = task.geometry();
+        let wanted: Vec<u32> = prepared.pieces.iter().copied().filter(|&n| task.held(n).is_none()).collect();
+        let reused = (prepared.pieces.len() - wanted.len()) as u32;
+        let shared = Arc::new(Shared {
+            state: Mutex::new(Schedule {
+                queue: wanted.iter().map(|&number| Entry { number, attempts: 0, tried: 0, last_error: String::new() }).collect(),
+                in_flight: 0,
+                dead: vec![false; prepared.sources.len()],
+                consecutive_failures: vec![0; prepared.sources.len()],
+                failure: None,
+                totals: vec![SourceTotals::default(); prepared.sources.len()],
+                retries: 0,
+            }),
+            wake: Notify::new(),
+            cancel: prepared.cancel.child_token(),
+        });
+        let transport: Arc<dyn PieceTransport> = self.tcp.clone();
+        let mut workers = tokio::task::JoinSet::new();
+        if !wanted.is_empty() {
+            for (index, &source) in prepared.sources.iter().enumerate() {
+                for _ in 0..prepared.streams_per_source {
+                    let worker = Worker {
+                        engine: Arc::clone(self),
+                        task: Arc::clone(task),
+                        shared: Arc::clone(&shared),
+                        transport: Arc::clone(&transport),
+                        source,
+                        source_index: index,
+                        source_name: prepared.source_names[index].clone(),
+                        events: events.clone(),
+                    };
+                    workers.spawn(worker.run());
+                }
+            }
+        }
+        drop(events);
+        while let Some(joined) = workers.join_next().await {
+            joined.expect("transfer worker panicked");
+        }
+        let mut state = shared.state.lock().expect("schedule lock");
+        if let Some(failure) = state.failure.take() {
+            return Err(match failure {
+                Failure::Store(err) => TransferError::Store(err),
+                Failure::Exhausted(msg) => TransferError::SourcesExhausted(msg),
+                Failure::Cancelled => TransferError::Cancelled(task.id().to_owned()),
+            });
+        }
+        if prepared.cancel.is_cancelled() {
+            return Err(TransferError::Cancelled(task.id().to_owned()));
+        }
+        let missing: Vec<u32> = prepared.pieces.iter().copied().filter(|&n| task.held(n).is_none()).collect();
+        if !missing.is_empty() {
+            return Err(TransferError::SourcesExhausted(format!("{} pieces not fetched (first: {})", missing.len(), missing[0])));
+        }
+        if let Some(output) = &prepared.output {
+            self.store.place_output(task, output)?;
+        }
+        let bytes_fetched: u64 = state.totals.iter().map(|t| t.bytes).sum();
+        let pieces_fetched: u32 = state.totals.iter().map(|t| t.pieces).sum();
+        Ok(TransferSummary {
+            task_id: task.id().to_owned(),
+            geometry,
+            pieces_requested: prepared.pieces.len() as u32,
+            pieces_fetched,
+            pieces_reused: reused,
+            retries: state.retries,
+            bytes_fetched,
+            elapsed: started.elapsed(),
+            sources: prepared.source_names.iter().cloned().zip(state.totals.iter().cloned()).collect(),
+            transports: vec![(transport.name().to_owned(), bytes_fetched, pieces_fetched)],
+            output: prepared.output.clone(),
+        })
+    }
+}
+
+struct Entry {
+    number: u32,
+    attempts: u32,
+    tried: u64,
+    last_error: String,
+}
+
+/// Why a transfer stopped early.
+enum Failure {
+    Store(StoreError),
+    Exhausted(String),
+    Cancelled,
+}
+
+struct Schedule {
+    queue: VecDeque<Entry>,
+    in_flight: usize,
+    dead: Vec<bool>,
+    consecutive_failures: Vec<u32>,
+    failure: Option<Failure>,
+    totals: Vec<SourceTotals>,
+    retries: u32,
+}
+
+impl Schedule {
+    /// The next piece for source `me`: one it has not tried yet, or one that no live source
+    /// has left untried.
+    fn next_for(&mut self, me: usize) -> Next {
+        if self.failure.is_some() || self.dead[me] {
+            return Next::Done;
+        }
+        let alive: u64 = self.dead.iter().enumerate().filter(|(_, d)| !**d).fold(0, |mask, (i, _)| mask | 1 << i);
+        let bit = 1u64 << me;
+        let position = self.queue.iter().position(|e| e.tried & bit == 0).or_else(|| self.queue.iter().position(|e| e.tried & alive == alive));
+        match position {
+            Some(at) => {
+                self.in_flight += 1;
+                Next::Piece(self.queue.remove(at).expect("position is valid"))
+            }
+            None if self.queue.is_empty() && self.in_flight == 0 => Next::Done,
+            None => Next::Wait,
+        }
+    }
+
+    fn fail(&mut self, failure: Failure) {
+        if self.failure.is_none() {
+            self.failure = Some(failure);
+        }
+    }
+}
+
+enum Next {
+    Piece(Entry),
+    Wait,
+    Done,
+}
+
+struct Shared {
+    state: Mutex<Schedule>,
+    wake: Notify,
+    cancel: CancellationToken,
+}
+
+struct Worker {
+    engine: Arc<Engine>,
+    task: Arc<StoredTask>,
+    shared: Arc<Shared>,
+    transport: Arc<dyn PieceTransport>,
+    source: SocketAddr,
+    source_index: usize,
+    source_name: String,
+    events: mpsc::Sender<PieceOutcome>,
+}
+
+impl Worker {
+    async fn run(self) {
+        loop {
+            let wake = self.shared.wake.notified();
+            let next = self.shared.state.lock().expect("schedule lock").next_for(self.source_index);
+            match next {
+                Next::Done => return,
+                Next::Wait => {
+                    tokio::select! {
+                        _ = wake => {}
+                        _ = self.shared.cancel.cancelled() => return,
+                        // A safety net: re-check the schedule even if a wake-up was missed.
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Next::Piece(entry) => {
+                    let outcome = tokio::select! {
+                        outcome = self.attempt(&entry) => Some(outcome),
+                        _ = self.shared.cancel.cancelled() => None,
+                    };
+                    let Some(outcome) = outcome else {
+                        self.shared.state.lock().expect("schedule lock").fail(Failure::Cancelled);
+                        self.shared.wake.notify_waiters();
+                        return;
+                    };
+                    self.settle(entry, outcome).await;
+                    self.shared.wake.notify_waiters();
+                }
+            }
+        }
+    }
+
+    async fn attempt(&self, entry: &Entry) -> Result<PieceOutcome, AttemptError> {
+        let piece = self.task.geometry().piece(entry.number).expect("validated piece number");
+        let pool = self.engine.store.pool();
+        let mut buf = pool.acquire(piece.length).await.map_err(|e| AttemptError::Store(StoreError::Pool(e)))?;
+        let fetch_started = Instant::now();
+        let fetched = tokio::time::timeout(self.engine.settings.piece_timeout, self.transport.fetch(self.source, self.task.id(), piece, &mut buf))
+            .await
+            .map_err(|_| AttemptError::Transport(TransportError::Failed(format!("piece {} took longer than {:?}", piece.number, self.engine.settings.piece_timeout))))?
+            .map_err(AttemptError::Transport)?;
+        let fetch_time = fetch_started.elapsed();
+        // Verify before anything is written: the bytes must match the digest the source holds.
+        match geometry::parse_digest(&fetched.advertised_digest) {
+            Some(expected) if expected == fetched.crc32 => {}
+            Some(expected) => {
+                return Err(AttemptError::Digest(format!(
+                    "piece {} from {}: digest mismatch, source says {} but the bytes hash to {}",
+                    piece.number,
+                    self.source_name,
+                    geometry::format_digest(expected),
+                    geometry::format_digest(fetched.crc32)
+                )))
+            }
+            None => return Err(AttemptError::Digest(format!("piece {} from {}: unsupported digest {:?}", piece.number, self.source_name, fetched.advertised_digest))),
+        }
+        let write_started = Instant::now();
+        let (_buf, written) = self.engine.store.write_piece(&self.task, piece, buf, fetched.crc32).await;
+        written.map_err(AttemptError::Store)?;
+        Ok(PieceOutcome {
+            piece,
+            digest: geometry::format_digest(fetched.crc32),
+            source: self.source_name.clone(),
+            transport: self.transport.name(),
+            fetch_time,
+            write_time: write_started.elapsed(),
+            attempt: entry.attempts + 1,
+        })
+    }
+
+    async fn settle(&self, mut entry: Entry, outcome: Result<PieceOutcome, AttemptError>) {
+        let settings = &self.engine.settings;
+        let send = {
+            let mut state = self.shared.state.lock().expect("schedule lock");
+            state.in_flight -= 1;
+            match outcome {
+                Ok(outcome) => {
+                    state.consecutive_failures[self.source_index] = 0;
+                    let totals = &mut state.totals[self.source_index];
+                    totals.bytes += outcome.piece.length;
+                    totals.pieces += 1;
+                    Some(outcome)
+                }
+                Err(AttemptError::Store(err)) => {
+                    tracing::error!(task_id = %self.task.id(), piece = entry.number, error = %err, "store write failed; stopping transfer");
+                    state.fail(Failure::Store(err));
+                    self.shared.cancel.cancel();
+                    None
+                }
+                Err(err) => {
+                    tracing::warn!(task_id = %self.task.id(), piece = entry.number, source = %self.source_name, error = %err, "piece attempt failed; retrying elsewhere");
+                    state.totals[self.source_index].failures += 1;
+                    if matches!(err, AttemptError::Transport(TransportError::Unreachable(_)) | AttemptError::Transport(TransportError::Failed(_))) {
+                        state.consecutive_failures[self.source_index] += 1;
+                        if state.consecutive_failures[self.source_index] >= settings.source_failure_limit {
+                            tracing::warn!(source = %self.source_name, "giving up on source after repeated failures");
+                            state.dead[self.source_index] = true;
+                            self.engine.tcp.forget(self.source);
+                        }
+                    }
+                    entry.attempts += 1;
+                    entry.tried |= 1 << self.source_index;
+                    entry.last_error = err.to_string();
+                    let all_dead = state.dead.iter().all(|d| *d);
+                    if entry.attempts >= settings.max_attempts || all_dead {
+                        let why = if all_dead { "every source failed" } else { "too many attempts" };
+                        state.fail(Failure::Exhausted(format!(
+                            "piece {} failed after {} attempts ({why}); last error: {}",
+                            entry.number, entry.attempts, entry.last_error
+                        )));
+                        self.shared.cancel.cancel();
+                    } else {
+                        state.retries += 1;
+                        state.queue.push_front(entry);
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(outcome) = send {
+            if self.events.send(outcome).await.is_err() {
+                // Nobody listens any more (the caller went away): stop; held pieces stay held.
+                self.shared.state.lock().expect("schedule lock").fail(Failure::Cancelled);
+                self.shared.cancel.cancel();
+            }
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Transport(TransportError),
+    #[error("{0}")]
+    Digest(String),
+    #[error(transparent)]
+    Store(StoreError),
+}

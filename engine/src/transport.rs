@@ -1,0 +1,124 @@
+//! The seam between the engine and the wires that move pieces. A transport fetches one piece
+//! from one source into a pool buffer and reports the CRC32 of what arrived; the engine
+//! decides what to fetch from whom, verifies, and writes. TCP (Vortex) is always there; RDMA
+//! plugs in as another implementation of [`PieceTransport`].
+
+use crate::geometry::PieceRange;
+use crate::io::PieceBuffer;
+use async_trait::async_trait;
+use ferry_fallback_tcp::{ClientConfig, ClientError, Connection, TaskInfo};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+
+/// What arrived: the digest the source claims and the CRC32 of the bytes received.
+#[derive(Debug, Clone)]
+pub struct FetchedPiece {
+    pub advertised_digest: String,
+    pub crc32: u32,
+}
+
+/// Why a fetch failed, sorted by what the engine should do about it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// The source could not be reached or its connection broke: try elsewhere, and count
+    /// this against the source's health.
+    #[error("source unreachable: {0}")]
+    Unreachable(String),
+    /// The source answered that it does not hold the piece.
+    #[error("source does not hold it: {0}")]
+    NotHeld(String),
+    /// The source answered with something wrong (protocol, length, timeout mid-piece).
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// One way of moving pieces.
+#[async_trait]
+pub trait PieceTransport: Send + Sync {
+    /// "tcp", "rdma": reported per piece.
+    fn name(&self) -> &'static str;
+
+    /// Fetches `piece` of `task_id` from `source` into `buf` (whose length is the piece's).
+    async fn fetch(&self, source: SocketAddr, task_id: &str, piece: PieceRange, buf: &mut PieceBuffer) -> Result<FetchedPiece, TransportError>;
+}
+
+/// Vortex over TCP, with idle connections kept per source for reuse.
+pub struct TcpTransport {
+    config: ClientConfig,
+    idle: Mutex<HashMap<SocketAddr, Vec<Connection>>>,
+}
+
+impl TcpTransport {
+    pub fn new(config: ClientConfig) -> TcpTransport {
+        TcpTransport { config, idle: Mutex::new(HashMap::new()) }
+    }
+
+    async fn connection(&self, source: SocketAddr) -> Result<Connection, TransportError> {
+        let reused = self.idle.lock().expect("idle lock").get_mut(&source).and_then(Vec::pop);
+        match reused {
+            Some(connection) => Ok(connection),
+            None => Connection::connect(source, self.config.clone()).await.map_err(classify),
+        }
+    }
+
+    fn give_back(&self, source: SocketAddr, connection: Connection) {
+        self.idle.lock().expect("idle lock").entry(source).or_default().push(connection);
+    }
+
+    /// Asks a source for a task's geometry (Ferry's extension to Vortex).
+    pub async fn stat_task(&self, source: SocketAddr, task_id: &str) -> Result<TaskInfo, TransportError> {
+        let mut connection = self.connection(source).await?;
+        match connection.stat_task(task_id).await {
+            Ok(info) => {
+                self.give_back(source, connection);
+                Ok(info)
+            }
+            Err(err) => {
+                if err.connection_reusable() {
+                    self.give_back(source, connection);
+                }
+                Err(classify(err))
+            }
+        }
+    }
+
+    /// Drops idle connections to a source (after it failed).
+    pub fn forget(&self, source: SocketAddr) {
+        self.idle.lock().expect("idle lock").remove(&source);
+    }
+}
+
+fn classify(err: ClientError) -> TransportError {
+    match &err {
+        _ if err.is_not_found() => TransportError::NotHeld(err.to_string()),
+        ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io { .. } => TransportError::Unreachable(err.to_string()),
+        ClientError::Timeout { during, .. } if *during == "connecting" => TransportError::Unreachable(err.to_string()),
+        _ => TransportError::Failed(err.to_string()),
+    }
+}
+
+#[async_trait]
+impl PieceTransport for TcpTransport {
+    fn name(&self) -> &'static str {
+        "tcp"
+    }
+
+    async fn fetch(&self, source: SocketAddr, task_id: &str, piece: PieceRange, buf: &mut PieceBuffer) -> Result<FetchedPiece, TransportError> {
+        let mut connection = self.connection(source).await?;
+        let mut chunks = buf.chunks_mut();
+        match connection.fetch_piece(task_id, piece.number, piece.length, &mut chunks).await {
+            Ok(fetched) => {
+                self.give_back(source, connection);
+                Ok(FetchedPiece { advertised_digest: fetched.metadata.digest, crc32: fetched.crc32 })
+            }
+            Err(err) => {
+                if err.connection_reusable() {
+                    self.give_back(source, connection);
+                }
+                Err(classify(err))
+            }
+        }
+    }
+}

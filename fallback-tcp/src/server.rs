@@ -1,0 +1,257 @@
+//! The serving side: answers Vortex `DownloadPiece` requests from whatever the daemon holds,
+//! sending content straight from the store file with `sendfile` (no copy through user space).
+
+use crate::codec::{self, ErrorCode, FrameHeader, Request, Response, TaskInfo};
+use crate::error::CodecError;
+use bytes::BytesMut;
+use std::fs::File;
+use std::io;
+use std::net::SocketAddr;
+use std::os::fd::AsFd;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use vortex_protocol::tlv::piece_metadata::PieceMetadata;
+use vortex_protocol::HEADER_SIZE;
+
+/// A piece ready to be sent: its metadata and where its bytes lie.
+pub struct ServedPiece {
+    pub metadata: PieceMetadata,
+    /// A file holding the content (opened for buffered reads, so `sendfile` can use the page
+    /// cache).
+    pub file: Arc<File>,
+    /// Where in `file` the content starts.
+    pub file_offset: u64,
+}
+
+/// Why a piece cannot be served.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProviderError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// What the server serves from: the daemon's store, or anything else that holds pieces.
+pub trait PieceProvider: Send + Sync + 'static {
+    /// The piece, if it is held (its bytes durable and its digest known).
+    fn piece(&self, task_id: &str, number: u32) -> Result<ServedPiece, ProviderError>;
+    /// The task's geometry, if the task is known.
+    fn task_info(&self, task_id: &str) -> Option<TaskInfo>;
+    /// Called after a piece's bytes were all handed to the kernel.
+    fn served(&self, _task_id: &str, _number: u32, _bytes: u64) {}
+}
+
+/// Limits the server enforces on every connection.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A connection that sends no complete request for this long is closed.
+    pub idle_timeout: Duration,
+    /// A peer that does not drain what we send for this long is dropped.
+    pub write_timeout: Duration,
+    /// Connections beyond this are refused (closed at once).
+    pub max_connections: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            idle_timeout: Duration::from_secs(60),
+            write_timeout: Duration::from_secs(30),
+            max_connections: 1024,
+        }
+    }
+}
+
+/// The accept loop. Dropping the future returned by [`Server::run`] closes every connection.
+pub struct Server<P> {
+    listener: TcpListener,
+    provider: Arc<P>,
+    config: ServerConfig,
+}
+
+impl<P: PieceProvider> Server<P> {
+    pub fn new(listener: TcpListener, provider: Arc<P>, config: ServerConfig) -> Self {
+        Server { listener, provider, config }
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Serves until the future is dropped.
+    pub async fn run(self) {
+        let open = Arc::new(AtomicUsize::new(0));
+        let mut connections = JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = self.listener.accept() => {
+                    let (stream, peer) = match accepted {
+                        Ok(pair) => pair,
+                        Err(err) => {
+                            // EMFILE and friends: back off instead of spinning.
+                            tracing::warn!(%err, "data port accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
+                    };
+                    if open.load(Ordering::Relaxed) >= self.config.max_connections {
+                        tracing::warn!(%peer, max = self.config.max_connections, "refusing connection: too many open");
+                        continue;
+                    }
+                    let _ = stream.set_nodelay(true);
+                    open.fetch_add(1, Ordering::Relaxed);
+                    let provider = Arc::clone(&self.provider);
+                    let config = self.config.clone();
+                    let open = Arc::clone(&open);
+                    connections.spawn(async move {
+                        match serve_connection(stream, peer, provider.as_ref(), &config).await {
+                            Ok(()) => tracing::debug!(%peer, "data connection closed"),
+                            Err(err) => tracing::warn!(%peer, error = %err, "data connection closed on error"),
+                        }
+                        open.fetch_sub(1, Ordering::Relaxed);
+                    });
+                }
+                Some(_) = connections.join_next(), if !connections.is_empty() => {}
+            }
+        }
+    }
+}
+
+/// Why a connection was closed by the server.
+#[derive(Debug, thiserror::Error)]
+enum ConnectionError {
+    #[error("bad frame: {0}")]
+    Codec(#[from] CodecError),
+    #[error("no complete request within {0:?}")]
+    Idle(Duration),
+    #[error("peer stopped reading for {0:?}")]
+    WriteStalled(Duration),
+    #[error("frame truncated: peer closed after {got} of {want} bytes")]
+    Truncated { got: usize, want: usize },
+    #[error("store file ended early while sending piece {0}")]
+    ShortFile(u32),
+    #[error(transparent)]
+    Io(#[from] io::Error),
+}
+
+/// Reads exactly `buf.len()` bytes, distinguishing a clean close before the first byte.
+async fn read_frame_part(
+    stream: &mut TcpStream,
+    buf: &mut [u8],
+    idle: Duration,
+) -> Result<bool, ConnectionError> {
+    let mut got = 0;
+    while got < buf.len() {
+        let n = timeout(idle, stream.read(&mut buf[got..]))
+            .await
+            .map_err(|_| ConnectionError::Idle(idle))??;
+        if n == 0 {
+            if got == 0 {
+                return Ok(false);
+            }
+            return Err(ConnectionError::Truncated { got, want: buf.len() });
+        }
+        got += n;
+    }
+    Ok(true)
+}
+
+async fn serve_connection<P: PieceProvider>(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    provider: &P,
+    config: &ServerConfig,
+) -> Result<(), ConnectionError> {
+    let mut out = BytesMut::with_capacity(512);
+    let mut value = vec![0u8; codec::MAX_REQUEST_VALUE_LEN as usize];
+    loop {
+        let mut header_bytes = [0u8; HEADER_SIZE];
+        if !read_frame_part(&mut stream, &mut header_bytes, config.idle_timeout).await? {
+            return Ok(());
+        }
+        let header: FrameHeader = codec::decode_header(&header_bytes, codec::MAX_REQUEST_VALUE_LEN)?;
+        let value = &mut value[..header.value_len as usize];
+        if !value.is_empty() && !read_frame_part(&mut stream, value, config.idle_timeout).await? {
+            return Err(ConnectionError::Truncated { got: HEADER_SIZE, want: HEADER_SIZE + value.len() });
+        }
+        let request = Request::decode(header, value)?;
+        out.clear();
+        match request {
+            Request::Close => return Ok(()),
+            Request::StatTask { task_id } => {
+                let response = match provider.task_info(&task_id) {
+                    Some(info) => Response::TaskInfo(info),
+                    None => Response::Error {
+                        code: ErrorCode::NotFound,
+                        message: format!("task {task_id} is not held here"),
+                    },
+                };
+                response.encode(&mut out);
+                write_all(&mut stream, &out, config.write_timeout).await?;
+            }
+            Request::DownloadPiece { task_id, number } => match provider.piece(&task_id, number) {
+                Ok(piece) => {
+                    let length = piece.metadata.length;
+                    Response::PieceContent(piece.metadata).encode(&mut out);
+                    write_all(&mut stream, &out, config.write_timeout).await?;
+                    send_file_range(&stream, &piece.file, piece.file_offset, length, number, config.write_timeout).await?;
+                    provider.served(&task_id, number, length);
+                    tracing::trace!(%peer, %task_id, number, length, "piece served");
+                }
+                Err(err) => {
+                    let code = match err {
+                        ProviderError::NotFound(_) => ErrorCode::NotFound,
+                        ProviderError::Internal(_) => ErrorCode::Internal,
+                    };
+                    Response::Error { code, message: err.to_string() }.encode(&mut out);
+                    write_all(&mut stream, &out, config.write_timeout).await?;
+                }
+            },
+        }
+    }
+}
+
+async fn write_all(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> Result<(), ConnectionError> {
+    timeout(limit, stream.write_all(bytes))
+        .await
+        .map_err(|_| ConnectionError::WriteStalled(limit))??;
+    Ok(())
+}
+
+/// Sends `length` bytes of `file` from `offset` with `sendfile`, waiting for socket space
+/// between calls; each wait is bounded by `limit`.
+async fn send_file_range(
+    stream: &TcpStream,
+    file: &File,
+    offset: u64,
+    length: u64,
+    number: u32,
+    limit: Duration,
+) -> Result<(), ConnectionError> {
+    let mut position = offset as i64;
+    let end = offset + length;
+    while (position as u64) < end {
+        timeout(limit, stream.writable())
+            .await
+            .map_err(|_| ConnectionError::WriteStalled(limit))??;
+        let remaining = (end - position as u64).min(1 << 30) as usize;
+        let sent = stream.try_io(Interest::WRITABLE, || {
+            nix::sys::sendfile::sendfile64(stream.as_fd(), file.as_fd(), Some(&mut position), remaining)
+                .map_err(io::Error::from)
+        });
+        match sent {
+            Ok(0) => return Err(ConnectionError::ShortFile(number)),
+            Ok(_) => {}
+            Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Ok(())
+}
