@@ -143,7 +143,7 @@ pub fn main(cli: Cli) -> ExitCode {
         return match run_serve(args, cli.control.as_deref()) {
             Ok(()) => ExitCode::SUCCESS,
             Err(err) => {
-                esay!("ferry serve: {err:#}");
+                eprintln!("ferry serve: {err:#}");
                 ExitCode::FAILURE
             }
         };
@@ -153,9 +153,9 @@ pub fn main(cli: Cli) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             if let Some(status) = err.downcast_ref::<tonic::Status>() {
-                esay!("ferry: {:?}: {}", status.code(), status.message());
+                eprintln!("ferry: {:?}: {}", status.code(), status.message());
             } else {
-                esay!("ferry: {err:#}");
+                eprintln!("ferry: {err:#}");
             }
             ExitCode::FAILURE
         }
