@@ -1,0 +1,203 @@
+//! Harness for the end-to-end tests: starts real `ferry serve` processes on loopback and
+//! talks to them over their real control sockets.
+
+use ferry_engine::proto::{self, ferry_client::FerryClient, transfer_event::Event};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+use tonic::transport::Channel;
+
+pub const MIB: u64 = 1024 * 1024;
+
+/// The `ferry` binary built next to this test executable (`target/<profile>/ferry`), or
+/// `$FERRY_BIN`.
+pub fn ferry_bin() -> PathBuf {
+    if let Some(path) = std::env::var_os("FERRY_BIN") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let bin = profile_dir.join("ferry");
+    assert!(bin.exists(), "{} is missing: run `cargo build --workspace` first", bin.display());
+    bin
+}
+
+/// Writes `size` pseudo-random bytes (a fixed function of `seed`) to `path`.
+pub fn random_file(path: &Path, size: u64, seed: u64) {
+    use std::io::Write;
+    let mut file = std::io::BufWriter::with_capacity(1 << 20, std::fs::File::create(path).unwrap());
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut block = vec![0u8; 1 << 20];
+    let mut left = size;
+    while left > 0 {
+        for word in block.chunks_exact_mut(8) {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            word.copy_from_slice(&state.to_le_bytes());
+        }
+        let take = left.min(block.len() as u64) as usize;
+        file.write_all(&block[..take]).unwrap();
+        left -= take as u64;
+    }
+    file.flush().unwrap();
+}
+
+pub fn same_contents(a: &Path, b: &Path) -> bool {
+    std::fs::read(a).unwrap() == std::fs::read(b).unwrap()
+}
+
+static STARTS: AtomicUsize = AtomicUsize::new(0);
+
+/// How to start a daemon.
+#[derive(Debug, Clone, Default)]
+pub struct DaemonOptions {
+    /// Reuse this data dir (a restart); otherwise a fresh one under the daemon's dir.
+    pub data_dir: Option<PathBuf>,
+    pub extra_args: Vec<String>,
+}
+
+/// A `ferry serve` process. Killed when dropped.
+pub struct Daemon {
+    child: Option<Child>,
+    pub name: String,
+    pub dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub control: PathBuf,
+    pub log: PathBuf,
+    pub data_address: String,
+}
+
+impl Daemon {
+    /// Starts a daemon under `root/name` and waits until its control API answers.
+    pub async fn start(root: &Path, name: &str, options: DaemonOptions) -> Daemon {
+        let dir = root.join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
+        let control = dir.join("control.sock");
+        // One log per start, so a restarted daemon's earlier log stays readable.
+        let log = dir.join(format!("daemon-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let child = Command::new(ferry_bin())
+            .arg("--control")
+            .arg(&control)
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", "127.0.0.1:0", "--pool-mib", "128"])
+            .args(&options.extra_args)
+            .env("FERRY_LOG", "info,ferry_fallback_tcp=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawning ferry serve");
+        let mut daemon = Daemon { child: Some(child), name: name.into(), dir, data_dir, control, log, data_address: String::new() };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("daemon {name} exited with {status} during start-up:\n{}", daemon.log_text());
+            }
+            if let Ok(mut client) = ferry_engine::cli::connect(daemon.control.to_str().unwrap()).await {
+                if let Ok(caps) = client.get_capabilities(proto::GetCapabilitiesRequest {}).await {
+                    daemon.data_address = caps.into_inner().data_address;
+                    return daemon;
+                }
+            }
+            assert!(Instant::now() < deadline, "daemon {name} did not come up:\n{}", daemon.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub async fn client(&self) -> FerryClient<Channel> {
+        ferry_engine::cli::connect(self.control.to_str().unwrap()).await.expect("control socket")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("running").id()
+    }
+
+    /// SIGKILL: no chance to clean up, as in a crash.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.as_mut().map(|c| c.try_wait()), Some(Ok(None)))
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Imports a file and returns the task.
+    pub async fn import(&self, path: &Path) -> proto::Task {
+        self.client()
+            .await
+            .import_task(proto::ImportTaskRequest { path: path.display().to_string(), ..Default::default() })
+            .await
+            .expect("import")
+            .into_inner()
+    }
+
+    pub async fn stat(&self, task_id: &str) -> proto::Task {
+        self.client().await.stat_task(proto::StatTaskRequest { task_id: task_id.into() }).await.expect("stat").into_inner()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// What a whole transfer stream said.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    pub started: Option<proto::TransferStarted>,
+    pub pieces: Vec<proto::PieceResult>,
+    pub summary: Option<proto::TransferSummary>,
+}
+
+/// A transfer request for every piece of `task_id` into `output`.
+pub fn pull_request(task_id: &str, sources: &[&str], output: &Path) -> proto::TransferPiecesRequest {
+    proto::TransferPiecesRequest {
+        task_id: task_id.into(),
+        sources: sources.iter().map(|s| s.to_string()).collect(),
+        output_path: output.display().to_string(),
+        ..Default::default()
+    }
+}
+
+/// Runs a transfer to the end; `on_piece` sees each piece result as it arrives.
+pub async fn transfer(
+    client: &mut FerryClient<Channel>,
+    request: proto::TransferPiecesRequest,
+    mut on_piece: impl FnMut(&proto::PieceResult),
+) -> Result<Transfer, tonic::Status> {
+    let mut stream = client.transfer_pieces(request).await?.into_inner();
+    let mut transfer = Transfer::default();
+    while let Some(event) = stream.message().await? {
+        match event.event.expect("event set") {
+            Event::Started(started) => transfer.started = Some(started),
+            Event::Piece(piece) => {
+                on_piece(&piece);
+                transfer.pieces.push(piece);
+            }
+            Event::Summary(summary) => transfer.summary = Some(summary),
+        }
+    }
+    Ok(transfer)
+}
+
+/// A scratch directory for one test, removed afterwards (kept if `FERRY_KEEP_TEST_DIRS` is set).
+pub fn scratch(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new().prefix(&format!("ferry-{name}-")).tempdir().unwrap();
+    if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
+        eprintln!("{name}: {}", dir.path().display());
+    }
+    dir
+}
