@@ -23,7 +23,11 @@ macro_rules! say {
 }
 
 #[derive(Debug, Parser)]
-#[command(name = "ferry", version, about = "RDMA-accelerated piece transfer engine for GPU clusters (Dragonfly-compatible)")]
+#[command(
+    name = "ferry",
+    version,
+    about = "RDMA-accelerated piece transfer engine for GPU clusters (Dragonfly-compatible)"
+)]
 pub struct Cli {
     /// Control endpoint of the daemon (for `serve`, where to listen): a unix socket path or
     /// tcp://HOST:PORT [default: /run/ferry/control.sock, or the config file's `control`].
@@ -54,13 +58,9 @@ pub enum Command {
     /// Show the transports and devices this host can use.
     Devices,
     /// Cancel the running transfer into a task (pieces already held stay held).
-    Cancel {
-        task_id: String,
-    },
+    Cancel { task_id: String },
     /// Delete a task and its bytes from the daemon's store.
-    Delete {
-        task_id: String,
-    },
+    Delete { task_id: String },
 }
 
 #[derive(Debug, Args)]
@@ -148,7 +148,11 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         };
     }
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run_client(&cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -180,7 +184,11 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
         config.advertise = Some(v.clone());
     }
     if !args.output_dirs.is_empty() {
-        config.output_dirs = args.output_dirs.iter().map(std::path::absolute).collect::<Result<_, _>>()?;
+        config.output_dirs = args
+            .output_dirs
+            .iter()
+            .map(std::path::absolute)
+            .collect::<Result<_, _>>()?;
     }
     if let Some(v) = args.pool_mib {
         config.pool.size_mib = v;
@@ -195,13 +203,20 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
         config.transfer.io_timeout_secs = v;
     }
     init_logging(args.log_json);
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("ferry").build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()?;
     runtime.block_on(crate::daemon::serve(config))
 }
 
 fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(std::io::stderr().is_terminal());
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     if json {
         builder.json().init();
     } else {
@@ -212,7 +227,10 @@ fn init_logging(json: bool) {
 /// Connects to the daemon's control API.
 pub async fn connect(control: &str) -> anyhow::Result<FerryClient<Channel>> {
     let channel = match ControlEndpoint::parse(control) {
-        ControlEndpoint::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?.connect().await.with_context(|| format!("connecting to control API at {addr}"))?,
+        ControlEndpoint::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to control API at {addr}"))?,
         ControlEndpoint::Unix(path) => {
             let shown = path.display().to_string();
             Endpoint::from_static("http://localhost")
@@ -248,27 +266,63 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
         }
         Command::Pull(args) => pull(cli.json, &mut client, args).await?,
         Command::Stat { task_id } => {
-            let task = client.stat_task(proto::StatTaskRequest { task_id: task_id.clone() }).await?.into_inner();
+            let task = client
+                .stat_task(proto::StatTaskRequest {
+                    task_id: task_id.clone(),
+                })
+                .await?
+                .into_inner();
             print_task(cli.json, &task);
         }
         Command::Tasks => {
-            let tasks = client.list_tasks(proto::ListTasksRequest {}).await?.into_inner().tasks;
+            let tasks = client
+                .list_tasks(proto::ListTasksRequest {})
+                .await?
+                .into_inner()
+                .tasks;
             if cli.json {
                 say!("{}", Value::Array(tasks.iter().map(task_json).collect()));
             } else {
-                say!("{:<64}  {:>14}  {:>10}  {:>9}  STATE", "TASK", "BYTES", "PIECE", "HELD");
+                say!(
+                    "{:<64}  {:>14}  {:>10}  {:>9}  STATE",
+                    "TASK",
+                    "BYTES",
+                    "PIECE",
+                    "HELD"
+                );
                 for t in &tasks {
-                    let state = if t.transferring { "transferring" } else if t.complete { "complete" } else { "partial" };
-                    say!("{:<64}  {:>14}  {:>10}  {:>4}/{:<4}  {state}", t.task_id, t.content_length, t.piece_length, t.pieces_held, t.piece_count);
+                    let state = if t.transferring {
+                        "transferring"
+                    } else if t.complete {
+                        "complete"
+                    } else {
+                        "partial"
+                    };
+                    say!(
+                        "{:<64}  {:>14}  {:>10}  {:>4}/{:<4}  {state}",
+                        t.task_id,
+                        t.content_length,
+                        t.piece_length,
+                        t.pieces_held,
+                        t.piece_count
+                    );
                 }
             }
         }
         Command::Devices => {
-            let caps = client.get_capabilities(proto::GetCapabilitiesRequest {}).await?.into_inner();
+            let caps = client
+                .get_capabilities(proto::GetCapabilitiesRequest {})
+                .await?
+                .into_inner();
             if cli.json {
                 say!("{}", capabilities_json(&caps));
             } else {
-                say!("host {} ({}), data plane {}", caps.host_id, caps.hostname, caps.data_address);
+                say!(
+                    "host {} ({}), data plane {}",
+                    caps.host_id,
+                    caps.hostname,
+                    caps.data_address
+                );
                 if let Some(store) = &caps.store {
                     say!(
                         "store {}: {} writes{}, pool {} MiB in {} KiB slots{}",
@@ -281,14 +335,32 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
                     );
                 }
                 for t in &caps.transports {
-                    let mut props: Vec<_> = t.properties.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let mut props: Vec<_> = t
+                        .properties
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect();
                     props.sort();
-                    say!("transport {:<5} {:<11} {} {}", t.name, if t.available { "available" } else { "unavailable" }, t.detail, props.join(" "));
+                    say!(
+                        "transport {:<5} {:<11} {} {}",
+                        t.name,
+                        if t.available {
+                            "available"
+                        } else {
+                            "unavailable"
+                        },
+                        t.detail,
+                        props.join(" ")
+                    );
                 }
             }
         }
         Command::Cancel { task_id } => {
-            client.cancel_transfer(proto::CancelTransferRequest { task_id: task_id.clone() }).await?;
+            client
+                .cancel_transfer(proto::CancelTransferRequest {
+                    task_id: task_id.clone(),
+                })
+                .await?;
             if cli.json {
                 say!("{}", json!({"task_id": task_id, "cancelled": true}));
             } else {
@@ -296,7 +368,11 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
             }
         }
         Command::Delete { task_id } => {
-            client.delete_task(proto::DeleteTaskRequest { task_id: task_id.clone() }).await?;
+            client
+                .delete_task(proto::DeleteTaskRequest {
+                    task_id: task_id.clone(),
+                })
+                .await?;
             if cli.json {
                 say!("{}", json!({"task_id": task_id, "deleted": true}));
             } else {
@@ -307,7 +383,11 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pull(as_json: bool, client: &mut FerryClient<Channel>, args: &PullArgs) -> anyhow::Result<()> {
+async fn pull(
+    as_json: bool,
+    client: &mut FerryClient<Channel>,
+    args: &PullArgs,
+) -> anyhow::Result<()> {
     let output = std::path::absolute(&args.output)?;
     let mut stream = client
         .transfer_pieces(proto::TransferPiecesRequest {
@@ -328,13 +408,15 @@ async fn pull(as_json: bool, client: &mut FerryClient<Channel>, args: &PullArgs)
     let mut summary = None;
     while let Some(event) = stream.message().await? {
         match event.event {
-            Some(Event::Started(started)) => {
-                if show_bar {
-                    let fetch = started.pieces_requested - started.pieces_reused;
-                    let b = ProgressBar::new(fetch as u64 * started.piece_length.min(started.content_length).max(1));
-                    b.set_style(ProgressStyle::with_template("{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}").expect("template"));
-                    bar = Some(b);
-                }
+            Some(Event::Started(started)) if show_bar => {
+                let b = ProgressBar::new(started.bytes_to_fetch);
+                b.set_style(
+                    ProgressStyle::with_template(
+                        "{bar:40} {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .expect("template"),
+                );
+                bar = Some(b);
             }
             Some(Event::Piece(piece)) => {
                 if let Some(b) = &bar {
@@ -343,13 +425,15 @@ async fn pull(as_json: bool, client: &mut FerryClient<Channel>, args: &PullArgs)
                 pieces.push(piece);
             }
             Some(Event::Summary(s)) => summary = Some(s),
-            None => {}
+            Some(Event::Started(_)) | None => {}
         }
     }
     if let Some(b) = bar {
         b.finish_and_clear();
     }
-    let Some(summary) = summary else { bail!("the daemon ended the transfer without a summary") };
+    let Some(summary) = summary else {
+        bail!("the daemon ended the transfer without a summary")
+    };
     if as_json {
         let value = json!({
             "task_id": summary.task_id,
@@ -364,7 +448,11 @@ async fn pull(as_json: bool, client: &mut FerryClient<Channel>, args: &PullArgs)
         say!("{value}");
     } else {
         let secs = summary.elapsed_micros as f64 / 1e6;
-        let rate = if secs > 0.0 { summary.bytes_fetched as f64 / secs } else { 0.0 };
+        let rate = if secs > 0.0 {
+            summary.bytes_fetched as f64 / secs
+        } else {
+            0.0
+        };
         say!(
             "pulled {} ({} bytes) to {} in {:.2}s: {:.1} MiB/s ({:.2} Gbit/s); {} pieces fetched, {} already held, {} retries",
             summary.task_id,
@@ -378,10 +466,21 @@ async fn pull(as_json: bool, client: &mut FerryClient<Channel>, args: &PullArgs)
             summary.retries
         );
         for t in &summary.transports {
-            say!("  transport {:<5} {:>14} bytes  {:>5} pieces", t.transport, t.bytes, t.pieces);
+            say!(
+                "  transport {:<5} {:>14} bytes  {:>5} pieces",
+                t.transport,
+                t.bytes,
+                t.pieces
+            );
         }
         for s in &summary.sources {
-            say!("  source {:<22} {:>14} bytes  {:>5} pieces  {} failures", s.source, s.bytes, s.pieces, s.failures);
+            say!(
+                "  source {:<22} {:>14} bytes  {:>5} pieces  {} failures",
+                s.source,
+                s.bytes,
+                s.pieces,
+                s.failures
+            );
         }
     }
     Ok(())
@@ -425,9 +524,26 @@ fn print_task(as_json: bool, task: &proto::Task) {
         return;
     }
     say!("task {}", task.task_id);
-    say!("  content length {} bytes, piece length {}, {}/{} pieces held{}", task.content_length, task.piece_length, task.pieces_held, task.piece_count, if task.complete { " (complete)" } else { "" });
+    say!(
+        "  content length {} bytes, piece length {}, {}/{} pieces held{}",
+        task.content_length,
+        task.piece_length,
+        task.pieces_held,
+        task.piece_count,
+        if task.complete { " (complete)" } else { "" }
+    );
     say!("  pieces served to peers: {}", task.pieces_served);
     for p in &task.pieces {
-        say!("  piece {:>5}  offset {:>14}  length {:>10}  {}", p.number, p.offset, p.length, if p.held { p.digest.as_str() } else { "(missing)" });
+        say!(
+            "  piece {:>5}  offset {:>14}  length {:>10}  {}",
+            p.number,
+            p.offset,
+            p.length,
+            if p.held {
+                p.digest.as_str()
+            } else {
+                "(missing)"
+            }
+        );
     }
 }

@@ -83,13 +83,20 @@ impl Default for Config {
 
 impl Default for PoolConfig {
     fn default() -> Self {
-        PoolConfig { slot_mib: 4, size_mib: 256 }
+        PoolConfig {
+            slot_mib: 4,
+            size_mib: 256,
+        }
     }
 }
 
 impl Default for IoConfig {
     fn default() -> Self {
-        IoConfig { backend: IoChoice::Auto, threads: 1, direct: true }
+        IoConfig {
+            backend: IoChoice::Auto,
+            threads: 1,
+            direct: true,
+        }
     }
 }
 
@@ -108,7 +115,11 @@ impl Default for TransferConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { idle_timeout_secs: 60, write_timeout_secs: 30, max_connections: 1024 }
+        ServerConfig {
+            idle_timeout_secs: 60,
+            write_timeout_secs: 30,
+            max_connections: 1024,
+        }
     }
 }
 
@@ -116,23 +127,44 @@ impl Default for ServerConfig {
 #[non_exhaustive]
 pub enum ConfigError {
     #[error("reading config {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("config {path}: {message}")]
     Parse { path: PathBuf, message: String },
     #[error("invalid config value {key} = {value}: {allowed}")]
-    Invalid { key: &'static str, value: String, allowed: &'static str },
+    Invalid {
+        key: &'static str,
+        value: String,
+        allowed: &'static str,
+    },
 }
 
 impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.into(),
+            message: e.to_string(),
+        })
     }
 
     /// Refuses values the daemon cannot run with, naming the key and what is allowed.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        fn invalid(key: &'static str, value: impl ToString, allowed: &'static str) -> Result<(), ConfigError> {
-            Err(ConfigError::Invalid { key, value: value.to_string(), allowed })
+        fn invalid(
+            key: &'static str,
+            value: impl ToString,
+            allowed: &'static str,
+        ) -> Result<(), ConfigError> {
+            Err(ConfigError::Invalid {
+                key,
+                value: value.to_string(),
+                allowed,
+            })
         }
         if !self.data_dir.is_absolute() {
             return invalid("data_dir", self.data_dir.display(), "an absolute path");
@@ -146,14 +178,22 @@ impl Config {
         if !(1..=64).contains(&self.pool.slot_mib) {
             return invalid("pool.slot_mib", self.pool.slot_mib, "1 to 64");
         }
-        if self.pool.size_mib < 64 || self.pool.size_mib % self.pool.slot_mib != 0 {
-            return invalid("pool.size_mib", self.pool.size_mib, "at least 64 (one 64 MiB piece) and a multiple of pool.slot_mib");
+        if self.pool.size_mib < 64 || !self.pool.size_mib.is_multiple_of(self.pool.slot_mib) {
+            return invalid(
+                "pool.size_mib",
+                self.pool.size_mib,
+                "at least 64 (one 64 MiB piece) and a multiple of pool.slot_mib",
+            );
         }
         if !(1..=16).contains(&self.io.threads) {
             return invalid("io.threads", self.io.threads, "1 to 16");
         }
         if !(1..=64).contains(&self.transfer.streams_per_source) {
-            return invalid("transfer.streams_per_source", self.transfer.streams_per_source, "1 to 64");
+            return invalid(
+                "transfer.streams_per_source",
+                self.transfer.streams_per_source,
+                "1 to 64",
+            );
         }
         if self.transfer.max_attempts == 0 {
             return invalid("transfer.max_attempts", 0, "at least 1");
@@ -162,9 +202,15 @@ impl Config {
             return invalid("transfer.source_failure_limit", 0, "at least 1");
         }
         for (key, value) in [
-            ("transfer.piece_timeout_secs", self.transfer.piece_timeout_secs),
+            (
+                "transfer.piece_timeout_secs",
+                self.transfer.piece_timeout_secs,
+            ),
             ("transfer.io_timeout_secs", self.transfer.io_timeout_secs),
-            ("transfer.connect_timeout_secs", self.transfer.connect_timeout_secs),
+            (
+                "transfer.connect_timeout_secs",
+                self.transfer.connect_timeout_secs,
+            ),
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
             ("server.write_timeout_secs", self.server.write_timeout_secs),
         ] {
@@ -209,7 +255,13 @@ mod tests {
         assert!(err.contains("pool.slot_mib"), "{err}");
         let parsed: Result<Config, _> = toml::from_str("listen = \"127.0.0.1:1\"\nbogus = 1\n");
         assert!(parsed.unwrap_err().to_string().contains("bogus"));
-        assert_eq!(ControlEndpoint::parse("tcp://127.0.0.1:5"), ControlEndpoint::Tcp("127.0.0.1:5".into()));
-        assert_eq!(ControlEndpoint::parse("/run/x.sock"), ControlEndpoint::Unix("/run/x.sock".into()));
+        assert_eq!(
+            ControlEndpoint::parse("tcp://127.0.0.1:5"),
+            ControlEndpoint::Tcp("127.0.0.1:5".into())
+        );
+        assert_eq!(
+            ControlEndpoint::parse("/run/x.sock"),
+            ControlEndpoint::Unix("/run/x.sock".into())
+        );
     }
 }

@@ -63,9 +63,17 @@ fn store_status(err: StoreError) -> Status {
 fn import_status(err: ImportError) -> Status {
     let message = err.to_string();
     match err {
-        ImportError::RelativePath(_) | ImportError::NotAFile(_) => Status::invalid_argument(message),
-        ImportError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => Status::not_found(message),
-        ImportError::Open { source, .. } if source.kind() == std::io::ErrorKind::PermissionDenied => Status::permission_denied(message),
+        ImportError::RelativePath(_) | ImportError::NotAFile(_) => {
+            Status::invalid_argument(message)
+        }
+        ImportError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            Status::not_found(message)
+        }
+        ImportError::Open { source, .. }
+            if source.kind() == std::io::ErrorKind::PermissionDenied =>
+        {
+            Status::permission_denied(message)
+        }
         ImportError::Geometry(err) => geometry_status(err),
         ImportError::Store(err) => store_status(err),
         _ => Status::internal(message),
@@ -74,7 +82,10 @@ fn import_status(err: ImportError) -> Status {
 
 fn known_task(engine: &Engine, task_id: &str) -> Result<Arc<StoredTask>, Status> {
     geometry::validate_task_id(task_id).map_err(geometry_status)?;
-    engine.store.get(task_id).ok_or_else(|| Status::not_found(format!("task {task_id} is not in this daemon's store")))
+    engine
+        .store
+        .get(task_id)
+        .ok_or_else(|| Status::not_found(format!("task {task_id} is not in this daemon's store")))
 }
 
 /// The proto view of a task; `with_pieces` adds per-piece detail.
@@ -86,7 +97,13 @@ pub fn task_message(task: &StoredTask, with_pieces: bool) -> proto::Task {
             .pieces()
             .map(|p| {
                 let digest = digests[p.number as usize];
-                proto::Piece { number: p.number, offset: p.offset, length: p.length, digest: digest.map(format_digest).unwrap_or_default(), held: digest.is_some() }
+                proto::Piece {
+                    number: p.number,
+                    offset: p.offset,
+                    length: p.length,
+                    digest: digest.map(format_digest).unwrap_or_default(),
+                    held: digest.is_some(),
+                }
             })
             .collect()
     } else {
@@ -135,14 +152,26 @@ fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
         sources: summary
             .sources
             .into_iter()
-            .map(|(source, t)| proto::SourceStats { source, bytes: t.bytes, pieces: t.pieces, failures: t.failures })
+            .map(|(source, t)| proto::SourceStats {
+                source,
+                bytes: t.bytes,
+                pieces: t.pieces,
+                failures: t.failures,
+            })
             .collect(),
         transports: summary
             .transports
             .into_iter()
-            .map(|(transport, bytes, pieces)| proto::TransportStats { transport, bytes, pieces })
+            .map(|(transport, bytes, pieces)| proto::TransportStats {
+                transport,
+                bytes,
+                pieces,
+            })
             .collect(),
-        output_path: summary.output.map(|p| p.display().to_string()).unwrap_or_default(),
+        output_path: summary
+            .output
+            .map(|p| p.display().to_string())
+            .unwrap_or_default(),
     }
 }
 
@@ -154,7 +183,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<proto::TransferEvent, Status
 
 #[tonic::async_trait]
 impl Ferry for ControlService {
-    async fn get_capabilities(&self, _: Request<proto::GetCapabilitiesRequest>) -> Result<Response<proto::Capabilities>, Status> {
+    async fn get_capabilities(
+        &self,
+        _: Request<proto::GetCapabilitiesRequest>,
+    ) -> Result<Response<proto::Capabilities>, Status> {
         let store = &self.engine.store;
         let pool = store.pool().info();
         let tcp = proto::TransportInfo {
@@ -163,7 +195,10 @@ impl Ferry for ControlService {
             detail: "Dragonfly Vortex protocol over TCP (sendfile on the serving side)".into(),
             properties: [
                 ("protocol".to_owned(), "vortex".to_owned()),
-                ("streams_per_source".to_owned(), self.engine.settings.streams_per_source.to_string()),
+                (
+                    "streams_per_source".to_owned(),
+                    self.engine.settings.streams_per_source.to_string(),
+                ),
             ]
             .into_iter()
             .collect(),
@@ -186,13 +221,21 @@ impl Ferry for ControlService {
                 pool_bytes: store.pool().total_bytes() as u64,
                 pool_slot_bytes: pool.slot_size as u64,
                 huge_pages: pool.huge_pages,
-                output_dirs: self.engine.output_dirs.iter().map(|d| d.display().to_string()).collect(),
+                output_dirs: self
+                    .engine
+                    .output_dirs
+                    .iter()
+                    .map(|d| d.display().to_string())
+                    .collect(),
             }),
             version: env!("CARGO_PKG_VERSION").into(),
         }))
     }
 
-    async fn import_task(&self, request: Request<proto::ImportTaskRequest>) -> Result<Response<proto::Task>, Status> {
+    async fn import_task(
+        &self,
+        request: Request<proto::ImportTaskRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
         let request = request.into_inner();
         if request.path.is_empty() {
             return Err(Status::invalid_argument("path is empty"));
@@ -204,16 +247,23 @@ impl Ferry for ControlService {
             revision: non_empty(request.revision),
             piece_length: request.piece_length,
         };
-        let task = import::import_file(&self.engine.store, &PathBuf::from(&request.path), &options).await.map_err(import_status)?;
+        let task = import::import_file(&self.engine.store, &PathBuf::from(&request.path), &options)
+            .await
+            .map_err(import_status)?;
         Ok(Response::new(task_message(&task, true)))
     }
 
     type TransferPiecesStream = EventStream;
 
-    async fn transfer_pieces(&self, request: Request<proto::TransferPiecesRequest>) -> Result<Response<Self::TransferPiecesStream>, Status> {
+    async fn transfer_pieces(
+        &self,
+        request: Request<proto::TransferPiecesRequest>,
+    ) -> Result<Response<Self::TransferPiecesStream>, Status> {
         let request = request.into_inner();
         if request.transport == proto::TransportPreference::Rdma as i32 {
-            return Err(Status::failed_precondition("RDMA was asked for but this daemon has no RDMA transport"));
+            return Err(Status::failed_precondition(
+                "RDMA was asked for but this daemon has no RDMA transport",
+            ));
         }
         let prepared = self
             .engine
@@ -239,13 +289,16 @@ impl Ferry for ControlService {
                 pieces_requested: started.pieces_requested,
                 pieces_reused: started.pieces_reused,
                 sources: started.sources,
+                bytes_to_fetch: started.bytes_to_fetch,
             })),
         };
         let _ = stream_tx.send(Ok(started_event)).await;
         let forward = stream_tx.clone();
         tokio::spawn(async move {
             while let Some(outcome) = events_rx.recv().await {
-                let event = proto::TransferEvent { event: Some(Event::Piece(piece_message(outcome))) };
+                let event = proto::TransferEvent {
+                    event: Some(Event::Piece(piece_message(outcome))),
+                };
                 if forward.send(Ok(event)).await.is_err() {
                     // The caller hung up: dropping the receiver stops the transfer's workers.
                     return;
@@ -255,7 +308,9 @@ impl Ferry for ControlService {
         tokio::spawn(async move {
             let result = engine.run(prepared, events_tx).await;
             let last = match result {
-                Ok(summary) => Ok(proto::TransferEvent { event: Some(Event::Summary(summary_message(summary))) }),
+                Ok(summary) => Ok(proto::TransferEvent {
+                    event: Some(Event::Summary(summary_message(summary))),
+                }),
                 Err(err) => {
                     tracing::warn!(error = %err, "transfer failed");
                     Err(Status::from(err))
@@ -266,30 +321,55 @@ impl Ferry for ControlService {
         Ok(Response::new(Box::pin(ReceiverStream::new(stream_rx))))
     }
 
-    async fn stat_task(&self, request: Request<proto::StatTaskRequest>) -> Result<Response<proto::Task>, Status> {
+    async fn stat_task(
+        &self,
+        request: Request<proto::StatTaskRequest>,
+    ) -> Result<Response<proto::Task>, Status> {
         let task = known_task(&self.engine, &request.into_inner().task_id)?;
         Ok(Response::new(task_message(&task, true)))
     }
 
-    async fn list_tasks(&self, _: Request<proto::ListTasksRequest>) -> Result<Response<proto::ListTasksResponse>, Status> {
-        let tasks = self.engine.store.list().iter().map(|t| task_message(t, false)).collect();
+    async fn list_tasks(
+        &self,
+        _: Request<proto::ListTasksRequest>,
+    ) -> Result<Response<proto::ListTasksResponse>, Status> {
+        let tasks = self
+            .engine
+            .store
+            .list()
+            .iter()
+            .map(|t| task_message(t, false))
+            .collect();
         Ok(Response::new(proto::ListTasksResponse { tasks }))
     }
 
-    async fn cancel_transfer(&self, request: Request<proto::CancelTransferRequest>) -> Result<Response<proto::CancelTransferResponse>, Status> {
+    async fn cancel_transfer(
+        &self,
+        request: Request<proto::CancelTransferRequest>,
+    ) -> Result<Response<proto::CancelTransferResponse>, Status> {
         let task_id = request.into_inner().task_id;
         geometry::validate_task_id(&task_id).map_err(geometry_status)?;
         if self.engine.cancel(&task_id) {
-            Ok(Response::new(proto::CancelTransferResponse { cancelled: true }))
+            Ok(Response::new(proto::CancelTransferResponse {
+                cancelled: true,
+            }))
         } else {
-            Err(Status::not_found(format!("no transfer into task {task_id} is running")))
+            Err(Status::not_found(format!(
+                "no transfer into task {task_id} is running"
+            )))
         }
     }
 
-    async fn delete_task(&self, request: Request<proto::DeleteTaskRequest>) -> Result<Response<proto::DeleteTaskResponse>, Status> {
+    async fn delete_task(
+        &self,
+        request: Request<proto::DeleteTaskRequest>,
+    ) -> Result<Response<proto::DeleteTaskResponse>, Status> {
         let task = known_task(&self.engine, &request.into_inner().task_id)?;
         if task.transferring.load(std::sync::atomic::Ordering::Acquire) {
-            return Err(Status::failed_precondition(format!("task {} has a transfer running; cancel it first", task.id())));
+            return Err(Status::failed_precondition(format!(
+                "task {} has a transfer running; cancel it first",
+                task.id()
+            )));
         }
         self.engine.store.delete(task.id()).map_err(store_status)?;
         Ok(Response::new(proto::DeleteTaskResponse {}))

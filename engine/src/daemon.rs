@@ -20,7 +20,10 @@ use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
 const MIB: u64 = 1024 * 1024;
 
 fn hostname() -> String {
-    nix::unistd::gethostname().ok().and_then(|h| h.into_string().ok()).unwrap_or_else(|| "localhost".into())
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
 }
 
 /// The address peers should dial: the configured one, else the bound one (with the
@@ -43,18 +46,35 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let slots = (config.pool.size_mib / config.pool.slot_mib) as usize;
     let pool = BufferPool::new(slot, slots).context("allocating the buffer pool")?;
     let info = pool.info();
-    tracing::info!(bytes = pool.total_bytes(), slot_bytes = info.slot_size, huge_pages = info.huge_pages, locked = info.locked, "buffer pool ready");
-    let io = IoEngine::start(&pool, config.io.backend, config.io.threads).context("starting the I/O engine")?;
+    tracing::info!(
+        bytes = pool.total_bytes(),
+        slot_bytes = info.slot_size,
+        huge_pages = info.huge_pages,
+        locked = info.locked,
+        "buffer pool ready"
+    );
+    let io = IoEngine::start(&pool, config.io.backend, config.io.threads)
+        .context("starting the I/O engine")?;
     tracing::info!(backend = io.name(), "I/O engine ready");
-    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
     let store = Arc::new(Store::open(&config.data_dir, pool, io, config.io.direct)?);
 
-    let listener = TcpListener::bind(&config.listen).await.with_context(|| format!("binding data port {}", config.listen))?;
+    let listener = TcpListener::bind(&config.listen)
+        .await
+        .with_context(|| format!("binding data port {}", config.listen))?;
     let bound = listener.local_addr()?;
     let hostname = hostname();
     let data_address = advertised_address(&config, bound);
-    let host_ip = data_address.rsplit_once(':').map(|(ip, _)| ip.trim_matches(['[', ']']).to_owned()).unwrap_or_default();
-    let host = HostInfo { host_id: format!("{host_ip}-{hostname}"), hostname, data_address: data_address.clone() };
+    let host_ip = data_address
+        .rsplit_once(':')
+        .map(|(ip, _)| ip.trim_matches(['[', ']']).to_owned())
+        .unwrap_or_default();
+    let host = HostInfo {
+        host_id: format!("{host_ip}-{hostname}"),
+        hostname,
+        data_address: data_address.clone(),
+    };
 
     let transfer = &config.transfer;
     let tcp = Arc::new(TcpTransport::new(ClientConfig {
@@ -69,11 +89,17 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     };
     let mut output_dirs = Vec::new();
     for dir in &config.output_dirs {
-        output_dirs.push(dir.canonicalize().with_context(|| format!("output dir {}", dir.display()))?);
+        output_dirs.push(
+            dir.canonicalize()
+                .with_context(|| format!("output dir {}", dir.display()))?,
+        );
     }
     let engine = Arc::new(Engine::new(Arc::clone(&store), tcp, settings, output_dirs));
 
-    let provider = Arc::new(StoreProvider { store: Arc::clone(&store), host_id: host.host_id.clone() });
+    let provider = Arc::new(StoreProvider {
+        store: Arc::clone(&store),
+        host_id: host.host_id.clone(),
+    });
     let server_config = ServerConfig {
         idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
         write_timeout: Duration::from_secs(config.server.write_timeout_secs),
@@ -83,8 +109,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FerryServer<ControlService>>().await;
-    let service = FerryServer::new(ControlService { engine: Arc::clone(&engine), host });
-    let router = tonic::transport::Server::builder().add_service(health_service).add_service(service);
+    let service = FerryServer::new(ControlService {
+        engine: Arc::clone(&engine),
+        host,
+    });
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(service);
 
     let shutdown_engine = Arc::clone(&engine);
     let shutdown = async move {
@@ -96,21 +127,29 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let result = match &endpoint {
         ControlEndpoint::Unix(path) => {
             if let Some(parent) = path.parent() {
-                std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+                std::fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
             }
             let _ = std::fs::remove_file(path);
-            let listener = UnixListener::bind(path).with_context(|| format!("binding control socket {}", path.display()))?;
+            let listener = UnixListener::bind(path)
+                .with_context(|| format!("binding control socket {}", path.display()))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
             announce(&config, &data_address, &store, started);
-            let served = router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown).await;
+            let served = router
+                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                .await;
             let _ = std::fs::remove_file(path);
             served
         }
         ControlEndpoint::Tcp(addr) => {
-            let listener = TcpListener::bind(addr).await.with_context(|| format!("binding control address {addr}"))?;
+            let listener = TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("binding control address {addr}"))?;
             tracing::warn!(%addr, "control API on plain TCP: anyone who can reach it can drive this daemon");
             announce(&config, &data_address, &store, started);
-            router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown).await
+            router
+                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+                .await
         }
     };
     data_plane.abort();

@@ -16,7 +16,10 @@ pub enum ImportError {
     #[error("import path {0} is relative; give an absolute path")]
     RelativePath(String),
     #[error("cannot import {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("cannot import {0}: not a regular file")]
     NotAFile(String),
     #[error(transparent)]
@@ -24,7 +27,10 @@ pub enum ImportError {
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error("reading {path} failed: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
 }
 
 /// What identifies the task besides the file (Dragonfly's task id inputs).
@@ -39,13 +45,23 @@ pub struct ImportOptions {
 }
 
 /// Imports `path` into `store`; importing the same file again returns the held task.
-pub async fn import_file(store: &Arc<Store>, path: &Path, options: &ImportOptions) -> Result<Arc<StoredTask>, ImportError> {
+pub async fn import_file(
+    store: &Arc<Store>,
+    path: &Path,
+    options: &ImportOptions,
+) -> Result<Arc<StoredTask>, ImportError> {
     if !path.is_absolute() {
         return Err(ImportError::RelativePath(path.display().to_string()));
     }
     let shown = path.display().to_string();
-    let file = File::open(path).map_err(|source| ImportError::Open { path: shown.clone(), source })?;
-    let meta = file.metadata().map_err(|source| ImportError::Open { path: shown.clone(), source })?;
+    let file = File::open(path).map_err(|source| ImportError::Open {
+        path: shown.clone(),
+        source,
+    })?;
+    let meta = file.metadata().map_err(|source| ImportError::Open {
+        path: shown.clone(),
+        source,
+    })?;
     if !meta.is_file() {
         return Err(ImportError::NotAFile(shown));
     }
@@ -54,7 +70,10 @@ pub async fn import_file(store: &Arc<Store>, path: &Path, options: &ImportOption
         0 => geometry::default_piece_length(content_length),
         set => geometry::validate_piece_length(set)?,
     };
-    let url = options.url.clone().unwrap_or_else(|| format!("file://{}", path.display()));
+    let url = options
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("file://{}", path.display()));
     let task_id = geometry::task_id(&TaskIdInputs {
         url: &url,
         tag: options.tag.as_deref(),
@@ -64,14 +83,31 @@ pub async fn import_file(store: &Arc<Store>, path: &Path, options: &ImportOption
     });
     let task = store.create_or_get(&task_id, Geometry::new(content_length, piece_length)?)?;
     let file = Arc::new(file);
-    let missing: Vec<_> = task.geometry().pieces().filter(|p| task.held(p.number).is_none()).collect();
+    let missing: Vec<_> = task
+        .geometry()
+        .pieces()
+        .filter(|p| task.held(p.number).is_none())
+        .collect();
     let mut running = tokio::task::JoinSet::new();
     for piece in missing {
         if running.len() >= IMPORT_DEPTH {
-            running.join_next().await.expect("non-empty").expect("import task panicked")?;
+            running
+                .join_next()
+                .await
+                .expect("non-empty")
+                .expect("import task panicked")?;
         }
-        let buf = store.pool().acquire(piece.length).await.map_err(StoreError::Pool)?;
-        let (store, task, file, shown) = (Arc::clone(store), Arc::clone(&task), Arc::clone(&file), shown.clone());
+        let buf = store
+            .pool()
+            .acquire(piece.length)
+            .await
+            .map_err(StoreError::Pool)?;
+        let (store, task, file, shown) = (
+            Arc::clone(store),
+            Arc::clone(&task),
+            Arc::clone(&file),
+            shown.clone(),
+        );
         running.spawn(async move {
             let (buf, read) = tokio::task::spawn_blocking(move || {
                 let mut buf = buf;
@@ -80,7 +116,10 @@ pub async fn import_file(store: &Arc<Store>, path: &Path, options: &ImportOption
             })
             .await
             .expect("read task panicked");
-            read.map_err(|source| ImportError::Read { path: shown, source })?;
+            read.map_err(|source| ImportError::Read {
+                path: shown,
+                source,
+            })?;
             let crc = buf.crc32();
             let (_buf, written) = store.write_piece(&task, piece, buf, crc).await;
             written.map_err(ImportError::from)

@@ -31,8 +31,14 @@ const RECORD_MAGIC: u32 = 0x4645_5259; // "FERY"
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum StoreError {
-    #[error("no space left in the data dir for task {task_id} ({needed} bytes needed under {path})")]
-    NoSpace { task_id: String, needed: u64, path: PathBuf },
+    #[error(
+        "no space left in the data dir for task {task_id} ({needed} bytes needed under {path})"
+    )]
+    NoSpace {
+        task_id: String,
+        needed: u64,
+        path: PathBuf,
+    },
     #[error("{context}: {source}")]
     Io {
         context: String,
@@ -42,11 +48,21 @@ pub enum StoreError {
     #[error("task {0} is not in the store")]
     NotFound(String),
     #[error("task {task_id} is stored with content length {stored_length} and piece length {stored_piece}, not {length} and {piece}")]
-    GeometryConflict { task_id: String, stored_length: u64, stored_piece: u64, length: u64, piece: u64 },
+    GeometryConflict {
+        task_id: String,
+        stored_length: u64,
+        stored_piece: u64,
+        length: u64,
+        piece: u64,
+    },
     #[error(transparent)]
     Geometry(#[from] GeometryError),
     #[error("piece {number} has {got} bytes, expected {expected}")]
-    WrongLength { number: u32, got: usize, expected: u64 },
+    WrongLength {
+        number: u32,
+        got: usize,
+        expected: u64,
+    },
     #[error("task {0} was deleted")]
     Deleted(String),
     #[error(transparent)]
@@ -55,7 +71,10 @@ pub enum StoreError {
 
 impl StoreError {
     fn io(context: impl Into<String>, source: io::Error) -> StoreError {
-        StoreError::Io { context: context.into(), source }
+        StoreError::Io {
+            context: context.into(),
+            source,
+        }
     }
 }
 
@@ -100,7 +119,13 @@ impl StoredTask {
     }
 
     pub fn held(&self, number: u32) -> Option<u32> {
-        self.pieces.lock().expect("pieces lock").digests.get(number as usize).copied().flatten()
+        self.pieces
+            .lock()
+            .expect("pieces lock")
+            .digests
+            .get(number as usize)
+            .copied()
+            .flatten()
     }
 
     pub fn held_count(&self) -> u32 {
@@ -136,9 +161,15 @@ pub struct Store {
 
 impl Store {
     /// Opens the store and recovers every task's held pieces from its journal.
-    pub fn open(data_dir: &Path, pool: Arc<BufferPool>, io: IoEngine, direct_io: bool) -> Result<Store, StoreError> {
+    pub fn open(
+        data_dir: &Path,
+        pool: Arc<BufferPool>,
+        io: IoEngine,
+        direct_io: bool,
+    ) -> Result<Store, StoreError> {
         let tasks_dir = data_dir.join("tasks");
-        fs::create_dir_all(&tasks_dir).map_err(|e| StoreError::io(format!("creating {}", tasks_dir.display()), e))?;
+        fs::create_dir_all(&tasks_dir)
+            .map_err(|e| StoreError::io(format!("creating {}", tasks_dir.display()), e))?;
         let store = Store {
             tasks_dir: tasks_dir.clone(),
             data_dir: data_dir.to_owned(),
@@ -147,13 +178,18 @@ impl Store {
             direct_io,
             tasks: RwLock::new(HashMap::new()),
         };
-        let entries = fs::read_dir(&tasks_dir).map_err(|e| StoreError::io(format!("reading {}", tasks_dir.display()), e))?;
+        let entries = fs::read_dir(&tasks_dir)
+            .map_err(|e| StoreError::io(format!("reading {}", tasks_dir.display()), e))?;
         for entry in entries.flatten() {
             let dir = entry.path();
             match store.load_task(&dir) {
                 Ok(task) => {
                     tracing::info!(task_id = %task.id, held = task.held_count(), pieces = task.geometry.piece_count(), "recovered task");
-                    store.tasks.write().expect("tasks lock").insert(task.id.clone(), task);
+                    store
+                        .tasks
+                        .write()
+                        .expect("tasks lock")
+                        .insert(task.id.clone(), task);
                 }
                 Err(err) => {
                     // A task dir without its metadata was never finished being created.
@@ -183,21 +219,37 @@ impl Store {
 
     fn load_task(&self, dir: &Path) -> Result<Arc<StoredTask>, StoreError> {
         let meta_path = dir.join("task.json");
-        let meta: TaskMeta = serde_json::from_slice(&fs::read(&meta_path).map_err(|e| StoreError::io(format!("reading {}", meta_path.display()), e))?)
-            .map_err(|e| StoreError::io(format!("parsing {}", meta_path.display()), io::Error::other(e)))?;
+        let meta: TaskMeta = serde_json::from_slice(
+            &fs::read(&meta_path)
+                .map_err(|e| StoreError::io(format!("reading {}", meta_path.display()), e))?,
+        )
+        .map_err(|e| {
+            StoreError::io(
+                format!("parsing {}", meta_path.display()),
+                io::Error::other(e),
+            )
+        })?;
         let geometry = Geometry::new(meta.content_length, meta.piece_length)?;
         let journal_path = dir.join("pieces.log");
-        let mut journal = OpenOptions::new().read(true).append(true).create(true).open(&journal_path)
+        let mut journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(&journal_path)
             .map_err(|e| StoreError::io(format!("opening {}", journal_path.display()), e))?;
         let mut bytes = Vec::new();
-        journal.read_to_end(&mut bytes).map_err(|e| StoreError::io("reading journal", e))?;
+        journal
+            .read_to_end(&mut bytes)
+            .map_err(|e| StoreError::io("reading journal", e))?;
         let mut digests = vec![None; geometry.piece_count() as usize];
         let mut valid = 0;
         for record in bytes.chunks_exact(RECORD_LEN) {
             let number = u32::from_le_bytes(record[0..4].try_into().expect("4"));
             let crc = u32::from_le_bytes(record[4..8].try_into().expect("4"));
             let check = u32::from_le_bytes(record[8..12].try_into().expect("4"));
-            if check != crc32fast::hash(&record[..8]) ^ RECORD_MAGIC || number >= geometry.piece_count() {
+            if check != crc32fast::hash(&record[..8]) ^ RECORD_MAGIC
+                || number >= geometry.piece_count()
+            {
                 break;
             }
             digests[number as usize] = Some(crc);
@@ -205,21 +257,40 @@ impl Store {
         }
         if valid < bytes.len() {
             tracing::warn!(journal = %journal_path.display(), kept = valid, dropped = bytes.len() - valid, "cutting torn journal tail");
-            journal.set_len(valid as u64).map_err(|e| StoreError::io("truncating journal", e))?;
-            journal.sync_all().map_err(|e| StoreError::io("syncing journal", e))?;
+            journal
+                .set_len(valid as u64)
+                .map_err(|e| StoreError::io("truncating journal", e))?;
+            journal
+                .sync_all()
+                .map_err(|e| StoreError::io("syncing journal", e))?;
         }
         let held = digests.iter().filter(|d| d.is_some()).count() as u32;
-        let task = self.task_handle(dir, meta.task_id, geometry, journal, PieceState { digests, held })?;
+        let task = self.task_handle(
+            dir,
+            meta.task_id,
+            geometry,
+            journal,
+            PieceState { digests, held },
+        )?;
         if task.is_complete() {
             self.finish(&task)?;
         }
         Ok(task)
     }
 
-    fn task_handle(&self, dir: &Path, id: String, geometry: Geometry, journal: File, pieces: PieceState) -> Result<Arc<StoredTask>, StoreError> {
+    fn task_handle(
+        &self,
+        dir: &Path,
+        id: String,
+        geometry: Geometry,
+        journal: File,
+        pieces: PieceState,
+    ) -> Result<Arc<StoredTask>, StoreError> {
         let content = dir.join("content");
-        let write_file = TaskFile::open(&content, self.direct_io).map_err(|e| StoreError::io(format!("opening {}", content.display()), e))?;
-        let read_file = File::open(&content).map_err(|e| StoreError::io(format!("opening {}", content.display()), e))?;
+        let write_file = TaskFile::open(&content, self.direct_io)
+            .map_err(|e| StoreError::io(format!("opening {}", content.display()), e))?;
+        let read_file = File::open(&content)
+            .map_err(|e| StoreError::io(format!("opening {}", content.display()), e))?;
         Ok(Arc::new(StoredTask {
             id,
             geometry,
@@ -239,13 +310,23 @@ impl Store {
     }
 
     pub fn list(&self) -> Vec<Arc<StoredTask>> {
-        let mut tasks: Vec<_> = self.tasks.read().expect("tasks lock").values().cloned().collect();
+        let mut tasks: Vec<_> = self
+            .tasks
+            .read()
+            .expect("tasks lock")
+            .values()
+            .cloned()
+            .collect();
         tasks.sort_by(|a, b| a.id.cmp(&b.id));
         tasks
     }
 
     /// The task, created (content file preallocated) if the store does not have it yet.
-    pub fn create_or_get(&self, task_id: &str, geometry: Geometry) -> Result<Arc<StoredTask>, StoreError> {
+    pub fn create_or_get(
+        &self,
+        task_id: &str,
+        geometry: Geometry,
+    ) -> Result<Arc<StoredTask>, StoreError> {
         let mut tasks = self.tasks.write().expect("tasks lock");
         if let Some(task) = tasks.get(task_id) {
             if task.geometry != geometry {
@@ -269,35 +350,78 @@ impl Store {
         Ok(task)
     }
 
-    fn create_task_dir(&self, dir: &Path, task_id: &str, geometry: Geometry) -> Result<Arc<StoredTask>, StoreError> {
+    fn create_task_dir(
+        &self,
+        dir: &Path,
+        task_id: &str,
+        geometry: Geometry,
+    ) -> Result<Arc<StoredTask>, StoreError> {
         let _ = fs::remove_dir_all(dir);
-        fs::create_dir_all(dir).map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        fs::create_dir_all(dir)
+            .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
         let content = dir.join("content");
-        let file = File::create(&content).map_err(|e| StoreError::io(format!("creating {}", content.display()), e))?;
+        let file = File::create(&content)
+            .map_err(|e| StoreError::io(format!("creating {}", content.display()), e))?;
         if geometry.content_length() > 0 {
             // Reserve every block now: a full disk fails here, before any byte is fetched.
-            nix::fcntl::fallocate(&file, nix::fcntl::FallocateFlags::empty(), 0, geometry.content_length() as i64).map_err(|errno| {
+            nix::fcntl::fallocate(
+                &file,
+                nix::fcntl::FallocateFlags::empty(),
+                0,
+                geometry.content_length() as i64,
+            )
+            .map_err(|errno| {
                 let err = io::Error::from(errno);
                 if is_no_space(&err) {
-                    StoreError::NoSpace { task_id: task_id.into(), needed: geometry.content_length(), path: self.data_dir.clone() }
+                    StoreError::NoSpace {
+                        task_id: task_id.into(),
+                        needed: geometry.content_length(),
+                        path: self.data_dir.clone(),
+                    }
                 } else {
                     StoreError::io(format!("preallocating {}", content.display()), err)
                 }
             })?;
         }
         drop(file);
-        let journal = OpenOptions::new().read(true).append(true).create(true).open(dir.join("pieces.log"))
+        let journal = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(dir.join("pieces.log"))
             .map_err(|e| StoreError::io("creating journal", e))?;
-        let meta = TaskMeta { task_id: task_id.into(), content_length: geometry.content_length(), piece_length: geometry.piece_length() };
-        write_atomically(&dir.join("task.json"), &serde_json::to_vec_pretty(&meta).expect("serializable"))
-            .map_err(|e| self.map_write_error(task_id, geometry.content_length(), "writing task.json", e))?;
-        let pieces = PieceState { digests: vec![None; geometry.piece_count() as usize], held: 0 };
+        let meta = TaskMeta {
+            task_id: task_id.into(),
+            content_length: geometry.content_length(),
+            piece_length: geometry.piece_length(),
+        };
+        write_atomically(
+            &dir.join("task.json"),
+            &serde_json::to_vec_pretty(&meta).expect("serializable"),
+        )
+        .map_err(|e| {
+            self.map_write_error(task_id, geometry.content_length(), "writing task.json", e)
+        })?;
+        let pieces = PieceState {
+            digests: vec![None; geometry.piece_count() as usize],
+            held: 0,
+        };
         self.task_handle(dir, task_id.into(), geometry, journal, pieces)
     }
 
-    fn map_write_error(&self, task_id: &str, needed: u64, context: &str, err: io::Error) -> StoreError {
+    fn map_write_error(
+        &self,
+        task_id: &str,
+        needed: u64,
+        context: &str,
+        err: io::Error,
+    ) -> StoreError {
         if is_no_space(&err) {
-            StoreError::NoSpace { task_id: task_id.into(), needed, path: self.data_dir.clone() }
+            StoreError::NoSpace {
+                task_id: task_id.into(),
+                needed,
+                path: self.data_dir.clone(),
+            }
         } else {
             StoreError::io(context, err)
         }
@@ -305,9 +429,19 @@ impl Store {
 
     /// Writes a verified piece and records it as held once durable. The buffer comes back
     /// for reuse whatever happened.
-    pub async fn write_piece(&self, task: &Arc<StoredTask>, piece: PieceRange, mut buf: PieceBuffer, crc: u32) -> (PieceBuffer, Result<(), StoreError>) {
+    pub async fn write_piece(
+        &self,
+        task: &Arc<StoredTask>,
+        piece: PieceRange,
+        mut buf: PieceBuffer,
+        crc: u32,
+    ) -> (PieceBuffer, Result<(), StoreError>) {
         if buf.len() as u64 != piece.length {
-            let err = StoreError::WrongLength { number: piece.number, got: buf.len(), expected: piece.length };
+            let err = StoreError::WrongLength {
+                number: piece.number,
+                got: buf.len(),
+                expected: piece.length,
+            };
             return (buf, Err(err));
         }
         if task.deleted.load(Ordering::Acquire) {
@@ -318,16 +452,35 @@ impl Store {
         }
         let len = task.write_file.write_len(buf.len());
         buf.zero_tail(len);
-        let request = WriteRequest { file: Arc::clone(&task.write_file), offset: piece.offset, buf, len, sync: true };
+        let request = WriteRequest {
+            file: Arc::clone(&task.write_file),
+            offset: piece.offset,
+            buf,
+            len,
+            sync: true,
+        };
         let (buf, written) = self.io.write(request).await;
         if let Err(err) = written {
-            return (buf, Err(self.map_write_error(&task.id, piece.length, &format!("writing piece {} of {}", piece.number, task.id), err)));
+            return (
+                buf,
+                Err(self.map_write_error(
+                    &task.id,
+                    piece.length,
+                    &format!("writing piece {} of {}", piece.number, task.id),
+                    err,
+                )),
+            );
         }
         let record_task = Arc::clone(task);
         let number = piece.number;
-        let recorded = tokio::task::spawn_blocking(move || record_task.append_record(number, crc)).await.expect("journal task panicked");
+        let recorded = tokio::task::spawn_blocking(move || record_task.append_record(number, crc))
+            .await
+            .expect("journal task panicked");
         if let Err(err) = recorded {
-            return (buf, Err(self.map_write_error(&task.id, 0, "appending to the piece journal", err)));
+            return (
+                buf,
+                Err(self.map_write_error(&task.id, 0, "appending to the piece journal", err)),
+            );
         }
         let complete = {
             let mut state = task.pieces.lock().expect("pieces lock");
@@ -348,10 +501,15 @@ impl Store {
     fn finish(&self, task: &StoredTask) -> Result<(), StoreError> {
         let file = task.write_file.file();
         let length = task.geometry.content_length();
-        let actual = file.metadata().map_err(|e| StoreError::io("stat content", e))?.len();
+        let actual = file
+            .metadata()
+            .map_err(|e| StoreError::io("stat content", e))?
+            .len();
         if actual != length {
-            file.set_len(length).map_err(|e| StoreError::io("truncating content", e))?;
-            file.sync_all().map_err(|e| StoreError::io("syncing content", e))?;
+            file.set_len(length)
+                .map_err(|e| StoreError::io("truncating content", e))?;
+            file.sync_all()
+                .map_err(|e| StoreError::io("syncing content", e))?;
         }
         self.io.release_file(&task.write_file);
         Ok(())
@@ -359,31 +517,55 @@ impl Store {
 
     /// Removes the task and its bytes.
     pub fn delete(&self, task_id: &str) -> Result<(), StoreError> {
-        let task = self.tasks.write().expect("tasks lock").remove(task_id).ok_or_else(|| StoreError::NotFound(task_id.into()))?;
+        let task = self
+            .tasks
+            .write()
+            .expect("tasks lock")
+            .remove(task_id)
+            .ok_or_else(|| StoreError::NotFound(task_id.into()))?;
         task.deleted.store(true, Ordering::Release);
         self.io.release_file(&task.write_file);
-        fs::remove_dir_all(&task.dir).map_err(|e| StoreError::io(format!("removing {}", task.dir.display()), e))
+        fs::remove_dir_all(&task.dir)
+            .map_err(|e| StoreError::io(format!("removing {}", task.dir.display()), e))
     }
 
     /// Makes the complete content appear at `output` atomically: a hard link (or, across
     /// filesystems, a synced copy) under a temporary name beside it, then a rename.
     pub fn place_output(&self, task: &StoredTask, output: &Path) -> Result<(), StoreError> {
         assert!(task.is_complete(), "only complete tasks are placed");
-        let parent = output.parent().ok_or_else(|| StoreError::io("output path", io::Error::other("has no parent directory")))?;
-        let name = output.file_name().ok_or_else(|| StoreError::io("output path", io::Error::other("has no file name")))?;
-        let temp = parent.join(format!(".{}.ferry-{}", name.to_string_lossy(), std::process::id()));
+        let parent = output.parent().ok_or_else(|| {
+            StoreError::io("output path", io::Error::other("has no parent directory"))
+        })?;
+        let name = output
+            .file_name()
+            .ok_or_else(|| StoreError::io("output path", io::Error::other("has no file name")))?;
+        let temp = parent.join(format!(
+            ".{}.ferry-{}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
         let _ = fs::remove_file(&temp);
         let content = task.content_path();
         let placed = match fs::hard_link(&content, &temp) {
             Ok(()) => Ok(()),
-            Err(err) if err.raw_os_error() == Some(libc::EXDEV) || err.raw_os_error() == Some(libc::EPERM) => copy_synced(&content, &temp),
+            Err(err)
+                if err.raw_os_error() == Some(libc::EXDEV)
+                    || err.raw_os_error() == Some(libc::EPERM) =>
+            {
+                copy_synced(&content, &temp)
+            }
             Err(err) => Err(err),
         }
         .and_then(|()| fs::rename(&temp, output))
         .and_then(|()| File::open(parent)?.sync_all());
         placed.map_err(|err| {
             let _ = fs::remove_file(&temp);
-            self.map_write_error(&task.id, task.geometry.content_length(), &format!("placing output at {}", output.display()), err)
+            self.map_write_error(
+                &task.id,
+                task.geometry.content_length(),
+                &format!("placing output at {}", output.display()),
+                err,
+            )
         })
     }
 }
@@ -429,9 +611,17 @@ const TRAFFIC_REMOTE_PEER: u8 = 1;
 
 impl PieceProvider for StoreProvider {
     fn piece(&self, task_id: &str, number: u32) -> Result<ServedPiece, ProviderError> {
-        let task = self.store.get(task_id).ok_or_else(|| ProviderError::NotFound(format!("task {task_id} is not held here")))?;
-        let range = task.geometry.piece(number).map_err(|e| ProviderError::NotFound(e.to_string()))?;
-        let crc = task.held(number).ok_or_else(|| ProviderError::NotFound(format!("piece {number} of task {task_id} is not held here")))?;
+        let task = self
+            .store
+            .get(task_id)
+            .ok_or_else(|| ProviderError::NotFound(format!("task {task_id} is not held here")))?;
+        let range = task
+            .geometry
+            .piece(number)
+            .map_err(|e| ProviderError::NotFound(e.to_string()))?;
+        let crc = task.held(number).ok_or_else(|| {
+            ProviderError::NotFound(format!("piece {number} of task {task_id} is not held here"))
+        })?;
         Ok(ServedPiece {
             metadata: PieceMetadata {
                 number,

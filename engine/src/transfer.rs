@@ -78,17 +78,30 @@ pub struct TransferStart {
     pub geometry: Geometry,
     pub pieces_requested: u32,
     pub pieces_reused: u32,
+    pub bytes_to_fetch: u64,
     pub sources: Vec<String>,
 }
 
 impl PreparedTransfer {
     pub fn started(&self) -> TransferStart {
-        let reused = self.pieces.iter().filter(|&&n| self.task.held(n).is_some()).count() as u32;
+        let geometry = self.task.geometry();
+        let missing: Vec<u32> = self
+            .pieces
+            .iter()
+            .copied()
+            .filter(|&n| self.task.held(n).is_none())
+            .collect();
+        let bytes_to_fetch = missing
+            .iter()
+            .map(|&n| geometry.piece(n).expect("validated").length)
+            .sum();
+        let reused = (self.pieces.len() - missing.len()) as u32;
         TransferStart {
             task_id: self.task.id().to_owned(),
             geometry: self.task.geometry(),
             pieces_requested: self.pieces.len() as u32,
             pieces_reused: reused,
+            bytes_to_fetch,
             sources: self.source_names.clone(),
         }
     }
@@ -138,47 +151,96 @@ pub struct Engine {
 }
 
 impl Engine {
-    pub fn new(store: Arc<Store>, tcp: Arc<TcpTransport>, settings: TransferSettings, output_dirs: Vec<PathBuf>) -> Engine {
-        Engine { store, tcp, settings, output_dirs, running: Mutex::new(HashMap::new()) }
+    pub fn new(
+        store: Arc<Store>,
+        tcp: Arc<TcpTransport>,
+        settings: TransferSettings,
+        output_dirs: Vec<PathBuf>,
+    ) -> Engine {
+        Engine {
+            store,
+            tcp,
+            settings,
+            output_dirs,
+            running: Mutex::new(HashMap::new()),
+        }
     }
 
     /// Checks an output path: absolute, no `..`, its directory existing and (when output
     /// directories are configured) inside one of them.
     pub fn check_output_path(&self, path: &Path) -> Result<PathBuf, TransferError> {
         if !path.is_absolute() {
-            return Err(TransferError::InvalidArgument(format!("output path {} is relative; give an absolute path", path.display())));
+            return Err(TransferError::InvalidArgument(format!(
+                "output path {} is relative; give an absolute path",
+                path.display()
+            )));
         }
         if path.components().any(|c| matches!(c, Component::ParentDir)) {
-            return Err(TransferError::InvalidArgument(format!("output path {} contains '..'", path.display())));
+            return Err(TransferError::InvalidArgument(format!(
+                "output path {} contains '..'",
+                path.display()
+            )));
         }
-        let name = path.file_name().ok_or_else(|| TransferError::InvalidArgument(format!("output path {} names no file", path.display())))?;
-        let parent = path.parent().expect("absolute path with a file name has a parent");
-        let parent = parent
-            .canonicalize()
-            .map_err(|e| TransferError::InvalidArgument(format!("output directory {} is not usable: {e}", parent.display())))?;
-        if !self.output_dirs.is_empty() && !self.output_dirs.iter().any(|allowed| parent.starts_with(allowed)) {
-            let allowed: Vec<String> = self.output_dirs.iter().map(|d| d.display().to_string()).collect();
+        let name = path.file_name().ok_or_else(|| {
+            TransferError::InvalidArgument(format!("output path {} names no file", path.display()))
+        })?;
+        let parent = path
+            .parent()
+            .expect("absolute path with a file name has a parent");
+        let parent = parent.canonicalize().map_err(|e| {
+            TransferError::InvalidArgument(format!(
+                "output directory {} is not usable: {e}",
+                parent.display()
+            ))
+        })?;
+        if !self.output_dirs.is_empty()
+            && !self
+                .output_dirs
+                .iter()
+                .any(|allowed| parent.starts_with(allowed))
+        {
+            let allowed: Vec<String> = self
+                .output_dirs
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect();
             return Err(TransferError::PermissionDenied(format!(
                 "output path {} is outside the allowed output directories ({})",
                 path.display(),
                 allowed.join(", ")
             )));
         }
-        if parent.starts_with(self.store.data_dir().canonicalize().unwrap_or_else(|_| self.store.data_dir().to_owned())) {
-            return Err(TransferError::PermissionDenied(format!("output path {} is inside the daemon's data dir", path.display())));
+        if parent.starts_with(
+            self.store
+                .data_dir()
+                .canonicalize()
+                .unwrap_or_else(|_| self.store.data_dir().to_owned()),
+        ) {
+            return Err(TransferError::PermissionDenied(format!(
+                "output path {} is inside the daemon's data dir",
+                path.display()
+            )));
         }
         Ok(parent.join(name))
     }
 
     /// Validates a request and reserves its task; errors here are the caller's mistakes or
     /// the store's state, reported before any byte moves.
-    pub async fn prepare(&self, request: TransferRequest) -> Result<PreparedTransfer, TransferError> {
+    pub async fn prepare(
+        &self,
+        request: TransferRequest,
+    ) -> Result<PreparedTransfer, TransferError> {
         geometry::validate_task_id(&request.task_id)?;
         if request.sources.is_empty() {
-            return Err(TransferError::InvalidArgument("no source peers given".into()));
+            return Err(TransferError::InvalidArgument(
+                "no source peers given".into(),
+            ));
         }
         if request.sources.len() > MAX_SOURCES {
-            return Err(TransferError::InvalidArgument(format!("{} sources given; at most {MAX_SOURCES}", request.sources.len())));
+            return Err(TransferError::InvalidArgument(format!(
+                "{} sources given; at most {MAX_SOURCES}",
+                request.sources.len()
+            )));
         }
         let mut sources = Vec::new();
         for source in &request.sources {
@@ -186,12 +248,20 @@ impl Engine {
                 .await
                 .ok()
                 .and_then(|mut addrs| addrs.next())
-                .ok_or_else(|| TransferError::InvalidArgument(format!("source {source:?} is not a reachable host:port")))?;
+                .ok_or_else(|| {
+                    TransferError::InvalidArgument(format!(
+                        "source {source:?} is not a reachable host:port"
+                    ))
+                })?;
             if !sources.contains(&addr) {
                 sources.push(addr);
             }
         }
-        let output = request.output.as_deref().map(|p| self.check_output_path(p)).transpose()?;
+        let output = request
+            .output
+            .as_deref()
+            .map(|p| self.check_output_path(p))
+            .transpose()?;
         if request.piece_length != 0 {
             geometry::validate_piece_length(request.piece_length)?;
         }
@@ -199,19 +269,33 @@ impl Engine {
         for &number in &request.pieces {
             geometry.piece(number)?;
         }
-        let mut pieces = if request.pieces.is_empty() { (0..geometry.piece_count()).collect() } else { request.pieces.clone() };
+        let mut pieces = if request.pieces.is_empty() {
+            (0..geometry.piece_count()).collect()
+        } else {
+            request.pieces.clone()
+        };
         pieces.sort_unstable();
         pieces.dedup();
         if output.is_some() && pieces.len() as u32 != geometry.piece_count() {
-            return Err(TransferError::InvalidArgument("an output path needs every piece of the task; request all pieces or no output".into()));
+            return Err(TransferError::InvalidArgument(
+                "an output path needs every piece of the task; request all pieces or no output"
+                    .into(),
+            ));
         }
         let task = self.store.create_or_get(&request.task_id, geometry)?;
         if task.transferring.swap(true, Ordering::AcqRel) {
             return Err(TransferError::AlreadyRunning(request.task_id));
         }
         let cancel = CancellationToken::new();
-        self.running.lock().expect("running lock").insert(request.task_id.clone(), cancel.clone());
-        let streams_per_source = if request.streams_per_source == 0 { self.settings.streams_per_source } else { request.streams_per_source.min(64) };
+        self.running
+            .lock()
+            .expect("running lock")
+            .insert(request.task_id.clone(), cancel.clone());
+        let streams_per_source = if request.streams_per_source == 0 {
+            self.settings.streams_per_source
+        } else {
+            request.streams_per_source.min(64)
+        };
         Ok(PreparedTransfer {
             task,
             pieces,
@@ -223,7 +307,11 @@ impl Engine {
         })
     }
 
-    async fn resolve_geometry(&self, request: &TransferRequest, sources: &[SocketAddr]) -> Result<Geometry, TransferError> {
+    async fn resolve_geometry(
+        &self,
+        request: &TransferRequest,
+        sources: &[SocketAddr],
+    ) -> Result<Geometry, TransferError> {
         if request.content_length != 0 && request.piece_length != 0 {
             return Ok(Geometry::new(request.content_length, request.piece_length)?);
         }
@@ -235,7 +323,8 @@ impl Engine {
             match self.tcp.stat_task(source, &request.task_id).await {
                 Ok(info) => {
                     let learnt = Geometry::new(info.content_length, info.piece_length)?;
-                    let conflicts = (request.content_length != 0 && request.content_length != info.content_length)
+                    let conflicts = (request.content_length != 0
+                        && request.content_length != info.content_length)
                         || (request.piece_length != 0 && request.piece_length != info.piece_length);
                     if conflicts {
                         return Err(TransferError::InvalidArgument(format!(
@@ -274,7 +363,11 @@ impl Engine {
     }
 
     /// Runs a prepared transfer, sending one outcome per fetched piece.
-    pub async fn run(self: &Arc<Self>, prepared: PreparedTransfer, events: mpsc::Sender<PieceOutcome>) -> Result<TransferSummary, TransferError> {
+    pub async fn run(
+        self: &Arc<Self>,
+        prepared: PreparedTransfer,
+        events: mpsc::Sender<PieceOutcome>,
+    ) -> Result<TransferSummary, TransferError> {
         let task_id = prepared.task.id().to_owned();
         let result = self.run_inner(&prepared, events).await;
         prepared.task.transferring.store(false, Ordering::Release);
@@ -282,15 +375,32 @@ impl Engine {
         result
     }
 
-    async fn run_inner(self: &Arc<Self>, prepared: &PreparedTransfer, events: mpsc::Sender<PieceOutcome>) -> Result<TransferSummary, TransferError> {
+    async fn run_inner(
+        self: &Arc<Self>,
+        prepared: &PreparedTransfer,
+        events: mpsc::Sender<PieceOutcome>,
+    ) -> Result<TransferSummary, TransferError> {
         let started = Instant::now();
         let task = &prepared.task;
         let geometry = task.geometry();
-        let wanted: Vec<u32> = prepared.pieces.iter().copied().filter(|&n| task.held(n).is_none()).collect();
+        let wanted: Vec<u32> = prepared
+            .pieces
+            .iter()
+            .copied()
+            .filter(|&n| task.held(n).is_none())
+            .collect();
         let reused = (prepared.pieces.len() - wanted.len()) as u32;
         let shared = Arc::new(Shared {
             state: Mutex::new(Schedule {
-                queue: wanted.iter().map(|&number| Entry { number, attempts: 0, tried: 0, last_error: String::new() }).collect(),
+                queue: wanted
+                    .iter()
+                    .map(|&number| Entry {
+                        number,
+                        attempts: 0,
+                        tried: 0,
+                        last_error: String::new(),
+                    })
+                    .collect(),
                 in_flight: 0,
                 dead: vec![false; prepared.sources.len()],
                 consecutive_failures: vec![0; prepared.sources.len()],
@@ -335,9 +445,18 @@ impl Engine {
         if prepared.cancel.is_cancelled() {
             return Err(TransferError::Cancelled(task.id().to_owned()));
         }
-        let missing: Vec<u32> = prepared.pieces.iter().copied().filter(|&n| task.held(n).is_none()).collect();
+        let missing: Vec<u32> = prepared
+            .pieces
+            .iter()
+            .copied()
+            .filter(|&n| task.held(n).is_none())
+            .collect();
         if !missing.is_empty() {
-            return Err(TransferError::SourcesExhausted(format!("{} pieces not fetched (first: {})", missing.len(), missing[0])));
+            return Err(TransferError::SourcesExhausted(format!(
+                "{} pieces not fetched (first: {})",
+                missing.len(),
+                missing[0]
+            )));
         }
         if let Some(output) = &prepared.output {
             self.store.place_output(task, output)?;
@@ -353,7 +472,12 @@ impl Engine {
             retries: state.retries,
             bytes_fetched,
             elapsed: started.elapsed(),
-            sources: prepared.source_names.iter().cloned().zip(state.totals.iter().cloned()).collect(),
+            sources: prepared
+                .source_names
+                .iter()
+                .cloned()
+                .zip(state.totals.iter().cloned())
+                .collect(),
             transports: vec![(transport.name().to_owned(), bytes_fetched, pieces_fetched)],
             output: prepared.output.clone(),
         })
@@ -391,9 +515,18 @@ impl Schedule {
         if self.failure.is_some() || self.dead[me] {
             return Next::Done;
         }
-        let alive: u64 = self.dead.iter().enumerate().filter(|(_, d)| !**d).fold(0, |mask, (i, _)| mask | 1 << i);
+        let alive: u64 = self
+            .dead
+            .iter()
+            .enumerate()
+            .filter(|(_, d)| !**d)
+            .fold(0, |mask, (i, _)| mask | 1 << i);
         let bit = 1u64 << me;
-        let position = self.queue.iter().position(|e| e.tried & bit == 0).or_else(|| self.queue.iter().position(|e| e.tried & alive == alive));
+        let position = self
+            .queue
+            .iter()
+            .position(|e| e.tried & bit == 0)
+            .or_else(|| self.queue.iter().position(|e| e.tried & alive == alive));
         match position {
             Some(at) => {
                 self.in_flight += 1;
@@ -438,7 +571,12 @@ impl Worker {
     async fn run(self) {
         loop {
             let wake = self.shared.wake.notified();
-            let next = self.shared.state.lock().expect("schedule lock").next_for(self.source_index);
+            let next = self
+                .shared
+                .state
+                .lock()
+                .expect("schedule lock")
+                .next_for(self.source_index);
             match next {
                 Next::Done => return,
                 Next::Wait => {
@@ -455,7 +593,11 @@ impl Worker {
                         _ = self.shared.cancel.cancelled() => None,
                     };
                     let Some(outcome) = outcome else {
-                        self.shared.state.lock().expect("schedule lock").fail(Failure::Cancelled);
+                        self.shared
+                            .state
+                            .lock()
+                            .expect("schedule lock")
+                            .fail(Failure::Cancelled);
                         self.shared.wake.notify_waiters();
                         return;
                     };
@@ -467,14 +609,30 @@ impl Worker {
     }
 
     async fn attempt(&self, entry: &Entry) -> Result<PieceOutcome, AttemptError> {
-        let piece = self.task.geometry().piece(entry.number).expect("validated piece number");
+        let piece = self
+            .task
+            .geometry()
+            .piece(entry.number)
+            .expect("validated piece number");
         let pool = self.engine.store.pool();
-        let mut buf = pool.acquire(piece.length).await.map_err(|e| AttemptError::Store(StoreError::Pool(e)))?;
-        let fetch_started = Instant::now();
-        let fetched = tokio::time::timeout(self.engine.settings.piece_timeout, self.transport.fetch(self.source, self.task.id(), piece, &mut buf))
+        let mut buf = pool
+            .acquire(piece.length)
             .await
-            .map_err(|_| AttemptError::Transport(TransportError::Failed(format!("piece {} took longer than {:?}", piece.number, self.engine.settings.piece_timeout))))?
-            .map_err(AttemptError::Transport)?;
+            .map_err(|e| AttemptError::Store(StoreError::Pool(e)))?;
+        let fetch_started = Instant::now();
+        let fetched = tokio::time::timeout(
+            self.engine.settings.piece_timeout,
+            self.transport
+                .fetch(self.source, self.task.id(), piece, &mut buf),
+        )
+        .await
+        .map_err(|_| {
+            AttemptError::Transport(TransportError::Failed(format!(
+                "piece {} took longer than {:?}",
+                piece.number, self.engine.settings.piece_timeout
+            )))
+        })?
+        .map_err(AttemptError::Transport)?;
         let fetch_time = fetch_started.elapsed();
         // Verify before anything is written: the bytes must match the digest the source holds.
         match geometry::parse_digest(&fetched.advertised_digest) {
@@ -488,10 +646,19 @@ impl Worker {
                     geometry::format_digest(fetched.crc32)
                 )))
             }
-            None => return Err(AttemptError::Digest(format!("piece {} from {}: unsupported digest {:?}", piece.number, self.source_name, fetched.advertised_digest))),
+            None => {
+                return Err(AttemptError::Digest(format!(
+                    "piece {} from {}: unsupported digest {:?}",
+                    piece.number, self.source_name, fetched.advertised_digest
+                )))
+            }
         }
         let write_started = Instant::now();
-        let (_buf, written) = self.engine.store.write_piece(&self.task, piece, buf, fetched.crc32).await;
+        let (_buf, written) = self
+            .engine
+            .store
+            .write_piece(&self.task, piece, buf, fetched.crc32)
+            .await;
         written.map_err(AttemptError::Store)?;
         Ok(PieceOutcome {
             piece,
@@ -526,9 +693,15 @@ impl Worker {
                 Err(err) => {
                     tracing::warn!(task_id = %self.task.id(), piece = entry.number, source = %self.source_name, error = %err, "piece attempt failed; retrying elsewhere");
                     state.totals[self.source_index].failures += 1;
-                    if matches!(err, AttemptError::Transport(TransportError::Unreachable(_)) | AttemptError::Transport(TransportError::Failed(_))) {
+                    if matches!(
+                        err,
+                        AttemptError::Transport(TransportError::Unreachable(_))
+                            | AttemptError::Transport(TransportError::Failed(_))
+                    ) {
                         state.consecutive_failures[self.source_index] += 1;
-                        if state.consecutive_failures[self.source_index] >= settings.source_failure_limit {
+                        if state.consecutive_failures[self.source_index]
+                            >= settings.source_failure_limit
+                        {
                             tracing::warn!(source = %self.source_name, "giving up on source after repeated failures");
                             state.dead[self.source_index] = true;
                             self.engine.tcp.forget(self.source);
@@ -539,7 +712,11 @@ impl Worker {
                     entry.last_error = err.to_string();
                     let all_dead = state.dead.iter().all(|d| *d);
                     if entry.attempts >= settings.max_attempts || all_dead {
-                        let why = if all_dead { "every source failed" } else { "too many attempts" };
+                        let why = if all_dead {
+                            "every source failed"
+                        } else {
+                            "too many attempts"
+                        };
                         state.fail(Failure::Exhausted(format!(
                             "piece {} failed after {} attempts ({why}); last error: {}",
                             entry.number, entry.attempts, entry.last_error
@@ -556,7 +733,11 @@ impl Worker {
         if let Some(outcome) = send {
             if self.events.send(outcome).await.is_err() {
                 // Nobody listens any more (the caller went away): stop; held pieces stay held.
-                self.shared.state.lock().expect("schedule lock").fail(Failure::Cancelled);
+                self.shared
+                    .state
+                    .lock()
+                    .expect("schedule lock")
+                    .fail(Failure::Cancelled);
                 self.shared.cancel.cancel();
             }
         }

@@ -41,7 +41,13 @@ pub trait PieceTransport: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Fetches `piece` of `task_id` from `source` into `buf` (whose length is the piece's).
-    async fn fetch(&self, source: SocketAddr, task_id: &str, piece: PieceRange, buf: &mut PieceBuffer) -> Result<FetchedPiece, TransportError>;
+    async fn fetch(
+        &self,
+        source: SocketAddr,
+        task_id: &str,
+        piece: PieceRange,
+        buf: &mut PieceBuffer,
+    ) -> Result<FetchedPiece, TransportError>;
 }
 
 /// Vortex over TCP, with idle connections kept per source for reuse.
@@ -52,23 +58,42 @@ pub struct TcpTransport {
 
 impl TcpTransport {
     pub fn new(config: ClientConfig) -> TcpTransport {
-        TcpTransport { config, idle: Mutex::new(HashMap::new()) }
+        TcpTransport {
+            config,
+            idle: Mutex::new(HashMap::new()),
+        }
     }
 
     async fn connection(&self, source: SocketAddr) -> Result<Connection, TransportError> {
-        let reused = self.idle.lock().expect("idle lock").get_mut(&source).and_then(Vec::pop);
+        let reused = self
+            .idle
+            .lock()
+            .expect("idle lock")
+            .get_mut(&source)
+            .and_then(Vec::pop);
         match reused {
             Some(connection) => Ok(connection),
-            None => Connection::connect(source, self.config.clone()).await.map_err(classify),
+            None => Connection::connect(source, self.config.clone())
+                .await
+                .map_err(classify),
         }
     }
 
     fn give_back(&self, source: SocketAddr, connection: Connection) {
-        self.idle.lock().expect("idle lock").entry(source).or_default().push(connection);
+        self.idle
+            .lock()
+            .expect("idle lock")
+            .entry(source)
+            .or_default()
+            .push(connection);
     }
 
     /// Asks a source for a task's geometry (Ferry's extension to Vortex).
-    pub async fn stat_task(&self, source: SocketAddr, task_id: &str) -> Result<TaskInfo, TransportError> {
+    pub async fn stat_task(
+        &self,
+        source: SocketAddr,
+        task_id: &str,
+    ) -> Result<TaskInfo, TransportError> {
         let mut connection = self.connection(source).await?;
         match connection.stat_task(task_id).await {
             Ok(info) => {
@@ -93,8 +118,12 @@ impl TcpTransport {
 fn classify(err: ClientError) -> TransportError {
     match &err {
         _ if err.is_not_found() => TransportError::NotHeld(err.to_string()),
-        ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io { .. } => TransportError::Unreachable(err.to_string()),
-        ClientError::Timeout { during, .. } if *during == "connecting" => TransportError::Unreachable(err.to_string()),
+        ClientError::Connect { .. } | ClientError::Closed { .. } | ClientError::Io { .. } => {
+            TransportError::Unreachable(err.to_string())
+        }
+        ClientError::Timeout { during, .. } if *during == "connecting" => {
+            TransportError::Unreachable(err.to_string())
+        }
         _ => TransportError::Failed(err.to_string()),
     }
 }
@@ -105,13 +134,25 @@ impl PieceTransport for TcpTransport {
         "tcp"
     }
 
-    async fn fetch(&self, source: SocketAddr, task_id: &str, piece: PieceRange, buf: &mut PieceBuffer) -> Result<FetchedPiece, TransportError> {
+    async fn fetch(
+        &self,
+        source: SocketAddr,
+        task_id: &str,
+        piece: PieceRange,
+        buf: &mut PieceBuffer,
+    ) -> Result<FetchedPiece, TransportError> {
         let mut connection = self.connection(source).await?;
         let mut chunks = buf.chunks_mut();
-        match connection.fetch_piece(task_id, piece.number, piece.length, &mut chunks).await {
+        match connection
+            .fetch_piece(task_id, piece.number, piece.length, &mut chunks)
+            .await
+        {
             Ok(fetched) => {
                 self.give_back(source, connection);
-                Ok(FetchedPiece { advertised_digest: fetched.metadata.digest, crc32: fetched.crc32 })
+                Ok(FetchedPiece {
+                    advertised_digest: fetched.metadata.digest,
+                    crc32: fetched.crc32,
+                })
             }
             Err(err) => {
                 if err.connection_reusable() {

@@ -47,14 +47,29 @@ pub struct Connection {
 }
 
 impl Connection {
-    pub async fn connect(addr: SocketAddr, config: ClientConfig) -> Result<Connection, ClientError> {
+    pub async fn connect(
+        addr: SocketAddr,
+        config: ClientConfig,
+    ) -> Result<Connection, ClientError> {
         let peer = addr.to_string();
         let stream = timeout(config.connect_timeout, TcpStream::connect(addr))
             .await
-            .map_err(|_| ClientError::Timeout { peer: peer.clone(), during: "connecting", timeout: config.connect_timeout })?
-            .map_err(|source| ClientError::Connect { addr: peer.clone(), source })?;
+            .map_err(|_| ClientError::Timeout {
+                peer: peer.clone(),
+                during: "connecting",
+                timeout: config.connect_timeout,
+            })?
+            .map_err(|source| ClientError::Connect {
+                addr: peer.clone(),
+                source,
+            })?;
         let _ = stream.set_nodelay(true);
-        Ok(Connection { stream, peer, config, out: BytesMut::with_capacity(128) })
+        Ok(Connection {
+            stream,
+            peer,
+            config,
+            out: BytesMut::with_capacity(128),
+        })
     }
 
     pub fn peer(&self) -> &str {
@@ -67,20 +82,41 @@ impl Connection {
         let limit = self.config.io_timeout;
         timeout(limit, self.stream.write_all(&self.out))
             .await
-            .map_err(|_| ClientError::Timeout { peer: self.peer.clone(), during: "sending a request", timeout: limit })?
-            .map_err(|source| ClientError::Io { peer: self.peer.clone(), source })
+            .map_err(|_| ClientError::Timeout {
+                peer: self.peer.clone(),
+                during: "sending a request",
+                timeout: limit,
+            })?
+            .map_err(|source| ClientError::Io {
+                peer: self.peer.clone(),
+                source,
+            })
     }
 
-    async fn read_exact(&mut self, buf: &mut [u8], during: &'static str) -> Result<(), ClientError> {
+    async fn read_exact(
+        &mut self,
+        buf: &mut [u8],
+        during: &'static str,
+    ) -> Result<(), ClientError> {
         let limit = self.config.io_timeout;
         let mut got = 0;
         while got < buf.len() {
             let n = timeout(limit, self.stream.read(&mut buf[got..]))
                 .await
-                .map_err(|_| ClientError::Timeout { peer: self.peer.clone(), during, timeout: limit })?
-                .map_err(|source| ClientError::Io { peer: self.peer.clone(), source })?;
+                .map_err(|_| ClientError::Timeout {
+                    peer: self.peer.clone(),
+                    during,
+                    timeout: limit,
+                })?
+                .map_err(|source| ClientError::Io {
+                    peer: self.peer.clone(),
+                    source,
+                })?;
             if n == 0 {
-                return Err(ClientError::Closed { peer: self.peer.clone(), during });
+                return Err(ClientError::Closed {
+                    peer: self.peer.clone(),
+                    during,
+                });
             }
             got += n;
         }
@@ -89,22 +125,39 @@ impl Connection {
 
     async fn read_response(&mut self) -> Result<Response, ClientError> {
         let mut header_bytes = [0u8; HEADER_SIZE];
-        self.read_exact(&mut header_bytes, "awaiting a response header").await?;
-        let header: FrameHeader = codec::decode_header(&header_bytes, codec::MAX_RESPONSE_VALUE_LEN)
-            .map_err(|source| ClientError::Protocol { peer: self.peer.clone(), source })?;
+        self.read_exact(&mut header_bytes, "awaiting a response header")
+            .await?;
+        let header: FrameHeader =
+            codec::decode_header(&header_bytes, codec::MAX_RESPONSE_VALUE_LEN).map_err(
+                |source| ClientError::Protocol {
+                    peer: self.peer.clone(),
+                    source,
+                },
+            )?;
         let mut value = vec![0u8; header.value_len as usize];
-        self.read_exact(&mut value, "reading a response value").await?;
-        let response = Response::decode(header, &value)
-            .map_err(|source| ClientError::Protocol { peer: self.peer.clone(), source })?;
+        self.read_exact(&mut value, "reading a response value")
+            .await?;
+        let response =
+            Response::decode(header, &value).map_err(|source| ClientError::Protocol {
+                peer: self.peer.clone(),
+                source,
+            })?;
         if let Response::Error { code, message } = response {
-            return Err(ClientError::Remote { peer: self.peer.clone(), code: code.into(), message });
+            return Err(ClientError::Remote {
+                peer: self.peer.clone(),
+                code: code.into(),
+                message,
+            });
         }
         Ok(response)
     }
 
     /// Asks the peer for a task's geometry (a Ferry extension).
     pub async fn stat_task(&mut self, task_id: &str) -> Result<TaskInfo, ClientError> {
-        self.send(&Request::StatTask { task_id: task_id.to_owned() }).await?;
+        self.send(&Request::StatTask {
+            task_id: task_id.to_owned(),
+        })
+        .await?;
         match self.read_response().await? {
             Response::TaskInfo(info) => Ok(info),
             _ => Err(ClientError::Protocol {
@@ -125,7 +178,11 @@ impl Connection {
         dest: &mut [&mut [u8]],
     ) -> Result<FetchedPiece, ClientError> {
         let started = Instant::now();
-        self.send(&Request::DownloadPiece { task_id: task_id.to_owned(), number }).await?;
+        self.send(&Request::DownloadPiece {
+            task_id: task_id.to_owned(),
+            number,
+        })
+        .await?;
         let metadata = match self.read_response().await? {
             Response::PieceContent(metadata) => metadata,
             _ => {
@@ -136,10 +193,20 @@ impl Connection {
             }
         };
         if metadata.number != number {
-            return Err(ClientError::WrongPiece { peer: self.peer.clone(), wanted: number, got: metadata.number, length: metadata.length });
+            return Err(ClientError::WrongPiece {
+                peer: self.peer.clone(),
+                wanted: number,
+                got: metadata.number,
+                length: metadata.length,
+            });
         }
         if metadata.length != expected_length {
-            return Err(ClientError::WrongLength { peer: self.peer.clone(), number, got: metadata.length, expected: expected_length });
+            return Err(ClientError::WrongLength {
+                peer: self.peer.clone(),
+                number,
+                got: metadata.length,
+                expected: expected_length,
+            });
         }
         let mut hasher = crc32fast::Hasher::new();
         let mut remaining = expected_length as usize;
@@ -148,11 +215,16 @@ impl Connection {
                 break;
             }
             let take = remaining.min(chunk.len());
-            self.read_exact(&mut chunk[..take], "reading piece content").await?;
+            self.read_exact(&mut chunk[..take], "reading piece content")
+                .await?;
             hasher.update(&chunk[..take]);
             remaining -= take;
         }
         assert_eq!(remaining, 0, "destination chunks smaller than the piece");
-        Ok(FetchedPiece { metadata, crc32: hasher.finalize(), elapsed: started.elapsed() })
+        Ok(FetchedPiece {
+            metadata,
+            crc32: hasher.finalize(),
+            elapsed: started.elapsed(),
+        })
     }
 }

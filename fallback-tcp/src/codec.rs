@@ -42,7 +42,10 @@ pub struct FrameHeader {
 
 /// Decodes a frame header, refusing values larger than `max_value_len` before anything is
 /// allocated for them.
-pub fn decode_header(bytes: &[u8; HEADER_SIZE], max_value_len: u32) -> Result<FrameHeader, CodecError> {
+pub fn decode_header(
+    bytes: &[u8; HEADER_SIZE],
+    max_value_len: u32,
+) -> Result<FrameHeader, CodecError> {
     let header = Header::decode(bytes)?;
     let frame = FrameHeader {
         id: header.id(),
@@ -66,11 +69,15 @@ fn put_header(out: &mut BytesMut, tag: Tag, value_len: usize) {
 /// Checks that a task id is what Dragonfly produces: 64 lowercase hex characters.
 pub fn validate_task_id(task_id: &str) -> Result<(), CodecError> {
     let ok = task_id.len() == TASK_ID_LEN
-        && task_id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        && task_id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if ok {
         Ok(())
     } else {
-        Err(CodecError::InvalidTaskId(task_id.chars().take(80).collect()))
+        Err(CodecError::InvalidTaskId(
+            task_id.chars().take(80).collect(),
+        ))
     }
 }
 
@@ -112,8 +119,9 @@ impl Request {
                         expected: TASK_ID_LEN,
                     });
                 }
-                let task_id = String::from_utf8(value.to_vec())
-                    .map_err(|_| CodecError::InvalidTaskId(String::from_utf8_lossy(value).into_owned()))?;
+                let task_id = String::from_utf8(value.to_vec()).map_err(|_| {
+                    CodecError::InvalidTaskId(String::from_utf8_lossy(value).into_owned())
+                })?;
                 validate_task_id(&task_id)?;
                 Ok(Request::StatTask { task_id })
             }
@@ -164,7 +172,9 @@ impl Response {
     /// Decodes a response from its header and value.
     pub fn decode(header: FrameHeader, value: &[u8]) -> Result<Response, CodecError> {
         match Tag::from(header.tag) {
-            Tag::PieceContent => Ok(Response::PieceContent(PieceContent::decode(value)?.metadata)),
+            Tag::PieceContent => Ok(Response::PieceContent(
+                PieceContent::decode(value)?.metadata,
+            )),
             Tag::Error => {
                 let error = ErrorMessage::decode(value)?;
                 Ok(Response::Error {
@@ -180,7 +190,8 @@ impl Response {
                         expected: TASK_INFO_LEN,
                     });
                 }
-                let u64_at = |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().expect("8 bytes"));
+                let u64_at =
+                    |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().expect("8 bytes"));
                 Ok(Response::TaskInfo(TaskInfo {
                     content_length: u64_at(0),
                     piece_length: u64_at(8),
@@ -255,7 +266,11 @@ mod tests {
     #[test]
     fn download_piece_matches_the_vortex_wire_layout() {
         let mut out = BytesMut::new();
-        Request::DownloadPiece { task_id: TASK.into(), number: 1 }.encode(&mut out);
+        Request::DownloadPiece {
+            task_id: TASK.into(),
+            number: 1,
+        }
+        .encode(&mut out);
         assert_eq!(out.len(), HEADER_SIZE + 68);
         assert_eq!(out[1], 0, "tag DownloadPiece");
         assert_eq!(&out[2..6], &68u32.to_be_bytes());
@@ -267,13 +282,20 @@ mod tests {
     fn oversized_length_is_refused_before_reading_the_value() {
         let mut bytes = BytesMut::from(&[7u8, 0, 0xff, 0xff, 0xff, 0xff][..]);
         let err = decode_request(&mut bytes).unwrap_err();
-        assert!(matches!(err, CodecError::FrameTooLarge { len: u32::MAX, .. }), "{err}");
+        assert!(
+            matches!(err, CodecError::FrameTooLarge { len: u32::MAX, .. }),
+            "{err}"
+        );
     }
 
     #[test]
     fn truncated_frame_needs_more_bytes() {
         let mut out = BytesMut::new();
-        Request::DownloadPiece { task_id: TASK.into(), number: 9 }.encode(&mut out);
+        Request::DownloadPiece {
+            task_id: TASK.into(),
+            number: 9,
+        }
+        .encode(&mut out);
         for cut in 0..out.len() {
             let mut partial = BytesMut::from(&out[..cut]);
             assert_eq!(decode_request(&mut partial).unwrap(), None, "cut at {cut}");
@@ -283,24 +305,39 @@ mod tests {
     #[test]
     fn wrong_tags_and_bad_task_ids_are_errors() {
         let mut bytes = BytesMut::from(&[1u8, 1, 0, 0, 0, 0][..]);
-        assert!(matches!(decode_request(&mut bytes), Err(CodecError::UnexpectedTag { tag: 1, .. })));
+        assert!(matches!(
+            decode_request(&mut bytes),
+            Err(CodecError::UnexpectedTag { tag: 1, .. })
+        ));
         let mut out = BytesMut::new();
-        Request::DownloadPiece { task_id: TASK.to_uppercase(), number: 0 }.encode(&mut out);
-        assert!(matches!(decode_request(&mut out), Err(CodecError::InvalidTaskId(_))));
+        Request::DownloadPiece {
+            task_id: TASK.to_uppercase(),
+            number: 0,
+        }
+        .encode(&mut out);
+        assert!(matches!(
+            decode_request(&mut out),
+            Err(CodecError::InvalidTaskId(_))
+        ));
         let mut short = BytesMut::from(&[1u8, 0, 0, 0, 0, 3, 1, 2, 3][..]);
-        assert!(matches!(decode_request(&mut short), Err(CodecError::BadValueLength { len: 3, .. })));
+        assert!(matches!(
+            decode_request(&mut short),
+            Err(CodecError::BadValueLength { len: 3, .. })
+        ));
     }
 
     fn metadata(number: u32, length: u64, digest: String) -> PieceMetadata {
         PieceMetadata {
             number,
-            offset: u64::from(number) * 4 << 20,
+            offset: u64::from(number) * (4 << 20),
             length,
             digest,
             parent_id: "127.0.0.1-seed".into(),
             traffic_type: 0,
             cost: Duration::from_secs(1),
-            created_at: DateTime::from_timestamp(1_700_000_000, 0).unwrap().naive_utc(),
+            created_at: DateTime::from_timestamp(1_700_000_000, 0)
+                .unwrap()
+                .naive_utc(),
         }
     }
 

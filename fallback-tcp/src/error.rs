@@ -11,7 +11,11 @@ pub enum CodecError {
     #[error("unexpected frame tag {tag} ({context})")]
     UnexpectedTag { tag: u8, context: &'static str },
     #[error("frame of tag {tag} has a {len}-byte value, expected {expected}")]
-    BadValueLength { tag: u8, len: usize, expected: usize },
+    BadValueLength {
+        tag: u8,
+        len: usize,
+        expected: usize,
+    },
     #[error("invalid task id {0:?}: expected 64 lowercase hex characters")]
     InvalidTaskId(String),
     #[error("malformed frame: {0}")]

@@ -78,7 +78,11 @@ pub struct Server<P> {
 
 impl<P: PieceProvider> Server<P> {
     pub fn new(listener: TcpListener, provider: Arc<P>, config: ServerConfig) -> Self {
-        Server { listener, provider, config }
+        Server {
+            listener,
+            provider,
+            config,
+        }
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -156,7 +160,10 @@ async fn read_frame_part(
             if got == 0 {
                 return Ok(false);
             }
-            return Err(ConnectionError::Truncated { got, want: buf.len() });
+            return Err(ConnectionError::Truncated {
+                got,
+                want: buf.len(),
+            });
         }
         got += n;
     }
@@ -176,10 +183,14 @@ async fn serve_connection<P: PieceProvider>(
         if !read_frame_part(&mut stream, &mut header_bytes, config.idle_timeout).await? {
             return Ok(());
         }
-        let header: FrameHeader = codec::decode_header(&header_bytes, codec::MAX_REQUEST_VALUE_LEN)?;
+        let header: FrameHeader =
+            codec::decode_header(&header_bytes, codec::MAX_REQUEST_VALUE_LEN)?;
         let value = &mut value[..header.value_len as usize];
         if !value.is_empty() && !read_frame_part(&mut stream, value, config.idle_timeout).await? {
-            return Err(ConnectionError::Truncated { got: HEADER_SIZE, want: HEADER_SIZE + value.len() });
+            return Err(ConnectionError::Truncated {
+                got: HEADER_SIZE,
+                want: HEADER_SIZE + value.len(),
+            });
         }
         let request = Request::decode(header, value)?;
         out.clear();
@@ -201,7 +212,15 @@ async fn serve_connection<P: PieceProvider>(
                     let length = piece.metadata.length;
                     Response::PieceContent(piece.metadata).encode(&mut out);
                     write_all(&mut stream, &out, config.write_timeout).await?;
-                    send_file_range(&stream, &piece.file, piece.file_offset, length, number, config.write_timeout).await?;
+                    send_file_range(
+                        &stream,
+                        &piece.file,
+                        piece.file_offset,
+                        length,
+                        number,
+                        config.write_timeout,
+                    )
+                    .await?;
                     provider.served(&task_id, number, length);
                     tracing::trace!(%peer, %task_id, number, length, "piece served");
                 }
@@ -210,7 +229,11 @@ async fn serve_connection<P: PieceProvider>(
                         ProviderError::NotFound(_) => ErrorCode::NotFound,
                         ProviderError::Internal(_) => ErrorCode::Internal,
                     };
-                    Response::Error { code, message: err.to_string() }.encode(&mut out);
+                    Response::Error {
+                        code,
+                        message: err.to_string(),
+                    }
+                    .encode(&mut out);
                     write_all(&mut stream, &out, config.write_timeout).await?;
                 }
             },
@@ -218,7 +241,11 @@ async fn serve_connection<P: PieceProvider>(
     }
 }
 
-async fn write_all(stream: &mut TcpStream, bytes: &[u8], limit: Duration) -> Result<(), ConnectionError> {
+async fn write_all(
+    stream: &mut TcpStream,
+    bytes: &[u8],
+    limit: Duration,
+) -> Result<(), ConnectionError> {
     timeout(limit, stream.write_all(bytes))
         .await
         .map_err(|_| ConnectionError::WriteStalled(limit))??;
@@ -243,8 +270,13 @@ async fn send_file_range(
             .map_err(|_| ConnectionError::WriteStalled(limit))??;
         let remaining = (end - position as u64).min(1 << 30) as usize;
         let sent = stream.try_io(Interest::WRITABLE, || {
-            nix::sys::sendfile::sendfile64(stream.as_fd(), file.as_fd(), Some(&mut position), remaining)
-                .map_err(io::Error::from)
+            nix::sys::sendfile::sendfile64(
+                stream.as_fd(),
+                file.as_fd(),
+                Some(&mut position),
+                remaining,
+            )
+            .map_err(io::Error::from)
         });
         match sent {
             Ok(0) => return Err(ConnectionError::ShortFile(number)),

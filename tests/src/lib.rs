@@ -17,9 +17,16 @@ pub fn ferry_bin() -> PathBuf {
         return path.into();
     }
     let exe = std::env::current_exe().expect("test executable path");
-    let profile_dir = exe.parent().and_then(Path::parent).expect("target/<profile>/deps/<test>");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>/deps/<test>");
     let bin = profile_dir.join("ferry");
-    assert!(bin.exists(), "{} is missing: run `cargo build --workspace` first", bin.display());
+    assert!(
+        bin.exists(),
+        "{} is missing: run `cargo build --workspace` first",
+        bin.display()
+    );
     bin
 }
 
@@ -77,7 +84,10 @@ impl Daemon {
         let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
         let control = dir.join("control.sock");
         // One log per start, so a restarted daemon's earlier log stays readable.
-        let log = dir.join(format!("daemon-{}.log", STARTS.fetch_add(1, Ordering::Relaxed)));
+        let log = dir.join(format!(
+            "daemon-{}.log",
+            STARTS.fetch_add(1, Ordering::Relaxed)
+        ));
         let child = Command::new(ferry_bin())
             .arg("--control")
             .arg(&control)
@@ -92,25 +102,47 @@ impl Daemon {
             .stderr(std::fs::File::create(&log).unwrap())
             .spawn()
             .expect("spawning ferry serve");
-        let mut daemon = Daemon { child: Some(child), name: name.into(), dir, data_dir, control, log, data_address: String::new() };
+        let mut daemon = Daemon {
+            child: Some(child),
+            name: name.into(),
+            dir,
+            data_dir,
+            control,
+            log,
+            data_address: String::new(),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = daemon.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("daemon {name} exited with {status} during start-up:\n{}", daemon.log_text());
+                panic!(
+                    "daemon {name} exited with {status} during start-up:\n{}",
+                    daemon.log_text()
+                );
             }
-            if let Ok(mut client) = ferry_engine::cli::connect(daemon.control.to_str().unwrap()).await {
-                if let Ok(caps) = client.get_capabilities(proto::GetCapabilitiesRequest {}).await {
+            if let Ok(mut client) =
+                ferry_engine::cli::connect(daemon.control.to_str().unwrap()).await
+            {
+                if let Ok(caps) = client
+                    .get_capabilities(proto::GetCapabilitiesRequest {})
+                    .await
+                {
                     daemon.data_address = caps.into_inner().data_address;
                     return daemon;
                 }
             }
-            assert!(Instant::now() < deadline, "daemon {name} did not come up:\n{}", daemon.log_text());
+            assert!(
+                Instant::now() < deadline,
+                "daemon {name} did not come up:\n{}",
+                daemon.log_text()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
     pub async fn client(&self) -> FerryClient<Channel> {
-        ferry_engine::cli::connect(self.control.to_str().unwrap()).await.expect("control socket")
+        ferry_engine::cli::connect(self.control.to_str().unwrap())
+            .await
+            .expect("control socket")
     }
 
     pub fn pid(&self) -> u32 {
@@ -137,14 +169,24 @@ impl Daemon {
     pub async fn import(&self, path: &Path) -> proto::Task {
         self.client()
             .await
-            .import_task(proto::ImportTaskRequest { path: path.display().to_string(), ..Default::default() })
+            .import_task(proto::ImportTaskRequest {
+                path: path.display().to_string(),
+                ..Default::default()
+            })
             .await
             .expect("import")
             .into_inner()
     }
 
     pub async fn stat(&self, task_id: &str) -> proto::Task {
-        self.client().await.stat_task(proto::StatTaskRequest { task_id: task_id.into() }).await.expect("stat").into_inner()
+        self.client()
+            .await
+            .stat_task(proto::StatTaskRequest {
+                task_id: task_id.into(),
+            })
+            .await
+            .expect("stat")
+            .into_inner()
     }
 }
 
@@ -163,7 +205,11 @@ pub struct Transfer {
 }
 
 /// A transfer request for every piece of `task_id` into `output`.
-pub fn pull_request(task_id: &str, sources: &[&str], output: &Path) -> proto::TransferPiecesRequest {
+pub fn pull_request(
+    task_id: &str,
+    sources: &[&str],
+    output: &Path,
+) -> proto::TransferPiecesRequest {
     proto::TransferPiecesRequest {
         task_id: task_id.into(),
         sources: sources.iter().map(|s| s.to_string()).collect(),
@@ -195,7 +241,10 @@ pub async fn transfer(
 
 /// A scratch directory for one test, removed afterwards (kept if `FERRY_KEEP_TEST_DIRS` is set).
 pub fn scratch(name: &str) -> tempfile::TempDir {
-    let dir = tempfile::Builder::new().prefix(&format!("ferry-{name}-")).tempdir().unwrap();
+    let dir = tempfile::Builder::new()
+        .prefix(&format!("ferry-{name}-"))
+        .tempdir()
+        .unwrap();
     if std::env::var_os("FERRY_KEEP_TEST_DIRS").is_some() {
         eprintln!("{name}: {}", dir.path().display());
     }

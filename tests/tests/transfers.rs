@@ -18,11 +18,18 @@ async fn seeded(root: &std::path::Path, seeds: usize) -> (std::path::PathBuf, St
         let task = daemon.import(&source).await;
         assert!(task.complete);
         assert_eq!(task.content_length, SIZE);
-        assert_eq!(task.piece_length, 4 * MIB, "Dragonfly's default for 256 MiB");
+        assert_eq!(
+            task.piece_length,
+            4 * MIB,
+            "Dragonfly's default for 256 MiB"
+        );
         assert_eq!(task.pieces.len(), 64);
         assert!(task.pieces.iter().all(|p| p.digest.starts_with("crc32:")));
         if !task_id.is_empty() {
-            assert_eq!(task.task_id, task_id, "the same file imports as the same task everywhere");
+            assert_eq!(
+                task.task_id, task_id,
+                "the same file imports as the same task everywhere"
+            );
         }
         task_id = task.task_id;
         daemons.push(daemon);
@@ -36,12 +43,21 @@ async fn one_seed_transfers_256_mib() {
     let (source, task_id, seeds) = seeded(root.path(), 1).await;
     let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
     let output = root.path().join("out.bin");
-    let result = transfer(&mut receiver.client().await, pull_request(&task_id, &[&seeds[0].data_address], &output), |_| {}).await.unwrap();
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task_id, &[&seeds[0].data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
     let summary = result.summary.unwrap();
     assert_eq!(summary.pieces_fetched, 64);
     assert_eq!(summary.bytes_fetched, SIZE);
     assert_eq!(result.pieces.len(), 64);
-    assert!(result.pieces.iter().all(|p| p.transport == "tcp" && p.source == seeds[0].data_address));
+    assert!(result
+        .pieces
+        .iter()
+        .all(|p| p.transport == "tcp" && p.source == seeds[0].data_address));
     let numbers: HashSet<u32> = result.pieces.iter().map(|p| p.number).collect();
     assert_eq!(numbers.len(), 64);
     assert!(same_contents(&source, &output));
@@ -56,15 +72,30 @@ async fn two_seeds_share_the_pieces() {
     let (source, task_id, seeds) = seeded(root.path(), 2).await;
     let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
     let output = root.path().join("out.bin");
-    let request = pull_request(&task_id, &[&seeds[0].data_address, &seeds[1].data_address], &output);
-    let result = transfer(&mut receiver.client().await, request, |_| {}).await.unwrap();
+    let request = pull_request(
+        &task_id,
+        &[&seeds[0].data_address, &seeds[1].data_address],
+        &output,
+    );
+    let result = transfer(&mut receiver.client().await, request, |_| {})
+        .await
+        .unwrap();
     let summary = result.summary.unwrap();
     assert_eq!(summary.pieces_fetched, 64);
     assert_eq!(summary.sources.len(), 2);
     for stats in &summary.sources {
-        assert!(stats.pieces > 0, "source {} served nothing: {summary:?}", stats.source);
+        assert!(
+            stats.pieces > 0,
+            "source {} served nothing: {summary:?}",
+            stats.source
+        );
     }
-    let served: u64 = [seeds[0].stat(&task_id).await.pieces_served, seeds[1].stat(&task_id).await.pieces_served].iter().sum();
+    let served: u64 = [
+        seeds[0].stat(&task_id).await.pieces_served,
+        seeds[1].stat(&task_id).await.pieces_served,
+    ]
+    .iter()
+    .sum();
     assert_eq!(served, 64);
     assert!(same_contents(&source, &output));
 }
@@ -75,7 +106,11 @@ async fn a_source_killed_mid_transfer_is_replaced_by_the_other() {
     let (source, task_id, mut seeds) = seeded(root.path(), 2).await;
     let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
     let output = root.path().join("out.bin");
-    let mut request = pull_request(&task_id, &[&seeds[0].data_address, &seeds[1].data_address], &output);
+    let mut request = pull_request(
+        &task_id,
+        &[&seeds[0].data_address, &seeds[1].data_address],
+        &output,
+    );
     request.streams_per_source = 1;
     let victim = seeds[0].pid();
     let mut killed = false;
@@ -93,14 +128,20 @@ async fn a_source_killed_mid_transfer_is_replaced_by_the_other() {
     let summary = result.summary.unwrap();
     assert_eq!(summary.pieces_fetched, 64);
     let survivor = &summary.sources[1];
-    assert!(survivor.pieces >= 60, "the survivor carried the rest: {summary:?}");
+    assert!(
+        survivor.pieces >= 60,
+        "the survivor carried the rest: {summary:?}"
+    );
     assert!(same_contents(&source, &output));
     seeds[0].kill();
 }
 
 /// SIGKILL by pid through the `kill` command (keeps the tests free of unsafe code).
 fn unsafe_free_kill(pid: u32) {
-    let status = std::process::Command::new("kill").args(["-KILL", &pid.to_string()]).status().unwrap();
+    let status = std::process::Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status()
+        .unwrap();
     assert!(status.success());
 }
 
@@ -123,21 +164,51 @@ async fn a_restarted_receiver_resumes_without_refetching() {
     .await;
     assert!(first.is_err(), "the receiver died, so the stream must fail");
     receiver.kill();
-    assert!(!output.exists(), "a partial transfer never leaves a file at the output");
+    assert!(
+        !output.exists(),
+        "a partial transfer never leaves a file at the output"
+    );
 
     let data_dir = receiver.data_dir.clone();
-    let receiver = Daemon::start(root.path(), "receiver", DaemonOptions { data_dir: Some(data_dir), ..Default::default() }).await;
+    let receiver = Daemon::start(
+        root.path(),
+        "receiver",
+        DaemonOptions {
+            data_dir: Some(data_dir),
+            ..Default::default()
+        },
+    )
+    .await;
     let before = receiver.stat(&task_id).await;
-    let held: HashSet<u32> = before.pieces.iter().filter(|p| p.held).map(|p| p.number).collect();
-    assert!(held.len() >= 10, "every piece reported before the kill was durable: {} held", held.len());
+    let held: HashSet<u32> = before
+        .pieces
+        .iter()
+        .filter(|p| p.held)
+        .map(|p| p.number)
+        .collect();
+    assert!(
+        held.len() >= 10,
+        "every piece reported before the kill was durable: {} held",
+        held.len()
+    );
     assert!(held.len() < 64);
-    let second = transfer(&mut receiver.client().await, pull_request(&task_id, &[&seeds[0].data_address], &output), |_| {}).await.unwrap();
+    let second = transfer(
+        &mut receiver.client().await,
+        pull_request(&task_id, &[&seeds[0].data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
     let summary = second.summary.unwrap();
     assert_eq!(summary.pieces_reused as usize, held.len());
     assert_eq!(summary.pieces_fetched as usize, 64 - held.len());
     assert_eq!(second.started.unwrap().pieces_reused as usize, held.len());
     for piece in &second.pieces {
-        assert!(!held.contains(&piece.number), "piece {} was held yet fetched again", piece.number);
+        assert!(
+            !held.contains(&piece.number),
+            "piece {} was held yet fetched again",
+            piece.number
+        );
     }
     assert!(same_contents(&source, &output));
 }
@@ -148,10 +219,18 @@ async fn a_corrupted_source_piece_is_detected_and_fetched_elsewhere() {
     let root = scratch("corrupt");
     let (source, task_id, seeds) = seeded(root.path(), 2).await;
     // Flip bytes inside the first 16 pieces of seed 0's stored content.
-    let content = seeds[0].data_dir.join("tasks").join(&task_id).join("content");
-    let file = std::fs::OpenOptions::new().write(true).open(&content).unwrap();
+    let content = seeds[0]
+        .data_dir
+        .join("tasks")
+        .join(&task_id)
+        .join("content");
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&content)
+        .unwrap();
     for piece in 0..16u64 {
-        file.write_all_at(b"not the bytes you are looking for", piece * 4 * MIB + 1000).unwrap();
+        file.write_all_at(b"not the bytes you are looking for", piece * 4 * MIB + 1000)
+            .unwrap();
     }
     drop(file);
 
@@ -160,14 +239,26 @@ async fn a_corrupted_source_piece_is_detected_and_fetched_elsewhere() {
     let output = root.path().join("out.bin");
     let mut only_bad = pull_request(&task_id, &[&seeds[0].data_address], &output);
     only_bad.pieces = (0..64).collect();
-    let err = transfer(&mut receiver.client().await, only_bad, |_| {}).await.unwrap_err();
+    let err = transfer(&mut receiver.client().await, only_bad, |_| {})
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unavailable, "{err:?}");
-    assert!(err.message().contains("digest mismatch"), "{}", err.message());
+    assert!(
+        err.message().contains("digest mismatch"),
+        "{}",
+        err.message()
+    );
     assert!(!output.exists());
 
     // With both seeds, the bad pieces come from the good one.
-    let request = pull_request(&task_id, &[&seeds[0].data_address, &seeds[1].data_address], &output);
-    let result = transfer(&mut receiver.client().await, request, |_| {}).await.unwrap();
+    let request = pull_request(
+        &task_id,
+        &[&seeds[0].data_address, &seeds[1].data_address],
+        &output,
+    );
+    let result = transfer(&mut receiver.client().await, request, |_| {})
+        .await
+        .unwrap();
     let summary = result.summary.unwrap();
     assert!(summary.retries >= 1, "{summary:?}");
     assert!(summary.sources[0].failures >= 1, "{summary:?}");
@@ -181,15 +272,25 @@ struct SmallDisk(std::path::PathBuf);
 impl SmallDisk {
     fn mount(path: std::path::PathBuf, size: &str) -> SmallDisk {
         std::fs::create_dir_all(&path).unwrap();
-        let status = std::process::Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&path).status().unwrap();
-        assert!(status.success(), "mounting a tmpfs needs root (CAP_SYS_ADMIN)");
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .status()
+            .unwrap();
+        assert!(
+            status.success(),
+            "mounting a tmpfs needs root (CAP_SYS_ADMIN)"
+        );
         SmallDisk(path)
     }
 }
 
 impl Drop for SmallDisk {
     fn drop(&mut self) {
-        let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0)
+            .status();
     }
 }
 
@@ -198,14 +299,34 @@ async fn a_full_disk_fails_clearly_and_places_nothing() {
     let root = scratch("full-disk");
     let (_source, task_id, seeds) = seeded(root.path(), 1).await;
     let disk = SmallDisk::mount(root.path().join("small"), "64m");
-    let receiver = Daemon::start(root.path(), "receiver", DaemonOptions { data_dir: Some(disk.0.join("data")), ..Default::default() }).await;
+    let receiver = Daemon::start(
+        root.path(),
+        "receiver",
+        DaemonOptions {
+            data_dir: Some(disk.0.join("data")),
+            ..Default::default()
+        },
+    )
+    .await;
     let output = root.path().join("out.bin");
-    let err = transfer(&mut receiver.client().await, pull_request(&task_id, &[&seeds[0].data_address], &output), |_| {}).await.unwrap_err();
+    let err = transfer(
+        &mut receiver.client().await,
+        pull_request(&task_id, &[&seeds[0].data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
     assert!(err.message().contains("no space left"), "{}", err.message());
     assert!(!output.exists());
     // The daemon is still up and answers.
-    let tasks = receiver.client().await.list_tasks(ferry_engine::proto::ListTasksRequest {}).await.unwrap().into_inner();
+    let tasks = receiver
+        .client()
+        .await
+        .list_tasks(ferry_engine::proto::ListTasksRequest {})
+        .await
+        .unwrap()
+        .into_inner();
     assert!(tasks.tasks.iter().all(|t| !t.complete));
     drop(receiver);
 }

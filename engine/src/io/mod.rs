@@ -44,7 +44,11 @@ impl TaskFile {
     }
 
     fn wrap(file: File, direct: bool) -> TaskFile {
-        TaskFile { id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed), file, direct }
+        TaskFile {
+            id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed),
+            file,
+            direct,
+        }
     }
 
     pub fn id(&self) -> u64 {
@@ -70,7 +74,9 @@ impl TaskFile {
 }
 
 /// Which backend to use.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum IoChoice {
     /// io_uring when the kernel allows it, else synchronous writes.
@@ -155,11 +161,19 @@ mod tests {
             let write_len = file.write_len(len);
             buf.zero_tail(write_len);
             let (buf, result) = io
-                .write(WriteRequest { file: Arc::clone(&file), offset: number * (4 << 20), buf, len: write_len, sync: true })
+                .write(WriteRequest {
+                    file: Arc::clone(&file),
+                    offset: number * (4 << 20),
+                    buf,
+                    len: write_len,
+                    sync: true,
+                })
                 .await;
             result.unwrap();
             let mut back = vec![0u8; len];
-            file.file().read_exact_at(&mut back, number * (4 << 20)).unwrap();
+            file.file()
+                .read_exact_at(&mut back, number * (4 << 20))
+                .unwrap();
             let expected: Vec<u8> = buf.chunks().concat();
             assert!(back == expected, "{choice:?} piece {number} differs");
         }

@@ -45,14 +45,18 @@ pub enum PoolError {
     #[error("mapping {bytes} bytes for the buffer pool failed: {source}")]
     Map { bytes: usize, source: io::Error },
     #[error("a {bytes}-byte piece needs {needed} slots but the pool has {total}")]
-    PieceTooLarge { bytes: u64, needed: usize, total: usize },
+    PieceTooLarge {
+        bytes: u64,
+        needed: usize,
+        total: usize,
+    },
 }
 
 impl BufferPool {
     /// Maps `slot_size * slot_count` bytes, with 2 MiB huge pages when the kernel has them,
     /// faulted in and locked (pinned) where the memlock limit allows.
     pub fn new(slot_size: usize, slot_count: usize) -> Result<Arc<BufferPool>, PoolError> {
-        if slot_size == 0 || slot_size % DIRECT_IO_ALIGN != 0 {
+        if slot_size == 0 || !slot_size.is_multiple_of(DIRECT_IO_ALIGN) {
             return Err(PoolError::BadSlotSize(slot_size));
         }
         if slot_count == 0 {
@@ -72,7 +76,12 @@ impl BufferPool {
         Ok(Arc::new(BufferPool {
             base,
             len,
-            info: PoolInfo { slot_size, slot_count, huge_pages, locked },
+            info: PoolInfo {
+                slot_size,
+                slot_count,
+                huge_pages,
+                locked,
+            },
             free: Mutex::new((0..slot_count as u32).rev().collect()),
             permits: Semaphore::new(slot_count),
         }))
@@ -94,7 +103,10 @@ impl BufferPool {
     /// One `iovec` per slot, for `io_uring_register_buffers` (buffer index = slot number).
     pub fn slot_iovecs(&self) -> Vec<libc::iovec> {
         (0..self.info.slot_count)
-            .map(|slot| libc::iovec { iov_base: self.slot_ptr(slot as u32).cast(), iov_len: self.info.slot_size })
+            .map(|slot| libc::iovec {
+                iov_base: self.slot_ptr(slot as u32).cast(),
+                iov_len: self.info.slot_size,
+            })
             .collect()
     }
 
@@ -107,7 +119,11 @@ impl BufferPool {
     fn slots_for(&self, bytes: u64) -> Result<usize, PoolError> {
         let needed = (bytes.max(1)).div_ceil(self.info.slot_size as u64) as usize;
         if needed > self.info.slot_count {
-            return Err(PoolError::PieceTooLarge { bytes, needed, total: self.info.slot_count });
+            return Err(PoolError::PieceTooLarge {
+                bytes,
+                needed,
+                total: self.info.slot_count,
+            });
         }
         Ok(needed)
     }
@@ -116,7 +132,11 @@ impl BufferPool {
     /// once (never a few now and the rest later), so concurrent callers cannot deadlock.
     pub async fn acquire(self: &Arc<Self>, bytes: u64) -> Result<PieceBuffer, PoolError> {
         let needed = self.slots_for(bytes)?;
-        let permit = self.permits.acquire_many(needed as u32).await.expect("pool semaphore is never closed");
+        let permit = self
+            .permits
+            .acquire_many(needed as u32)
+            .await
+            .expect("pool semaphore is never closed");
         permit.forget();
         Ok(self.take(needed, bytes as usize))
     }
@@ -137,7 +157,11 @@ impl BufferPool {
         let mut free = self.free.lock().expect("pool lock");
         let at = free.len() - needed;
         let slots = free.split_off(at);
-        PieceBuffer { pool: Arc::clone(self), slots, len }
+        PieceBuffer {
+            pool: Arc::clone(self),
+            slots,
+            len,
+        }
     }
 
     pub fn free_slots(&self) -> usize {
@@ -155,9 +179,18 @@ impl Drop for BufferPool {
 fn map_region(len: usize) -> Result<(NonNull<u8>, bool), PoolError> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
     let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
-    if len % HUGE_PAGE == 0 {
+    if len.is_multiple_of(HUGE_PAGE) {
         // SAFETY: an anonymous mapping with no address hint touches no existing memory.
-        let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags | libc::MAP_HUGETLB, -1, 0) };
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                prot,
+                flags | libc::MAP_HUGETLB,
+                -1,
+                0,
+            )
+        };
         if ptr != libc::MAP_FAILED {
             return Ok((NonNull::new(ptr.cast()).expect("mmap returned null"), true));
         }
@@ -165,7 +198,10 @@ fn map_region(len: usize) -> Result<(NonNull<u8>, bool), PoolError> {
     // SAFETY: as above.
     let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, -1, 0) };
     if ptr == libc::MAP_FAILED {
-        return Err(PoolError::Map { bytes: len, source: io::Error::last_os_error() });
+        return Err(PoolError::Map {
+            bytes: len,
+            source: io::Error::last_os_error(),
+        });
     }
     if len >= HUGE_PAGE {
         // Transparent huge pages where the kernel allows: fewer TLB misses and fewer NIC
@@ -280,7 +316,11 @@ impl PieceBuffer {
 impl Drop for PieceBuffer {
     fn drop(&mut self) {
         let count = self.slots.len();
-        self.pool.free.lock().expect("pool lock").append(&mut self.slots);
+        self.pool
+            .free
+            .lock()
+            .expect("pool lock")
+            .append(&mut self.slots);
         self.pool.permits.add_permits(count);
     }
 }
@@ -302,7 +342,10 @@ mod tests {
         assert!(pool.try_acquire(16384).unwrap().is_none());
         drop(a);
         assert_eq!(pool.free_slots(), 3);
-        assert!(matches!(pool.acquire(5 * 8192).await, Err(PoolError::PieceTooLarge { .. })));
+        assert!(matches!(
+            pool.acquire(5 * 8192).await,
+            Err(PoolError::PieceTooLarge { .. })
+        ));
         let mut c = pool.acquire(100).await.unwrap();
         c.chunks_upto_mut(8192).iter_mut().for_each(|ch| ch.fill(7));
         c.zero_tail(8192);

@@ -1,7 +1,7 @@
 //! The fallback: positional writes and fdatasync on tokio's blocking threads.
 
-use super::WriteRequest;
 use super::PieceBuffer;
+use super::WriteRequest;
 use std::io;
 use std::os::unix::fs::FileExt;
 
@@ -10,7 +10,13 @@ pub struct SyncIo;
 impl SyncIo {
     pub async fn write(&self, request: WriteRequest) -> (PieceBuffer, io::Result<()>) {
         tokio::task::spawn_blocking(move || {
-            let WriteRequest { file, offset, mut buf, len, sync } = request;
+            let WriteRequest {
+                file,
+                offset,
+                mut buf,
+                len,
+                sync,
+            } = request;
             let result = (|| {
                 let mut at = offset;
                 for chunk in buf.chunks_upto_mut(len) {

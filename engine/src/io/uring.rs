@@ -50,16 +50,26 @@ impl UringIo {
                 })?;
             senders.push(sender);
         }
-        Ok(UringIo { senders, next: AtomicUsize::new(0) })
+        Ok(UringIo {
+            senders,
+            next: AtomicUsize::new(0),
+        })
     }
 
     pub async fn write(&self, request: WriteRequest) -> (PieceBuffer, io::Result<()>) {
         let (reply, answer) = oneshot::channel();
         let thread = self.next.fetch_add(1, Ordering::Relaxed) % self.senders.len();
-        if let Err(mpsc::SendError(Command::Write(request, _))) = self.senders[thread].send(Command::Write(request, reply)) {
-            return (request.buf, Err(io::Error::other("io_uring thread has stopped")));
+        if let Err(mpsc::SendError(Command::Write(request, _))) =
+            self.senders[thread].send(Command::Write(request, reply))
+        {
+            return (
+                request.buf,
+                Err(io::Error::other("io_uring thread has stopped")),
+            );
         }
-        answer.await.expect("io_uring thread dropped a write without answering")
+        answer
+            .await
+            .expect("io_uring thread dropped a write without answering")
     }
 
     pub fn release_file(&self, file_id: u64) {
@@ -129,7 +139,8 @@ impl Worker {
             if !self.pending.is_empty() {
                 match self.ring.submit_and_wait(1) {
                     Ok(_) => {}
-                    Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
+                    Err(err)
+                        if matches!(err.raw_os_error(), Some(libc::EINTR) | Some(libc::EBUSY)) => {}
                     Err(err) => {
                         tracing::error!(error = %err, "io_uring submit failed");
                         self.fail_all(&err);
@@ -166,7 +177,11 @@ impl Worker {
             }
         }
         let slot = self.free_fixed.pop()?;
-        match self.ring.submitter().register_files_update(slot, &[file.file().as_raw_fd()]) {
+        match self
+            .ring
+            .submitter()
+            .register_files_update(slot, &[file.file().as_raw_fd()])
+        {
             Ok(_) => {
                 self.fixed.insert(file.id(), slot);
                 Some(slot)
@@ -185,7 +200,12 @@ impl Worker {
             let needed = chunks + usize::from(request.sync);
             if needed > capacity {
                 let (request, reply) = self.backlog.pop_front().expect("front exists");
-                let _ = reply.send((request.buf, Err(io::Error::other("piece needs more SQEs than the ring holds"))));
+                let _ = reply.send((
+                    request.buf,
+                    Err(io::Error::other(
+                        "piece needs more SQEs than the ring holds",
+                    )),
+                ));
                 continue;
             }
             if self.in_flight_sqes + needed > capacity {
@@ -212,8 +232,12 @@ impl Worker {
             let buf_index = request.buf.slots()[index] as u16;
             let offset = request.offset + (index * slot_size) as u64;
             let entry = match fixed {
-                Some(slot) => opcode::WriteFixed::new(types::Fixed(slot), ptr, len, buf_index).offset(offset).build(),
-                None => opcode::WriteFixed::new(types::Fd(raw_fd), ptr, len, buf_index).offset(offset).build(),
+                Some(slot) => opcode::WriteFixed::new(types::Fixed(slot), ptr, len, buf_index)
+                    .offset(offset)
+                    .build(),
+                None => opcode::WriteFixed::new(types::Fd(raw_fd), ptr, len, buf_index)
+                    .offset(offset)
+                    .build(),
             };
             sqes.push(entry.user_data((key << 16) | index as u64));
         }
@@ -245,29 +269,52 @@ impl Worker {
         self.in_flight_sqes += total;
         self.pending.insert(
             key,
-            Pending { buf: request.buf, reply, outstanding: total, error: None, chunk_lens, _file: request.file },
+            Pending {
+                buf: request.buf,
+                reply,
+                outstanding: total,
+                error: None,
+                chunk_lens,
+                _file: request.file,
+            },
         );
     }
 
     fn reap(&mut self) {
-        let completions: Vec<(u64, i32)> = self.ring.completion().map(|cqe| (cqe.user_data(), cqe.result())).collect();
+        let completions: Vec<(u64, i32)> = self
+            .ring
+            .completion()
+            .map(|cqe| (cqe.user_data(), cqe.result()))
+            .collect();
         for (user_data, result) in completions {
             let key = user_data >> 16;
             let index = user_data & 0xffff;
             self.in_flight_sqes -= 1;
-            let Some(pending) = self.pending.get_mut(&key) else { continue };
+            let Some(pending) = self.pending.get_mut(&key) else {
+                continue;
+            };
             pending.outstanding -= 1;
             let error = if result < 0 {
                 Some(io::Error::from_raw_os_error(-result))
             } else if index != FSYNC_INDEX && (result as u32) < pending.chunk_lens[index as usize] {
-                Some(io::Error::new(io::ErrorKind::WriteZero, format!("short write: {result} of {} bytes", pending.chunk_lens[index as usize])))
+                Some(io::Error::new(
+                    io::ErrorKind::WriteZero,
+                    format!(
+                        "short write: {result} of {} bytes",
+                        pending.chunk_lens[index as usize]
+                    ),
+                ))
             } else {
                 None
             };
             if let Some(error) = error {
                 // Keep the first real error, not the cancellations it caused down the chain.
                 let cancelled = error.raw_os_error() == Some(libc::ECANCELED);
-                if pending.error.is_none() || (!cancelled && pending.error.as_ref().and_then(|e| e.raw_os_error()) == Some(libc::ECANCELED)) {
+                if pending.error.is_none()
+                    || (!cancelled
+                        && pending.error.as_ref().and_then(|e| e.raw_os_error())
+                            == Some(libc::ECANCELED))
+                {
                     pending.error = Some(error);
                 }
             }
@@ -285,7 +332,10 @@ impl Worker {
     fn fail_all(&mut self, err: &io::Error) {
         // Only reached when the ring itself is broken: wait for nothing further from it.
         for (_, pending) in self.pending.drain() {
-            let _ = pending.reply.send((pending.buf, Err(io::Error::new(err.kind(), err.to_string()))));
+            let _ = pending.reply.send((
+                pending.buf,
+                Err(io::Error::new(err.kind(), err.to_string())),
+            ));
         }
         self.in_flight_sqes = 0;
     }

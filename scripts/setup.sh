@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Installs what building and testing Ferry needs and this machine lacks. Idempotent.
+#   EXTRA_PACKAGES="iperf3 fio" ./scripts/setup.sh   # also the benchmark baselines
+set -euo pipefail
+
+need=()
+command -v cc >/dev/null || need+=(gcc)
+command -v bc >/dev/null || need+=(bc)
+command -v cmp >/dev/null || need+=(diffutils)
+command -v mount >/dev/null || need+=(mount)
+for pkg in ${EXTRA_PACKAGES:-}; do
+    command -v "$pkg" >/dev/null || need+=("$pkg")
+done
+if [ ${#need[@]} -gt 0 ]; then
+    echo "== installing ${need[*]}"
+    sudo=""
+    [ "$(id -u)" = 0 ] || sudo=sudo
+    export DEBIAN_FRONTEND=noninteractive
+    $sudo apt-get update -qq
+    $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+if ! command -v cargo >/dev/null; then
+    echo "cargo is missing: install a Rust toolchain (1.85 or newer) first" >&2
+    exit 1
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        rustup component add "$component"
+    fi
+done

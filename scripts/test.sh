@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# README command 2: installs what is missing, then checks formatting and lints and runs
+# every test (unit, property and end-to-end tests with real daemons over loopback).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+./scripts/setup.sh
+echo "== cargo fmt --check"
+cargo fmt --all --check
+echo "== cargo clippy -D warnings"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+echo "== building the daemon the end-to-end tests run"
+cargo build --workspace --bins --locked
+echo "== cargo test"
+cargo test --workspace --locked
