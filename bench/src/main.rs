@@ -1,1 +1,596 @@
-fn main() {}
+//! `ferry-bench`: Ferry's data paths measured next to the standard tool for each, in the same
+//! run, with the ratio printed. Only same-run ratios mean anything across machines.
+#![forbid(unsafe_code)]
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand};
+use ferry_engine::geometry::{self, Geometry};
+use ferry_engine::import::{import_file, ImportOptions};
+use ferry_engine::io::{BufferPool, IoChoice, IoEngine, TaskFile, WriteRequest};
+use ferry_engine::store::{Store, StoreProvider};
+use ferry_engine::transfer::{Engine, TransferRequest, TransferSettings};
+use ferry_engine::transport::TcpTransport;
+use ferry_fallback_tcp::{ClientConfig, Connection, Server, ServerConfig};
+use serde_json::{json, Value};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1024 * 1024;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferry-bench",
+    version,
+    about = "Ferry's benchmarks, each beside its standard tool (iperf3, fio) in the same run"
+)]
+struct Cli {
+    /// Write the results as JSON here [default: bench/out/<benchmark>.json].
+    #[arg(long, global = true)]
+    json_out: Option<PathBuf>,
+    /// Scratch directory (its filesystem is the one measured) [default: a temp dir under /var/tmp].
+    #[arg(long, global = true)]
+    dir: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// The TCP piece path on loopback, into memory and into the store, beside iperf3 with the
+    /// same number of streams.
+    Tcp(TcpArgs),
+    /// The store's writes (io_uring, O_DIRECT) beside fio with the same block size and depth.
+    Disk(DiskArgs),
+}
+
+#[derive(Debug, Args)]
+struct TcpArgs {
+    /// Size of the task served, MiB.
+    #[arg(long, default_value_t = 1024)]
+    size_mib: u64,
+    /// Parallel streams (pieces in flight), for Ferry and for iperf3 -P.
+    #[arg(long, default_value_t = 4)]
+    streams: u32,
+    /// Piece length, MiB (4 to 64).
+    #[arg(long, default_value_t = 4)]
+    piece_mib: u64,
+    /// Times the whole task is fetched for the into-memory figure.
+    #[arg(long, default_value_t = 4)]
+    rounds: u32,
+    /// Seconds iperf3 runs.
+    #[arg(long, default_value_t = 5)]
+    seconds: u32,
+}
+
+#[derive(Debug, Args)]
+struct DiskArgs {
+    /// Bytes written per run, MiB.
+    #[arg(long, default_value_t = 2048)]
+    size_mib: u64,
+    /// Block (piece) size, MiB.
+    #[arg(long, default_value_t = 4)]
+    block_mib: u64,
+    /// Writes in flight.
+    #[arg(long, default_value_t = 8)]
+    depth: usize,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let scratch = match &cli.dir {
+        Some(dir) => tempfile::Builder::new()
+            .prefix("ferry-bench-")
+            .tempdir_in(dir)?,
+        None => tempfile::Builder::new()
+            .prefix("ferry-bench-")
+            .tempdir_in("/var/tmp")?,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let (name, results) = match &cli.command {
+        Bench::Tcp(args) => ("tcp", runtime.block_on(bench_tcp(scratch.path(), args))?),
+        Bench::Disk(args) => ("disk", runtime.block_on(bench_disk(scratch.path(), args))?),
+    };
+    let out = cli
+        .json_out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from(format!("bench/out/{name}.json")));
+    if let Some(parent) = out.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    std::fs::write(&out, serde_json::to_string_pretty(&results)? + "\n")?;
+    println!("results written to {}", out.display());
+    Ok(())
+}
+
+/// Process CPU time (user + system) so far.
+fn cpu_time() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let usage = getrusage(UsageWho::RUSAGE_SELF).expect("getrusage");
+    let tv =
+        |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    tv(usage.user_time()) + tv(usage.system_time())
+}
+
+struct Measured {
+    bytes: u64,
+    elapsed: Duration,
+    cpu: Duration,
+}
+
+impl Measured {
+    fn bits_per_second(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.elapsed.as_secs_f64()
+    }
+    fn bytes_per_second(&self) -> f64 {
+        self.bytes as f64 / self.elapsed.as_secs_f64()
+    }
+    fn cpu_seconds_per_gb(&self) -> f64 {
+        self.cpu.as_secs_f64() / (self.bytes as f64 / 1e9)
+    }
+    fn json(&self) -> Value {
+        json!({
+            "bytes": self.bytes,
+            "seconds": self.elapsed.as_secs_f64(),
+            "bits_per_second": self.bits_per_second(),
+            "bytes_per_second": self.bytes_per_second(),
+            "cpu_seconds_per_gb": self.cpu_seconds_per_gb(),
+        })
+    }
+}
+
+fn measure_start() -> (Instant, Duration) {
+    (Instant::now(), cpu_time())
+}
+
+fn measure_end(start: (Instant, Duration), bytes: u64) -> Measured {
+    Measured {
+        bytes,
+        elapsed: start.0.elapsed(),
+        cpu: cpu_time() - start.1,
+    }
+}
+
+fn random_file(path: &Path, size: u64) -> anyhow::Result<()> {
+    let mut source = std::fs::File::open("/dev/urandom")?.take(size);
+    let mut target = std::fs::File::create(path)?;
+    std::io::copy(&mut source, &mut target)?;
+    Ok(())
+}
+
+fn open_store(dir: &Path, pool_mib: u64) -> anyhow::Result<Arc<Store>> {
+    let pool = BufferPool::new((4 * MIB) as usize, (pool_mib / 4) as usize)?;
+    let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
+    Ok(Arc::new(Store::open(dir, pool, io, true)?))
+}
+
+fn tool(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+async fn bench_tcp(dir: &Path, args: &TcpArgs) -> anyhow::Result<Value> {
+    let piece_length = geometry::validate_piece_length(args.piece_mib * MIB)?;
+    let pool_mib = (u64::from(args.streams) * args.piece_mib * 2).max(64);
+    println!(
+        "== tcp: {} MiB task, {} MiB pieces, {} streams on loopback",
+        args.size_mib, args.piece_mib, args.streams
+    );
+    let seed_store = open_store(&dir.join("seed"), pool_mib)?;
+    let source = dir.join("source.bin");
+    random_file(&source, args.size_mib * MIB)?;
+    let task = import_file(
+        &seed_store,
+        &source,
+        &ImportOptions {
+            piece_length,
+            ..Default::default()
+        },
+    )
+    .await?;
+    std::fs::remove_file(&source)?;
+    // Serve from the page cache, as iperf3 sends from memory.
+    std::io::copy(
+        &mut std::fs::File::open(task.content_path())?,
+        &mut std::io::sink(),
+    )?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let provider = Arc::new(StoreProvider {
+        store: Arc::clone(&seed_store),
+        host_id: "bench".into(),
+    });
+    let server = tokio::spawn(Server::new(listener, provider, ServerConfig::default()).run());
+    let geometry = task.geometry();
+
+    // Into memory: verified pieces into pool buffers, nothing written.
+    let client_pool = BufferPool::new((4 * MIB) as usize, (pool_mib / 4) as usize)?;
+    let total = u64::from(geometry.piece_count()) * u64::from(args.rounds);
+    let next = Arc::new(AtomicU64::new(0));
+    let start = measure_start();
+    let mut streams = tokio::task::JoinSet::new();
+    for _ in 0..args.streams {
+        let (pool, next, task_id) = (
+            Arc::clone(&client_pool),
+            Arc::clone(&next),
+            task.id().to_owned(),
+        );
+        streams.spawn(async move {
+            let mut connection = Connection::connect(addr, ClientConfig::default()).await?;
+            let mut bytes = 0u64;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return anyhow::Ok(bytes);
+                }
+                let piece = geometry.piece((n % u64::from(geometry.piece_count())) as u32)?;
+                let mut buf = pool.acquire(piece.length).await?;
+                let fetched = connection
+                    .fetch_piece(&task_id, piece.number, piece.length, &mut buf.chunks_mut())
+                    .await?;
+                if geometry::parse_digest(&fetched.metadata.digest) != Some(fetched.crc32) {
+                    bail!("digest mismatch on piece {}", piece.number);
+                }
+                bytes += piece.length;
+            }
+        });
+    }
+    let mut bytes = 0;
+    while let Some(done) = streams.join_next().await {
+        bytes += done??;
+    }
+    let memory = measure_end(start, bytes);
+
+    // Into the store: the daemon's whole transfer path (verify, io_uring write, journal).
+    let receiver = open_store(&dir.join("receiver"), pool_mib)?;
+    let engine = Arc::new(Engine::new(
+        Arc::clone(&receiver),
+        Arc::new(TcpTransport::new(ClientConfig::default())),
+        TransferSettings {
+            streams_per_source: args.streams,
+            piece_timeout: Duration::from_secs(60),
+            max_attempts: 3,
+            source_failure_limit: 3,
+        },
+        Vec::new(),
+    ));
+    let prepared = engine
+        .prepare(TransferRequest {
+            task_id: task.id().to_owned(),
+            content_length: geometry.content_length(),
+            piece_length: geometry.piece_length(),
+            pieces: Vec::new(),
+            sources: vec![addr.to_string()],
+            output: None,
+            streams_per_source: args.streams,
+        })
+        .await?;
+    let (events, mut drain) = tokio::sync::mpsc::channel(64);
+    let drained = tokio::spawn(async move { while drain.recv().await.is_some() {} });
+    let start = measure_start();
+    let summary = engine.run(prepared, events).await?;
+    let store = measure_end(start, summary.bytes_fetched);
+    drained.await?;
+    server.abort();
+
+    // iperf3 twice: copying from user memory (its default) and with -Z (sendfile, zero-copy
+    // like Ferry's sender); ratios are taken against the faster of the two.
+    let iperf_runs = if tool("iperf3") {
+        Some((
+            run_iperf3(args.streams, args.seconds, false)?,
+            run_iperf3(args.streams, args.seconds, true)?,
+        ))
+    } else {
+        None
+    };
+    let iperf = iperf_runs.map(|(copy, zero)| if zero.0 > copy.0 { zero } else { copy });
+    println!();
+    println!(
+        "{:<34} {:>12} {:>14} {:>10}",
+        "path", "Gbit/s", "CPU s/GB", "vs best iperf3"
+    );
+    let ratio = |m: &Measured| iperf.as_ref().map(|i| m.bits_per_second() / i.0);
+    let row = |name: &str, m: &Measured| {
+        let r = ratio(m)
+            .map(|r| format!("{r:.2}x"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{name:<34} {:>12.2} {:>14.3} {r:>10}",
+            m.bits_per_second() / 1e9,
+            m.cpu_seconds_per_gb()
+        );
+    };
+    row("ferry tcp into memory", &memory);
+    row("ferry tcp into store", &store);
+    match &iperf_runs {
+        Some((copy, zero)) => {
+            let baseline = iperf.expect("set with the runs").0;
+            for (name, run) in [
+                (format!("iperf3 -P {}", args.streams), copy),
+                (format!("iperf3 -P {} -Z", args.streams), zero),
+            ] {
+                println!(
+                    "{name:<34} {:>12.2} {:>14.3} {:>9.2}x",
+                    run.0 / 1e9,
+                    run.1,
+                    run.0 / baseline
+                );
+            }
+        }
+        None => println!("iperf3 is not installed: EXTRA_PACKAGES=iperf3 ./scripts/setup.sh"),
+    }
+    Ok(json!({
+        "benchmark": "tcp",
+        "parameters": { "size_bytes": args.size_mib * MIB, "piece_length": piece_length, "streams": args.streams, "rounds": args.rounds },
+        "ferry": { "into_memory": memory.json(), "into_store": store.json(), "store_io_backend": receiver.io_backend() },
+        "baseline": iperf_runs.map(|(copy, zero)| json!({
+            "tool": "iperf3",
+            "streams": args.streams,
+            "copy": { "bits_per_second": copy.0, "cpu_seconds_per_gb": copy.1 },
+            "zerocopy": { "bits_per_second": zero.0, "cpu_seconds_per_gb": zero.1 },
+        })),
+        "ratios": { "into_memory_vs_iperf3": ratio(&memory), "into_store_vs_iperf3": ratio(&store) },
+    }))
+}
+
+/// Runs iperf3 on loopback (`-Z`: sendfile); returns (bits per second received, CPU seconds
+/// per GB of both ends).
+fn run_iperf3(streams: u32, seconds: u32, zerocopy: bool) -> anyhow::Result<(f64, f64)> {
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port()
+    };
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = Command::new("iperf3");
+    client.args([
+        "-c",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-P",
+        &streams.to_string(),
+        "-t",
+        &seconds.to_string(),
+        "-J",
+    ]);
+    if zerocopy {
+        client.arg("-Z");
+    }
+    let output = client.output().context("running iperf3 -c")?;
+    let _ = server.wait();
+    let report: Value =
+        serde_json::from_slice(&output.stdout).context("parsing iperf3 -J output")?;
+    let end = &report["end"];
+    let bps = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 reported no throughput")?;
+    let bytes = end["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let secs = end["sum_received"]["seconds"]
+        .as_f64()
+        .unwrap_or(f64::from(seconds));
+    let cpu = &end["cpu_utilization_percent"];
+    let cpu_seconds = (cpu["host_total"].as_f64().unwrap_or(0.0)
+        + cpu["remote_total"].as_f64().unwrap_or(0.0))
+        / 100.0
+        * secs;
+    Ok((bps, cpu_seconds / (bytes / 1e9)))
+}
+
+async fn bench_disk(dir: &Path, args: &DiskArgs) -> anyhow::Result<Value> {
+    let block = args.block_mib * MIB;
+    let size = args.size_mib * MIB / block * block;
+    println!(
+        "== disk: {} MiB in {} MiB blocks, {} in flight, under {}",
+        size / MIB,
+        args.block_mib,
+        args.depth,
+        dir.display()
+    );
+    let pool = BufferPool::new(block as usize, args.depth)?;
+    let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
+
+    // Raw engine writes: what fio does (O_DIRECT, no per-write sync, one sync at the end).
+    let path = dir.join("engine.dat");
+    let file = Arc::new(TaskFile::open(&path, true)?);
+    let start = measure_start();
+    write_blocks(&io, &pool, &file, size, block, args.depth, false).await?;
+    file.file().sync_all()?;
+    let raw = measure_end(start, size);
+    io.release_file(&file);
+    drop(file);
+    std::fs::remove_file(&path)?;
+
+    // The store's piece path: each piece durable (write + fdatasync) and journaled.
+    let store = Arc::new(Store::open(
+        &dir.join("store"),
+        Arc::clone(&pool),
+        io,
+        true,
+    )?);
+    let task = store.create_or_get(&"b".repeat(64), Geometry::new(size, block)?)?;
+    let start = measure_start();
+    let mut running = tokio::task::JoinSet::new();
+    for piece in task.geometry().pieces() {
+        if running.len() >= args.depth {
+            running.join_next().await.expect("non-empty")??;
+        }
+        let mut buf = pool.acquire(piece.length).await?;
+        fill(&mut buf, piece.number);
+        let (store, task) = (Arc::clone(&store), Arc::clone(&task));
+        running.spawn(async move {
+            let crc = buf.crc32();
+            let (_, written) = store.write_piece(&task, piece, buf, crc).await;
+            anyhow::Ok(written?)
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        done??;
+    }
+    let durable = measure_end(start, size);
+    let direct = store.direct_io() && task.is_complete();
+    store.delete(task.id())?;
+
+    let fio = if tool("fio") {
+        let plain = run_fio(dir, size, block, args.depth, false)?;
+        let synced = run_fio(dir, size, block, args.depth, true)?;
+        Some((plain, synced))
+    } else {
+        None
+    };
+    println!();
+    println!(
+        "{:<44} {:>10} {:>10} {:>9}",
+        "path", "MiB/s", "CPU s/GB", "vs fio"
+    );
+    let mib = |bps: f64| bps / MIB as f64;
+    let print = |name: &str, m: &Measured, base: Option<f64>| {
+        let r = base
+            .map(|b| format!("{:.2}x", m.bytes_per_second() / b))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{name:<44} {:>10.0} {:>10.3} {r:>9}",
+            mib(m.bytes_per_second()),
+            m.cpu_seconds_per_gb()
+        );
+    };
+    print(
+        "ferry io_uring writes (fixed bufs, O_DIRECT)",
+        &raw,
+        fio.map(|f| f.0),
+    );
+    print(
+        "ferry store pieces (+fdatasync, journal)",
+        &durable,
+        fio.map(|f| f.1),
+    );
+    match fio {
+        Some((plain, synced)) => {
+            println!(
+                "{:<44} {:>10.0} {:>10} {:>9}",
+                "fio io_uring direct",
+                mib(plain),
+                "-",
+                "1.00x"
+            );
+            println!(
+                "{:<44} {:>10.0} {:>10} {:>9}",
+                "fio io_uring direct --fdatasync=1",
+                mib(synced),
+                "-",
+                "1.00x"
+            );
+        }
+        None => println!("fio is not installed: EXTRA_PACKAGES=fio ./scripts/setup.sh"),
+    }
+    Ok(json!({
+        "benchmark": "disk",
+        "parameters": { "size_bytes": size, "block_bytes": block, "depth": args.depth, "direct_io": direct },
+        "ferry": { "engine_writes": raw.json(), "store_pieces_durable": durable.json() },
+        "baseline": fio.map(|(plain, synced)| json!({ "tool": "fio", "ioengine": "io_uring", "direct": true, "bytes_per_second": plain, "fdatasync_each_bytes_per_second": synced })),
+        "ratios": {
+            "engine_writes_vs_fio": fio.map(|f| raw.bytes_per_second() / f.0),
+            "store_pieces_vs_fio_fdatasync": fio.map(|f| durable.bytes_per_second() / f.1),
+        },
+    }))
+}
+
+fn fill(buf: &mut ferry_engine::io::PieceBuffer, seed: u32) {
+    for (i, chunk) in buf.chunks_mut().into_iter().enumerate() {
+        let word = (u64::from(seed) << 32 | i as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .to_le_bytes();
+        for bytes in chunk.chunks_exact_mut(8) {
+            bytes.copy_from_slice(&word);
+        }
+    }
+}
+
+async fn write_blocks(
+    io: &IoEngine,
+    pool: &Arc<BufferPool>,
+    file: &Arc<TaskFile>,
+    size: u64,
+    block: u64,
+    depth: usize,
+    sync: bool,
+) -> anyhow::Result<()> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let mut in_flight = FuturesUnordered::new();
+    let mut offset = 0;
+    while offset < size {
+        if in_flight.len() >= depth {
+            in_flight.next().await.expect("non-empty")?;
+        }
+        let mut buf = pool.acquire(block).await?;
+        fill(&mut buf, (offset / block) as u32);
+        let request = WriteRequest {
+            file: Arc::clone(file),
+            offset,
+            buf,
+            len: block as usize,
+            sync,
+        };
+        in_flight.push(async move {
+            let (_, result) = io.write(request).await;
+            result
+        });
+        offset += block;
+    }
+    while let Some(done) = in_flight.next().await {
+        done?;
+    }
+    Ok(())
+}
+
+/// Runs fio's io_uring engine with O_DIRECT; returns bytes per second written.
+fn run_fio(
+    dir: &Path,
+    size: u64,
+    block: u64,
+    depth: usize,
+    fdatasync_each: bool,
+) -> anyhow::Result<f64> {
+    let path = dir.join("fio.dat");
+    let mut command = Command::new("fio");
+    command.args([
+        "--name=ferry-baseline",
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=write",
+        "--end_fsync=1",
+        "--fixedbufs=1",
+        "--output-format=json",
+    ]);
+    command.arg(format!("--filename={}", path.display()));
+    command.arg(format!("--size={size}"));
+    command.arg(format!("--bs={block}"));
+    command.arg(format!("--iodepth={depth}"));
+    if fdatasync_each {
+        command.arg("--fdatasync=1");
+    }
+    let output = command.output().context("running fio")?;
+    let _ = std::fs::remove_file(&path);
+    let report: Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "parsing fio output: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    report["jobs"][0]["write"]["bw_bytes"]
+        .as_f64()
+        .context("fio reported no bandwidth")
+}

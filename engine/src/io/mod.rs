@@ -153,7 +153,11 @@ mod tests {
         let pool = BufferPool::new(1 << 20, 8).unwrap();
         let io = IoEngine::start(&pool, choice, 1).unwrap();
         if choice == IoChoice::Auto {
-            assert_eq!(io.name(), "io_uring", "io_uring is expected to work on this kernel");
+            assert_eq!(
+                io.name(),
+                "io_uring",
+                "io_uring is expected to work on this kernel"
+            );
         }
         let file = Arc::new(TaskFile::open(&dir.path().join("content"), true).unwrap());
         for (number, len) in [(0u64, 3 << 20), (1, 100_000)] {
