@@ -224,9 +224,9 @@ fn init_logging(json: bool) {
     }
 }
 
-/// Connects to the daemon's control API.
-pub async fn connect(control: &str) -> anyhow::Result<FerryClient<Channel>> {
-    let channel = match ControlEndpoint::parse(control) {
+/// Opens a channel to the daemon's control endpoint (unix socket or TCP).
+pub async fn channel(control: &str) -> anyhow::Result<Channel> {
+    Ok(match ControlEndpoint::parse(control) {
         ControlEndpoint::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?
             .connect()
             .await
@@ -236,13 +236,23 @@ pub async fn connect(control: &str) -> anyhow::Result<FerryClient<Channel>> {
             Endpoint::from_static("http://localhost")
                 .connect_with_connector(tower::service_fn(move |_: Uri| {
                     let path = path.clone();
-                    async move { Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?)) }
+                    async move {
+                        Ok::<_, std::io::Error>(TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
                 }))
                 .await
-                .with_context(|| format!("connecting to control socket {shown} (is `ferry serve` running? set --control)"))?
+                .with_context(|| {
+                    format!("connecting to control socket {shown} (is `ferry serve` running? set --control)")
+                })?
         }
-    };
-    Ok(FerryClient::new(channel).max_decoding_message_size(64 * 1024 * 1024))
+    })
+}
+
+/// Connects to the daemon's control API.
+pub async fn connect(control: &str) -> anyhow::Result<FerryClient<Channel>> {
+    Ok(FerryClient::new(channel(control).await?).max_decoding_message_size(64 * 1024 * 1024))
 }
 
 async fn run_client(cli: &Cli) -> anyhow::Result<()> {

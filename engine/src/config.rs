@@ -264,4 +264,14 @@ mod tests {
             ControlEndpoint::Unix("/run/x.sock".into())
         );
     }
+
+    #[test]
+    fn the_example_config_is_the_defaults() {
+        let example: Config = toml::from_str(include_str!("../ferry.example.toml")).unwrap();
+        example.validate().unwrap();
+        assert_eq!(
+            toml::to_string(&example).unwrap(),
+            toml::to_string(&Config::default()).unwrap()
+        );
+    }
 }

@@ -753,3 +753,91 @@ enum AttemptError {
     #[error(transparent)]
     Store(StoreError),
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn schedule(pieces: &[u32], sources: usize) -> Schedule {
+        Schedule {
+            queue: pieces
+                .iter()
+                .map(|&number| Entry {
+                    number,
+                    attempts: 0,
+                    tried: 0,
+                    last_error: String::new(),
+                })
+                .collect(),
+            in_flight: 0,
+            dead: vec![false; sources],
+            consecutive_failures: vec![0; sources],
+            failure: None,
+            totals: vec![SourceTotals::default(); sources],
+            retries: 0,
+        }
+    }
+
+    fn take(schedule: &mut Schedule, source: usize) -> Option<Entry> {
+        match schedule.next_for(source) {
+            Next::Piece(entry) => Some(entry),
+            _ => None,
+        }
+    }
+
+    #[test]
+    fn pieces_are_handed_out_in_order_and_the_end_waits_for_in_flight_work() {
+        let mut s = schedule(&[0, 1], 2);
+        assert_eq!(take(&mut s, 0).unwrap().number, 0);
+        assert_eq!(take(&mut s, 1).unwrap().number, 1);
+        assert!(
+            matches!(s.next_for(0), Next::Wait),
+            "pieces in flight may still come back"
+        );
+        s.in_flight = 0;
+        assert!(matches!(s.next_for(0), Next::Done));
+    }
+
+    #[test]
+    fn a_failed_piece_goes_to_another_source_first() {
+        let mut s = schedule(&[7], 2);
+        let mut entry = take(&mut s, 0).unwrap();
+        s.in_flight -= 1;
+        entry.tried |= 1;
+        entry.attempts = 1;
+        s.queue.push_front(entry);
+        assert!(
+            matches!(s.next_for(0), Next::Wait),
+            "source 0 already failed it while source 1 has not tried"
+        );
+        assert_eq!(take(&mut s, 1).unwrap().number, 7);
+    }
+
+    #[test]
+    fn with_the_other_source_dead_the_same_source_may_retry() {
+        let mut s = schedule(&[3], 2);
+        let mut entry = take(&mut s, 0).unwrap();
+        s.in_flight -= 1;
+        entry.tried |= 1;
+        s.queue.push_front(entry);
+        s.dead[1] = true;
+        assert_eq!(take(&mut s, 0).unwrap().number, 3);
+        assert!(
+            matches!(s.next_for(1), Next::Done),
+            "a dead source takes nothing"
+        );
+    }
+
+    #[test]
+    fn a_failure_stops_every_worker() {
+        let mut s = schedule(&[1, 2, 3], 2);
+        s.fail(Failure::Exhausted("piece 1".into()));
+        s.fail(Failure::Cancelled);
+        assert!(
+            matches!(s.failure, Some(Failure::Exhausted(_))),
+            "the first failure is kept"
+        );
+        assert!(matches!(s.next_for(0), Next::Done));
+        assert!(matches!(s.next_for(1), Next::Done));
+    }
+}

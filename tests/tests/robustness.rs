@@ -371,7 +371,22 @@ async fn bad_control_requests_get_precise_status_codes() {
     )
     .await;
 
-    // After all that, the daemon still answers and holds its task.
+    // After all that, the daemon still answers (the standard health service too) and holds
+    // its task.
+    let channel = ferry_engine::cli::channel(daemon.control.to_str().unwrap())
+        .await
+        .unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "ferry.v1.Ferry".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
     let listed = client
         .list_tasks(proto::ListTasksRequest {})
         .await
