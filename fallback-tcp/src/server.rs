@@ -262,6 +262,14 @@ async fn send_file_range(
     number: u32,
     limit: Duration,
 ) -> Result<(), ConnectionError> {
+    // Ask for the whole piece to be read ahead at once: a cold piece otherwise streams in at
+    // the default readahead window, one small synchronous read at a time.
+    let _ = nix::fcntl::posix_fadvise(
+        file.as_fd(),
+        offset as i64,
+        length as i64,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
+    );
     let mut position = offset as i64;
     let end = offset + length;
     while (position as u64) < end {
