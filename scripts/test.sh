@@ -12,4 +12,9 @@ cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== building the daemon the end-to-end tests run"
 cargo build --workspace --bins --locked
 echo "== cargo test"
-cargo test --workspace --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+cargo test --workspace --locked 2>&1 | tee "$log"
+# One closing line for the whole run (cargo prints one per test binary, the last being the
+# doc tests).
+awk '/^test result:/ { p += $4; f += $6; i += $8 } END { printf "tests: %d passed, %d failed, %d skipped\n", p, f, i }' "$log"

@@ -391,23 +391,7 @@ impl Engine {
             .collect();
         let reused = (prepared.pieces.len() - wanted.len()) as u32;
         let shared = Arc::new(Shared {
-            state: Mutex::new(Schedule {
-                queue: wanted
-                    .iter()
-                    .map(|&number| Entry {
-                        number,
-                        attempts: 0,
-                        tried: 0,
-                        last_error: String::new(),
-                    })
-                    .collect(),
-                in_flight: 0,
-                dead: vec![false; prepared.sources.len()],
-                consecutive_failures: vec![0; prepared.sources.len()],
-                failure: None,
-                totals: vec![SourceTotals::default(); prepared.sources.len()],
-                retries: 0,
-            }),
+            state: Mutex::new(Schedule::new(&wanted, prepared.sources.len())),
             wake: Notify::new(),
             cancel: prepared.cancel.child_token(),
         });
@@ -509,6 +493,26 @@ struct Schedule {
 }
 
 impl Schedule {
+    fn new(pieces: &[u32], sources: usize) -> Schedule {
+        Schedule {
+            queue: pieces
+                .iter()
+                .map(|&number| Entry {
+                    number,
+                    attempts: 0,
+                    tried: 0,
+                    last_error: String::new(),
+                })
+                .collect(),
+            in_flight: 0,
+            dead: vec![false; sources],
+            consecutive_failures: vec![0; sources],
+            failure: None,
+            totals: vec![SourceTotals::default(); sources],
+            retries: 0,
+        }
+    }
+
     /// The next piece for source `me`: one it has not tried yet, or one that no live source
     /// has left untried.
     fn next_for(&mut self, me: usize) -> Next {
@@ -758,26 +762,6 @@ enum AttemptError {
 mod tests {
     use super::*;
 
-    fn schedule(pieces: &[u32], sources: usize) -> Schedule {
-        Schedule {
-            queue: pieces
-                .iter()
-                .map(|&number| Entry {
-                    number,
-                    attempts: 0,
-                    tried: 0,
-                    last_error: String::new(),
-                })
-                .collect(),
-            in_flight: 0,
-            dead: vec![false; sources],
-            consecutive_failures: vec![0; sources],
-            failure: None,
-            totals: vec![SourceTotals::default(); sources],
-            retries: 0,
-        }
-    }
-
     fn take(schedule: &mut Schedule, source: usize) -> Option<Entry> {
         match schedule.next_for(source) {
             Next::Piece(entry) => Some(entry),
@@ -787,7 +771,7 @@ mod tests {
 
     #[test]
     fn pieces_are_handed_out_in_order_and_the_end_waits_for_in_flight_work() {
-        let mut s = schedule(&[0, 1], 2);
+        let mut s = Schedule::new(&[0, 1], 2);
         assert_eq!(take(&mut s, 0).unwrap().number, 0);
         assert_eq!(take(&mut s, 1).unwrap().number, 1);
         assert!(
@@ -800,7 +784,7 @@ mod tests {
 
     #[test]
     fn a_failed_piece_goes_to_another_source_first() {
-        let mut s = schedule(&[7], 2);
+        let mut s = Schedule::new(&[7], 2);
         let mut entry = take(&mut s, 0).unwrap();
         s.in_flight -= 1;
         entry.tried |= 1;
@@ -815,7 +799,7 @@ mod tests {
 
     #[test]
     fn with_the_other_source_dead_the_same_source_may_retry() {
-        let mut s = schedule(&[3], 2);
+        let mut s = Schedule::new(&[3], 2);
         let mut entry = take(&mut s, 0).unwrap();
         s.in_flight -= 1;
         entry.tried |= 1;
@@ -830,7 +814,7 @@ mod tests {
 
     #[test]
     fn a_failure_stops_every_worker() {
-        let mut s = schedule(&[1, 2, 3], 2);
+        let mut s = Schedule::new(&[1, 2, 3], 2);
         s.fail(Failure::Exhausted("piece 1".into()));
         s.fail(Failure::Cancelled);
         assert!(
