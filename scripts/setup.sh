@@ -8,6 +8,9 @@ command -v cc >/dev/null || need+=(gcc)
 command -v bc >/dev/null || need+=(bc)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v mount >/dev/null || need+=(mount)
+# rdma-mummy-sys builds its libibverbs shim with cmake and generates bindings with libclang.
+command -v cmake >/dev/null || need+=(cmake)
+dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "ok installed" || need+=(libclang-dev)
 for pkg in ${EXTRA_PACKAGES:-}; do
     command -v "$pkg" >/dev/null || need+=("$pkg")
 done

@@ -96,6 +96,18 @@ pub struct ServeArgs {
     /// Log as JSON lines.
     #[arg(long)]
     pub log_json: bool,
+    /// Do not use RDMA even if the host has it.
+    #[arg(long)]
+    pub no_rdma: bool,
+    /// RDMA device to use (e.g. mlx5_0, rxe0) [default: the first with a usable GID].
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// Port of the RDMA device [default: the first active one].
+    #[arg(long)]
+    pub rdma_port: Option<u8>,
+    /// GID index [default: a RoCE v2 GID carrying an IPv4 address].
+    #[arg(long)]
+    pub rdma_gid_index: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -201,6 +213,18 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
     }
     if let Some(v) = args.io_timeout {
         config.transfer.io_timeout_secs = v;
+    }
+    if args.no_rdma {
+        config.rdma.enabled = false;
+    }
+    if let Some(v) = &args.rdma_device {
+        config.rdma.device = Some(v.clone());
+    }
+    if let Some(v) = args.rdma_port {
+        config.rdma.port = Some(v);
+    }
+    if let Some(v) = args.rdma_gid_index {
+        config.rdma.gid_index = Some(v);
     }
     init_logging(args.log_json);
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -525,6 +549,13 @@ fn capabilities_json(c: &proto::Capabilities) -> Value {
             "data_dir": s.data_dir, "io_backend": s.io_backend, "direct_io": s.direct_io, "pool_bytes": s.pool_bytes,
             "pool_slot_bytes": s.pool_slot_bytes, "huge_pages": s.huge_pages, "output_dirs": s.output_dirs,
         })),
+        "rdma_devices": c.rdma_devices.iter().map(|d| json!({
+            "name": d.name, "node_guid": d.node_guid,
+            "ports": d.ports.iter().map(|p| json!({
+                "number": p.number, "state": p.state, "link_layer": p.link_layer, "active_mtu": p.active_mtu, "speed_gbps": p.speed_gbps,
+                "gids": p.gids.iter().map(|g| json!({"index": g.index, "gid": g.gid, "type": g.r#type, "netdev": g.netdev, "ipv4": g.ipv4})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+        })).collect::<Vec<_>>(),
     })
 }
 

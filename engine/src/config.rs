@@ -25,6 +25,31 @@ pub struct Config {
     pub io: IoConfig,
     pub transfer: TransferConfig,
     pub server: ServerConfig,
+    pub rdma: RdmaConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RdmaConfig {
+    /// Use RDMA when the host has it (`--no-rdma` turns it off).
+    pub enabled: bool,
+    /// Device to use, e.g. "mlx5_0" or "rxe0"; unset: the first with a usable GID.
+    pub device: Option<String>,
+    /// Port of that device; unset: the first active one.
+    pub port: Option<u8>,
+    /// GID index; unset: a RoCE v2 GID carrying an IPv4 address (never link-local).
+    pub gid_index: Option<u32>,
+}
+
+impl Default for RdmaConfig {
+    fn default() -> Self {
+        RdmaConfig {
+            enabled: true,
+            device: None,
+            port: None,
+            gid_index: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -77,6 +102,7 @@ impl Default for Config {
             io: IoConfig::default(),
             transfer: TransferConfig::default(),
             server: ServerConfig::default(),
+            rdma: RdmaConfig::default(),
         }
     }
 }

@@ -24,6 +24,7 @@ pub struct HostInfo {
 pub struct ControlService {
     pub engine: Arc<Engine>,
     pub host: HostInfo,
+    pub rdma: Arc<crate::rdma::RdmaHost>,
 }
 
 impl From<TransferError> for Status {
@@ -203,12 +204,7 @@ impl Ferry for ControlService {
             .into_iter()
             .collect(),
         };
-        let rdma = proto::TransportInfo {
-            name: "rdma".into(),
-            available: false,
-            detail: "not built into this version of Ferry".into(),
-            properties: Default::default(),
-        };
+        let rdma = self.rdma.transport_info();
         Ok(Response::new(proto::Capabilities {
             host_id: self.host.host_id.clone(),
             hostname: self.host.hostname.clone(),
@@ -229,6 +225,7 @@ impl Ferry for ControlService {
                     .collect(),
             }),
             version: env!("CARGO_PKG_VERSION").into(),
+            rdma_devices: self.rdma.devices_message(),
         }))
     }
 

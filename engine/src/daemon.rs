@@ -5,6 +5,7 @@ use crate::config::{Config, ControlEndpoint};
 use crate::control::{ControlService, HostInfo};
 use crate::io::{BufferPool, IoEngine};
 use crate::proto::ferry_server::FerryServer;
+use crate::rdma::RdmaHost;
 use crate::store::{Store, StoreProvider};
 use crate::transfer::{Engine, TransferSettings};
 use crate::transport::TcpTransport;
@@ -53,6 +54,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         locked = info.locked,
         "buffer pool ready"
     );
+    let rdma = Arc::new(RdmaHost::start(&config.rdma, &pool));
     let io = IoEngine::start(&pool, config.io.backend, config.io.threads)
         .context("starting the I/O engine")?;
     tracing::info!(backend = io.name(), "I/O engine ready");
@@ -112,6 +114,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let service = FerryServer::new(ControlService {
         engine: Arc::clone(&engine),
         host,
+        rdma,
     });
     let router = tonic::transport::Server::builder()
         .add_service(health_service)

@@ -100,6 +100,17 @@ impl BufferPool {
         (self.base.as_ptr(), self.len)
     }
 
+    /// Registers the whole pool with an RDMA device, once, at start-up. `self` must outlive
+    /// the region: the daemon keeps both for its whole life.
+    pub fn register_rdma(
+        self: &Arc<Self>,
+        context: &Arc<ferry_rdma::RdmaContext>,
+    ) -> Result<ferry_rdma::RegisteredRegion, ferry_rdma::RdmaError> {
+        // SAFETY: the region is the pool's own mapping, which is unmapped only when the pool is
+        // dropped; callers keep an `Arc` of the pool beside the returned region.
+        unsafe { context.register(self.base.as_ptr(), self.len, false) }
+    }
+
     /// One `iovec` per slot, for `io_uring_register_buffers` (buffer index = slot number).
     pub fn slot_iovecs(&self) -> Vec<libc::iovec> {
         (0..self.info.slot_count)

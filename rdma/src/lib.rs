@@ -1,0 +1,18 @@
+//! RDMA for Ferry, on `sideway` (and `rdma-mummy-sys` for the raw calls it lacks). libibverbs
+//! is loaded at run time, so a binary using this crate starts on a host with no RDMA library
+//! or device: [`device::discover`] then reports none and the caller falls back to TCP.
+//!
+//! Pure parts (device selection, the queue-pair handshake codec) are plain data and tested
+//! without a device; [`verbs`] holds every `unsafe` call, behind safe types.
+
+pub mod device;
+pub mod error;
+pub mod handshake;
+pub mod select;
+pub mod verbs;
+
+pub use device::{discover, DeviceInfo, GidInfo, GidKind, PortInfo};
+pub use error::RdmaError;
+pub use handshake::Endpoint;
+pub use select::{choose, Selection, SelectionRequest};
+pub use verbs::{Completion, Connection, ConnectionConfig, RdmaContext, RegisteredRegion};

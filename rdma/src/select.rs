@@ -1,0 +1,180 @@
+//! Choosing the device, port and GID to use: pure, so it is tested without a device.
+
+use crate::device::{DeviceInfo, GidInfo, GidKind};
+use crate::error::RdmaError;
+
+/// What the operator pinned, if anything.
+#[derive(Debug, Clone, Default)]
+pub struct SelectionRequest {
+    pub device: Option<String>,
+    pub port: Option<u8>,
+    pub gid_index: Option<u32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Selection {
+    pub device: String,
+    pub port: u8,
+    pub gid: GidInfo,
+    pub active_mtu: u32,
+}
+
+/// By default: the first active port with a RoCE v2 GID carrying an IPv4 address (never a
+/// link-local `fe80::` GID); on InfiniBand ports, the first non-link-local GID, else index 0.
+/// Whatever the operator pinned narrows the search and must exist.
+pub fn choose(devices: &[DeviceInfo], request: &SelectionRequest) -> Result<Selection, RdmaError> {
+    let names = || {
+        devices
+            .iter()
+            .map(|d| d.name.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let candidates: Vec<&DeviceInfo> = match &request.device {
+        Some(name) => {
+            let device = devices
+                .iter()
+                .find(|d| &d.name == name)
+                .ok_or_else(|| RdmaError::NoSuchDevice(name.clone(), names()))?;
+            vec![device]
+        }
+        None => devices.iter().collect(),
+    };
+    let mut reasons = Vec::new();
+    for device in candidates {
+        for port in device
+            .ports
+            .iter()
+            .filter(|p| request.port.is_none_or(|n| n == p.number))
+        {
+            if !port.active {
+                reasons.push(format!(
+                    "{} port {} is {}",
+                    device.name, port.number, port.state
+                ));
+                continue;
+            }
+            let gid = match request.gid_index {
+                Some(index) => port.gids.iter().find(|g| g.index == index),
+                None if port.link_layer == "Ethernet" => port
+                    .gids
+                    .iter()
+                    .find(|g| g.kind == GidKind::RoceV2 && g.ipv4().is_some()),
+                None => port
+                    .gids
+                    .iter()
+                    .find(|g| !g.is_link_local())
+                    .or(port.gids.first()),
+            };
+            match gid {
+                Some(gid) => {
+                    return Ok(Selection {
+                        device: device.name.clone(),
+                        port: port.number,
+                        gid: gid.clone(),
+                        active_mtu: port.active_mtu,
+                    });
+                }
+                None => reasons.push(format!(
+                    "{} port {} has no {}",
+                    device.name,
+                    port.number,
+                    match request.gid_index {
+                        Some(index) => format!("GID at index {index}"),
+                        None => "RoCE v2 GID with an IPv4 address".into(),
+                    }
+                )),
+            }
+        }
+    }
+    if reasons.is_empty() {
+        reasons.push(format!("no port matches (devices: {})", names()));
+    }
+    Err(RdmaError::NoUsableGid(reasons.join("; ")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::device::PortInfo;
+
+    fn gid(index: u32, text: &str, kind: GidKind) -> GidInfo {
+        GidInfo {
+            index,
+            gid: text.parse().unwrap(),
+            kind,
+            netdev: Some("eth0".into()),
+        }
+    }
+
+    fn roce(name: &str, active: bool) -> DeviceInfo {
+        DeviceInfo {
+            name: name.into(),
+            node_guid: "0".into(),
+            ports: vec![PortInfo {
+                number: 1,
+                active,
+                state: if active {
+                    "Active".into()
+                } else {
+                    "Down".into()
+                },
+                link_layer: "Ethernet".into(),
+                active_mtu: 1024,
+                speed_gbps: 2.5,
+                gids: vec![
+                    gid(0, "fe80::1", GidKind::RoceV1),
+                    gid(1, "fe80::1", GidKind::RoceV2),
+                    gid(2, "::ffff:10.0.0.1", GidKind::RoceV1),
+                    gid(3, "::ffff:10.0.0.1", GidKind::RoceV2),
+                ],
+            }],
+        }
+    }
+
+    #[test]
+    fn default_is_a_roce_v2_ipv4_gid_on_an_active_port() {
+        let devices = [roce("rxe0", false), roce("rxe1", true)];
+        let chosen = choose(&devices, &SelectionRequest::default()).unwrap();
+        assert_eq!(
+            (chosen.device.as_str(), chosen.port, chosen.gid.index),
+            ("rxe1", 1, 3)
+        );
+        assert_eq!(chosen.gid.ipv4(), Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn pinned_values_must_exist() {
+        let devices = [roce("rxe0", true)];
+        let pinned = SelectionRequest {
+            device: Some("rxe0".into()),
+            gid_index: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(choose(&devices, &pinned).unwrap().gid.index, 2);
+        let missing = SelectionRequest {
+            device: Some("mlx5_0".into()),
+            ..Default::default()
+        };
+        assert!(matches!(
+            choose(&devices, &missing),
+            Err(RdmaError::NoSuchDevice(..))
+        ));
+        let bad_gid = SelectionRequest {
+            gid_index: Some(9),
+            ..Default::default()
+        };
+        let err = choose(&devices, &bad_gid).unwrap_err().to_string();
+        assert!(err.contains("index 9"), "{err}");
+    }
+
+    #[test]
+    fn only_link_local_gids_means_no_default() {
+        let mut device = roce("rxe0", true);
+        device.ports[0].gids.retain(|g| g.is_link_local());
+        let err = choose(&[device], &SelectionRequest::default())
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("RoCE v2 GID with an IPv4 address"), "{err}");
+    }
+}

@@ -1,0 +1,438 @@
+//! The verbs themselves: a device context with one protection domain, memory registered once,
+//! and RC connections whose completions wake tokio through the completion channel's file
+//! descriptor (no busy polling). Every `unsafe` call of the crate is here.
+
+use crate::error::RdmaError;
+use crate::handshake::Endpoint;
+use crate::select::Selection;
+use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
+use sideway::ibverbs::completion::{
+    BasicCompletionQueue, CompletionChannel, CompletionQueue, GenericCompletionQueue,
+    WorkCompletionStatus,
+};
+use sideway::ibverbs::device::{DeviceInfo as _, DeviceList};
+use sideway::ibverbs::device_context::{DeviceContext, Mtu};
+use sideway::ibverbs::memory_region::MemoryRegion;
+use sideway::ibverbs::protection_domain::ProtectionDomain;
+use sideway::ibverbs::queue_pair::{
+    BasicQueuePair, PostSendGuard, QueuePair, QueuePairAttribute, QueuePairState,
+    SetScatterGatherEntry, WorkRequestFlags,
+};
+use sideway::ibverbs::AccessFlags;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+use tokio::io::unix::AsyncFd;
+
+/// An open device with its protection domain.
+pub struct RdmaContext {
+    context: Arc<DeviceContext>,
+    pd: Arc<ProtectionDomain>,
+    selection: Selection,
+}
+
+impl RdmaContext {
+    pub fn open(selection: Selection) -> Result<Arc<RdmaContext>, RdmaError> {
+        let list = DeviceList::new().map_err(|e| RdmaError::Unavailable(e.to_string()))?;
+        let device = list
+            .iter()
+            .find(|d| d.name() == selection.device)
+            .ok_or_else(|| {
+                RdmaError::NoSuchDevice(
+                    selection.device.clone(),
+                    list.iter().map(|d| d.name()).collect::<Vec<_>>().join(", "),
+                )
+            })?;
+        let context = device
+            .open()
+            .map_err(|e| RdmaError::verbs("ibv_open_device", e))?;
+        let pd = context
+            .alloc_pd()
+            .map_err(|e| RdmaError::verbs("ibv_alloc_pd", e))?;
+        Ok(Arc::new(RdmaContext {
+            context,
+            pd,
+            selection,
+        }))
+    }
+
+    pub fn selection(&self) -> &Selection {
+        &self.selection
+    }
+
+    /// Registers `len` bytes at `ptr` for local writes (the NIC writes incoming data there)
+    /// and, when `remote_write`, for peers' RDMA WRITEs. Logs how long it took per GiB.
+    ///
+    /// # Safety
+    /// `ptr..ptr+len` must stay mapped and not be freed while the returned region (or any work
+    /// request using it) is alive.
+    pub unsafe fn register(
+        self: &Arc<Self>,
+        ptr: *mut u8,
+        len: usize,
+        remote_write: bool,
+    ) -> Result<RegisteredRegion, RdmaError> {
+        let mut access = AccessFlags::LocalWrite;
+        if remote_write {
+            access |= AccessFlags::RemoteWrite;
+        }
+        let started = Instant::now();
+        // SAFETY: forwarded from the caller's contract.
+        let mr = unsafe { self.pd.reg_mr(ptr as usize, len, access) }
+            .map_err(|e| RdmaError::verbs("ibv_reg_mr", e))?;
+        let elapsed = started.elapsed();
+        let per_gib = elapsed.as_secs_f64() / (len as f64 / (1u64 << 30) as f64);
+        tracing::info!(bytes = len, millis = elapsed.as_secs_f64() * 1e3, seconds_per_gib = per_gib, remote_write, device = %self.selection.device, "registered memory region");
+        Ok(RegisteredRegion {
+            mr,
+            base: ptr as usize,
+            len,
+            context: Arc::clone(self),
+            seconds_per_gib: per_gib,
+        })
+    }
+}
+
+/// Memory registered with the device.
+pub struct RegisteredRegion {
+    mr: Arc<MemoryRegion>,
+    base: usize,
+    len: usize,
+    context: Arc<RdmaContext>,
+    seconds_per_gib: f64,
+}
+
+impl RegisteredRegion {
+    pub fn lkey(&self) -> u32 {
+        self.mr.lkey()
+    }
+
+    pub fn rkey(&self) -> u32 {
+        self.mr.rkey()
+    }
+
+    pub fn base(&self) -> u64 {
+        self.base as u64
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn seconds_per_gib(&self) -> f64 {
+        self.seconds_per_gib
+    }
+
+    /// Whether `addr..addr+len` lies inside the region.
+    pub fn contains(&self, addr: u64, len: u64) -> bool {
+        addr >= self.base as u64
+            && addr
+                .checked_add(len)
+                .is_some_and(|end| end <= (self.base + self.len) as u64)
+    }
+
+    pub fn context(&self) -> &Arc<RdmaContext> {
+        &self.context
+    }
+}
+
+/// Queue depths and retry behaviour of one RC connection.
+#[derive(Debug, Clone)]
+pub struct ConnectionConfig {
+    pub send_depth: u32,
+    pub receive_depth: u32,
+    /// Local ACK timeout exponent: 4.096 µs * 2^timeout (14: about 67 ms).
+    pub ack_timeout: u8,
+    pub retry_count: u8,
+}
+
+impl Default for ConnectionConfig {
+    fn default() -> Self {
+        ConnectionConfig {
+            send_depth: 256,
+            receive_depth: 256,
+            ack_timeout: 14,
+            retry_count: 7,
+        }
+    }
+}
+
+/// A work completion, copied out of the completion queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completion {
+    pub wr_id: u64,
+    /// `None` on success, else the status name (for example `RemoteAccessError`).
+    pub error: Option<String>,
+    pub byte_len: u32,
+    /// The immediate value of a received RDMA WRITE with immediate (host order).
+    pub immediate: Option<u32>,
+}
+
+impl Completion {
+    pub fn ok(&self) -> Result<(), RdmaError> {
+        match &self.error {
+            None => Ok(()),
+            Some(status) => Err(RdmaError::Completion {
+                wr_id: self.wr_id,
+                status: status.clone(),
+            }),
+        }
+    }
+}
+
+struct ChannelFd(RawFd);
+
+impl AsRawFd for ChannelFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
+    }
+}
+
+/// One reliable-connected queue pair with its own completion queue and channel.
+pub struct Connection {
+    // Drop order matters: the AsyncFd before the channel whose fd it watches, the QP before
+    // the CQ it reports to.
+    wakeups: AsyncFd<ChannelFd>,
+    qp: Mutex<BasicQueuePair>,
+    cq: Arc<BasicCompletionQueue>,
+    channel: Arc<CompletionChannel>,
+    local: Endpoint,
+    context: Arc<RdmaContext>,
+    config: ConnectionConfig,
+}
+
+// Opcode of a received RDMA WRITE with immediate (IBV_WC_RECV_RDMA_WITH_IMM).
+const WC_RECV_RDMA_WITH_IMM: u32 = 1 << 7 | 1;
+
+impl Connection {
+    /// Creates the queue pair (in INIT) and its completion machinery. Must be called inside a
+    /// tokio runtime.
+    pub fn new(
+        context: &Arc<RdmaContext>,
+        config: ConnectionConfig,
+    ) -> Result<Connection, RdmaError> {
+        let channel = context
+            .context
+            .create_comp_channel()
+            .map_err(|e| RdmaError::verbs("ibv_create_comp_channel", e))?;
+        channel.set_nonblocking(true)?;
+        let cq = context
+            .context
+            .create_cq_builder()
+            .setup_cqe(config.send_depth + config.receive_depth)
+            .setup_comp_channel(&channel, 0)
+            .build()
+            .map_err(|e| RdmaError::verbs("ibv_create_cq", e))?;
+        let generic = GenericCompletionQueue::from(Arc::clone(&cq));
+        let mut qp = context
+            .pd
+            .create_qp_builder()
+            .setup_send_cq(generic.clone())
+            .setup_recv_cq(generic)
+            .setup_max_send_wr(config.send_depth)
+            .setup_max_recv_wr(config.receive_depth)
+            .setup_max_send_sge(1)
+            .setup_max_recv_sge(1)
+            .build()
+            .map_err(|e| RdmaError::verbs("ibv_create_qp", e))?;
+        let selection = &context.selection;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Init)
+            .setup_pkey_index(0)
+            .setup_port(selection.port)
+            // Peers may write only through memory windows or regions that allow it; the QP
+            // itself must permit remote writes for those to work.
+            .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
+        qp.modify(&attr)
+            .map_err(|e| RdmaError::verbs("modify QP to INIT", e))?;
+        let local = Endpoint {
+            qp_number: qp.qp_number(),
+            packet_sequence: rand_psn(),
+            gid: selection.gid.gid,
+            lid: 0,
+            mtu: selection.active_mtu,
+            receive_depth: config.receive_depth,
+        };
+        // SAFETY: the fd belongs to `channel`, which the connection owns and drops only after
+        // `wakeups` (field order), so it stays open for the AsyncFd's whole life.
+        let wakeups = unsafe { AsyncFd::register(ChannelFd(channel.as_raw_fd())) }
+            .map_err(std::io::Error::from)?;
+        Ok(Connection {
+            wakeups,
+            qp: Mutex::new(qp),
+            cq,
+            channel,
+            local,
+            context: Arc::clone(context),
+            config,
+        })
+    }
+
+    pub fn local_endpoint(&self) -> Endpoint {
+        self.local
+    }
+
+    /// Moves the queue pair to RTR then RTS towards `remote`.
+    pub fn connect(&self, remote: &Endpoint) -> Result<(), RdmaError> {
+        let mtu = match remote.mtu.min(self.local.mtu) {
+            256 => Mtu::Mtu256,
+            512 => Mtu::Mtu512,
+            1024 => Mtu::Mtu1024,
+            2048 => Mtu::Mtu2048,
+            _ => Mtu::Mtu4096,
+        };
+        let mut qp = self.qp.lock().expect("qp lock");
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToReceive)
+            .setup_path_mtu(mtu)
+            .setup_dest_qp_num(remote.qp_number)
+            .setup_rq_psn(remote.packet_sequence)
+            .setup_max_dest_read_atomic(0)
+            .setup_min_rnr_timer(12);
+        let mut address = AddressHandleAttribute::new();
+        address
+            .setup_dest_lid(remote.lid)
+            .setup_port(self.context.selection.port)
+            .setup_service_level(0)
+            .setup_grh_src_gid_index(self.context.selection.gid.index as u8)
+            .setup_grh_dest_gid(&Gid::from(remote.gid))
+            .setup_grh_hop_limit(64);
+        attr.setup_address_vector(&address);
+        qp.modify(&attr)
+            .map_err(|e| RdmaError::verbs("modify QP to RTR", e))?;
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::ReadyToSend)
+            .setup_sq_psn(self.local.packet_sequence)
+            .setup_timeout(self.config.ack_timeout)
+            .setup_retry_cnt(self.config.retry_count)
+            .setup_rnr_retry(7)
+            .setup_max_read_atomic(0);
+        qp.modify(&attr)
+            .map_err(|e| RdmaError::verbs("modify QP to RTS", e))?;
+        Ok(())
+    }
+
+    /// Posts `count` receive requests with no buffer: an RDMA WRITE with immediate consumes
+    /// one and reports its immediate value, while the data goes where the writer aimed it.
+    pub fn post_receives(&self, first_wr_id: u64, count: u32) -> Result<(), RdmaError> {
+        let mut qp = self.qp.lock().expect("qp lock");
+        let mut guard = qp.start_post_recv();
+        for i in 0..u64::from(count) {
+            let _ = guard.construct_wr(first_wr_id + i);
+        }
+        guard
+            .post()
+            .map_err(|e| RdmaError::verbs("ibv_post_recv", e))
+    }
+
+    /// Posts an RDMA WRITE with immediate of `len` bytes at `local_addr` (inside `local`) to
+    /// `remote_addr` under `rkey`.
+    ///
+    /// # Safety
+    /// The `len` bytes at `local_addr` must stay valid and unchanged until this request's
+    /// completion has been returned by [`Connection::completions`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn post_write_with_immediate(
+        &self,
+        wr_id: u64,
+        local: &RegisteredRegion,
+        local_addr: u64,
+        len: u32,
+        rkey: u32,
+        remote_addr: u64,
+        immediate: u32,
+    ) -> Result<(), RdmaError> {
+        if !local.contains(local_addr, u64::from(len)) {
+            return Err(RdmaError::verbs(
+                "post RDMA WRITE",
+                "local buffer lies outside its registered region",
+            ));
+        }
+        let mut qp = self.qp.lock().expect("qp lock");
+        let mut guard = qp.start_post_send();
+        let wr = guard
+            .construct_wr(wr_id, WorkRequestFlags::Signaled)
+            .setup_write_imm(rkey, remote_addr, immediate.to_be());
+        // SAFETY: the buffer is inside a registered region (checked above) and the caller keeps
+        // it valid until completion.
+        unsafe { wr.setup_sge(local.lkey(), local_addr, len) };
+        guard
+            .post()
+            .map_err(|e| RdmaError::verbs("ibv_post_send", e))
+    }
+
+    fn drain(&self) -> Vec<Completion> {
+        let mut out = Vec::new();
+        while let Ok(poller) = self.cq.start_poll() {
+            let before = out.len();
+            for wc in poller {
+                let status = WorkCompletionStatus::from(wc.status());
+                let immediate =
+                    (wc.opcode() == WC_RECV_RDMA_WITH_IMM).then(|| u32::from_be(wc.imm_data()));
+                out.push(Completion {
+                    wr_id: wc.wr_id(),
+                    error: (status != WorkCompletionStatus::Success).then(|| format!("{status:?}")),
+                    byte_len: wc.byte_len(),
+                    immediate,
+                });
+            }
+            if out.len() == before {
+                break;
+            }
+        }
+        out
+    }
+
+    /// Waits for completions without spinning: arms the completion channel, then sleeps on its
+    /// file descriptor until the device signals. Returns at least one completion.
+    pub async fn completions(&self) -> Result<Vec<Completion>, RdmaError> {
+        loop {
+            let ready = self.drain();
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+            // SAFETY: the CQ is alive (owned by self).
+            let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
+            if rc != 0 {
+                return Err(RdmaError::verbs(
+                    "ibv_req_notify_cq",
+                    std::io::Error::from_raw_os_error(rc),
+                ));
+            }
+            // A completion may have landed between the drain and arming.
+            let ready = self.drain();
+            if !ready.is_empty() {
+                return Ok(ready);
+            }
+            let mut guard = self.wakeups.readable().await?;
+            let mut event_cq = std::ptr::null_mut();
+            let mut event_context = std::ptr::null_mut();
+            // SAFETY: the channel is alive and non-blocking; the out-pointers are valid locals.
+            let rc = unsafe {
+                rdma_mummy_sys::ibv_get_cq_event(
+                    self.channel.comp_channel().as_ptr(),
+                    &mut event_cq,
+                    &mut event_context,
+                )
+            };
+            if rc == 0 {
+                // SAFETY: acknowledges the one event just taken from this channel for its CQ.
+                unsafe { rdma_mummy_sys::ibv_ack_cq_events(event_cq, 1) };
+            } else {
+                guard.clear_ready();
+            }
+        }
+    }
+}
+
+fn rand_psn() -> u32 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ std::process::id().rotate_left(8)) & 0xff_ffff
+}

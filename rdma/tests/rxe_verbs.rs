@@ -1,0 +1,157 @@
+//! Real verbs between two soft-RoCE devices. These need RDMA devices, so they are ignored in a
+//! plain `cargo test`; `scripts/test.sh` runs them inside the soft-RoCE VM
+//! (`scripts/rxe-vm.sh`), where `FERRY_RXE_DEV0`/`FERRY_RXE_DEV1` name two devices that reach
+//! each other.
+
+use ferry_rdma::{
+    choose, discover, Connection, ConnectionConfig, RdmaContext, RdmaError, RegisteredRegion,
+    SelectionRequest,
+};
+use std::sync::Arc;
+
+#[test]
+fn discovery_never_panics_without_rdma() {
+    match discover() {
+        Ok(devices) => assert!(!devices.is_empty()),
+        Err(err) => assert!(matches!(err, RdmaError::Unavailable(_)), "{err}"),
+    }
+}
+
+fn device(var: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| panic!("{var} is not set: run inside scripts/rxe-vm.sh"))
+}
+
+fn open(name: &str) -> Arc<RdmaContext> {
+    let devices = discover().expect("RDMA devices");
+    let selection = choose(
+        &devices,
+        &SelectionRequest {
+            device: Some(name.into()),
+            ..Default::default()
+        },
+    )
+    .expect("a RoCE v2 GID");
+    assert!(
+        selection.gid.ipv4().is_some(),
+        "the default GID is an IPv4 RoCE v2 one: {selection:?}"
+    );
+    RdmaContext::open(selection).expect("open device")
+}
+
+/// A heap buffer registered with a device. The region is declared first so it is
+/// deregistered before the memory is freed.
+struct Buffer {
+    region: RegisteredRegion,
+    bytes: Vec<u8>,
+}
+
+fn buffer(
+    context: &Arc<RdmaContext>,
+    len: usize,
+    fill: impl Fn(usize) -> u8,
+    remote_write: bool,
+) -> Buffer {
+    let mut bytes: Vec<u8> = (0..len).map(fill).collect();
+    // SAFETY: the Vec is never resized, and `Buffer` drops the region before the Vec.
+    let region =
+        unsafe { context.register(bytes.as_mut_ptr(), len, remote_write) }.expect("register");
+    Buffer { region, bytes }
+}
+
+async fn connected_pair(
+    config: ConnectionConfig,
+) -> (Arc<RdmaContext>, Connection, Arc<RdmaContext>, Connection) {
+    let (a, b) = (
+        open(&device("FERRY_RXE_DEV0")),
+        open(&device("FERRY_RXE_DEV1")),
+    );
+    let (qa, qb) = (
+        Connection::new(&a, config.clone()).unwrap(),
+        Connection::new(&b, config).unwrap(),
+    );
+    qa.connect(&qb.local_endpoint()).unwrap();
+    qb.connect(&qa.local_endpoint()).unwrap();
+    (a, qa, b, qb)
+}
+
+#[tokio::test]
+#[ignore = "needs two RDMA devices: scripts/rxe-vm.sh runs it"]
+async fn write_with_immediate_lands_every_chunk() {
+    const CHUNK: usize = 256 * 1024;
+    const CHUNKS: usize = 16;
+    let (a, sender, b, receiver) = connected_pair(ConnectionConfig::default()).await;
+    let source = buffer(&a, CHUNK * CHUNKS, |i| (i * 7 % 251) as u8, false);
+    let target = buffer(&b, CHUNK * CHUNKS, |_| 0xee, true);
+    receiver.post_receives(1000, CHUNKS as u32).unwrap();
+    for chunk in 0..CHUNKS {
+        let offset = (chunk * CHUNK) as u64;
+        // SAFETY: `source` outlives the completions awaited below.
+        unsafe {
+            sender
+                .post_write_with_immediate(
+                    chunk as u64,
+                    &source.region,
+                    source.region.base() + offset,
+                    CHUNK as u32,
+                    target.region.rkey(),
+                    target.region.base() + offset,
+                    0xC000 | chunk as u32,
+                )
+                .unwrap();
+        }
+    }
+    let mut sent = 0;
+    while sent < CHUNKS {
+        for completion in sender.completions().await.unwrap() {
+            completion.ok().unwrap();
+            sent += 1;
+        }
+    }
+    let mut immediates = Vec::new();
+    while immediates.len() < CHUNKS {
+        for completion in receiver.completions().await.unwrap() {
+            completion.ok().unwrap();
+            assert_eq!(completion.byte_len as usize, CHUNK);
+            immediates.push(completion.immediate.expect("write with immediate"));
+        }
+    }
+    immediates.sort_unstable();
+    assert_eq!(
+        immediates,
+        (0..CHUNKS as u32).map(|c| 0xC000 | c).collect::<Vec<_>>()
+    );
+    assert!(target.bytes == source.bytes, "every byte landed");
+}
+
+#[tokio::test]
+#[ignore = "needs two RDMA devices: scripts/rxe-vm.sh runs it"]
+async fn a_write_outside_the_registered_region_is_a_remote_access_error() {
+    let (a, sender, b, receiver) = connected_pair(ConnectionConfig {
+        retry_count: 1,
+        ..Default::default()
+    })
+    .await;
+    let source = buffer(&a, 8192, |_| 1, false);
+    let target = buffer(&b, 4096, |_| 2, true);
+    receiver.post_receives(0, 4).unwrap();
+    // SAFETY: `source` outlives the completion awaited below.
+    unsafe {
+        // 8 KiB into a 4 KiB region: the responder must refuse it.
+        sender
+            .post_write_with_immediate(
+                7,
+                &source.region,
+                source.region.base(),
+                8192,
+                target.region.rkey(),
+                target.region.base(),
+                1,
+            )
+            .unwrap();
+    }
+    let completion = sender.completions().await.unwrap().remove(0);
+    assert_eq!(completion.wr_id, 7);
+    let status = completion.error.expect("the write must fail");
+    assert!(status.contains("RemoteAccess"), "{status}");
+    assert!(target.bytes.iter().all(|&b| b == 2), "nothing was written");
+}
