@@ -5,6 +5,7 @@
 //! Pure parts (device selection, the queue-pair handshake codec) are plain data and tested
 //! without a device; [`verbs`] holds every `unsafe` call, behind safe types.
 
+pub mod credit;
 pub mod device;
 pub mod error;
 pub mod handshake;
