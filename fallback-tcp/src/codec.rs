@@ -30,6 +30,10 @@ pub const TAG_FERRY_STAT_TASK: u8 = 0xF0;
 /// Ferry extension: a task's geometry. Value: content length (u64), piece length (u64),
 /// pieces held (u32), complete flag (u8).
 pub const TAG_FERRY_TASK_INFO: u8 = 0xF1;
+/// Ferry extension tags from here up to 0xFD ask to upgrade the connection to another
+/// protocol (RDMA's control channel): the server hands the connection to its provider.
+pub const FIRST_UPGRADE_TAG: u8 = 0xF2;
+pub const LAST_UPGRADE_TAG: u8 = 0xFD;
 const TASK_INFO_LEN: usize = 8 + 8 + 4 + 1;
 
 /// The fixed-size part of every frame.
@@ -90,6 +94,8 @@ pub enum Request {
     StatTask { task_id: String },
     /// Vortex `Close`: the client is done with the connection.
     Close,
+    /// Ferry extension: switch this connection to another protocol, opened by `value`.
+    Upgrade { tag: u8, value: Vec<u8> },
 }
 
 impl Request {
@@ -126,6 +132,10 @@ impl Request {
                 Ok(Request::StatTask { task_id })
             }
             Tag::Close => Ok(Request::Close),
+            Tag::Reserved(tag @ FIRST_UPGRADE_TAG..=LAST_UPGRADE_TAG) => Ok(Request::Upgrade {
+                tag,
+                value: value.to_vec(),
+            }),
             _ => Err(CodecError::UnexpectedTag {
                 tag: header.tag,
                 context: "expected a DownloadPiece, StatTask or Close request",
@@ -144,6 +154,10 @@ impl Request {
                 out.put_slice(task_id.as_bytes());
             }
             Request::Close => put_header(out, Tag::Close, 0),
+            Request::Upgrade { tag, value } => {
+                put_header(out, Tag::Reserved(*tag), value.len());
+                out.put_slice(value);
+            }
         }
     }
 }

@@ -46,7 +46,25 @@ pub trait PieceProvider: Send + Sync + 'static {
     fn task_info(&self, task_id: &str) -> Option<TaskInfo>;
     /// Called after a piece's bytes were all handed to the kernel.
     fn served(&self, _task_id: &str, _number: u32, _bytes: u64) {}
+
+    /// A client asked to switch the connection to another protocol (a Ferry extension tag in
+    /// `FIRST_UPGRADE_TAG..=LAST_UPGRADE_TAG`). Return the future that takes the connection
+    /// over, or `Err` with the reason to send back (the connection then stays Vortex).
+    fn upgrade(
+        &self,
+        tag: u8,
+        _value: Vec<u8>,
+        _stream: TcpStream,
+    ) -> Result<UpgradeFuture, (TcpStream, String)> {
+        Err((
+            _stream,
+            format!("extension {tag:#04x} is not supported by this peer"),
+        ))
+    }
 }
+
+/// A connection taken over by an upgrade; it runs until the protocol ends.
+pub type UpgradeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 
 /// Limits the server enforces on every connection.
 #[derive(Debug, Clone)]
@@ -196,6 +214,22 @@ async fn serve_connection<P: PieceProvider>(
         out.clear();
         match request {
             Request::Close => return Ok(()),
+            Request::Upgrade { tag, value } => match provider.upgrade(tag, value, stream) {
+                Ok(protocol) => {
+                    tracing::debug!(%peer, tag, "connection upgraded");
+                    protocol.await;
+                    return Ok(());
+                }
+                Err((back, reason)) => {
+                    stream = back;
+                    Response::Error {
+                        code: ErrorCode::InvalidArgument,
+                        message: reason,
+                    }
+                    .encode(&mut out);
+                    write_all(&mut stream, &out, config.write_timeout).await?;
+                }
+            },
             Request::StatTask { task_id } => {
                 let response = match provider.task_info(&task_id) {
                     Some(info) => Response::TaskInfo(info),

@@ -11,9 +11,12 @@ pub mod error;
 pub mod handshake;
 pub mod select;
 pub mod verbs;
+pub mod wire;
 
 pub use device::{discover, DeviceInfo, GidInfo, GidKind, PortInfo};
 pub use error::RdmaError;
 pub use handshake::Endpoint;
 pub use select::{choose, Selection, SelectionRequest};
-pub use verbs::{Completion, Connection, ConnectionConfig, RdmaContext, RegisteredRegion};
+pub use verbs::{
+    Completion, Connection, ConnectionConfig, MemoryWindow, RdmaContext, RegisteredRegion,
+};

@@ -20,6 +20,7 @@ use sideway::ibverbs::queue_pair::{
 };
 use sideway::ibverbs::AccessFlags;
 use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::unix::AsyncFd;
@@ -60,8 +61,28 @@ impl RdmaContext {
         &self.selection
     }
 
+    /// Allocates a type-2 memory window: remote access to exactly one bound range, through one
+    /// queue pair, until invalidated.
+    pub fn alloc_window(self: &Arc<Self>) -> Result<MemoryWindow, RdmaError> {
+        // SAFETY: the PD is alive; a null result is checked.
+        let mw = unsafe {
+            rdma_mummy_sys::ibv_alloc_mw(
+                self.pd.pd().as_ptr(),
+                rdma_mummy_sys::ibv_mw_type::IBV_MW_TYPE_2,
+            )
+        };
+        let mw = NonNull::new(mw)
+            .ok_or_else(|| RdmaError::verbs("ibv_alloc_mw", std::io::Error::last_os_error()))?;
+        Ok(MemoryWindow {
+            mw,
+            _context: Arc::clone(self),
+        })
+    }
+
     /// Registers `len` bytes at `ptr` for local writes (the NIC writes incoming data there)
-    /// and, when `remote_write`, for peers' RDMA WRITEs. Logs how long it took per GiB.
+    /// and, when `remote_write`, for peers' RDMA WRITEs. Memory windows can always be bound
+    /// to it: that is how a receiver exposes just the slots it granted. Logs how long it took
+    /// per GiB.
     ///
     /// # Safety
     /// `ptr..ptr+len` must stay mapped and not be freed while the returned region (or any work
@@ -72,7 +93,7 @@ impl RdmaContext {
         len: usize,
         remote_write: bool,
     ) -> Result<RegisteredRegion, RdmaError> {
-        let mut access = AccessFlags::LocalWrite;
+        let mut access = AccessFlags::LocalWrite | AccessFlags::MemoryWindowBind;
         if remote_write {
             access |= AccessFlags::RemoteWrite;
         }
@@ -90,6 +111,24 @@ impl RdmaContext {
             context: Arc::clone(self),
             seconds_per_gib: per_gib,
         })
+    }
+}
+
+/// A type-2 memory window (see [`RdmaContext::alloc_window`]).
+pub struct MemoryWindow {
+    mw: NonNull<rdma_mummy_sys::ibv_mw>,
+    _context: Arc<RdmaContext>,
+}
+
+// SAFETY: an ibv_mw is a handle the provider lets any thread use.
+unsafe impl Send for MemoryWindow {}
+// SAFETY: as above; it is only read (its pointer) through `&self`.
+unsafe impl Sync for MemoryWindow {}
+
+impl Drop for MemoryWindow {
+    fn drop(&mut self) {
+        // SAFETY: allocated by ibv_alloc_mw and freed once, here.
+        unsafe { rdma_mummy_sys::ibv_dealloc_mw(self.mw.as_ptr()) };
     }
 }
 
@@ -200,6 +239,9 @@ pub struct Connection {
     qp: Mutex<BasicQueuePair>,
     cq: Arc<BasicCompletionQueue>,
     channel: Arc<CompletionChannel>,
+    /// Regions this QP's requests have used: kept registered until the QP is gone, so a
+    /// request still in flight when its caller gave up never touches unregistered memory.
+    regions: Mutex<Vec<Arc<RegisteredRegion>>>,
     local: Endpoint,
     context: Arc<RdmaContext>,
     config: ConnectionConfig,
@@ -266,6 +308,7 @@ impl Connection {
             qp: Mutex::new(qp),
             cq,
             channel,
+            regions: Mutex::new(Vec::new()),
             local,
             context: Arc::clone(context),
             config,
@@ -329,17 +372,24 @@ impl Connection {
             .map_err(|e| RdmaError::verbs("ibv_post_recv", e))
     }
 
+    fn keep_region(&self, region: &Arc<RegisteredRegion>) {
+        let mut regions = self.regions.lock().expect("regions lock");
+        if !regions.iter().any(|r| Arc::ptr_eq(r, region)) {
+            regions.push(Arc::clone(region));
+        }
+    }
+
     /// Posts an RDMA WRITE with immediate of `len` bytes at `local_addr` (inside `local`) to
-    /// `remote_addr` under `rkey`.
+    /// `remote_addr` under `rkey`; it completes as `wr_id`.
     ///
-    /// # Safety
-    /// The `len` bytes at `local_addr` must stay valid and unchanged until this request's
-    /// completion has been returned by [`Connection::completions`].
+    /// Safe because the bytes are read by the NIC from memory that stays registered (and so
+    /// mapped) for as long as this connection: a caller that reuses the buffer before the
+    /// completion can only send wrong bytes, which the receiver's digest check rejects.
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn post_write_with_immediate(
+    pub fn post_write_with_immediate(
         &self,
         wr_id: u64,
-        local: &RegisteredRegion,
+        local: &Arc<RegisteredRegion>,
         local_addr: u64,
         len: u32,
         rkey: u32,
@@ -352,17 +402,88 @@ impl Connection {
                 "local buffer lies outside its registered region",
             ));
         }
+        self.keep_region(local);
         let mut qp = self.qp.lock().expect("qp lock");
         let mut guard = qp.start_post_send();
         let wr = guard
             .construct_wr(wr_id, WorkRequestFlags::Signaled)
             .setup_write_imm(rkey, remote_addr, immediate.to_be());
-        // SAFETY: the buffer is inside a registered region (checked above) and the caller keeps
-        // it valid until completion.
+        // SAFETY: the range lies inside `local`, which stays registered while this QP exists.
         unsafe { wr.setup_sge(local.lkey(), local_addr, len) };
         guard
             .post()
             .map_err(|e| RdmaError::verbs("ibv_post_send", e))
+    }
+
+    /// Binds `window` to `len` bytes at `addr` (inside `region`) for remote writes through
+    /// this queue pair only, and returns the rkey to grant. The bind completes as `wr_id`.
+    /// A peer writing outside the range, through another queue pair, or after
+    /// [`Connection::post_invalidate`], gets a remote access error.
+    pub fn post_bind(
+        &self,
+        wr_id: u64,
+        window: &MemoryWindow,
+        region: &RegisteredRegion,
+        addr: u64,
+        len: u64,
+    ) -> Result<u32, RdmaError> {
+        if !region.contains(addr, len) {
+            return Err(RdmaError::verbs(
+                "bind memory window",
+                "range lies outside its registered region",
+            ));
+        }
+        // SAFETY: `window` is a live MW; ibv_inc_rkey only computes the next key.
+        let rkey = unsafe { rdma_mummy_sys::ibv_inc_rkey(window.mw.as_ref().rkey) };
+        // SAFETY: an all-zero ibv_send_wr is a valid empty request; every field used is set.
+        let mut wr: rdma_mummy_sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.opcode = rdma_mummy_sys::ibv_wr_opcode::IBV_WR_BIND_MW;
+        wr.send_flags = rdma_mummy_sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.bind_mw_tso_union.bind_mw = rdma_mummy_sys::bind_mw_t {
+            mw: window.mw.as_ptr(),
+            rkey,
+            bind_info: rdma_mummy_sys::ibv_mw_bind_info {
+                // SAFETY: the MR handle lives as long as `region`.
+                mr: unsafe { region.mr.mr().as_ptr() },
+                addr,
+                length: len,
+                mw_access_flags: rdma_mummy_sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE.0,
+            },
+        };
+        self.post_raw(&mut wr, "post bind memory window")?;
+        Ok(rkey)
+    }
+
+    /// Invalidates the window bound under `rkey`: from the time this completes (as `wr_id`),
+    /// writes through it fail on the writer's side.
+    pub fn post_invalidate(&self, wr_id: u64, rkey: u32) -> Result<(), RdmaError> {
+        // SAFETY: as in `post_bind`.
+        let mut wr: rdma_mummy_sys::ibv_send_wr = unsafe { std::mem::zeroed() };
+        wr.wr_id = wr_id;
+        wr.opcode = rdma_mummy_sys::ibv_wr_opcode::IBV_WR_LOCAL_INV;
+        wr.send_flags = rdma_mummy_sys::ibv_send_flags::IBV_SEND_SIGNALED.0;
+        wr.imm_data_invalidated_rkey_union.invalidated_rkey = rkey;
+        self.post_raw(&mut wr, "post local invalidate")
+    }
+
+    fn post_raw(
+        &self,
+        wr: &mut rdma_mummy_sys::ibv_send_wr,
+        step: &'static str,
+    ) -> Result<(), RdmaError> {
+        let qp = self.qp.lock().expect("qp lock");
+        let mut bad = std::ptr::null_mut();
+        // SAFETY: the QP is alive and locked; `wr` is a complete single request whose memory
+        // (window, MR) outlives its completion by the caller's contract.
+        let rc = unsafe { rdma_mummy_sys::ibv_post_send(qp.qp().as_ptr(), wr, &mut bad) };
+        if rc != 0 {
+            return Err(RdmaError::verbs(
+                step,
+                std::io::Error::from_raw_os_error(rc),
+            ));
+        }
+        Ok(())
     }
 
     fn drain(&self) -> Vec<Completion> {

@@ -41,7 +41,7 @@ fn open(name: &str) -> Arc<RdmaContext> {
 /// A heap buffer registered with a device. The region is declared first so it is
 /// deregistered before the memory is freed.
 struct Buffer {
-    region: RegisteredRegion,
+    region: Arc<RegisteredRegion>,
     bytes: Vec<u8>,
 }
 
@@ -55,7 +55,7 @@ fn buffer(
     // SAFETY: the Vec is never resized, and `Buffer` drops the region before the Vec.
     let region =
         unsafe { context.register(bytes.as_mut_ptr(), len, remote_write) }.expect("register");
-    Buffer { region, bytes }
+    Buffer { region: Arc::new(region), bytes }
 }
 
 async fn connected_pair(
@@ -85,8 +85,7 @@ async fn write_with_immediate_lands_every_chunk() {
     receiver.post_receives(1000, CHUNKS as u32).unwrap();
     for chunk in 0..CHUNKS {
         let offset = (chunk * CHUNK) as u64;
-        // SAFETY: `source` outlives the completions awaited below.
-        unsafe {
+        {
             sender
                 .post_write_with_immediate(
                     chunk as u64,
@@ -134,8 +133,7 @@ async fn a_write_outside_the_registered_region_is_a_remote_access_error() {
     let source = buffer(&a, 8192, |_| 1, false);
     let target = buffer(&b, 4096, |_| 2, true);
     receiver.post_receives(0, 4).unwrap();
-    // SAFETY: `source` outlives the completion awaited below.
-    unsafe {
+    {
         // 8 KiB into a 4 KiB region: the responder must refuse it.
         sender
             .post_write_with_immediate(
@@ -154,4 +152,122 @@ async fn a_write_outside_the_registered_region_is_a_remote_access_error() {
     let status = completion.error.expect("the write must fail");
     assert!(status.contains("RemoteAccess"), "{status}");
     assert!(target.bytes.iter().all(|&b| b == 2), "nothing was written");
+}
+
+/// Waits for the completion of `wr_id`, skipping (and checking) others.
+async fn completion_of(connection: &Connection, wr_id: u64) -> ferry_rdma::Completion {
+    loop {
+        for completion in connection.completions().await.unwrap() {
+            if completion.wr_id == wr_id {
+                return completion;
+            }
+            completion.ok().unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs two RDMA devices: scripts/rxe-vm.sh runs it"]
+async fn a_memory_window_exposes_only_the_granted_slot_until_invalidated() {
+    const SLOT: u64 = 4096;
+    // Grant the middle slot of three; the region itself is not remotely writable.
+    let (a, sender, b, receiver) = connected_pair(ConnectionConfig {
+        retry_count: 1,
+        ..Default::default()
+    })
+    .await;
+    let source = buffer(&a, 2 * SLOT as usize, |_| 9, false);
+    let target = buffer(&b, 3 * SLOT as usize, |_| 0, false);
+    let window = b.alloc_window().unwrap();
+    let slot = target.region.base() + SLOT;
+    let rkey = receiver
+        .post_bind(1, &window, &target.region, slot, SLOT)
+        .unwrap();
+    completion_of(&receiver, 1).await.ok().unwrap();
+    receiver.post_receives(100, 4).unwrap();
+    sender
+        .post_write_with_immediate(
+            10,
+            &source.region,
+            source.region.base(),
+            SLOT as u32,
+            rkey,
+            slot,
+            5,
+        )
+        .unwrap();
+    completion_of(&sender, 10).await.ok().unwrap();
+    assert!(
+        target.bytes[SLOT as usize..2 * SLOT as usize]
+            .iter()
+            .all(|&b| b == 9),
+        "the granted slot was written"
+    );
+    // One byte past the granted slot.
+    sender
+        .post_write_with_immediate(
+            11,
+            &source.region,
+            source.region.base(),
+            SLOT as u32,
+            rkey,
+            slot + 1,
+            6,
+        )
+        .unwrap();
+    let refused = completion_of(&sender, 11).await;
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("RemoteAccess"),
+        "{refused:?}"
+    );
+    assert!(
+        target.bytes[2 * SLOT as usize..].iter().all(|&b| b == 0),
+        "nothing beyond the slot"
+    );
+    drop((sender, receiver));
+
+    // After the credit returns (the window is invalidated), the same rkey is refused.
+    let (a, sender, b, receiver) = connected_pair(ConnectionConfig {
+        retry_count: 1,
+        ..Default::default()
+    })
+    .await;
+    let source = buffer(&a, SLOT as usize, |_| 7, false);
+    let target = buffer(&b, SLOT as usize, |_| 0, false);
+    let window = b.alloc_window().unwrap();
+    let rkey = receiver
+        .post_bind(1, &window, &target.region, target.region.base(), SLOT)
+        .unwrap();
+    completion_of(&receiver, 1).await.ok().unwrap();
+    receiver.post_invalidate(2, rkey).unwrap();
+    completion_of(&receiver, 2).await.ok().unwrap();
+    receiver.post_receives(100, 1).unwrap();
+    sender
+        .post_write_with_immediate(
+            12,
+            &source.region,
+            source.region.base(),
+            SLOT as u32,
+            rkey,
+            target.region.base(),
+            7,
+        )
+        .unwrap();
+    let refused = completion_of(&sender, 12).await;
+    assert!(
+        refused
+            .error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("RemoteAccess"),
+        "{refused:?}"
+    );
+    assert!(
+        target.bytes.iter().all(|&b| b == 0),
+        "an invalidated window lets nothing in"
+    );
 }
