@@ -208,6 +208,7 @@ async fn bench_tcp(dir: &Path, args: &TcpArgs) -> anyhow::Result<Value> {
     let provider = Arc::new(StoreProvider {
         store: Arc::clone(&seed_store),
         host_id: "bench".into(),
+        rdma: None,
     });
     let server = tokio::spawn(Server::new(listener, provider, ServerConfig::default()).run());
     let geometry = task.geometry();
@@ -255,6 +256,7 @@ async fn bench_tcp(dir: &Path, args: &TcpArgs) -> anyhow::Result<Value> {
     let engine = Arc::new(Engine::new(
         Arc::clone(&receiver),
         Arc::new(TcpTransport::new(ClientConfig::default())),
+        None,
         TransferSettings {
             streams_per_source: args.streams,
             piece_timeout: Duration::from_secs(60),
@@ -272,6 +274,7 @@ async fn bench_tcp(dir: &Path, args: &TcpArgs) -> anyhow::Result<Value> {
             sources: vec![addr.to_string()],
             output: None,
             streams_per_source: args.streams,
+            transport: Default::default(),
         })
         .await?;
     let (events, mut drain) = tokio::sync::mpsc::channel(64);

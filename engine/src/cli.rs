@@ -148,6 +148,17 @@ pub struct PullArgs {
     /// Pieces in flight per source [default: the daemon's].
     #[arg(long)]
     pub streams: Option<u32>,
+    /// auto: RDMA where both sides have it, else TCP (and TCP for a piece RDMA failed);
+    /// tcp: TCP only; rdma: RDMA only.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    pub transport: TransportArg,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TransportArg {
+    Auto,
+    Tcp,
+    Rdma,
 }
 
 pub fn main(cli: Cli) -> ExitCode {
@@ -431,7 +442,11 @@ async fn pull(
             pieces: Vec::new(),
             sources: args.from.clone(),
             output_path: output.display().to_string(),
-            transport: proto::TransportPreference::Auto as i32,
+            transport: match args.transport {
+                TransportArg::Auto => proto::TransportPreference::Auto,
+                TransportArg::Tcp => proto::TransportPreference::Tcp,
+                TransportArg::Rdma => proto::TransportPreference::Rdma,
+            } as i32,
             streams_per_source: args.streams.unwrap_or(0),
         })
         .await?
@@ -488,7 +503,7 @@ async fn pull(
             0.0
         };
         say!(
-            "pulled {} ({} bytes) to {} in {:.2}s: {:.1} MiB/s ({:.2} Gbit/s); {} pieces fetched, {} already held, {} retries",
+            "pulled {} ({} bytes) to {} in {:.2}s: {:.1} MiB/s ({:.2} Gbit/s); {} pieces fetched, {} already held, {} retries, {} RDMA fallbacks",
             summary.task_id,
             summary.content_length,
             summary.output_path,
@@ -497,7 +512,8 @@ async fn pull(
             rate * 8.0 / 1e9,
             summary.pieces_fetched,
             summary.pieces_reused,
-            summary.retries
+            summary.retries,
+            summary.rdma_fallbacks
         );
         for t in &summary.transports {
             say!(
@@ -525,7 +541,7 @@ fn summary_json(s: &proto::TransferSummary) -> Value {
         "task_id": s.task_id, "content_length": s.content_length, "piece_length": s.piece_length,
         "pieces_requested": s.pieces_requested, "pieces_fetched": s.pieces_fetched,
         "pieces_reused": s.pieces_reused, "retries": s.retries, "bytes_fetched": s.bytes_fetched,
-        "elapsed_micros": s.elapsed_micros, "output_path": s.output_path,
+        "elapsed_micros": s.elapsed_micros, "output_path": s.output_path, "rdma_fallbacks": s.rdma_fallbacks,
         "bits_per_second": if s.elapsed_micros > 0 { s.bytes_fetched as f64 * 8.0 / (s.elapsed_micros as f64 / 1e6) } else { 0.0 },
         "sources": s.sources.iter().map(|x| json!({"source": x.source, "bytes": x.bytes, "pieces": x.pieces, "failures": x.failures})).collect::<Vec<_>>(),
         "transports": s.transports.iter().map(|x| json!({"transport": x.transport, "bytes": x.bytes, "pieces": x.pieces})).collect::<Vec<_>>(),

@@ -39,6 +39,8 @@ pub struct RdmaConfig {
     pub port: Option<u8>,
     /// GID index; unset: a RoCE v2 GID carrying an IPv4 address (never link-local).
     pub gid_index: Option<u32>,
+    /// Bytes per RDMA WRITE, in KiB: a power of two, at most the pool slot.
+    pub chunk_kib: u32,
 }
 
 impl Default for RdmaConfig {
@@ -48,6 +50,7 @@ impl Default for RdmaConfig {
             device: None,
             port: None,
             gid_index: None,
+            chunk_kib: 1024,
         }
     }
 }
@@ -243,6 +246,14 @@ impl Config {
             if value == 0 {
                 return invalid(key, value, "at least 1 second");
             }
+        }
+        let chunk = u64::from(self.rdma.chunk_kib);
+        if !chunk.is_power_of_two() || !(4..=self.pool.slot_mib * 1024).contains(&chunk) {
+            return invalid(
+                "rdma.chunk_kib",
+                chunk,
+                "a power of two from 4 to the pool slot size (pool.slot_mib * 1024)",
+            );
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", 0, "at least 1");

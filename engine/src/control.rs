@@ -5,7 +5,9 @@ use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
 use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
 use crate::store::{StoreError, StoredTask};
-use crate::transfer::{Engine, PieceOutcome, TransferError, TransferRequest, TransferSummary};
+use crate::transfer::{
+    Engine, PieceOutcome, TransferError, TransferRequest, TransferSummary, TransportChoice,
+};
 use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,6 +35,7 @@ impl From<TransferError> for Status {
         match err {
             TransferError::InvalidArgument(_) => Status::invalid_argument(message),
             TransferError::PermissionDenied(_) => Status::permission_denied(message),
+            TransferError::FailedPrecondition(_) => Status::failed_precondition(message),
             TransferError::Geometry(err) => geometry_status(err),
             TransferError::Store(err) => store_status(err),
             TransferError::AlreadyRunning(_) => Status::already_exists(message),
@@ -173,6 +176,7 @@ fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
             .output
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
+        rdma_fallbacks: summary.rdma_fallbacks,
     }
 }
 
@@ -257,11 +261,17 @@ impl Ferry for ControlService {
         request: Request<proto::TransferPiecesRequest>,
     ) -> Result<Response<Self::TransferPiecesStream>, Status> {
         let request = request.into_inner();
-        if request.transport == proto::TransportPreference::Rdma as i32 {
-            return Err(Status::failed_precondition(
-                "RDMA was asked for but this daemon has no RDMA transport",
-            ));
-        }
+        let transport = match proto::TransportPreference::try_from(request.transport) {
+            Ok(proto::TransportPreference::Auto) => TransportChoice::Auto,
+            Ok(proto::TransportPreference::Tcp) => TransportChoice::Tcp,
+            Ok(proto::TransportPreference::Rdma) => TransportChoice::Rdma,
+            Err(_) => {
+                return Err(Status::invalid_argument(format!(
+                    "unknown transport preference {}",
+                    request.transport
+                )))
+            }
+        };
         let prepared = self
             .engine
             .prepare(TransferRequest {
@@ -272,6 +282,7 @@ impl Ferry for ControlService {
                 sources: request.sources,
                 output: non_empty(request.output_path).map(PathBuf::from),
                 streams_per_source: request.streams_per_source,
+                transport,
             })
             .await?;
         let started = prepared.started();

@@ -5,7 +5,7 @@ use crate::config::{Config, ControlEndpoint};
 use crate::control::{ControlService, HostInfo};
 use crate::io::{BufferPool, IoEngine};
 use crate::proto::ferry_server::FerryServer;
-use crate::rdma::RdmaHost;
+use crate::rdma::{RdmaHost, RdmaSettings};
 use crate::store::{Store, StoreProvider};
 use crate::transfer::{Engine, TransferSettings};
 use crate::transport::TcpTransport;
@@ -96,11 +96,25 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("output dir {}", dir.display()))?,
         );
     }
-    let engine = Arc::new(Engine::new(Arc::clone(&store), tcp, settings, output_dirs));
+    let rdma_settings = RdmaSettings {
+        chunk_size: config.rdma.chunk_kib * 1024,
+        connect_timeout: Duration::from_secs(transfer.connect_timeout_secs),
+        io_timeout: Duration::from_secs(transfer.io_timeout_secs),
+    };
+    let idle_timeout = Duration::from_secs(config.server.idle_timeout_secs);
+    let (rdma_transport, rdma_service) = rdma.exchange(&store, rdma_settings, idle_timeout).unzip();
+    let engine = Arc::new(Engine::new(
+        Arc::clone(&store),
+        tcp,
+        rdma_transport,
+        settings,
+        output_dirs,
+    ));
 
     let provider = Arc::new(StoreProvider {
         store: Arc::clone(&store),
         host_id: host.host_id.clone(),
+        rdma: rdma_service,
     });
     let server_config = ServerConfig {
         idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),

@@ -144,6 +144,15 @@ impl StoredTask {
         self.served.load(Ordering::Relaxed)
     }
 
+    pub fn count_served(&self) {
+        self.served.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The content file opened for reading (page cache), shared with the servers.
+    pub fn read_file(&self) -> &Arc<File> {
+        &self.read_file
+    }
+
     pub fn content_path(&self) -> PathBuf {
         self.dir.join("content")
     }
@@ -604,6 +613,8 @@ pub struct StoreProvider {
     pub store: Arc<Store>,
     /// Sent as the Vortex parent id, so a Dragonfly peer knows where the piece came from.
     pub host_id: String,
+    /// Serves pieces over RDMA to peers that upgrade their connection, when this host can.
+    pub rdma: Option<Arc<crate::rdma::RdmaService>>,
 }
 
 /// Dragonfly's traffic type for pieces sent to a remote peer.
@@ -650,7 +661,27 @@ impl PieceProvider for StoreProvider {
 
     fn served(&self, task_id: &str, _number: u32, _bytes: u64) {
         if let Some(task) = self.store.get(task_id) {
-            task.served.fetch_add(1, Ordering::Relaxed);
+            task.count_served();
+        }
+    }
+
+    fn upgrade(
+        &self,
+        tag: u8,
+        value: Vec<u8>,
+        stream: tokio::net::TcpStream,
+    ) -> Result<ferry_fallback_tcp::UpgradeFuture, (tokio::net::TcpStream, String)> {
+        match (&self.rdma, tag) {
+            (Some(service), ferry_rdma::wire::TAG_CONNECT) => {
+                Ok(Box::pin(Arc::clone(service).serve(stream, value)))
+            }
+            (None, ferry_rdma::wire::TAG_CONNECT) => {
+                Err((stream, "RDMA is not available on this peer".into()))
+            }
+            _ => Err((
+                stream,
+                format!("extension {tag:#04x} is not supported by this peer"),
+            )),
         }
     }
 }

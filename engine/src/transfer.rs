@@ -3,8 +3,9 @@
 //! piece is held.
 
 use crate::geometry::{self, Geometry, GeometryError, PieceRange};
+use crate::rdma::RdmaTransport;
 use crate::store::{Store, StoreError, StoredTask};
-use crate::transport::{PieceTransport, TcpTransport, TransportError};
+use crate::transport::{FetchedPiece, PieceTransport, TcpTransport, TransportError};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::{Component, Path, PathBuf};
@@ -36,6 +37,8 @@ pub enum TransferError {
     InvalidArgument(String),
     #[error("{0}")]
     PermissionDenied(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
     #[error(transparent)]
     Geometry(#[from] GeometryError),
     #[error(transparent)]
@@ -48,6 +51,17 @@ pub enum TransferError {
     Cancelled(String),
 }
 
+/// Which transports a transfer may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TransportChoice {
+    /// RDMA where both sides have it, TCP otherwise, and TCP again for a piece RDMA failed.
+    #[default]
+    Auto,
+    Tcp,
+    /// RDMA only: a source or piece that cannot use it fails.
+    Rdma,
+}
+
 /// A transfer as asked for.
 #[derive(Debug, Clone)]
 pub struct TransferRequest {
@@ -58,6 +72,7 @@ pub struct TransferRequest {
     pub sources: Vec<String>,
     pub output: Option<PathBuf>,
     pub streams_per_source: u32,
+    pub transport: TransportChoice,
 }
 
 /// A validated transfer, ready to run.
@@ -68,6 +83,7 @@ pub struct PreparedTransfer {
     source_names: Vec<String>,
     output: Option<PathBuf>,
     streams_per_source: u32,
+    transport: TransportChoice,
     cancel: CancellationToken,
 }
 
@@ -114,6 +130,8 @@ pub struct PieceOutcome {
     pub digest: String,
     pub source: String,
     pub transport: &'static str,
+    /// RDMA failed for this piece and TCP carried it.
+    pub fell_back: bool,
     pub fetch_time: Duration,
     pub write_time: Duration,
     pub attempt: u32,
@@ -138,6 +156,8 @@ pub struct TransferSummary {
     pub elapsed: Duration,
     pub sources: Vec<(String, SourceTotals)>,
     pub transports: Vec<(String, u64, u32)>,
+    /// Pieces that failed over RDMA and were fetched over TCP instead.
+    pub rdma_fallbacks: u32,
     pub output: Option<PathBuf>,
 }
 
@@ -145,6 +165,8 @@ pub struct TransferSummary {
 pub struct Engine {
     pub store: Arc<Store>,
     pub tcp: Arc<TcpTransport>,
+    /// Present when this host has a usable RDMA device.
+    pub rdma: Option<Arc<RdmaTransport>>,
     pub settings: TransferSettings,
     pub output_dirs: Vec<PathBuf>,
     running: Mutex<HashMap<String, CancellationToken>>,
@@ -154,12 +176,14 @@ impl Engine {
     pub fn new(
         store: Arc<Store>,
         tcp: Arc<TcpTransport>,
+        rdma: Option<Arc<RdmaTransport>>,
         settings: TransferSettings,
         output_dirs: Vec<PathBuf>,
     ) -> Engine {
         Engine {
             store,
             tcp,
+            rdma,
             settings,
             output_dirs,
             running: Mutex::new(HashMap::new()),
@@ -231,6 +255,11 @@ impl Engine {
         request: TransferRequest,
     ) -> Result<PreparedTransfer, TransferError> {
         geometry::validate_task_id(&request.task_id)?;
+        if request.transport == TransportChoice::Rdma && self.rdma.is_none() {
+            return Err(TransferError::FailedPrecondition(
+                "RDMA was asked for but this daemon has no usable RDMA device (see `ferry devices`)".into(),
+            ));
+        }
         if request.sources.is_empty() {
             return Err(TransferError::InvalidArgument(
                 "no source peers given".into(),
@@ -303,6 +332,7 @@ impl Engine {
             sources,
             output,
             streams_per_source,
+            transport: request.transport,
             cancel,
         })
     }
@@ -395,7 +425,10 @@ impl Engine {
             wake: Notify::new(),
             cancel: prepared.cancel.child_token(),
         });
-        let transport: Arc<dyn PieceTransport> = self.tcp.clone();
+        let rdma = match prepared.transport {
+            TransportChoice::Tcp => None,
+            TransportChoice::Auto | TransportChoice::Rdma => self.rdma.clone(),
+        };
         let mut workers = tokio::task::JoinSet::new();
         if !wanted.is_empty() {
             for (index, &source) in prepared.sources.iter().enumerate() {
@@ -404,7 +437,8 @@ impl Engine {
                         engine: Arc::clone(self),
                         task: Arc::clone(task),
                         shared: Arc::clone(&shared),
-                        transport: Arc::clone(&transport),
+                        rdma: rdma.clone(),
+                        rdma_only: prepared.transport == TransportChoice::Rdma,
                         source,
                         source_index: index,
                         source_name: prepared.source_names[index].clone(),
@@ -462,7 +496,8 @@ impl Engine {
                 .cloned()
                 .zip(state.totals.iter().cloned())
                 .collect(),
-            transports: vec![(transport.name().to_owned(), bytes_fetched, pieces_fetched)],
+            transports: std::mem::take(&mut state.transports),
+            rdma_fallbacks: state.rdma_fallbacks,
             output: prepared.output.clone(),
         })
     }
@@ -489,6 +524,9 @@ struct Schedule {
     consecutive_failures: Vec<u32>,
     failure: Option<Failure>,
     totals: Vec<SourceTotals>,
+    /// Bytes and pieces per transport name.
+    transports: Vec<(String, u64, u32)>,
+    rdma_fallbacks: u32,
     retries: u32,
 }
 
@@ -509,7 +547,19 @@ impl Schedule {
             consecutive_failures: vec![0; sources],
             failure: None,
             totals: vec![SourceTotals::default(); sources],
+            transports: Vec::new(),
+            rdma_fallbacks: 0,
             retries: 0,
+        }
+    }
+
+    fn count_transport(&mut self, name: &str, bytes: u64) {
+        match self.transports.iter_mut().find(|t| t.0 == name) {
+            Some(entry) => {
+                entry.1 += bytes;
+                entry.2 += 1;
+            }
+            None => self.transports.push((name.to_owned(), bytes, 1)),
         }
     }
 
@@ -564,7 +614,9 @@ struct Worker {
     engine: Arc<Engine>,
     task: Arc<StoredTask>,
     shared: Arc<Shared>,
-    transport: Arc<dyn PieceTransport>,
+    /// RDMA, when this transfer may use it; TCP is always there.
+    rdma: Option<Arc<RdmaTransport>>,
+    rdma_only: bool,
     source: SocketAddr,
     source_index: usize,
     source_name: String,
@@ -612,6 +664,63 @@ impl Worker {
         }
     }
 
+    /// One transport's fetch, bounded by the piece timeout.
+    async fn fetch_with(
+        &self,
+        transport: &dyn PieceTransport,
+        piece: PieceRange,
+        buf: &mut crate::io::PieceBuffer,
+    ) -> Result<FetchedPiece, TransportError> {
+        let limit = self.engine.settings.piece_timeout;
+        tokio::time::timeout(
+            limit,
+            transport.fetch(self.source, self.task.id(), piece, buf),
+        )
+        .await
+        .map_err(|_| {
+            TransportError::Failed(format!("piece {} took longer than {limit:?}", piece.number))
+        })?
+    }
+
+    /// Fetches over RDMA when this transfer and the source allow it, else over TCP; a piece
+    /// RDMA fails is fetched over TCP at once (unless the transfer is RDMA-only). Returns what
+    /// arrived, the transport that carried it, and whether it fell back.
+    async fn fetch(
+        &self,
+        piece: PieceRange,
+        buf: &mut crate::io::PieceBuffer,
+    ) -> Result<(FetchedPiece, &'static str, bool), AttemptError> {
+        if let Some(rdma) = self.rdma.as_ref().filter(|r| r.supports(self.source)) {
+            match self.fetch_with(rdma.as_ref(), piece, buf).await {
+                Ok(fetched) => return Ok((fetched, "rdma", false)),
+                Err(err @ TransportError::NotHeld(_)) => return Err(AttemptError::Transport(err)),
+                Err(err) if self.rdma_only => return Err(AttemptError::Transport(err)),
+                Err(TransportError::Unsupported(_)) => {}
+                Err(err) => {
+                    tracing::warn!(task_id = %self.task.id(), piece = piece.number, source = %self.source_name, error = %err, "RDMA failed for this piece; fetching it over TCP");
+                    let fetched = self
+                        .fetch_with(self.engine.tcp.as_ref(), piece, buf)
+                        .await
+                        .map_err(AttemptError::Transport)?;
+                    return Ok((fetched, "tcp", true));
+                }
+            }
+        }
+        if self.rdma_only {
+            return Err(AttemptError::Transport(TransportError::Unsupported(
+                format!(
+                    "{} has no RDMA and the transfer is RDMA-only",
+                    self.source_name
+                ),
+            )));
+        }
+        let fetched = self
+            .fetch_with(self.engine.tcp.as_ref(), piece, buf)
+            .await
+            .map_err(AttemptError::Transport)?;
+        Ok((fetched, "tcp", false))
+    }
+
     async fn attempt(&self, entry: &Entry) -> Result<PieceOutcome, AttemptError> {
         let piece = self
             .task
@@ -624,19 +733,7 @@ impl Worker {
             .await
             .map_err(|e| AttemptError::Store(StoreError::Pool(e)))?;
         let fetch_started = Instant::now();
-        let fetched = tokio::time::timeout(
-            self.engine.settings.piece_timeout,
-            self.transport
-                .fetch(self.source, self.task.id(), piece, &mut buf),
-        )
-        .await
-        .map_err(|_| {
-            AttemptError::Transport(TransportError::Failed(format!(
-                "piece {} took longer than {:?}",
-                piece.number, self.engine.settings.piece_timeout
-            )))
-        })?
-        .map_err(AttemptError::Transport)?;
+        let (fetched, transport, fell_back) = self.fetch(piece, &mut buf).await?;
         let fetch_time = fetch_started.elapsed();
         // Verify before anything is written: the bytes must match the digest the source holds.
         match geometry::parse_digest(&fetched.advertised_digest) {
@@ -668,7 +765,8 @@ impl Worker {
             piece,
             digest: geometry::format_digest(fetched.crc32),
             source: self.source_name.clone(),
-            transport: self.transport.name(),
+            transport,
+            fell_back,
             fetch_time,
             write_time: write_started.elapsed(),
             attempt: entry.attempts + 1,
@@ -686,6 +784,8 @@ impl Worker {
                     let totals = &mut state.totals[self.source_index];
                     totals.bytes += outcome.piece.length;
                     totals.pieces += 1;
+                    state.count_transport(outcome.transport, outcome.piece.length);
+                    state.rdma_fallbacks += u32::from(outcome.fell_back);
                     Some(outcome)
                 }
                 Err(AttemptError::Store(err)) => {

@@ -32,6 +32,9 @@ pub enum TransportError {
     /// The source answered with something wrong (protocol, length, timeout mid-piece).
     #[error("{0}")]
     Failed(String),
+    /// This transport cannot reach that source at all (no RDMA there): use another.
+    #[error("transport not supported by the source: {0}")]
+    Unsupported(String),
 }
 
 /// One way of moving pieces.

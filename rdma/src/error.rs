@@ -19,7 +19,7 @@ pub enum RdmaError {
 }
 
 impl RdmaError {
-    pub(crate) fn verbs(step: &'static str, err: impl std::fmt::Display) -> RdmaError {
+    pub fn verbs(step: &'static str, err: impl std::fmt::Display) -> RdmaError {
         RdmaError::Verbs {
             step,
             message: err.to_string(),

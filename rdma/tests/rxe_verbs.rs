@@ -55,7 +55,10 @@ fn buffer(
     // SAFETY: the Vec is never resized, and `Buffer` drops the region before the Vec.
     let region =
         unsafe { context.register(bytes.as_mut_ptr(), len, remote_write) }.expect("register");
-    Buffer { region: Arc::new(region), bytes }
+    Buffer {
+        region: Arc::new(region),
+        bytes,
+    }
 }
 
 async fn connected_pair(

@@ -259,6 +259,13 @@ impl PieceBuffer {
         self.pool.slot_ptr(self.slots[index])
     }
 
+    /// The address of byte `offset` of the piece, for a device to read or write (an integer:
+    /// nothing is dereferenced here).
+    pub fn address_of(&self, offset: usize) -> u64 {
+        let slot_size = self.pool.info.slot_size;
+        self.chunk_ptr(offset / slot_size) as u64 + (offset % slot_size) as u64
+    }
+
     /// The first `upto` bytes (at most the capacity), as one slice per slot.
     pub fn chunks_upto_mut(&mut self, upto: usize) -> Vec<&mut [u8]> {
         assert!(upto <= self.capacity());
