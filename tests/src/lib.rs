@@ -62,6 +62,8 @@ static STARTS: AtomicUsize = AtomicUsize::new(0);
 pub struct DaemonOptions {
     /// Reuse this data dir (a restart); otherwise a fresh one under the daemon's dir.
     pub data_dir: Option<PathBuf>,
+    /// Data-plane listen address [default: 127.0.0.1:0].
+    pub listen: Option<String>,
     pub extra_args: Vec<String>,
 }
 
@@ -94,7 +96,12 @@ impl Daemon {
             .arg("serve")
             .arg("--data-dir")
             .arg(&data_dir)
-            .args(["--listen", "127.0.0.1:0", "--pool-mib", "128"])
+            .args([
+                "--listen",
+                options.listen.as_deref().unwrap_or("127.0.0.1:0"),
+                "--pool-mib",
+                "128",
+            ])
             .args(&options.extra_args)
             .env("FERRY_LOG", "info,ferry_fallback_tcp=debug")
             .stdin(Stdio::null())

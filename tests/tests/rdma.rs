@@ -1,0 +1,183 @@
+//! Daemons moving pieces over real RDMA verbs. They need two soft-RoCE devices that reach each
+//! other, so a plain `cargo test` ignores them; `scripts/test.sh` runs them inside the
+//! soft-RoCE VM (`scripts/rxe-vm.sh`), which sets `FERRY_RXE_ADDR0/1` and `FERRY_RXE_DEV0/1`.
+
+use ferry_engine::proto;
+use ferry_tests::*;
+use std::time::{Duration, Instant};
+
+const SIZE: u64 = 256 * MIB;
+
+fn env(name: &str) -> String {
+    std::env::var(name)
+        .unwrap_or_else(|_| panic!("{name} is not set: run inside scripts/rxe-vm.sh"))
+}
+
+/// A daemon on one of the VM's RDMA addresses (`which` 0 or 1), with extra flags.
+async fn rdma_daemon(root: &std::path::Path, name: &str, which: u8, extra: &[&str]) -> Daemon {
+    let mut extra_args = vec![
+        "--rdma-device".to_owned(),
+        env(&format!("FERRY_RXE_DEV{which}")),
+    ];
+    extra_args.extend(extra.iter().map(|s| s.to_string()));
+    let listen = format!("{}:0", env(&format!("FERRY_RXE_ADDR{which}")));
+    Daemon::start(
+        root,
+        name,
+        DaemonOptions {
+            listen: Some(listen),
+            extra_args,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn rdma_available(daemon: &Daemon) -> bool {
+    let caps = daemon
+        .client()
+        .await
+        .get_capabilities(proto::GetCapabilitiesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let rdma = caps
+        .transports
+        .iter()
+        .find(|t| t.name == "rdma")
+        .expect("rdma transport listed");
+    assert!(!caps.rdma_devices.is_empty(), "devices are discovered");
+    rdma.available
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn pieces_move_over_rdma_between_two_daemons() {
+    let root = scratch("rdma");
+    let source = root.path().join("model.bin");
+    random_file(&source, SIZE, 21);
+    let seed = rdma_daemon(root.path(), "seed", 0, &[]).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &[]).await;
+    assert!(rdma_available(&seed).await && rdma_available(&receiver).await);
+    assert!(
+        seed.log_text().contains("registered memory region"),
+        "registration is logged"
+    );
+    let task = seed.import(&source).await;
+    let output = root.path().join("copy.bin");
+    let started = Instant::now();
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let summary = result.summary.unwrap();
+    eprintln!("256 MiB over rdma in {:?}", started.elapsed());
+    assert_eq!(summary.pieces_fetched, 64);
+    let not_rdma: Vec<_> = result
+        .pieces
+        .iter()
+        .filter(|p| p.transport != "rdma")
+        .map(|p| p.number)
+        .collect();
+    assert!(
+        not_rdma.is_empty(),
+        "pieces not over rdma: {not_rdma:?}\n{}",
+        receiver.log_text()
+    );
+    assert_eq!(summary.rdma_fallbacks, 0);
+    assert!(summary
+        .transports
+        .iter()
+        .any(|t| t.transport == "rdma" && t.bytes == SIZE));
+    assert!(same_contents(&source, &output));
+    assert_eq!(seed.stat(&task.task_id).await.pieces_served, 64);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_daemon_without_rdma_is_reached_over_tcp() {
+    let root = scratch("rdma-off");
+    let source = root.path().join("model.bin");
+    random_file(&source, 64 * MIB, 22);
+    let seed = rdma_daemon(root.path(), "seed", 0, &["--no-rdma"]).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &[]).await;
+    assert!(!rdma_available(&seed).await);
+    assert!(rdma_available(&receiver).await);
+    let task = seed.import(&source).await;
+    let output = root.path().join("copy.bin");
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(result.pieces.iter().all(|p| p.transport == "tcp"));
+    assert_eq!(
+        result.summary.unwrap().rdma_fallbacks,
+        0,
+        "no RDMA at the peer is not a per-piece failure"
+    );
+    assert!(same_contents(&source, &output));
+    // Asking for RDMA only from a peer without it fails clearly.
+    let again = root.path().join("again.bin");
+    let mut request = pull_request(&task.task_id, &[&seed.data_address], &again);
+    request.transport = proto::TransportPreference::Rdma as i32;
+    receiver
+        .client()
+        .await
+        .delete_task(proto::DeleteTaskRequest {
+            task_id: task.task_id.clone(),
+        })
+        .await
+        .unwrap();
+    let err = transfer(&mut receiver.client().await, request, |_| {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(!again.exists());
+}
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_sender_killed_mid_transfer_does_not_hang_it() {
+    let root = scratch("rdma-kill");
+    let source = root.path().join("model.bin");
+    random_file(&source, 128 * MIB, 23);
+    let victim = rdma_daemon(root.path(), "victim", 0, &[]).await;
+    let survivor = rdma_daemon(root.path(), "survivor", 0, &[]).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &["--io-timeout", "3"]).await;
+    let task = victim.import(&source).await;
+    survivor.import(&source).await;
+    let output = root.path().join("copy.bin");
+    let mut request = pull_request(
+        &task.task_id,
+        &[&victim.data_address, &survivor.data_address],
+        &output,
+    );
+    request.streams_per_source = 1;
+    let pid = victim.pid();
+    let mut killed = false;
+    let started = Instant::now();
+    let result = transfer(&mut receiver.client().await, request, |_| {
+        if !killed {
+            std::process::Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status()
+                .unwrap();
+            killed = true;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(killed);
+    assert!(
+        started.elapsed() < Duration::from_secs(600),
+        "bounded by the timeouts"
+    );
+    assert_eq!(result.summary.unwrap().pieces_fetched, 32);
+    assert!(same_contents(&source, &output));
+}
