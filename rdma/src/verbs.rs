@@ -433,6 +433,7 @@ impl Connection {
                 "range lies outside its registered region",
             ));
         }
+        // A type-2 window gets a fresh key (its low byte) with every bind.
         // SAFETY: `window` is a live MW; ibv_inc_rkey only computes the next key.
         let rkey = unsafe { rdma_mummy_sys::ibv_inc_rkey(window.mw.as_ref().rkey) };
         // SAFETY: an all-zero ibv_send_wr is a valid empty request; every field used is set.
@@ -452,6 +453,11 @@ impl Connection {
             },
         };
         self.post_raw(&mut wr, "post bind memory window")?;
+        // The provider names the window by `ibv_mw.rkey` in the next bind request, and the
+        // device now knows it by the new key: keep the two in step (libibverbs does this for
+        // type-1 binds only).
+        // SAFETY: the MW is ours and alive; the field is plain data read only when posting.
+        unsafe { (*window.mw.as_ptr()).rkey = rkey };
         Ok(rkey)
     }
 

@@ -157,16 +157,30 @@ async fn a_write_outside_the_registered_region_is_a_remote_access_error() {
     assert!(target.bytes.iter().all(|&b| b == 2), "nothing was written");
 }
 
-/// Waits for the completion of `wr_id`, skipping (and checking) others.
-async fn completion_of(connection: &Connection, wr_id: u64) -> ferry_rdma::Completion {
-    loop {
-        for completion in connection.completions().await.unwrap() {
-            if completion.wr_id == wr_id {
-                return completion;
+/// Waits (at most 20 s) for the completions of every id in `wr_ids`, returned in that order;
+/// other completions met on the way must be successes.
+async fn completions_of(connection: &Connection, wr_ids: &[u64]) -> Vec<ferry_rdma::Completion> {
+    let wait = async {
+        let mut found: Vec<ferry_rdma::Completion> = Vec::new();
+        while found.len() < wr_ids.len() {
+            for completion in connection.completions().await.unwrap() {
+                if wr_ids.contains(&completion.wr_id) {
+                    found.push(completion);
+                } else {
+                    completion.ok().unwrap();
+                }
             }
-            completion.ok().unwrap();
         }
-    }
+        found.sort_by_key(|c| wr_ids.iter().position(|&id| id == c.wr_id));
+        found
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(20), wait)
+        .await
+        .unwrap_or_else(|_| panic!("no completions for {wr_ids:?}"))
+}
+
+async fn completion_of(connection: &Connection, wr_id: u64) -> ferry_rdma::Completion {
+    completions_of(connection, &[wr_id]).await.remove(0)
 }
 
 #[tokio::test]
@@ -236,6 +250,52 @@ async fn a_memory_window_lets_writes_in_only_until_it_is_invalidated() {
         target.bytes[SLOT as usize..].iter().all(|&b| b == 9),
         "the late write changed nothing"
     );
+}
+
+#[tokio::test]
+#[ignore = "needs two RDMA devices: scripts/rxe-vm.sh runs it"]
+async fn a_window_is_bound_again_for_every_grant() {
+    // As the daemon does piece after piece: one window, one connection, a fresh key and a new
+    // address for every grant, each grant filled by several chunk writes.
+    const GRANT: u64 = 1 << 20;
+    const CHUNK: u64 = 256 << 10;
+    let (a, sender, b, receiver) = connected_pair(ConnectionConfig::default()).await;
+    let source = buffer(&a, GRANT as usize, |i| (i % 241) as u8, false);
+    let target = buffer(&b, 4 * GRANT as usize, |_| 0, false);
+    let window = b.alloc_window().unwrap();
+    for round in 0..4u64 {
+        let at = target.region.base() + round * GRANT;
+        let rkey = receiver
+            .post_bind(20 + round, &window, &target.region, at, GRANT)
+            .unwrap();
+        completion_of(&receiver, 20 + round).await.ok().unwrap();
+        receiver.post_receives(200, (GRANT / CHUNK) as u32).unwrap();
+        for chunk in 0..GRANT / CHUNK {
+            let offset = chunk * CHUNK;
+            sender
+                .post_write_with_immediate(
+                    30 + chunk,
+                    &source.region,
+                    source.region.base() + offset,
+                    CHUNK as u32,
+                    rkey,
+                    at + offset,
+                    chunk as u32,
+                )
+                .unwrap();
+        }
+        let writes: Vec<u64> = (0..GRANT / CHUNK).map(|chunk| 30 + chunk).collect();
+        for completion in completions_of(&sender, &writes).await {
+            completion.ok().unwrap();
+        }
+        receiver.post_invalidate(40 + round, rkey).unwrap();
+        completion_of(&receiver, 40 + round).await.ok().unwrap();
+        let slot = (round * GRANT) as usize;
+        assert!(
+            target.bytes[slot..slot + GRANT as usize] == source.bytes[..],
+            "round {round}"
+        );
+    }
 }
 
 #[tokio::test]
