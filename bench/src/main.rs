@@ -45,6 +45,45 @@ enum Bench {
     Tcp(TcpArgs),
     /// The store's writes (io_uring, O_DIRECT) beside fio with the same block size and depth.
     Disk(DiskArgs),
+    /// The RDMA piece path (into memory and into the store) beside perftest's ib_write_bw on
+    /// the same devices with the same message size. Locally it uses two devices that reach
+    /// each other (inside `scripts/rxe-vm.sh`: rxe0 and rxe1); across two hosts, run
+    /// `--serve` on one and `--connect` on the other.
+    Rdma(RdmaArgs),
+}
+
+#[derive(Debug, Args)]
+struct RdmaArgs {
+    /// Size of the task served, MiB.
+    #[arg(long, default_value_t = 256)]
+    size_mib: u64,
+    /// Queue pairs (pieces in flight) towards the source.
+    #[arg(long, default_value_t = 4)]
+    streams: u32,
+    /// Bytes per RDMA WRITE, KiB (also ib_write_bw's message size).
+    #[arg(long, default_value_t = 1024)]
+    chunk_kib: u32,
+    /// Times the whole task is fetched for the into-memory figure.
+    #[arg(long, default_value_t = 2)]
+    rounds: u32,
+    /// Serving side's device and address [default: $FERRY_RXE_DEV0, $FERRY_RXE_ADDR0].
+    #[arg(long)]
+    server_device: Option<String>,
+    #[arg(long)]
+    server_addr: Option<String>,
+    /// Receiving side's device and address [default: $FERRY_RXE_DEV1, $FERRY_RXE_ADDR1].
+    #[arg(long)]
+    client_device: Option<String>,
+    #[arg(long)]
+    client_addr: Option<String>,
+    /// Two hosts: serve a generated task on --server-addr until interrupted.
+    #[arg(long, conflicts_with = "connect")]
+    serve: bool,
+    /// Two hosts: fetch task TASK_ID from the Ferry data port at this address (into memory).
+    #[arg(long, requires = "task")]
+    connect: Option<String>,
+    #[arg(long)]
+    task: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -95,6 +134,7 @@ fn main() -> anyhow::Result<()> {
     let (name, results) = match &cli.command {
         Bench::Tcp(args) => ("tcp", runtime.block_on(bench_tcp(scratch.path(), args))?),
         Bench::Disk(args) => ("disk", runtime.block_on(bench_disk(scratch.path(), args))?),
+        Bench::Rdma(args) => ("rdma", runtime.block_on(bench_rdma(scratch.path(), args))?),
     };
     let out = cli
         .json_out
@@ -596,4 +636,374 @@ fn run_fio(
     report["jobs"][0]["write"]["bw_bytes"]
         .as_f64()
         .context("fio reported no bandwidth")
+}
+
+fn env_or(value: &Option<String>, var: &str, what: &str) -> anyhow::Result<String> {
+    match value {
+        Some(v) => Ok(v.clone()),
+        None => std::env::var(var).with_context(|| {
+            format!("give --{what} (or run inside scripts/rxe-vm.sh, which sets {var})")
+        }),
+    }
+}
+
+/// A store with its pool registered on `device`; returns the RDMA side too.
+fn rdma_store(
+    dir: &Path,
+    device: &str,
+    pool_mib: u64,
+    chunk_kib: u32,
+) -> anyhow::Result<(
+    Arc<Store>,
+    Arc<ferry_engine::rdma::RdmaHost>,
+    ferry_engine::rdma::RdmaSettings,
+)> {
+    let pool = BufferPool::new((4 * MIB) as usize, (pool_mib / 4) as usize)?;
+    let config = ferry_engine::config::RdmaConfig {
+        device: Some(device.to_owned()),
+        chunk_kib,
+        ..Default::default()
+    };
+    let host = Arc::new(ferry_engine::rdma::RdmaHost::start(&config, &pool));
+    if let ferry_engine::rdma::RdmaStatus::Unavailable(reason) = &host.status {
+        bail!("RDMA device {device} unusable: {reason}");
+    }
+    let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
+    let store = Arc::new(Store::open(dir, pool, io, true)?);
+    let settings = ferry_engine::rdma::RdmaSettings {
+        chunk_size: chunk_kib * 1024,
+        connect_timeout: Duration::from_secs(5),
+        io_timeout: Duration::from_secs(30),
+    };
+    Ok((store, host, settings))
+}
+
+/// Starts a Ferry data port (TCP, with the RDMA upgrade) for `store` on `addr`.
+async fn serve_store(
+    store: &Arc<Store>,
+    host: &ferry_engine::rdma::RdmaHost,
+    settings: &ferry_engine::rdma::RdmaSettings,
+    addr: &str,
+) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
+    let (_, service) = host
+        .exchange(store, settings.clone(), Duration::from_secs(60))
+        .context("RDMA not ready on the serving side")?;
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let provider = Arc::new(StoreProvider {
+        store: Arc::clone(store),
+        host_id: "bench".into(),
+        rdma: Some(service),
+    });
+    Ok((
+        bound,
+        tokio::spawn(Server::new(listener, provider, ServerConfig::default()).run()),
+    ))
+}
+
+/// Fetches every piece `rounds` times over RDMA with `streams` pieces in flight, verifying
+/// each digest; returns the bytes moved.
+async fn fetch_rdma_into_memory(
+    transport: Arc<ferry_engine::rdma::RdmaTransport>,
+    pool: Arc<BufferPool>,
+    source: std::net::SocketAddr,
+    task_id: &str,
+    geometry: Geometry,
+    rounds: u32,
+    streams: u32,
+) -> anyhow::Result<u64> {
+    use ferry_engine::transport::PieceTransport;
+    let total = u64::from(geometry.piece_count()) * u64::from(rounds);
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..streams {
+        let (transport, pool, next, task_id) = (
+            Arc::clone(&transport),
+            Arc::clone(&pool),
+            Arc::clone(&next),
+            task_id.to_owned(),
+        );
+        tasks.spawn(async move {
+            let mut bytes = 0u64;
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    return anyhow::Ok(bytes);
+                }
+                let piece = geometry.piece((n % u64::from(geometry.piece_count())) as u32)?;
+                let mut buf = pool.acquire(piece.length).await?;
+                let fetched = transport
+                    .fetch(source, &task_id, piece, &mut buf)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("piece {}: {e}", piece.number))?;
+                if geometry::parse_digest(&fetched.advertised_digest) != Some(fetched.crc32) {
+                    bail!("digest mismatch on piece {}", piece.number);
+                }
+                bytes += piece.length;
+            }
+        });
+    }
+    let mut bytes = 0;
+    while let Some(done) = tasks.join_next().await {
+        bytes += done??;
+    }
+    Ok(bytes)
+}
+
+async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
+    let pool_mib = (u64::from(args.streams) * 8).max(64);
+    if args.serve {
+        let device = env_or(&args.server_device, "FERRY_RXE_DEV0", "server-device")?;
+        let addr = env_or(&args.server_addr, "FERRY_RXE_ADDR0", "server-addr")?;
+        let (store, host, settings) =
+            rdma_store(&dir.join("seed"), &device, pool_mib, args.chunk_kib)?;
+        let source = dir.join("source.bin");
+        random_file(&source, args.size_mib * MIB)?;
+        let task = import_file(&store, &source, &ImportOptions::default()).await?;
+        let bind = if addr.contains(':') {
+            addr.clone()
+        } else {
+            format!("{addr}:0")
+        };
+        let (bound, server) = serve_store(&store, &host, &settings, &bind).await?;
+        println!(
+            "serving task {} ({} MiB) on {bound}; on the other host:",
+            task.id(),
+            args.size_mib
+        );
+        println!(
+            "  ferry-bench rdma --connect {bound} --task {} --client-device DEV",
+            task.id()
+        );
+        tokio::signal::ctrl_c().await?;
+        server.abort();
+        return Ok(
+            json!({ "benchmark": "rdma", "mode": "serve", "task_id": task.id(), "address": bound.to_string() }),
+        );
+    }
+    let client_device = env_or(&args.client_device, "FERRY_RXE_DEV1", "client-device")?;
+    let (receiver, client_host, settings) = rdma_store(
+        &dir.join("receiver"),
+        &client_device,
+        pool_mib,
+        args.chunk_kib,
+    )?;
+    let (transport, _) = client_host
+        .exchange(&receiver, settings.clone(), Duration::from_secs(60))
+        .context("RDMA not ready on the receiving side")?;
+    if let Some(address) = &args.connect {
+        let source: std::net::SocketAddr = address.parse()?;
+        let task_id = args.task.clone().expect("required by clap");
+        let info = TcpTransport::new(ClientConfig::default())
+            .stat_task(source, &task_id)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let geometry = Geometry::new(info.content_length, info.piece_length)?;
+        let start = measure_start();
+        let bytes = fetch_rdma_into_memory(
+            transport,
+            Arc::clone(receiver.pool()),
+            source,
+            &task_id,
+            geometry,
+            args.rounds,
+            args.streams,
+        )
+        .await?;
+        let memory = measure_end(start, bytes);
+        println!(
+            "ferry rdma into memory from {source}: {:.3} Gbit/s ({:.1} MB/s), {:.3} CPU s/GB",
+            memory.bits_per_second() / 1e9,
+            memory.bytes_per_second() / 1e6,
+            memory.cpu_seconds_per_gb()
+        );
+        return Ok(
+            json!({ "benchmark": "rdma", "mode": "connect", "ferry": { "into_memory": memory.json() } }),
+        );
+    }
+
+    // Both sides in this process, on two devices that reach each other.
+    let server_device = env_or(&args.server_device, "FERRY_RXE_DEV0", "server-device")?;
+    let server_addr = env_or(&args.server_addr, "FERRY_RXE_ADDR0", "server-addr")?;
+    let client_addr = env_or(&args.client_addr, "FERRY_RXE_ADDR1", "client-addr")?;
+    println!(
+        "== rdma: {} MiB task, {} KiB chunks, {} queue pairs, {server_device} -> {client_device}",
+        args.size_mib, args.chunk_kib, args.streams
+    );
+    let (seed, seed_host, _) =
+        rdma_store(&dir.join("seed"), &server_device, pool_mib, args.chunk_kib)?;
+    let source = dir.join("source.bin");
+    random_file(&source, args.size_mib * MIB)?;
+    let task = import_file(&seed, &source, &ImportOptions::default()).await?;
+    std::fs::remove_file(&source)?;
+    let (addr, server) =
+        serve_store(&seed, &seed_host, &settings, &format!("{server_addr}:0")).await?;
+    let geometry = task.geometry();
+
+    let start = measure_start();
+    let bytes = fetch_rdma_into_memory(
+        Arc::clone(&transport),
+        Arc::clone(receiver.pool()),
+        addr,
+        task.id(),
+        geometry,
+        args.rounds,
+        args.streams,
+    )
+    .await?;
+    let memory = measure_end(start, bytes);
+
+    let engine = Arc::new(Engine::new(
+        Arc::clone(&receiver),
+        Arc::new(TcpTransport::new(ClientConfig::default())),
+        Some(transport),
+        TransferSettings {
+            streams_per_source: args.streams,
+            piece_timeout: Duration::from_secs(120),
+            max_attempts: 3,
+            source_failure_limit: 3,
+        },
+        Vec::new(),
+    ));
+    let prepared = engine
+        .prepare(TransferRequest {
+            task_id: task.id().to_owned(),
+            content_length: geometry.content_length(),
+            piece_length: geometry.piece_length(),
+            pieces: Vec::new(),
+            sources: vec![addr.to_string()],
+            output: None,
+            streams_per_source: args.streams,
+            transport: ferry_engine::transfer::TransportChoice::Rdma,
+        })
+        .await?;
+    let (events, mut drain) = tokio::sync::mpsc::channel(64);
+    let drained = tokio::spawn(async move { while drain.recv().await.is_some() {} });
+    let start = measure_start();
+    let summary = engine.run(prepared, events).await?;
+    let store = measure_end(start, summary.bytes_fetched);
+    drained.await?;
+    server.abort();
+    drop(seed_host);
+    let _ = client_addr;
+
+    let baseline = if tool("ib_write_bw") {
+        Some(run_ib_write_bw(
+            &server_device,
+            &client_device,
+            &server_addr,
+            args.chunk_kib * 1024,
+            args.streams,
+            args.size_mib * MIB,
+        )?)
+    } else {
+        None
+    };
+    println!();
+    println!(
+        "{:<40} {:>10} {:>12} {:>14}",
+        "path", "MB/s", "CPU s/GB", "vs ib_write_bw"
+    );
+    let ratio = |m: &Measured| baseline.map(|b| m.bytes_per_second() / b);
+    for (name, m) in [
+        ("ferry rdma into memory (verified)", &memory),
+        ("ferry rdma into store (durable)", &store),
+    ] {
+        let r = ratio(m)
+            .map(|r| format!("{r:.2}x"))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{name:<40} {:>10.1} {:>12.3} {r:>14}",
+            m.bytes_per_second() / 1e6,
+            m.cpu_seconds_per_gb()
+        );
+    }
+    match baseline {
+        Some(b) => println!(
+            "{:<40} {:>10.1} {:>12} {:>14}",
+            format!(
+                "ib_write_bw -s {} -q {}",
+                args.chunk_kib * 1024,
+                args.streams
+            ),
+            b / 1e6,
+            "-",
+            "1.00x"
+        ),
+        None => println!("ib_write_bw (perftest) is not installed"),
+    }
+    Ok(json!({
+        "benchmark": "rdma",
+        "parameters": { "size_bytes": args.size_mib * MIB, "chunk_bytes": args.chunk_kib * 1024, "queue_pairs": args.streams, "rounds": args.rounds, "server_device": server_device, "client_device": client_device },
+        "ferry": { "into_memory": memory.json(), "into_store": store.json() },
+        "baseline": baseline.map(|b| json!({ "tool": "ib_write_bw", "bytes_per_second": b, "message_size": args.chunk_kib * 1024, "queue_pairs": args.streams })),
+        "ratios": { "into_memory_vs_ib_write_bw": ratio(&memory), "into_store_vs_ib_write_bw": ratio(&store) },
+    }))
+}
+
+/// Runs perftest's ib_write_bw between the two devices, moving `total` bytes in messages of
+/// `size` over `qps` queue pairs; returns average bytes per second.
+fn run_ib_write_bw(
+    server_device: &str,
+    client_device: &str,
+    server_addr: &str,
+    size: u32,
+    qps: u32,
+    total: u64,
+) -> anyhow::Result<f64> {
+    let iterations = (total / u64::from(size) / u64::from(qps)).max(5);
+    let gid = std::env::var("FERRY_RXE_GID_INDEX").unwrap_or_else(|_| "1".into());
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+        probe.local_addr()?.port().to_string()
+    };
+    let common = [
+        "-s",
+        &size.to_string(),
+        "-q",
+        &qps.to_string(),
+        "-x",
+        &gid,
+        "-F",
+        "-n",
+        &iterations.to_string(),
+        "-p",
+        &port,
+    ]
+    .map(str::to_owned);
+    let mut server = Command::new("ib_write_bw")
+        .arg("-d")
+        .arg(server_device)
+        .args(&common)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting ib_write_bw")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let output = Command::new("ib_write_bw")
+        .arg("-d")
+        .arg(client_device)
+        .args(&common)
+        .arg(server_addr)
+        .output()
+        .context("running ib_write_bw")?;
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&output.stdout);
+    // The result row: bytes, iterations, peak MB/s, average MB/s, Mpps (MB = 2^20 bytes).
+    let row = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 5 && fields[0] == size.to_string())
+                .then(|| fields[3].parse::<f64>().ok())
+                .flatten()
+        })
+        .next_back()
+        .with_context(|| {
+            format!(
+                "no result row in ib_write_bw output:\n{text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    Ok(row * MIB as f64)
 }
