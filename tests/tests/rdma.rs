@@ -4,6 +4,7 @@
 
 use ferry_engine::proto;
 use ferry_tests::*;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 const SIZE: u64 = 256 * MIB;
@@ -180,4 +181,177 @@ async fn a_sender_killed_mid_transfer_does_not_hang_it() {
     );
     assert_eq!(result.summary.unwrap().pieces_fetched, 32);
     assert!(same_contents(&source, &output));
+}
+
+/// A source that plays by the rules for one piece, then writes into the receiver's slot again
+/// after its credit returned: that write must fail on the source's side, and the receiver's
+/// copy must stay correct.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_source_writing_after_its_credit_returned_is_refused() {
+    use ferry_engine::io::BufferPool;
+    use ferry_rdma::credit::plan_writes;
+    use ferry_rdma::wire::{self, Message};
+    use ferry_rdma::{
+        choose, discover, Connection, ConnectionConfig, RdmaContext, SelectionRequest,
+    };
+
+    const PIECE: u64 = 4 * MIB;
+    let root = scratch("rdma-rogue");
+    let task_id = "c".repeat(64);
+    // The rogue's memory: slot 0 holds the real piece, slot 1 garbage for the late write.
+    let pool = BufferPool::new(PIECE as usize, 2).unwrap();
+    let mut piece = pool.acquire(PIECE).await.unwrap();
+    let mut garbage = pool.acquire(PIECE).await.unwrap();
+    for (i, chunk) in piece.chunks_mut().into_iter().enumerate() {
+        chunk
+            .iter_mut()
+            .enumerate()
+            .for_each(|(j, b)| *b = ((i + j) % 253) as u8);
+    }
+    garbage.chunks_mut().into_iter().for_each(|c| c.fill(0xAA));
+    let content: Vec<u8> = piece.chunks().concat();
+    let digest = format!("crc32:{}", crc32fast::hash(&content));
+    let devices = discover().unwrap();
+    let selection = choose(
+        &devices,
+        &SelectionRequest {
+            device: Some(env("FERRY_RXE_DEV0")),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let context = RdmaContext::open(selection).unwrap();
+    let region = Arc::new(pool.register_rdma(&context).unwrap());
+    let listener = tokio::net::TcpListener::bind(format!("{}:0", env("FERRY_RXE_ADDR0")))
+        .await
+        .unwrap();
+    let rogue_address = listener.local_addr().unwrap().to_string();
+    let limit = Duration::from_secs(30);
+    let rogue = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let Message::Connect { endpoint } = wire::read_message(&mut stream, limit).await.unwrap()
+        else {
+            panic!("expected Connect")
+        };
+        let connection = Connection::new(
+            &context,
+            ConnectionConfig {
+                retry_count: 1,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        connection.connect(&endpoint).unwrap();
+        wire::write_message(
+            &mut stream,
+            &Message::Accept {
+                endpoint: connection.local_endpoint(),
+            },
+            limit,
+        )
+        .await
+        .unwrap();
+        let Message::Fetch {
+            request,
+            number,
+            chunk_size,
+            credits,
+            ..
+        } = wire::read_message(&mut stream, limit).await.unwrap()
+        else {
+            panic!("expected Fetch")
+        };
+        let writes = plan_writes(request, PIECE, chunk_size, &credits).unwrap();
+        for (i, w) in writes.iter().enumerate() {
+            connection
+                .post_write_with_immediate(
+                    i as u64,
+                    &region,
+                    piece.address_of(w.piece_offset as usize),
+                    w.len,
+                    w.rkey,
+                    w.remote_addr,
+                    w.immediate,
+                )
+                .unwrap();
+        }
+        let mut acknowledged = 0;
+        while acknowledged < writes.len() {
+            for completion in connection.completions().await.unwrap() {
+                completion.ok().unwrap();
+                acknowledged += 1;
+            }
+        }
+        wire::write_message(
+            &mut stream,
+            &Message::Done {
+                request,
+                number,
+                length: PIECE,
+                digest,
+            },
+            limit,
+        )
+        .await
+        .unwrap();
+        // Give the receiver time to take its credit back, then write again through it.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let first = writes[0];
+        connection
+            .post_write_with_immediate(
+                99,
+                &region,
+                garbage.address_of(0),
+                first.len,
+                first.rkey,
+                first.remote_addr,
+                first.immediate,
+            )
+            .unwrap();
+        let late = connection.completions().await.unwrap().remove(0);
+        drop(stream);
+        late
+    });
+
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &[]).await;
+    let output = root.path().join("piece.bin");
+    let mut request = pull_request(&task_id, &[&rogue_address], &output);
+    request.content_length = PIECE;
+    request.piece_length = PIECE;
+    request.transport = proto::TransportPreference::Rdma as i32;
+    let result = transfer(&mut receiver.client().await, request, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(result.pieces.len(), 1);
+    assert_eq!(result.pieces[0].transport, "rdma");
+    let late = rogue.await.unwrap();
+    assert_eq!(late.wr_id, 99);
+    assert!(
+        late.error
+            .as_deref()
+            .unwrap_or_default()
+            .contains("RemoteAccess"),
+        "the late write must be refused: {late:?}"
+    );
+    assert!(
+        std::fs::read(&output).unwrap() == content,
+        "the receiver's copy is intact"
+    );
+
+    // And the receiver keeps serving: a real seed's transfer over RDMA still works.
+    let source = root.path().join("next.bin");
+    random_file(&source, 16 * MIB, 24);
+    let seed = rdma_daemon(root.path(), "seed", 0, &[]).await;
+    let task = seed.import(&source).await;
+    let next = root.path().join("next-copy.bin");
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &next),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
+    assert!(same_contents(&source, &next));
 }
