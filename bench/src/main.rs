@@ -8,7 +8,7 @@ use ferry_engine::geometry::{self, Geometry};
 use ferry_engine::import::{import_file, ImportOptions};
 use ferry_engine::io::{BufferPool, IoChoice, IoEngine, TaskFile, WriteRequest};
 use ferry_engine::store::{Store, StoreProvider};
-use ferry_engine::transfer::{Engine, TransferRequest, TransferSettings};
+use ferry_engine::transfer::{Engine, TransferRequest, TransferSettings, TransportChoice};
 use ferry_engine::transport::TcpTransport;
 use ferry_fallback_tcp::{ClientConfig, Connection, Server, ServerConfig};
 use serde_json::{json, Value};
@@ -71,11 +71,9 @@ struct RdmaArgs {
     server_device: Option<String>,
     #[arg(long)]
     server_addr: Option<String>,
-    /// Receiving side's device and address [default: $FERRY_RXE_DEV1, $FERRY_RXE_ADDR1].
+    /// Receiving side's device [default: $FERRY_RXE_DEV1].
     #[arg(long)]
     client_device: Option<String>,
-    #[arg(long)]
-    client_addr: Option<String>,
     /// Two hosts: serve a generated task on --server-addr until interrupted.
     #[arg(long, conflicts_with = "connect")]
     serve: bool,
@@ -293,36 +291,16 @@ async fn bench_tcp(dir: &Path, args: &TcpArgs) -> anyhow::Result<Value> {
 
     // Into the store: the daemon's whole transfer path (verify, io_uring write, journal).
     let receiver = open_store(&dir.join("receiver"), pool_mib)?;
-    let engine = Arc::new(Engine::new(
-        Arc::clone(&receiver),
-        Arc::new(TcpTransport::new(ClientConfig::default())),
+    let store = transfer_into_store(
+        &receiver,
         None,
-        TransferSettings {
-            streams_per_source: args.streams,
-            piece_timeout: Duration::from_secs(60),
-            max_attempts: 3,
-            source_failure_limit: 3,
-        },
-        Vec::new(),
-    ));
-    let prepared = engine
-        .prepare(TransferRequest {
-            task_id: task.id().to_owned(),
-            content_length: geometry.content_length(),
-            piece_length: geometry.piece_length(),
-            pieces: Vec::new(),
-            sources: vec![addr.to_string()],
-            output: None,
-            streams_per_source: args.streams,
-            transport: Default::default(),
-        })
-        .await?;
-    let (events, mut drain) = tokio::sync::mpsc::channel(64);
-    let drained = tokio::spawn(async move { while drain.recv().await.is_some() {} });
-    let start = measure_start();
-    let summary = engine.run(prepared, events).await?;
-    let store = measure_end(start, summary.bytes_fetched);
-    drained.await?;
+        task.id(),
+        geometry,
+        addr,
+        args.streams,
+        TransportChoice::Tcp,
+    )
+    .await?;
     server.abort();
 
     // iperf3 twice: copying from user memory (its default) and with -Z (sendfile, zero-copy
@@ -638,6 +616,49 @@ fn run_fio(
         .context("fio reported no bandwidth")
 }
 
+/// The daemon's whole transfer path into `receiver` (verify, io_uring write, journal), timed.
+async fn transfer_into_store(
+    receiver: &Arc<Store>,
+    rdma: Option<Arc<ferry_engine::rdma::RdmaTransport>>,
+    task_id: &str,
+    geometry: Geometry,
+    source: std::net::SocketAddr,
+    streams: u32,
+    transport: TransportChoice,
+) -> anyhow::Result<Measured> {
+    let engine = Arc::new(Engine::new(
+        Arc::clone(receiver),
+        Arc::new(TcpTransport::new(ClientConfig::default())),
+        rdma,
+        TransferSettings {
+            streams_per_source: streams,
+            piece_timeout: Duration::from_secs(120),
+            max_attempts: 3,
+            source_failure_limit: 3,
+        },
+        Vec::new(),
+    ));
+    let prepared = engine
+        .prepare(TransferRequest {
+            task_id: task_id.to_owned(),
+            content_length: geometry.content_length(),
+            piece_length: geometry.piece_length(),
+            pieces: Vec::new(),
+            sources: vec![source.to_string()],
+            output: None,
+            streams_per_source: streams,
+            transport,
+        })
+        .await?;
+    let (events, mut drain) = tokio::sync::mpsc::channel(64);
+    let drained = tokio::spawn(async move { while drain.recv().await.is_some() {} });
+    let start = measure_start();
+    let summary = engine.run(prepared, events).await?;
+    let measured = measure_end(start, summary.bytes_fetched);
+    drained.await?;
+    Ok(measured)
+}
+
 fn env_or(value: &Option<String>, var: &str, what: &str) -> anyhow::Result<String> {
     match value {
         Some(v) => Ok(v.clone()),
@@ -825,7 +846,6 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
     // Both sides in this process, on two devices that reach each other.
     let server_device = env_or(&args.server_device, "FERRY_RXE_DEV0", "server-device")?;
     let server_addr = env_or(&args.server_addr, "FERRY_RXE_ADDR0", "server-addr")?;
-    let client_addr = env_or(&args.client_addr, "FERRY_RXE_ADDR1", "client-addr")?;
     println!(
         "== rdma: {} MiB task, {} KiB chunks, {} queue pairs, {server_device} -> {client_device}",
         args.size_mib, args.chunk_kib, args.streams
@@ -853,39 +873,18 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
     .await?;
     let memory = measure_end(start, bytes);
 
-    let engine = Arc::new(Engine::new(
-        Arc::clone(&receiver),
-        Arc::new(TcpTransport::new(ClientConfig::default())),
+    let store = transfer_into_store(
+        &receiver,
         Some(transport),
-        TransferSettings {
-            streams_per_source: args.streams,
-            piece_timeout: Duration::from_secs(120),
-            max_attempts: 3,
-            source_failure_limit: 3,
-        },
-        Vec::new(),
-    ));
-    let prepared = engine
-        .prepare(TransferRequest {
-            task_id: task.id().to_owned(),
-            content_length: geometry.content_length(),
-            piece_length: geometry.piece_length(),
-            pieces: Vec::new(),
-            sources: vec![addr.to_string()],
-            output: None,
-            streams_per_source: args.streams,
-            transport: ferry_engine::transfer::TransportChoice::Rdma,
-        })
-        .await?;
-    let (events, mut drain) = tokio::sync::mpsc::channel(64);
-    let drained = tokio::spawn(async move { while drain.recv().await.is_some() {} });
-    let start = measure_start();
-    let summary = engine.run(prepared, events).await?;
-    let store = measure_end(start, summary.bytes_fetched);
-    drained.await?;
+        task.id(),
+        geometry,
+        addr,
+        args.streams,
+        TransportChoice::Rdma,
+    )
+    .await?;
     server.abort();
     drop(seed_host);
-    let _ = client_addr;
 
     let baseline = if tool("ib_write_bw") {
         Some(run_ib_write_bw(

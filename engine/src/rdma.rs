@@ -218,6 +218,36 @@ struct PeerConnection {
     next_wr: u64,
 }
 
+/// Waits until `count` completions of `kind` arrived on `connection`, handing every received
+/// immediate to `on_receive`; any failed completion fails.
+async fn await_completions(
+    connection: &Connection,
+    kind: u64,
+    mut count: usize,
+    limit: Duration,
+    mut on_receive: impl FnMut(u32) -> Result<(), TransportError>,
+) -> Result<(), TransportError> {
+    while count > 0 {
+        let batch = tokio::time::timeout(limit, connection.completions())
+            .await
+            .map_err(|_| TransportError::Failed(format!("rdma: no completion for {limit:?}")))?
+            .map_err(rdma_failure)?;
+        for completion in batch {
+            completion.ok().map_err(rdma_failure)?;
+            if completion.wr_id & WR_KIND == WR_RECEIVE {
+                let immediate = completion.immediate.ok_or_else(|| {
+                    TransportError::Failed("rdma: receive without immediate".into())
+                })?;
+                on_receive(immediate)?;
+            }
+            if completion.wr_id & WR_KIND == kind {
+                count -= 1;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The receiving side: fetches pieces from sources over RDMA.
 pub struct RdmaTransport {
     context: Arc<RdmaContext>,
@@ -298,35 +328,6 @@ impl PeerConnection {
         kind | self.next_wr
     }
 
-    /// Waits until `count` completions of `kind` arrived; any failed completion fails.
-    async fn await_kind(
-        &mut self,
-        kind: u64,
-        mut count: usize,
-        limit: Duration,
-        mut on_receive: impl FnMut(u32) -> Result<(), TransportError>,
-    ) -> Result<(), TransportError> {
-        while count > 0 {
-            let batch = tokio::time::timeout(limit, self.connection.completions())
-                .await
-                .map_err(|_| TransportError::Failed(format!("rdma: no completion for {limit:?}")))?
-                .map_err(rdma_failure)?;
-            for completion in batch {
-                completion.ok().map_err(rdma_failure)?;
-                if completion.wr_id & WR_KIND == WR_RECEIVE {
-                    let immediate = completion.immediate.ok_or_else(|| {
-                        TransportError::Failed("rdma: receive without immediate".into())
-                    })?;
-                    on_receive(immediate)?;
-                }
-                if completion.wr_id & WR_KIND == kind {
-                    count -= 1;
-                }
-            }
-        }
-        Ok(())
-    }
-
     async fn fetch(
         &mut self,
         transport: &RdmaTransport,
@@ -358,11 +359,17 @@ impl PeerConnection {
                 len: len as u32,
             });
         }
-        self.await_kind(WR_BIND, slot_count, settings.io_timeout, |_| {
-            Err(TransportError::Failed(
-                "rdma: write before the grant".into(),
-            ))
-        })
+        await_completions(
+            &self.connection,
+            WR_BIND,
+            slot_count,
+            settings.io_timeout,
+            |_| {
+                Err(TransportError::Failed(
+                    "rdma: write before the grant".into(),
+                ))
+            },
+        )
         .await?;
         let lens: Vec<u32> = credits.iter().map(|c| c.len).collect();
         let chunks = credit::chunk_count(piece.length, settings.chunk_size, &lens);
@@ -416,37 +423,21 @@ impl PeerConnection {
             .window
             .on_done(request)
             .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
+        // Count every chunk's immediate; the credit window rejects strays and duplicates.
         let window = &mut self.window;
-        let mut receives = chunks as usize;
-        if progress != Progress::Complete(request) {
-            let mut seen = 0;
-            let limit = settings.io_timeout;
-            // Count every chunk's immediate; the credit window rejects strays and duplicates.
-            while seen < receives {
-                let batch = tokio::time::timeout(limit, self.connection.completions())
-                    .await
-                    .map_err(|_| {
-                        TransportError::Failed(format!(
-                            "rdma: missing chunk completions after {limit:?}"
-                        ))
-                    })?
-                    .map_err(rdma_failure)?;
-                for completion in batch {
-                    completion.ok().map_err(rdma_failure)?;
-                    if completion.wr_id & WR_KIND == WR_RECEIVE {
-                        let immediate = completion.immediate.ok_or_else(|| {
-                            TransportError::Failed("rdma: receive without immediate".into())
-                        })?;
-                        progress = window
-                            .on_immediate(immediate)
-                            .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
-                        seen += 1;
-                    }
-                }
-            }
-            receives = 0;
-        }
-        debug_assert_eq!(receives, 0);
+        await_completions(
+            &self.connection,
+            WR_RECEIVE,
+            chunks as usize,
+            settings.io_timeout,
+            |immediate| {
+                progress = window
+                    .on_immediate(immediate)
+                    .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
+                Ok(())
+            },
+        )
+        .await?;
         if progress != Progress::Complete(request) {
             return Err(TransportError::Failed(format!(
                 "rdma: request {request} incomplete"
@@ -460,9 +451,13 @@ impl PeerConnection {
                 .post_invalidate(wr, credit.rkey)
                 .map_err(rdma_failure)?;
         }
-        self.await_kind(WR_INVALIDATE, credits.len(), settings.io_timeout, |_| {
-            Err(TransportError::Failed("rdma: unexpected write".into()))
-        })
+        await_completions(
+            &self.connection,
+            WR_INVALIDATE,
+            credits.len(),
+            settings.io_timeout,
+            |_| Err(TransportError::Failed("rdma: unexpected write".into())),
+        )
         .await?;
         Ok(FetchedPiece {
             advertised_digest: digest,
