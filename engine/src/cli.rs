@@ -78,7 +78,7 @@ pub struct ServeArgs {
     #[arg(long)]
     pub advertise: Option<String>,
     /// Only allow transfer outputs under this directory (repeatable). Without it any absolute
-    /// path is allowed.
+    /// path is allowed (never one inside the data dir).
     #[arg(long = "output-dir")]
     pub output_dirs: Vec<PathBuf>,
     /// Buffer pool size in MiB, pinned at start-up [default: 256].
@@ -87,7 +87,7 @@ pub struct ServeArgs {
     /// Disk I/O backend [default: auto].
     #[arg(long, value_enum)]
     pub io: Option<IoChoice>,
-    /// Pieces in flight per source peer [default: 4].
+    /// Pieces in flight per source peer: TCP connections, or RDMA queue pairs [default: 4].
     #[arg(long)]
     pub streams_per_source: Option<u32>,
     /// Seconds of silence from a peer before a read fails [default: 10].
