@@ -63,6 +63,12 @@ struct RdmaArgs {
     /// Bytes per RDMA WRITE, KiB (also ib_write_bw's message size).
     #[arg(long, default_value_t = 1024)]
     chunk_kib: u32,
+    /// Pieces in flight per queue pair.
+    #[arg(long, default_value_t = 2)]
+    window: usize,
+    /// Queue pairs to the source (ib_write_bw gets as many).
+    #[arg(long, default_value_t = 2)]
+    queue_pairs: usize,
     /// Times the whole task is fetched for the into-memory figure.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
@@ -673,7 +679,7 @@ fn rdma_store(
     dir: &Path,
     device: &str,
     pool_mib: u64,
-    chunk_kib: u32,
+    args: &RdmaArgs,
 ) -> anyhow::Result<(
     Arc<Store>,
     Arc<ferry_engine::rdma::RdmaHost>,
@@ -682,7 +688,7 @@ fn rdma_store(
     let pool = BufferPool::new((4 * MIB) as usize, (pool_mib / 4) as usize)?;
     let config = ferry_engine::config::RdmaConfig {
         device: Some(device.to_owned()),
-        chunk_kib,
+        chunk_kib: args.chunk_kib,
         ..Default::default()
     };
     let host = Arc::new(ferry_engine::rdma::RdmaHost::start(&config, &pool));
@@ -692,9 +698,11 @@ fn rdma_store(
     let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
     let store = Arc::new(Store::open(dir, pool, io, true)?);
     let settings = ferry_engine::rdma::RdmaSettings {
-        chunk_size: chunk_kib * 1024,
+        chunk_size: args.chunk_kib * 1024,
         connect_timeout: Duration::from_secs(5),
         io_timeout: Duration::from_secs(30),
+        window: args.window,
+        queue_pairs: args.queue_pairs,
     };
     Ok((store, host, settings))
 }
@@ -776,8 +784,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
     if args.serve {
         let device = env_or(&args.server_device, "FERRY_RXE_DEV0", "server-device")?;
         let addr = env_or(&args.server_addr, "FERRY_RXE_ADDR0", "server-addr")?;
-        let (store, host, settings) =
-            rdma_store(&dir.join("seed"), &device, pool_mib, args.chunk_kib)?;
+        let (store, host, settings) = rdma_store(&dir.join("seed"), &device, pool_mib, args)?;
         let source = dir.join("source.bin");
         random_file(&source, args.size_mib * MIB)?;
         let task = import_file(&store, &source, &ImportOptions::default()).await?;
@@ -803,12 +810,8 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
         );
     }
     let client_device = env_or(&args.client_device, "FERRY_RXE_DEV1", "client-device")?;
-    let (receiver, client_host, settings) = rdma_store(
-        &dir.join("receiver"),
-        &client_device,
-        pool_mib,
-        args.chunk_kib,
-    )?;
+    let (receiver, client_host, settings) =
+        rdma_store(&dir.join("receiver"), &client_device, pool_mib, args)?;
     let (transport, _) = client_host
         .exchange(&receiver, settings.clone(), Duration::from_secs(60))
         .context("RDMA not ready on the receiving side")?;
@@ -850,8 +853,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
         "== rdma: {} MiB task, {} KiB chunks, {} queue pairs, {server_device} -> {client_device}",
         args.size_mib, args.chunk_kib, args.streams
     );
-    let (seed, seed_host, _) =
-        rdma_store(&dir.join("seed"), &server_device, pool_mib, args.chunk_kib)?;
+    let (seed, seed_host, _) = rdma_store(&dir.join("seed"), &server_device, pool_mib, args)?;
     let source = dir.join("source.bin");
     random_file(&source, args.size_mib * MIB)?;
     let task = import_file(&seed, &source, &ImportOptions::default()).await?;

@@ -41,6 +41,10 @@ pub struct RdmaConfig {
     pub gid_index: Option<u32>,
     /// Bytes per RDMA WRITE, in KiB: a power of two, at most the pool slot.
     pub chunk_kib: u32,
+    /// Pieces in flight on one queue pair (the credit window).
+    pub window: u32,
+    /// Queue pairs per source peer.
+    pub queue_pairs: u32,
 }
 
 impl Default for RdmaConfig {
@@ -51,6 +55,8 @@ impl Default for RdmaConfig {
             port: None,
             gid_index: None,
             chunk_kib: 1024,
+            window: 2,
+            queue_pairs: 2,
         }
     }
 }
@@ -254,6 +260,12 @@ impl Config {
                 chunk,
                 "a power of two from 4 to the pool slot size (pool.slot_mib * 1024)",
             );
+        }
+        if !(1..=16).contains(&self.rdma.window) {
+            return invalid("rdma.window", self.rdma.window, "1 to 16");
+        }
+        if !(1..=16).contains(&self.rdma.queue_pairs) {
+            return invalid("rdma.queue_pairs", self.rdma.queue_pairs, "1 to 16");
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", 0, "at least 1");

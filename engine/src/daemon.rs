@@ -100,6 +100,8 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         chunk_size: config.rdma.chunk_kib * 1024,
         connect_timeout: Duration::from_secs(transfer.connect_timeout_secs),
         io_timeout: Duration::from_secs(transfer.io_timeout_secs),
+        window: config.rdma.window as usize,
+        queue_pairs: config.rdma.queue_pairs as usize,
     };
     let idle_timeout = Duration::from_secs(config.server.idle_timeout_secs);
     let (rdma_transport, rdma_service) = rdma.exchange(&store, rdma_settings, idle_timeout).unzip();

@@ -169,9 +169,10 @@ impl RdmaHost {
 // credit returns: later writes fail on the sender's side), and hands the buffer, unchanged,
 // to the engine, which verifies the digest and writes it with io_uring.
 //
-// One piece is in flight per queue pair; pieces in flight per peer = queue pairs per peer.
-// A fetch that fails or is dropped midway drops its connection, destroying the queue pair
-// before the buffer can be reused, so a late write can never land in someone else's piece.
+// Up to `window` pieces are in flight on one queue pair (their requests pipelined on the
+// control channel), over up to `queue_pairs` queue pairs per peer. A fetch that fails or is
+// dropped while its windows are bound moves the queue pair to the error state at once, before
+// the buffer can be reused, so a late write can never land in someone else's piece.
 
 use crate::geometry::{format_digest, PieceRange};
 use crate::io::PieceBuffer;
@@ -194,6 +195,10 @@ pub struct RdmaSettings {
     pub connect_timeout: Duration,
     /// Longest wait for any message or completion.
     pub io_timeout: Duration,
+    /// Pieces in flight on one queue pair (the credit window).
+    pub window: usize,
+    /// Queue pairs per source peer.
+    pub queue_pairs: usize,
 }
 
 /// Work request ids: the kind in the top byte, so completions sort themselves.
@@ -207,45 +212,393 @@ fn rdma_failure(err: RdmaError) -> TransportError {
     TransportError::Failed(format!("rdma: {err}"))
 }
 
-/// One connected queue pair to a source, with its control channel and memory windows.
-struct PeerConnection {
-    // Field order is drop order: the queue pair goes first, so no remote write can arrive
-    // once the connection is gone.
-    connection: Connection,
-    windows: Vec<MemoryWindow>,
-    control: TcpStream,
-    window: ReceiveWindow,
+/// A fetch's progress, as the completion pump and the control reader see it.
+#[derive(Default)]
+struct Pending {
+    binds: usize,
+    invalidates: usize,
+    /// Every chunk arrived and the source said Done.
+    complete: bool,
+    digest: Option<String>,
+    /// The source answered Failed: (not held, message).
+    failed: Option<(bool, String)>,
+}
+
+#[derive(Default)]
+struct SessionState {
+    window: Option<ReceiveWindow>,
+    requests: HashMap<u16, Pending>,
+    spare_windows: Vec<MemoryWindow>,
+    broken: Option<String>,
     next_wr: u64,
 }
 
-/// Waits until `count` completions of `kind` arrived on `connection`, handing every received
-/// immediate to `on_receive`; any failed completion fails.
-async fn await_completions(
-    connection: &Connection,
-    kind: u64,
-    mut count: usize,
-    limit: Duration,
-    mut on_receive: impl FnMut(u32) -> Result<(), TransportError>,
-) -> Result<(), TransportError> {
-    while count > 0 {
-        let batch = tokio::time::timeout(limit, connection.completions())
-            .await
-            .map_err(|_| TransportError::Failed(format!("rdma: no completion for {limit:?}")))?
-            .map_err(rdma_failure)?;
-        for completion in batch {
-            completion.ok().map_err(rdma_failure)?;
-            if completion.wr_id & WR_KIND == WR_RECEIVE {
-                let immediate = completion.immediate.ok_or_else(|| {
-                    TransportError::Failed("rdma: receive without immediate".into())
-                })?;
-                on_receive(immediate)?;
+/// One RC queue pair to a source with its control channel, shared by up to `window` fetches
+/// at once. A completion pump and a control reader run beside it and route what arrives to
+/// the fetch it belongs to (by request id).
+struct Session {
+    // The queue pair is dropped before the memory windows it may still have bound.
+    connection: Connection,
+    control: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    state: Mutex<SessionState>,
+    progress: tokio::sync::Notify,
+    helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        for helper in self.helpers.lock().expect("helpers lock").drain(..) {
+            helper.abort();
+        }
+    }
+}
+
+/// Work request ids carry the request id, so completions find their fetch.
+fn wr_id(kind: u64, request: u16, seq: u64) -> u64 {
+    kind | u64::from(request) << 32 | (seq & 0xffff_ffff)
+}
+
+fn wr_request(wr: u64) -> u16 {
+    (wr >> 32) as u16
+}
+
+impl Session {
+    fn in_flight(&self) -> usize {
+        self.state.lock().expect("session lock").requests.len()
+    }
+
+    fn is_broken(&self) -> bool {
+        self.state.lock().expect("session lock").broken.is_some()
+    }
+
+    /// Stops the queue pair at once (no write lands after this returns) and fails every fetch.
+    fn break_with(&self, reason: String) {
+        let mut state = self.state.lock().expect("session lock");
+        if state.broken.is_none() {
+            tracing::debug!(%reason, "RDMA session broken");
+            let _ = self.connection.fail();
+            state.broken = Some(reason);
+        }
+        drop(state);
+        self.progress.notify_waiters();
+    }
+
+    /// Routes completions to fetches until the session ends.
+    async fn pump(self: Arc<Self>) {
+        loop {
+            let batch = match self.connection.completions().await {
+                Ok(batch) => batch,
+                Err(err) => return self.break_with(format!("rdma: {err}")),
+            };
+            let mut state = self.state.lock().expect("session lock");
+            for completion in batch {
+                if let Some(status) = &completion.error {
+                    drop(state);
+                    return self.break_with(format!(
+                        "rdma: work request {:#x} completed with {status}",
+                        completion.wr_id
+                    ));
+                }
+                let kind = completion.wr_id & WR_KIND;
+                if kind == WR_RECEIVE {
+                    let Some(immediate) = completion.immediate else {
+                        continue;
+                    };
+                    let progress = state
+                        .window
+                        .as_mut()
+                        .expect("window")
+                        .on_immediate(immediate);
+                    match progress {
+                        Ok(Progress::Complete(request)) => {
+                            if let Some(p) = state.requests.get_mut(&request) {
+                                p.complete = true;
+                            }
+                        }
+                        Ok(Progress::Pending) => {}
+                        Err(err) => {
+                            drop(state);
+                            return self.break_with(format!("rdma: {err}"));
+                        }
+                    }
+                } else if let Some(pending) = state.requests.get_mut(&wr_request(completion.wr_id))
+                {
+                    match kind {
+                        WR_BIND => pending.binds = pending.binds.saturating_sub(1),
+                        WR_INVALIDATE => {
+                            pending.invalidates = pending.invalidates.saturating_sub(1)
+                        }
+                        _ => {}
+                    }
+                }
             }
-            if completion.wr_id & WR_KIND == kind {
-                count -= 1;
+            drop(state);
+            self.progress.notify_waiters();
+        }
+    }
+
+    /// Routes the source's Done and Failed answers to fetches until the session ends.
+    async fn read_answers(self: Arc<Self>, mut control: tokio::net::tcp::OwnedReadHalf) {
+        loop {
+            // Idle sessions wait here; a fetch bounds its own waits.
+            let message =
+                match wire::read_message(&mut control, Duration::from_secs(24 * 3600)).await {
+                    Ok(message) => message,
+                    Err(err) => return self.break_with(format!("rdma control channel: {err}")),
+                };
+            let mut state = self.state.lock().expect("session lock");
+            match message {
+                Message::Done {
+                    request, digest, ..
+                } => {
+                    let progress = state.window.as_mut().expect("window").on_done(request);
+                    match progress {
+                        Ok(progress) => {
+                            if let Some(p) = state.requests.get_mut(&request) {
+                                p.digest = Some(digest);
+                                p.complete |= progress == Progress::Complete(request);
+                            }
+                        }
+                        Err(err) => {
+                            drop(state);
+                            return self.break_with(format!("rdma: {err}"));
+                        }
+                    }
+                }
+                Message::Failed {
+                    request,
+                    not_held,
+                    message,
+                } => {
+                    if let Some(p) = state.requests.get_mut(&request) {
+                        p.failed = Some((not_held, message));
+                    }
+                }
+                other => {
+                    drop(state);
+                    return self.break_with(format!(
+                        "rdma: unexpected control message {:#04x}",
+                        other.tag()
+                    ));
+                }
+            }
+            drop(state);
+            self.progress.notify_waiters();
+        }
+    }
+
+    /// Waits (at most `limit`) until `ready` holds for `request`, or the session breaks.
+    async fn wait_for(
+        &self,
+        request: u16,
+        limit: Duration,
+        what: &str,
+        ready: impl Fn(&Pending) -> bool,
+    ) -> Result<(), TransportError> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.progress.notified();
+            {
+                let state = self.state.lock().expect("session lock");
+                if let Some(reason) = &state.broken {
+                    return Err(TransportError::Failed(reason.clone()));
+                }
+                let pending = state.requests.get(&request).expect("request in flight");
+                if let Some((not_held, message)) = &pending.failed {
+                    return Err(if *not_held {
+                        TransportError::NotHeld(message.clone())
+                    } else {
+                        TransportError::Failed(format!("rdma: source failed: {message}"))
+                    });
+                }
+                if ready(pending) {
+                    return Ok(());
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return Err(TransportError::Failed(format!(
+                    "rdma: {what} within {limit:?}"
+                )));
             }
         }
     }
-    Ok(())
+
+    async fn fetch(
+        &self,
+        transport: &RdmaTransport,
+        task_id: &str,
+        piece: PieceRange,
+        buf: &mut PieceBuffer,
+    ) -> Result<FetchedPiece, TransportError> {
+        let settings = &transport.settings;
+        let slot_size = buf.slot_size() as u64;
+        let slot_count = piece.length.div_ceil(slot_size).max(1) as usize;
+        let lens: Vec<u32> = (0..slot_count)
+            .map(|i| slot_size.min(piece.length - i as u64 * slot_size) as u32)
+            .collect();
+        let chunks = credit::chunk_count(piece.length, settings.chunk_size, &lens);
+        // Reserve a request id and memory windows.
+        let (request, windows, first_wr) = {
+            let mut state = self.state.lock().expect("session lock");
+            if let Some(reason) = &state.broken {
+                return Err(TransportError::Failed(reason.clone()));
+            }
+            let request = state
+                .window
+                .as_mut()
+                .expect("window")
+                .open(chunks)
+                .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
+            let mut windows = Vec::with_capacity(slot_count);
+            while windows.len() < slot_count {
+                match state.spare_windows.pop() {
+                    Some(window) => windows.push(window),
+                    None => windows.push(transport.context.alloc_window().map_err(rdma_failure)?),
+                }
+            }
+            state.requests.insert(
+                request,
+                Pending {
+                    binds: slot_count,
+                    invalidates: slot_count,
+                    ..Default::default()
+                },
+            );
+            let first_wr = state.next_wr;
+            state.next_wr += 2 * slot_count as u64 + chunks;
+            (request, windows, first_wr)
+        };
+        // Until the windows are invalidated, abandoning this fetch must stop the queue pair.
+        let mut guard = AbandonGuard {
+            session: self,
+            armed: true,
+        };
+        let result = self
+            .fetch_granted(
+                transport, task_id, piece, buf, request, &windows, &lens, chunks, first_wr,
+            )
+            .await;
+        if result.is_ok() {
+            guard.armed = false;
+        }
+        drop(guard);
+        let mut state = self.state.lock().expect("session lock");
+        state.requests.remove(&request);
+        state.window.as_mut().expect("window").close(request);
+        if result.is_ok() {
+            state.spare_windows.extend(windows);
+        } else {
+            // Bound or not, these windows belong to a broken queue pair now.
+            drop(windows);
+        }
+        drop(state);
+        self.progress.notify_waiters();
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn fetch_granted(
+        &self,
+        transport: &RdmaTransport,
+        task_id: &str,
+        piece: PieceRange,
+        buf: &mut PieceBuffer,
+        request: u16,
+        windows: &[MemoryWindow],
+        lens: &[u32],
+        chunks: u64,
+        first_wr: u64,
+    ) -> Result<FetchedPiece, TransportError> {
+        let settings = &transport.settings;
+        let slot_size = buf.slot_size() as u64;
+        let mut credits = Vec::with_capacity(windows.len());
+        for (index, (window, &len)) in windows.iter().zip(lens).enumerate() {
+            let addr = buf.address_of((index as u64 * slot_size) as usize);
+            let rkey = self
+                .connection
+                .post_bind(
+                    wr_id(WR_BIND, request, first_wr + index as u64),
+                    window,
+                    &transport.region,
+                    addr,
+                    u64::from(len),
+                )
+                .map_err(rdma_failure)?;
+            credits.push(SlotCredit { addr, rkey, len });
+        }
+        self.wait_for(request, settings.io_timeout, "memory windows bound", |p| {
+            p.binds == 0
+        })
+        .await?;
+        self.connection
+            .post_receives(
+                wr_id(WR_RECEIVE, request, first_wr + windows.len() as u64),
+                chunks as u32,
+            )
+            .map_err(rdma_failure)?;
+        let fetch = Message::Fetch {
+            request,
+            task_id: task_id.to_owned(),
+            number: piece.number,
+            chunk_size: settings.chunk_size,
+            credits: credits.clone(),
+        };
+        wire::write_message(&mut *self.control.lock().await, &fetch, settings.io_timeout)
+            .await
+            .map_err(rdma_failure)?;
+        // The source answers Done only once every write was acknowledged; the pump counts the
+        // immediates against the credit window (strays and duplicates break the session).
+        self.wait_for(request, settings.io_timeout, "piece completed", |p| {
+            p.complete
+        })
+        .await?;
+        let digest = self
+            .state
+            .lock()
+            .expect("session lock")
+            .requests
+            .get(&request)
+            .and_then(|p| p.digest.clone())
+            .expect("complete means done");
+        // The credit returns: invalidate every window before the buffer goes anywhere.
+        for (index, credit) in credits.iter().enumerate() {
+            let wr = wr_id(
+                WR_INVALIDATE,
+                request,
+                first_wr + (windows.len() + index) as u64 + chunks,
+            );
+            self.connection
+                .post_invalidate(wr, credit.rkey)
+                .map_err(rdma_failure)?;
+        }
+        self.wait_for(
+            request,
+            settings.io_timeout,
+            "memory windows invalidated",
+            |p| p.invalidates == 0,
+        )
+        .await?;
+        Ok(FetchedPiece {
+            advertised_digest: digest,
+            crc32: buf.crc32(),
+        })
+    }
+}
+
+/// Breaks the session if a fetch ends (or is dropped) with its windows possibly still bound,
+/// so no late write can land in a buffer that is about to be reused.
+struct AbandonGuard<'a> {
+    session: &'a Session,
+    armed: bool,
+}
+
+impl Drop for AbandonGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.session
+                .break_with("rdma: a fetch was abandoned with its memory windows bound".into());
+        }
+    }
 }
 
 /// The receiving side: fetches pieces from sources over RDMA.
@@ -253,7 +606,7 @@ pub struct RdmaTransport {
     context: Arc<RdmaContext>,
     region: Arc<RegisteredRegion>,
     settings: RdmaSettings,
-    idle: Mutex<HashMap<SocketAddr, Vec<PeerConnection>>>,
+    sessions: Mutex<HashMap<SocketAddr, Vec<Arc<Session>>>>,
     /// Sources that refused the upgrade (no RDMA there): TCP only from now on.
     tcp_only: Mutex<HashSet<SocketAddr>>,
 }
@@ -267,12 +620,39 @@ impl RdmaTransport {
             .contains(&source)
     }
 
-    /// Drops idle connections to a source (after it failed).
+    /// Drops the sessions to a source (after it failed).
     pub fn forget(&self, source: SocketAddr) {
-        self.idle.lock().expect("idle lock").remove(&source);
+        self.sessions.lock().expect("sessions lock").remove(&source);
     }
 
-    async fn connect(&self, source: SocketAddr) -> Result<PeerConnection, TransportError> {
+    /// A session with room for one more fetch: the least busy one, or a new one while the
+    /// peer has fewer than `queue_pairs` sessions.
+    async fn session(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
+        {
+            let mut sessions = self.sessions.lock().expect("sessions lock");
+            let list = sessions.entry(source).or_default();
+            list.retain(|s| !s.is_broken());
+            let best = list.iter().min_by_key(|s| s.in_flight()).cloned();
+            match best {
+                Some(session)
+                    if list.len() >= self.settings.queue_pairs || session.in_flight() == 0 =>
+                {
+                    return Ok(session)
+                }
+                _ => {}
+            }
+        }
+        let session = self.connect(source).await?;
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .entry(source)
+            .or_default()
+            .push(Arc::clone(&session));
+        Ok(session)
+    }
+
+    async fn connect(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
         let limit = self.settings.connect_timeout;
         let mut control = tokio::time::timeout(limit, TcpStream::connect(source))
             .await
@@ -283,8 +663,11 @@ impl RdmaTransport {
             })?
             .map_err(|e| TransportError::Unreachable(format!("connecting to {source}: {e}")))?;
         let _ = control.set_nodelay(true);
-        let connection =
-            Connection::new(&self.context, ConnectionConfig::default()).map_err(rdma_failure)?;
+        let config = ConnectionConfig {
+            receive_depth: 1024,
+            ..ConnectionConfig::default()
+        };
+        let connection = Connection::new(&self.context, config).map_err(rdma_failure)?;
         let hello = Message::Connect {
             endpoint: connection.local_endpoint(),
         };
@@ -295,13 +678,27 @@ impl RdmaTransport {
             Ok(Message::Accept { endpoint }) => {
                 connection.connect(&endpoint).map_err(rdma_failure)?;
                 tracing::debug!(%source, qpn = endpoint.qp_number, "RDMA queue pair connected");
-                Ok(PeerConnection {
+                let (read, write) = control.into_split();
+                let session = Arc::new(Session {
                     connection,
-                    windows: Vec::new(),
-                    control,
-                    window: ReceiveWindow::new(1),
-                    next_wr: 0,
-                })
+                    control: tokio::sync::Mutex::new(write),
+                    state: Mutex::new(SessionState {
+                        window: Some(ReceiveWindow::new(self.settings.window)),
+                        ..Default::default()
+                    }),
+                    progress: tokio::sync::Notify::new(),
+                    helpers: Mutex::new(Vec::new()),
+                });
+                // The helpers hold only weak-enough clones: they end when the session breaks,
+                // and Session's Drop aborts them.
+                let pump = tokio::spawn(Arc::clone(&session).pump());
+                let reader = tokio::spawn(Arc::clone(&session).read_answers(read));
+                session
+                    .helpers
+                    .lock()
+                    .expect("helpers lock")
+                    .extend([pump, reader]);
+                Ok(session)
             }
             Ok(Message::Refused { message }) => {
                 tracing::info!(%source, reason = %message, "source has no RDMA; using TCP with it");
@@ -322,150 +719,6 @@ impl RdmaTransport {
     }
 }
 
-impl PeerConnection {
-    fn wr(&mut self, kind: u64) -> u64 {
-        self.next_wr = (self.next_wr + 1) & !WR_KIND;
-        kind | self.next_wr
-    }
-
-    async fn fetch(
-        &mut self,
-        transport: &RdmaTransport,
-        task_id: &str,
-        piece: PieceRange,
-        buf: &mut PieceBuffer,
-    ) -> Result<FetchedPiece, TransportError> {
-        let settings = &transport.settings;
-        let slot_size = buf.slot_size() as u64;
-        let slot_count = piece.length.div_ceil(slot_size).max(1) as usize;
-        while self.windows.len() < slot_count {
-            self.windows
-                .push(transport.context.alloc_window().map_err(rdma_failure)?);
-        }
-        // Grant exactly the piece's bytes, slot by slot, through windows bound to this QP.
-        let mut credits = Vec::with_capacity(slot_count);
-        for index in 0..slot_count {
-            let offset = index as u64 * slot_size;
-            let len = slot_size.min(piece.length - offset);
-            let addr = buf.address_of(offset as usize);
-            let wr = self.wr(WR_BIND);
-            let rkey = self
-                .connection
-                .post_bind(wr, &self.windows[index], &transport.region, addr, len)
-                .map_err(rdma_failure)?;
-            credits.push(SlotCredit {
-                addr,
-                rkey,
-                len: len as u32,
-            });
-        }
-        await_completions(
-            &self.connection,
-            WR_BIND,
-            slot_count,
-            settings.io_timeout,
-            |_| {
-                Err(TransportError::Failed(
-                    "rdma: write before the grant".into(),
-                ))
-            },
-        )
-        .await?;
-        let lens: Vec<u32> = credits.iter().map(|c| c.len).collect();
-        let chunks = credit::chunk_count(piece.length, settings.chunk_size, &lens);
-        let request = self
-            .window
-            .open(chunks)
-            .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
-        let first = self.wr(WR_RECEIVE);
-        self.next_wr += chunks;
-        self.connection
-            .post_receives(first, chunks as u32)
-            .map_err(rdma_failure)?;
-        let fetch = Message::Fetch {
-            request,
-            task_id: task_id.to_owned(),
-            number: piece.number,
-            chunk_size: settings.chunk_size,
-            credits: credits.clone(),
-        };
-        wire::write_message(&mut self.control, &fetch, settings.io_timeout)
-            .await
-            .map_err(rdma_failure)?;
-        // The source answers only once every write was acknowledged, so the data is in place.
-        let digest = match wire::read_message(&mut self.control, settings.io_timeout)
-            .await
-            .map_err(rdma_failure)?
-        {
-            Message::Done {
-                request: done,
-                number,
-                length,
-                digest,
-            } if done == request && number == piece.number && length == piece.length => digest,
-            Message::Failed {
-                not_held: true,
-                message,
-                ..
-            } => return Err(TransportError::NotHeld(message)),
-            Message::Failed { message, .. } => {
-                return Err(TransportError::Failed(format!(
-                    "rdma: source failed: {message}"
-                )))
-            }
-            other => {
-                return Err(TransportError::Failed(format!(
-                    "rdma: unexpected answer {other:?}"
-                )))
-            }
-        };
-        let mut progress = self
-            .window
-            .on_done(request)
-            .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
-        // Count every chunk's immediate; the credit window rejects strays and duplicates.
-        let window = &mut self.window;
-        await_completions(
-            &self.connection,
-            WR_RECEIVE,
-            chunks as usize,
-            settings.io_timeout,
-            |immediate| {
-                progress = window
-                    .on_immediate(immediate)
-                    .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
-                Ok(())
-            },
-        )
-        .await?;
-        if progress != Progress::Complete(request) {
-            return Err(TransportError::Failed(format!(
-                "rdma: request {request} incomplete"
-            )));
-        }
-        self.window.close(request);
-        // The credit returns: invalidate every window before the buffer goes anywhere.
-        for credit in &credits {
-            let wr = self.wr(WR_INVALIDATE);
-            self.connection
-                .post_invalidate(wr, credit.rkey)
-                .map_err(rdma_failure)?;
-        }
-        await_completions(
-            &self.connection,
-            WR_INVALIDATE,
-            credits.len(),
-            settings.io_timeout,
-            |_| Err(TransportError::Failed("rdma: unexpected write".into())),
-        )
-        .await?;
-        Ok(FetchedPiece {
-            advertised_digest: digest,
-            crc32: buf.crc32(),
-        })
-    }
-}
-
 #[async_trait::async_trait]
 impl PieceTransport for RdmaTransport {
     fn name(&self) -> &'static str {
@@ -482,26 +735,14 @@ impl PieceTransport for RdmaTransport {
         if !self.supports(source) {
             return Err(TransportError::Unsupported(format!("{source} has no RDMA")));
         }
-        let reused = self
-            .idle
-            .lock()
-            .expect("idle lock")
-            .get_mut(&source)
-            .and_then(Vec::pop);
-        let mut peer = match reused {
-            Some(peer) => peer,
-            None => self.connect(source).await?,
-        };
-        // On any error (or if this future is dropped) `peer` is dropped: the queue pair is
-        // destroyed before the caller can reuse the buffer.
-        let fetched = peer.fetch(self, task_id, piece, buf).await?;
-        self.idle
-            .lock()
-            .expect("idle lock")
-            .entry(source)
-            .or_default()
-            .push(peer);
-        Ok(fetched)
+        loop {
+            let session = self.session(source).await?;
+            match session.fetch(self, task_id, piece, buf).await {
+                // The chosen session filled up meanwhile: pick again.
+                Err(TransportError::Failed(message)) if message.contains("window full") => continue,
+                result => return result,
+            }
+        }
     }
 }
 
@@ -721,7 +962,7 @@ impl RdmaHost {
             context: Arc::clone(&context),
             region: Arc::clone(&region),
             settings: settings.clone(),
-            idle: Mutex::new(HashMap::new()),
+            sessions: Mutex::new(HashMap::new()),
             tcp_only: Mutex::new(HashSet::new()),
         };
         let service = RdmaService {

@@ -359,6 +359,16 @@ impl Connection {
         Ok(())
     }
 
+    /// Moves the queue pair to the error state at once: from now on no remote write lands
+    /// through it (used when a request is abandoned while its memory windows are bound).
+    pub fn fail(&self) -> Result<(), RdmaError> {
+        let mut qp = self.qp.lock().expect("qp lock");
+        let mut attr = QueuePairAttribute::new();
+        attr.setup_state(QueuePairState::Error);
+        qp.modify(&attr)
+            .map_err(|e| RdmaError::verbs("modify QP to ERR", e))
+    }
+
     /// Posts `count` receive requests with no buffer: an RDMA WRITE with immediate consumes
     /// one and reports its immediate value, while the data goes where the writer aimed it.
     pub fn post_receives(&self, first_wr_id: u64, count: u32) -> Result<(), RdmaError> {
