@@ -809,6 +809,9 @@ impl Worker {
                             tracing::warn!(source = %self.source_name, "giving up on source after repeated failures");
                             state.dead[self.source_index] = true;
                             self.engine.tcp.forget(self.source);
+                            if let Some(rdma) = &self.engine.rdma {
+                                rdma.forget(self.source);
+                            }
                         }
                     }
                     entry.attempts += 1;
