@@ -66,7 +66,8 @@ struct RdmaArgs {
     /// Pieces in flight per queue pair.
     #[arg(long, default_value_t = 2)]
     window: usize,
-    /// Queue pairs to the source (ib_write_bw gets as many).
+    /// Queue pairs to the source (ib_write_bw gets --streams queue pairs: the same number of
+    /// messages in flight).
     #[arg(long, default_value_t = 2)]
     queue_pairs: usize,
     /// Times the whole task is fetched for the into-memory figure.
