@@ -737,9 +737,13 @@ impl PieceTransport for RdmaTransport {
         }
         loop {
             let session = self.session(source).await?;
+            let progressed = session.progress.notified();
             match session.fetch(self, task_id, piece, buf).await {
-                // The chosen session filled up meanwhile: pick again.
-                Err(TransportError::Failed(message)) if message.contains("window full") => continue,
+                // Every session is full (more streams than window x queue pairs): wait for a
+                // credit to return, then pick again.
+                Err(TransportError::Failed(message)) if message.contains("window full") => {
+                    let _ = tokio::time::timeout(Duration::from_millis(100), progressed).await;
+                }
                 result => return result,
             }
         }
