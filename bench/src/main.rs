@@ -9,8 +9,8 @@ use ferry_engine::import::{import_file, ImportOptions};
 use ferry_engine::io::{BufferPool, IoChoice, IoEngine, TaskFile, WriteRequest};
 use ferry_engine::store::{Store, StoreProvider};
 use ferry_engine::transfer::{Engine, TransferRequest, TransferSettings, TransportChoice};
-use ferry_engine::transport::TcpTransport;
-use ferry_fallback_tcp::{ClientConfig, Connection, Server, ServerConfig};
+use ferry_engine::transport::{PieceTransport, TcpTransport};
+use ferry_fallback_tcp::{ClientConfig, Server, ServerConfig};
 use serde_json::{json, Value};
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -260,40 +260,18 @@ async fn bench_tcp(dir: &Path, args: &TcpArgs) -> anyhow::Result<Value> {
 
     // Into memory: verified pieces into pool buffers, nothing written.
     let client_pool = BufferPool::new((4 * MIB) as usize, (pool_mib / 4) as usize)?;
-    let total = u64::from(geometry.piece_count()) * u64::from(args.rounds);
-    let next = Arc::new(AtomicU64::new(0));
+    let tcp: Arc<dyn PieceTransport> = Arc::new(TcpTransport::new(ClientConfig::default()));
     let start = measure_start();
-    let mut streams = tokio::task::JoinSet::new();
-    for _ in 0..args.streams {
-        let (pool, next, task_id) = (
-            Arc::clone(&client_pool),
-            Arc::clone(&next),
-            task.id().to_owned(),
-        );
-        streams.spawn(async move {
-            let mut connection = Connection::connect(addr, ClientConfig::default()).await?;
-            let mut bytes = 0u64;
-            loop {
-                let n = next.fetch_add(1, Ordering::Relaxed);
-                if n >= total {
-                    return anyhow::Ok(bytes);
-                }
-                let piece = geometry.piece((n % u64::from(geometry.piece_count())) as u32)?;
-                let mut buf = pool.acquire(piece.length).await?;
-                let fetched = connection
-                    .fetch_piece(&task_id, piece.number, piece.length, &mut buf.chunks_mut())
-                    .await?;
-                if geometry::parse_digest(&fetched.metadata.digest) != Some(fetched.crc32) {
-                    bail!("digest mismatch on piece {}", piece.number);
-                }
-                bytes += piece.length;
-            }
-        });
-    }
-    let mut bytes = 0;
-    while let Some(done) = streams.join_next().await {
-        bytes += done??;
-    }
+    let bytes = fetch_into_memory(
+        tcp,
+        client_pool,
+        addr,
+        task.id(),
+        geometry,
+        args.rounds,
+        args.streams,
+    )
+    .await?;
     let memory = measure_end(start, bytes);
 
     // Into the store: the daemon's whole transfer path (verify, io_uring write, journal).
@@ -731,10 +709,10 @@ async fn serve_store(
     ))
 }
 
-/// Fetches every piece `rounds` times over RDMA with `streams` pieces in flight, verifying
-/// each digest; returns the bytes moved.
-async fn fetch_rdma_into_memory(
-    transport: Arc<ferry_engine::rdma::RdmaTransport>,
+/// Fetches every piece `rounds` times through `transport` with `streams` pieces in flight,
+/// verifying each digest; returns the bytes moved.
+async fn fetch_into_memory(
+    transport: Arc<dyn PieceTransport>,
     pool: Arc<BufferPool>,
     source: std::net::SocketAddr,
     task_id: &str,
@@ -742,7 +720,6 @@ async fn fetch_rdma_into_memory(
     rounds: u32,
     streams: u32,
 ) -> anyhow::Result<u64> {
-    use ferry_engine::transport::PieceTransport;
     let total = u64::from(geometry.piece_count()) * u64::from(rounds);
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = tokio::task::JoinSet::new();
@@ -825,7 +802,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let geometry = Geometry::new(info.content_length, info.piece_length)?;
         let start = measure_start();
-        let bytes = fetch_rdma_into_memory(
+        let bytes = fetch_into_memory(
             transport,
             Arc::clone(receiver.pool()),
             source,
@@ -864,8 +841,8 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Value> {
     let geometry = task.geometry();
 
     let start = measure_start();
-    let bytes = fetch_rdma_into_memory(
-        Arc::clone(&transport),
+    let bytes = fetch_into_memory(
+        Arc::clone(&transport) as Arc<dyn PieceTransport>,
         Arc::clone(receiver.pool()),
         addr,
         task.id(),
