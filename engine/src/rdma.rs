@@ -224,9 +224,8 @@ struct Pending {
     failed: Option<(bool, String)>,
 }
 
-#[derive(Default)]
 struct SessionState {
-    window: Option<ReceiveWindow>,
+    window: ReceiveWindow,
     requests: HashMap<u16, Pending>,
     spare_windows: Vec<MemoryWindow>,
     broken: Option<String>,
@@ -235,7 +234,7 @@ struct SessionState {
 
 /// One RC queue pair to a source with its control channel, shared by up to `window` fetches
 /// at once. A completion pump and a control reader run beside it and route what arrives to
-/// the fetch it belongs to (by request id).
+/// the fetch it belongs to (by request id); the session lives until it breaks.
 struct Session {
     // The queue pair is dropped before the memory windows it may still have bound.
     connection: Connection,
@@ -243,14 +242,6 @@ struct Session {
     state: Mutex<SessionState>,
     progress: tokio::sync::Notify,
     helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        for helper in self.helpers.lock().expect("helpers lock").drain(..) {
-            helper.abort();
-        }
-    }
 }
 
 /// Work request ids carry the request id, so completions find their fetch.
@@ -271,7 +262,8 @@ impl Session {
         self.state.lock().expect("session lock").broken.is_some()
     }
 
-    /// Stops the queue pair at once (no write lands after this returns) and fails every fetch.
+    /// Stops the queue pair at once (no write lands after this returns), fails every fetch,
+    /// and ends the helper tasks, whose references are what keep the session alive.
     fn break_with(&self, reason: String) {
         let mut state = self.state.lock().expect("session lock");
         if state.broken.is_none() {
@@ -281,6 +273,9 @@ impl Session {
         }
         drop(state);
         self.progress.notify_waiters();
+        for helper in self.helpers.lock().expect("helpers lock").drain(..) {
+            helper.abort();
+        }
     }
 
     /// Routes completions to fetches until the session ends.
@@ -304,11 +299,7 @@ impl Session {
                     let Some(immediate) = completion.immediate else {
                         continue;
                     };
-                    let progress = state
-                        .window
-                        .as_mut()
-                        .expect("window")
-                        .on_immediate(immediate);
+                    let progress = state.window.on_immediate(immediate);
                     match progress {
                         Ok(Progress::Complete(request)) => {
                             if let Some(p) = state.requests.get_mut(&request) {
@@ -351,7 +342,7 @@ impl Session {
                 Message::Done {
                     request, digest, ..
                 } => {
-                    let progress = state.window.as_mut().expect("window").on_done(request);
+                    let progress = state.window.on_done(request);
                     match progress {
                         Ok(progress) => {
                             if let Some(p) = state.requests.get_mut(&request) {
@@ -445,8 +436,6 @@ impl Session {
             }
             let request = state
                 .window
-                .as_mut()
-                .expect("window")
                 .open(chunks)
                 .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
             let mut windows = Vec::with_capacity(slot_count);
@@ -484,7 +473,7 @@ impl Session {
         drop(guard);
         let mut state = self.state.lock().expect("session lock");
         state.requests.remove(&request);
-        state.window.as_mut().expect("window").close(request);
+        state.window.close(request);
         if result.is_ok() {
             state.spare_windows.extend(windows);
         } else {
@@ -622,7 +611,10 @@ impl RdmaTransport {
 
     /// Drops the sessions to a source (after it failed).
     pub fn forget(&self, source: SocketAddr) {
-        self.sessions.lock().expect("sessions lock").remove(&source);
+        let dropped = self.sessions.lock().expect("sessions lock").remove(&source);
+        for session in dropped.into_iter().flatten() {
+            session.break_with(format!("rdma: source {source} was given up on"));
+        }
     }
 
     /// A session with room for one more fetch: the least busy one, or a new one while the
@@ -683,14 +675,16 @@ impl RdmaTransport {
                     connection,
                     control: tokio::sync::Mutex::new(write),
                     state: Mutex::new(SessionState {
-                        window: Some(ReceiveWindow::new(self.settings.window)),
-                        ..Default::default()
+                        window: ReceiveWindow::new(self.settings.window),
+                        requests: HashMap::new(),
+                        spare_windows: Vec::new(),
+                        broken: None,
+                        next_wr: 0,
                     }),
                     progress: tokio::sync::Notify::new(),
                     helpers: Mutex::new(Vec::new()),
                 });
-                // The helpers hold only weak-enough clones: they end when the session breaks,
-                // and Session's Drop aborts them.
+                // The helpers hold the session until it breaks (`break_with` aborts them).
                 let pump = tokio::spawn(Arc::clone(&session).pump());
                 let reader = tokio::spawn(Arc::clone(&session).read_answers(read));
                 session
