@@ -7,7 +7,7 @@ use std::net::Ipv6Addr;
 
 /// Magic that opens Ferry's RDMA handshake (and its version).
 pub const MAGIC: &[u8; 8] = b"FERRYRC1";
-pub const ENCODED_LEN: usize = 8 + 4 + 4 + 16 + 2 + 4 + 4;
+pub const ENCODED_LEN: usize = 8 + 4 + 4 + 16 + 2 + 4;
 
 /// One side of an RC connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -18,8 +18,6 @@ pub struct Endpoint {
     pub lid: u16,
     /// Path MTU in bytes the side can use (the smaller of the two is taken).
     pub mtu: u32,
-    /// Receive work requests the side keeps posted (bounds writes-with-immediate in flight).
-    pub receive_depth: u32,
 }
 
 impl Endpoint {
@@ -31,7 +29,6 @@ impl Endpoint {
         out[16..32].copy_from_slice(&self.gid.octets());
         out[32..34].copy_from_slice(&self.lid.to_be_bytes());
         out[34..38].copy_from_slice(&self.mtu.to_be_bytes());
-        out[38..42].copy_from_slice(&self.receive_depth.to_be_bytes());
         out
     }
 
@@ -54,7 +51,6 @@ impl Endpoint {
             gid: Ipv6Addr::from(<[u8; 16]>::try_from(&bytes[16..32]).expect("16 bytes")),
             lid: u16::from_be_bytes([bytes[32], bytes[33]]),
             mtu: u32_at(34),
-            receive_depth: u32_at(38),
         };
         if endpoint.qp_number == 0 || endpoint.qp_number > 0xff_ffff {
             return Err(RdmaError::Handshake(format!(
@@ -86,8 +82,8 @@ mod tests {
     proptest! {
         #[test]
         fn endpoints_roundtrip(qpn in 1u32..0xff_ffff, psn in 0u32..0xff_ffff, gid in any::<[u8; 16]>(), lid in any::<u16>(),
-                               mtu in prop::sample::select(vec![256u32, 512, 1024, 2048, 4096]), depth in any::<u32>()) {
-            let endpoint = Endpoint { qp_number: qpn, packet_sequence: psn, gid: Ipv6Addr::from(gid), lid, mtu, receive_depth: depth };
+                               mtu in prop::sample::select(vec![256u32, 512, 1024, 2048, 4096])) {
+            let endpoint = Endpoint { qp_number: qpn, packet_sequence: psn, gid: Ipv6Addr::from(gid), lid, mtu };
             prop_assert_eq!(Endpoint::decode(&endpoint.encode()).unwrap(), endpoint);
         }
 
@@ -105,7 +101,6 @@ mod tests {
             gid: "::ffff:10.0.0.1".parse().unwrap(),
             lid: 0,
             mtu: 1024,
-            receive_depth: 64,
         };
         let mut bytes = good.encode();
         bytes[0] = b'X';

@@ -297,7 +297,6 @@ impl Connection {
             gid: selection.gid.gid,
             lid: 0,
             mtu: selection.active_mtu,
-            receive_depth: config.receive_depth,
         };
         // SAFETY: the fd belongs to `channel`, which the connection owns and drops only after
         // `wakeups` (field order), so it stays open for the AsyncFd's whole life.

@@ -308,7 +308,6 @@ mod tests {
             gid: "::ffff:10.77.0.1".parse().unwrap(),
             lid: 0,
             mtu: 1024,
-            receive_depth: 64,
         }
     }
 
