@@ -1,0 +1,249 @@
+//! The standard tools, run in the same invocation as Ferry's paths: iperf3 for TCP, fio for
+//! the store, perftest's ib_write_bw for RDMA. Each returns a report row, or None (with the
+//! reason printed) when the tool is not installed.
+
+use crate::report::{Measured, Row};
+use anyhow::Context;
+use serde_json::{json, Value};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const MIB: u64 = 1024 * 1024;
+
+pub fn installed(name: &str) -> bool {
+    Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok()
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    let probe = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(probe.local_addr()?.port())
+}
+
+/// iperf3 on loopback with `streams` streams, both copying from user memory (its default)
+/// and with `-Z` (sendfile, zero-copy like Ferry's sender); returns the faster as
+/// `baseline.iperf3` and the other as a second row, both with CPU seconds per GB of both ends.
+pub fn iperf3(streams: u32, seconds: u32) -> anyhow::Result<Option<(Row, Row)>> {
+    if !installed("iperf3") {
+        println!("iperf3 is not installed: EXTRA_PACKAGES=iperf3 ./scripts/setup.sh");
+        return Ok(None);
+    }
+    let copy = iperf3_run(streams, seconds, false)?;
+    let zero = iperf3_run(streams, seconds, true)?;
+    let (best, other, best_label, other_label) =
+        if zero.bytes_per_second() > copy.bytes_per_second() {
+            (zero, copy, "-Z", "")
+        } else {
+            (copy, zero, "", "-Z")
+        };
+    let row = |id: &str, m: Measured, flag: &str| {
+        Row::new(
+            id,
+            &format!("iperf3 -P {streams} {flag}"),
+            "iperf3",
+            "tcp",
+            m,
+        )
+        .with_parameters(json!({ "streams": streams, "zerocopy": flag == "-Z" }))
+    };
+    Ok(Some((
+        row("baseline.iperf3", best, best_label),
+        row("baseline.iperf3_other", other, other_label),
+    )))
+}
+
+fn iperf3_run(streams: u32, seconds: u32, zerocopy: bool) -> anyhow::Result<Measured> {
+    let port = free_port()?.to_string();
+    let mut server = Command::new("iperf3")
+        .args(["-s", "-1", "-B", "127.0.0.1", "-p", &port])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let mut client = Command::new("iperf3");
+    client.args(["-c", "127.0.0.1", "-p", &port, "-J"]);
+    client.args(["-P", &streams.to_string(), "-t", &seconds.to_string()]);
+    if zerocopy {
+        client.arg("-Z");
+    }
+    let output = client.output().context("running iperf3 -c")?;
+    let _ = server.wait();
+    let report: Value =
+        serde_json::from_slice(&output.stdout).context("parsing iperf3 -J output")?;
+    let end = &report["end"]["sum_received"];
+    let bytes = end["bytes"].as_f64().context("iperf3 reported no bytes")?;
+    let secs = end["seconds"].as_f64().unwrap_or(f64::from(seconds));
+    let cpu = &report["end"]["cpu_utilization_percent"];
+    let cpu_seconds = (cpu["host_total"].as_f64().unwrap_or(0.0)
+        + cpu["remote_total"].as_f64().unwrap_or(0.0))
+        / 100.0
+        * secs;
+    Ok(Measured {
+        bytes: bytes as u64,
+        seconds: secs,
+        cpu_seconds: Some(cpu_seconds),
+    })
+}
+
+/// fio's io_uring engine with O_DIRECT and fixed buffers writing `size` bytes in `block`
+/// blocks at `depth`; `fdatasync_each` adds an fdatasync after every block (what a durable
+/// piece costs). Returns `baseline.fio` or `baseline.fio_fdatasync`.
+pub fn fio(
+    dir: &Path,
+    size: u64,
+    block: u64,
+    depth: usize,
+    fdatasync_each: bool,
+) -> anyhow::Result<Option<Row>> {
+    if !installed("fio") {
+        println!("fio is not installed: EXTRA_PACKAGES=fio ./scripts/setup.sh");
+        return Ok(None);
+    }
+    let path = dir.join("fio.dat");
+    let mut command = Command::new("fio");
+    command.args([
+        "--name=ferry-baseline",
+        "--ioengine=io_uring",
+        "--direct=1",
+        "--rw=write",
+        "--end_fsync=1",
+        "--fixedbufs=1",
+        "--output-format=json",
+    ]);
+    command.arg(format!("--filename={}", path.display()));
+    command.arg(format!("--size={size}"));
+    command.arg(format!("--bs={block}"));
+    command.arg(format!("--iodepth={depth}"));
+    if fdatasync_each {
+        command.arg("--fdatasync=1");
+    }
+    let output = command.output().context("running fio")?;
+    let _ = std::fs::remove_file(&path);
+    let report: Value = serde_json::from_slice(&output.stdout).with_context(|| {
+        format!(
+            "parsing fio output: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    })?;
+    let job = &report["jobs"][0];
+    let bytes_per_second = job["write"]["bw_bytes"]
+        .as_f64()
+        .context("fio reported no bandwidth")?;
+    // fio's usr_cpu/sys_cpu are percentages of one CPU over the job's run time.
+    let runtime = job["job_runtime"].as_f64().unwrap_or(0.0) / 1000.0;
+    let cpu_percent =
+        job["usr_cpu"].as_f64().unwrap_or(0.0) + job["sys_cpu"].as_f64().unwrap_or(0.0);
+    let seconds = size as f64 / bytes_per_second;
+    let measured = Measured {
+        bytes: size,
+        seconds,
+        cpu_seconds: (runtime > 0.0).then(|| cpu_percent / 100.0 * runtime),
+    };
+    let (id, label) = if fdatasync_each {
+        (
+            "baseline.fio_fdatasync",
+            format!(
+                "fio io_uring direct bs={}M depth={depth} --fdatasync=1",
+                block / MIB
+            ),
+        )
+    } else {
+        (
+            "baseline.fio",
+            format!("fio io_uring direct bs={}M depth={depth}", block / MIB),
+        )
+    };
+    Ok(Some(
+        Row::new(id, &label, "fio", "disk", measured).with_parameters(
+            json!({ "block_bytes": block, "depth": depth, "fdatasync_each": fdatasync_each }),
+        ),
+    ))
+}
+
+/// The devices and address ib_write_bw runs between.
+pub struct IbPair<'a> {
+    pub server_device: &'a str,
+    pub client_device: &'a str,
+    pub server_addr: &'a str,
+}
+
+/// perftest's ib_write_bw between the two devices, `size`-byte messages over `qps` queue
+/// pairs, about `total` bytes; returns `baseline.ib_write_bw` (average bandwidth).
+pub fn ib_write_bw(pair: &IbPair, size: u64, qps: u32, total: u64) -> anyhow::Result<Option<Row>> {
+    if !installed("ib_write_bw") {
+        println!("ib_write_bw (perftest) is not installed");
+        return Ok(None);
+    }
+    let iterations = (total / size / u64::from(qps)).max(5);
+    let gid = std::env::var("FERRY_RXE_GID_INDEX").unwrap_or_else(|_| "1".into());
+    let port = free_port()?.to_string();
+    let common = [
+        "-s",
+        &size.to_string(),
+        "-q",
+        &qps.to_string(),
+        "-x",
+        &gid,
+        "-F",
+        "-n",
+        &iterations.to_string(),
+        "-p",
+        &port,
+    ]
+    .map(str::to_owned);
+    let mut server = Command::new("ib_write_bw")
+        .arg("-d")
+        .arg(pair.server_device)
+        .args(&common)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting ib_write_bw")?;
+    std::thread::sleep(Duration::from_secs(2));
+    let output = Command::new("ib_write_bw")
+        .arg("-d")
+        .arg(pair.client_device)
+        .args(&common)
+        .arg(pair.server_addr)
+        .output()
+        .context("running ib_write_bw")?;
+    let _ = server.wait();
+    let text = String::from_utf8_lossy(&output.stdout);
+    // The result row: bytes, iterations, peak MB/s, average MB/s, Mpps (MB = 2^20 bytes).
+    let average = text
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            (fields.len() >= 5 && fields[0] == size.to_string())
+                .then(|| fields[3].parse::<f64>().ok())
+                .flatten()
+        })
+        .next_back()
+        .with_context(|| {
+            format!(
+                "no result row in ib_write_bw output:\n{text}{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+    let bytes_per_second = average * MIB as f64;
+    let bytes = iterations * size * u64::from(qps);
+    Ok(Some(
+        Row::new(
+            "baseline.ib_write_bw",
+            &format!("ib_write_bw -s {size} -q {qps}"),
+            "ib_write_bw",
+            "rdma",
+            Measured {
+                bytes,
+                seconds: bytes as f64 / bytes_per_second,
+                cpu_seconds: None,
+            },
+        )
+        .with_parameters(json!({ "message_size": size, "queue_pairs": qps })),
+    ))
+}

@@ -1,0 +1,481 @@
+//! The pieces of Ferry every benchmark is built from, all in this one process: a seed store
+//! serving on a real data port (TCP, plus the RDMA upgrade when devices are given), a
+//! receiver store, and the daemon's own code paths between them.
+
+use crate::report::{Measured, Stopwatch};
+use anyhow::{bail, Context};
+use ferry_engine::config::RdmaConfig;
+use ferry_engine::geometry::{self, Geometry};
+use ferry_engine::import::{import_file, ImportOptions};
+use ferry_engine::io::{BufferPool, IoChoice, IoEngine, PieceBuffer, TaskFile, WriteRequest};
+use ferry_engine::rdma::{RdmaHost, RdmaSettings, RdmaStatus, RdmaTransport};
+use ferry_engine::store::{Store, StoreProvider};
+use ferry_engine::transfer::{Engine, TransferRequest, TransferSettings, TransportChoice};
+use ferry_engine::transport::{PieceTransport, TcpTransport};
+use ferry_fallback_tcp::{ClientConfig, Server, ServerConfig};
+use std::io::Read;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+pub const MIB: u64 = 1024 * 1024;
+pub const SLOT: u64 = 4 * MIB;
+
+/// Two RDMA devices that reach each other (inside `scripts/rxe-vm.sh`: rxe0 and rxe1).
+#[derive(Debug, Clone)]
+pub struct RdmaPlan {
+    pub server_device: String,
+    pub client_device: String,
+    pub server_addr: String,
+    pub chunk_kib: u32,
+}
+
+impl RdmaPlan {
+    /// From flags, else the variables `scripts/rxe-vm.sh` sets; None if neither is there.
+    pub fn from_env(
+        server_device: &Option<String>,
+        client_device: &Option<String>,
+        server_addr: &Option<String>,
+        chunk_kib: u32,
+    ) -> Option<RdmaPlan> {
+        let pick =
+            |flag: &Option<String>, var: &str| flag.clone().or_else(|| std::env::var(var).ok());
+        Some(RdmaPlan {
+            server_device: pick(server_device, "FERRY_RXE_DEV0")?,
+            client_device: pick(client_device, "FERRY_RXE_DEV1")?,
+            server_addr: pick(server_addr, "FERRY_RXE_ADDR0")?,
+            chunk_kib,
+        })
+    }
+
+    pub fn settings(&self, window: usize, queue_pairs: usize) -> RdmaSettings {
+        RdmaSettings {
+            chunk_size: self.chunk_kib * 1024,
+            connect_timeout: Duration::from_secs(5),
+            io_timeout: Duration::from_secs(30),
+            window,
+            queue_pairs,
+        }
+    }
+}
+
+/// Memory registration of one pool: bytes and seconds per GiB.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Registration {
+    pub side: String,
+    pub device: String,
+    pub bytes: u64,
+    pub seconds_per_gib: f64,
+}
+
+pub struct Rig {
+    pub seed: Arc<Store>,
+    pub receiver: Arc<Store>,
+    /// The seed's data port.
+    pub addr: SocketAddr,
+    server: tokio::task::JoinHandle<()>,
+    client_rdma: Option<Arc<RdmaHost>>,
+    _seed_rdma: Option<Arc<RdmaHost>>,
+    pub registrations: Vec<Registration>,
+}
+
+fn pool(pool_mib: u64) -> anyhow::Result<Arc<BufferPool>> {
+    Ok(BufferPool::new(
+        SLOT as usize,
+        (pool_mib * MIB / SLOT) as usize,
+    )?)
+}
+
+fn registered_host(
+    pool: &Arc<BufferPool>,
+    device: &str,
+    side: &str,
+    registrations: &mut Vec<Registration>,
+) -> anyhow::Result<Arc<RdmaHost>> {
+    let config = RdmaConfig {
+        device: Some(device.to_owned()),
+        ..Default::default()
+    };
+    let host = RdmaHost::start(&config, pool);
+    match &host.status {
+        RdmaStatus::Ready { region, .. } => registrations.push(Registration {
+            side: side.into(),
+            device: device.into(),
+            bytes: region.len() as u64,
+            seconds_per_gib: region.seconds_per_gib(),
+        }),
+        RdmaStatus::Unavailable(reason) => bail!("RDMA device {device} unusable: {reason}"),
+        RdmaStatus::Disabled => bail!("RDMA disabled"),
+    }
+    Ok(Arc::new(host))
+}
+
+impl Rig {
+    /// A seed and a receiver, each with a `pool_mib` pool, under `dir`; with `rdma`, each
+    /// pool registered on its device and the seed serving the RDMA upgrade on its port.
+    pub async fn start(dir: &Path, pool_mib: u64, rdma: Option<&RdmaPlan>) -> anyhow::Result<Rig> {
+        let mut registrations = Vec::new();
+        let seed_pool = pool(pool_mib)?;
+        let receiver_pool = pool(pool_mib)?;
+        let (seed_rdma, client_rdma) = match rdma {
+            Some(plan) => (
+                Some(registered_host(
+                    &seed_pool,
+                    &plan.server_device,
+                    "seed",
+                    &mut registrations,
+                )?),
+                Some(registered_host(
+                    &receiver_pool,
+                    &plan.client_device,
+                    "receiver",
+                    &mut registrations,
+                )?),
+            ),
+            None => (None, None),
+        };
+        let open = |name: &str, pool: Arc<BufferPool>| -> anyhow::Result<Arc<Store>> {
+            let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
+            Ok(Arc::new(Store::open(&dir.join(name), pool, io, true)?))
+        };
+        let seed = open("seed", seed_pool)?;
+        let receiver = open("receiver", receiver_pool)?;
+        let bind = match rdma {
+            Some(plan) => format!("{}:0", plan.server_addr),
+            None => "127.0.0.1:0".into(),
+        };
+        let rdma_service = match (&seed_rdma, rdma) {
+            (Some(host), Some(plan)) => Some(
+                host.exchange(&seed, plan.settings(1, 1), Duration::from_secs(60))
+                    .context("RDMA not ready on the seed")?
+                    .1,
+            ),
+            _ => None,
+        };
+        let listener = tokio::net::TcpListener::bind(&bind).await?;
+        let addr = listener.local_addr()?;
+        let provider = Arc::new(StoreProvider {
+            store: Arc::clone(&seed),
+            host_id: "bench".into(),
+            rdma: rdma_service,
+        });
+        let server = tokio::spawn(Server::new(listener, provider, ServerConfig::default()).run());
+        Ok(Rig {
+            seed,
+            receiver,
+            addr,
+            server,
+            client_rdma,
+            _seed_rdma: seed_rdma,
+            registrations,
+        })
+    }
+
+    /// Imports `size` random bytes into the seed in pieces of `piece_length`; `warm` reads
+    /// the content once so the seed serves from its page cache (as iperf3 sends from memory).
+    pub async fn seed_task(
+        &self,
+        scratch: &Path,
+        size: u64,
+        piece_length: u64,
+        warm: bool,
+    ) -> anyhow::Result<(String, Geometry)> {
+        let piece_length = geometry::validate_piece_length(piece_length)?;
+        let source = scratch.join(format!("source-{piece_length}.bin"));
+        let mut random = std::fs::File::open("/dev/urandom")?.take(size);
+        std::io::copy(&mut random, &mut std::fs::File::create(&source)?)?;
+        let task = import_file(
+            &self.seed,
+            &source,
+            &ImportOptions {
+                piece_length,
+                // Same bytes under another piece length are another task.
+                url: Some(format!("bench://{}-{piece_length}", std::process::id())),
+                ..Default::default()
+            },
+        )
+        .await?;
+        std::fs::remove_file(&source)?;
+        if warm {
+            std::io::copy(
+                &mut std::fs::File::open(task.content_path())?,
+                &mut std::io::sink(),
+            )?;
+        }
+        Ok((task.id().to_owned(), task.geometry()))
+    }
+
+    pub fn tcp(&self) -> Arc<dyn PieceTransport> {
+        Arc::new(TcpTransport::new(ClientConfig::default()))
+    }
+
+    /// The receiver's RDMA transport with this window and queue pairs per peer.
+    pub fn rdma(
+        &self,
+        plan: &RdmaPlan,
+        window: usize,
+        queue_pairs: usize,
+    ) -> Option<Arc<RdmaTransport>> {
+        let host = self.client_rdma.as_ref()?;
+        host.exchange(
+            &self.receiver,
+            plan.settings(window, queue_pairs),
+            Duration::from_secs(60),
+        )
+        .map(|(transport, _)| transport)
+    }
+
+    /// Every piece fetched `rounds` times through `transport`, `in_flight` at a time, into the
+    /// receiver's pool buffers and digest-verified; nothing written.
+    pub async fn fetch_into_memory(
+        &self,
+        transport: Arc<dyn PieceTransport>,
+        task_id: &str,
+        geometry: Geometry,
+        rounds: u32,
+        in_flight: u32,
+    ) -> anyhow::Result<Measured> {
+        self.fetch_into_memory_from(transport, self.addr, task_id, geometry, rounds, in_flight)
+            .await
+    }
+
+    /// `fetch_into_memory` from another host's data port.
+    pub async fn fetch_into_memory_from(
+        &self,
+        transport: Arc<dyn PieceTransport>,
+        source: SocketAddr,
+        task_id: &str,
+        geometry: Geometry,
+        rounds: u32,
+        in_flight: u32,
+    ) -> anyhow::Result<Measured> {
+        let pool = Arc::clone(self.receiver.pool());
+        let total = u64::from(geometry.piece_count()) * u64::from(rounds);
+        let next = Arc::new(AtomicU64::new(0));
+        let watch = Stopwatch::start();
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..in_flight {
+            let (transport, pool, next, task_id) = (
+                Arc::clone(&transport),
+                Arc::clone(&pool),
+                Arc::clone(&next),
+                task_id.to_owned(),
+            );
+            tasks.spawn(async move {
+                let mut bytes = 0u64;
+                loop {
+                    let n = next.fetch_add(1, Ordering::Relaxed);
+                    if n >= total {
+                        return anyhow::Ok(bytes);
+                    }
+                    let piece = geometry.piece((n % u64::from(geometry.piece_count())) as u32)?;
+                    let mut buf = pool.acquire(piece.length).await?;
+                    let fetched = transport
+                        .fetch(source, &task_id, piece, &mut buf)
+                        .await
+                        .map_err(|e| anyhow::anyhow!("piece {}: {e}", piece.number))?;
+                    if geometry::parse_digest(&fetched.advertised_digest) != Some(fetched.crc32) {
+                        bail!("digest mismatch on piece {}", piece.number);
+                    }
+                    bytes += piece.length;
+                }
+            });
+        }
+        let mut bytes = 0;
+        while let Some(done) = tasks.join_next().await {
+            bytes += done??;
+        }
+        Ok(watch.stop(bytes))
+    }
+
+    /// The daemon's whole transfer path into the receiver's store (verify, io_uring write,
+    /// fdatasync, journal), timed; the received task is deleted afterwards so the next run
+    /// fetches everything again.
+    pub async fn transfer_into_store(
+        &self,
+        rdma: Option<Arc<RdmaTransport>>,
+        task_id: &str,
+        geometry: Geometry,
+        in_flight: u32,
+        transport: TransportChoice,
+    ) -> anyhow::Result<Measured> {
+        let engine = Arc::new(Engine::new(
+            Arc::clone(&self.receiver),
+            Arc::new(TcpTransport::new(ClientConfig::default())),
+            rdma,
+            TransferSettings {
+                streams_per_source: in_flight,
+                piece_timeout: Duration::from_secs(120),
+                max_attempts: 3,
+                source_failure_limit: 3,
+            },
+            Vec::new(),
+        ));
+        let prepared = engine
+            .prepare(TransferRequest {
+                task_id: task_id.to_owned(),
+                content_length: geometry.content_length(),
+                piece_length: geometry.piece_length(),
+                pieces: Vec::new(),
+                sources: vec![self.addr.to_string()],
+                output: None,
+                streams_per_source: in_flight,
+                transport,
+            })
+            .await?;
+        let (events, mut drain) = tokio::sync::mpsc::channel(64);
+        let drained = tokio::spawn(async move { while drain.recv().await.is_some() {} });
+        let watch = Stopwatch::start();
+        let summary = engine.run(prepared, events).await?;
+        let measured = watch.stop(summary.bytes_fetched);
+        drained.await?;
+        if summary.bytes_fetched != geometry.content_length() {
+            bail!(
+                "fetched {} of {} bytes",
+                summary.bytes_fetched,
+                geometry.content_length()
+            );
+        }
+        if transport == TransportChoice::Rdma && summary.rdma_fallbacks > 0 {
+            bail!("{} pieces fell back to TCP", summary.rdma_fallbacks);
+        }
+        self.receiver.delete(task_id)?;
+        Ok(measured)
+    }
+}
+
+impl Drop for Rig {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}
+
+/// A recognisable pattern per block, so pages are real data (not zero pages).
+pub fn fill(buf: &mut PieceBuffer, seed: u32) {
+    for (i, chunk) in buf.chunks_mut().into_iter().enumerate() {
+        let word = (u64::from(seed) << 32 | i as u64)
+            .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            .to_le_bytes();
+        for bytes in chunk.chunks_exact_mut(8) {
+            bytes.copy_from_slice(&word);
+        }
+    }
+}
+
+/// The I/O engine's raw writes, as fio does them: O_DIRECT from registered buffers,
+/// `depth` in flight, one sync at the end. The buffers are filled once, before the clock
+/// starts, as fio fills its buffers once.
+pub async fn engine_writes(
+    dir: &Path,
+    size: u64,
+    block: u64,
+    depth: usize,
+) -> anyhow::Result<Measured> {
+    use futures::stream::{FuturesUnordered, StreamExt};
+    let pool = BufferPool::new(block as usize, depth)?;
+    let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
+    let path = dir.join("engine.dat");
+    let file = Arc::new(TaskFile::open(&path, true)?);
+    let mut free = Vec::new();
+    for n in 0..depth {
+        let mut buf = pool.acquire(block).await?;
+        fill(&mut buf, n as u32);
+        free.push(buf);
+    }
+    let watch = Stopwatch::start();
+    let mut in_flight = FuturesUnordered::new();
+    let mut offset = 0;
+    while offset < size {
+        let buf = match free.pop() {
+            Some(buf) => buf,
+            None => {
+                let (buf, result) = in_flight.next().await.expect("depth > 0 in flight");
+                result?;
+                buf
+            }
+        };
+        let request = WriteRequest {
+            file: Arc::clone(&file),
+            offset,
+            buf,
+            len: block as usize,
+            sync: false,
+        };
+        let io = &io;
+        in_flight.push(async move { io.write(request).await });
+        offset += block;
+    }
+    while let Some((_, result)) = in_flight.next().await {
+        result?;
+    }
+    file.file().sync_all()?;
+    let measured = watch.stop(size);
+    drop(in_flight);
+    io.release_file(&file);
+    drop(file);
+    std::fs::remove_file(&path)?;
+    Ok(measured)
+}
+
+/// The store's piece path alone: each piece digested, written, made durable and journaled,
+/// `depth` at a time (what a transfer does after the network).
+pub async fn store_pieces(
+    dir: &Path,
+    size: u64,
+    block: u64,
+    depth: usize,
+) -> anyhow::Result<(Measured, bool)> {
+    let pool = BufferPool::new(block as usize, depth)?;
+    let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
+    let store = Arc::new(Store::open(
+        &dir.join("store"),
+        Arc::clone(&pool),
+        io,
+        true,
+    )?);
+    let task = store.create_or_get(&"b".repeat(64), Geometry::new(size, block)?)?;
+    let mut filled = Vec::new();
+    for n in 0..depth {
+        let mut buf = pool.acquire(block).await?;
+        fill(&mut buf, n as u32);
+        filled.push(buf);
+    }
+    drop(filled);
+    let watch = Stopwatch::start();
+    let mut running = tokio::task::JoinSet::new();
+    for piece in task.geometry().pieces() {
+        if running.len() >= depth {
+            running.join_next().await.expect("non-empty")??;
+        }
+        let mut buf = pool.acquire(piece.length).await?;
+        // Only the first word of each slot changes: the content stays real data without
+        // the benchmark's own filling dominating the figure.
+        for chunk in buf.chunks_mut() {
+            chunk[..8].copy_from_slice(&u64::from(piece.number).to_le_bytes());
+        }
+        let (store, task) = (Arc::clone(&store), Arc::clone(&task));
+        running.spawn(async move {
+            let crc = buf.crc32();
+            let (_, written) = store.write_piece(&task, piece, buf, crc).await;
+            anyhow::Ok(written?)
+        });
+    }
+    while let Some(done) = running.join_next().await {
+        done??;
+    }
+    let measured = watch.stop(size);
+    let direct = store.direct_io() && task.is_complete();
+    store.delete(task.id())?;
+    Ok((measured, direct))
+}
+
+/// Registers a fresh pool of `pool_mib` on `device` (as the daemon does at start-up) and
+/// reports the time per GiB.
+pub fn time_registration(device: &str, pool_mib: u64) -> anyhow::Result<Vec<Registration>> {
+    let pool = pool(pool_mib)?;
+    let mut registrations = Vec::new();
+    registered_host(&pool, device, "timed", &mut registrations)?;
+    Ok(registrations)
+}
