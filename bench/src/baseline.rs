@@ -124,6 +124,15 @@ pub fn fio(
     }
     let output = command.output().context("running fio")?;
     let _ = std::fs::remove_file(&path);
+    if !output.status.success() {
+        // tmpfs and 9p (inside the RDMA VM) have no O_DIRECT: no baseline there.
+        println!(
+            "fio failed under {}, no store baseline: {}",
+            dir.display(),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
+        return Ok(None);
+    }
     let report: Value = serde_json::from_slice(&output.stdout).with_context(|| {
         format!(
             "parsing fio output: {}",

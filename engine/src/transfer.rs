@@ -444,7 +444,7 @@ impl Engine {
                         source_name: prepared.source_names[index].clone(),
                         events: events.clone(),
                     };
-                    workers.spawn(worker.run());
+                    workers.spawn(Arc::new(worker).run());
                 }
             }
         }
@@ -624,7 +624,11 @@ struct Worker {
 }
 
 impl Worker {
-    async fn run(self) {
+    /// Fetches pieces one after another; each verified piece is written while the next one
+    /// is fetched (at most one write pending per worker), so the network and the disk work
+    /// at the same time instead of taking turns.
+    async fn run(self: Arc<Self>) {
+        let mut pending: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let wake = self.shared.wake.notified();
             let next = self
@@ -634,33 +638,53 @@ impl Worker {
                 .expect("schedule lock")
                 .next_for(self.source_index);
             match next {
-                Next::Done => return,
+                Next::Done => break,
                 Next::Wait => {
                     tokio::select! {
                         _ = wake => {}
-                        _ = self.shared.cancel.cancelled() => return,
+                        _ = self.shared.cancel.cancelled() => break,
                         // A safety net: re-check the schedule even if a wake-up was missed.
                         _ = tokio::time::sleep(Duration::from_millis(200)) => {}
                     }
                 }
                 Next::Piece(entry) => {
-                    let outcome = tokio::select! {
-                        outcome = self.attempt(&entry) => Some(outcome),
+                    let fetched = tokio::select! {
+                        fetched = self.fetch_verified(&entry) => Some(fetched),
                         _ = self.shared.cancel.cancelled() => None,
                     };
-                    let Some(outcome) = outcome else {
+                    let Some(fetched) = fetched else {
                         self.shared
                             .state
                             .lock()
                             .expect("schedule lock")
                             .fail(Failure::Cancelled);
                         self.shared.wake.notify_waiters();
-                        return;
+                        break;
                     };
-                    self.settle(entry, outcome).await;
-                    self.shared.wake.notify_waiters();
+                    match fetched {
+                        Err(err) => {
+                            self.settle(entry, Err(err)).await;
+                            self.shared.wake.notify_waiters();
+                        }
+                        Ok(verified) => {
+                            if let Some(previous) = pending.take() {
+                                let _ = previous.await;
+                            }
+                            let worker = Arc::clone(&self);
+                            // A write is never abandoned half-way: it finishes (or fails)
+                            // and is settled even when the transfer is being cancelled.
+                            pending = Some(tokio::spawn(async move {
+                                let outcome = worker.persist(&entry, verified).await;
+                                worker.settle(entry, outcome).await;
+                                worker.shared.wake.notify_waiters();
+                            }));
+                        }
+                    }
                 }
             }
+        }
+        if let Some(previous) = pending {
+            let _ = previous.await;
         }
     }
 
@@ -721,7 +745,8 @@ impl Worker {
         Ok((fetched, "tcp", false))
     }
 
-    async fn attempt(&self, entry: &Entry) -> Result<PieceOutcome, AttemptError> {
+    /// Fetches one piece into a pool buffer and checks it against the source's digest.
+    async fn fetch_verified(&self, entry: &Entry) -> Result<VerifiedPiece, AttemptError> {
         let piece = self
             .task
             .geometry()
@@ -754,16 +779,40 @@ impl Worker {
                 )))
             }
         }
+        Ok(VerifiedPiece {
+            piece,
+            buf,
+            crc32: fetched.crc32,
+            transport,
+            fell_back,
+            fetch_time,
+        })
+    }
+
+    /// Writes a verified piece to the store (durable and journaled when this returns Ok).
+    async fn persist(
+        &self,
+        entry: &Entry,
+        verified: VerifiedPiece,
+    ) -> Result<PieceOutcome, AttemptError> {
+        let VerifiedPiece {
+            piece,
+            buf,
+            crc32,
+            transport,
+            fell_back,
+            fetch_time,
+        } = verified;
         let write_started = Instant::now();
         let (_buf, written) = self
             .engine
             .store
-            .write_piece(&self.task, piece, buf, fetched.crc32)
+            .write_piece(&self.task, piece, buf, crc32)
             .await;
         written.map_err(AttemptError::Store)?;
         Ok(PieceOutcome {
             piece,
-            digest: geometry::format_digest(fetched.crc32),
+            digest: geometry::format_digest(crc32),
             source: self.source_name.clone(),
             transport,
             fell_back,
@@ -849,6 +898,16 @@ impl Worker {
             }
         }
     }
+}
+
+/// A piece fetched into its buffer and verified, not yet written.
+struct VerifiedPiece {
+    piece: PieceRange,
+    buf: crate::io::PieceBuffer,
+    crc32: u32,
+    transport: &'static str,
+    fell_back: bool,
+    fetch_time: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
