@@ -1,14 +1,21 @@
 #!/usr/bin/env bash
-# Runs Ferry's benchmarks beside their standard tools (iperf3, fio), installing those if
-# missing. Results print as tables and land as JSON in bench/out/.
-#   ./scripts/bench.sh            # tcp and disk with defaults
-#   ./scripts/bench.sh tcp --streams 1
+# Runs Ferry's benchmarks beside their standard tools (iperf3, fio; ib_write_bw inside the
+# RDMA VM), installing those if missing. Results print as one table and land as JSON in
+# bench/out/.
+#   ./scripts/bench.sh                  # compare: TCP, store and end to end on this host
+#   ./scripts/bench.sh tcp --streams 1  # any ferry-bench subcommand and flags
+#   ./scripts/bench.sh rdma-vm          # compare with RDMA, on soft-RoCE inside the VM
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRA_PACKAGES="iperf3 fio" ./scripts/setup.sh
 cargo build --release --quiet -p ferry-bench
-if [ $# -gt 0 ]; then
-    exec ./target/release/ferry-bench "$@"
-fi
-./target/release/ferry-bench tcp
-./target/release/ferry-bench disk
+mkdir -p bench/out
+case "${1:-}" in
+"") exec ./target/release/ferry-bench compare ;;
+rdma-vm)
+    shift
+    exec ./scripts/rxe-vm.sh --mem 3072 --rw "$PWD/bench/out" -- ./target/release/ferry-bench \
+        --dir /tmp --json-out "$PWD/bench/out/compare-rdma.json" compare --size-mib 256 "$@"
+    ;;
+*) exec ./target/release/ferry-bench "$@" ;;
+esac
