@@ -15,5 +15,8 @@ pub mod server;
 pub use client::{ClientConfig, Connection, FetchedPiece};
 pub use codec::{Request, Response, TaskInfo};
 pub use error::{ClientError, CodecError};
-pub use server::{PieceProvider, ProviderError, ServedPiece, Server, ServerConfig, UpgradeFuture};
+pub use server::{
+    PieceProvider, ProviderError, ServedPiece, Server, ServerConfig, ServerStats,
+    ServerStatsSnapshot, UpgradeFuture,
+};
 pub use vortex_protocol::tlv::piece_metadata::PieceMetadata;

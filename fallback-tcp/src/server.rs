@@ -8,7 +8,7 @@ use std::fs::File;
 use std::io;
 use std::net::SocketAddr;
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
@@ -87,11 +87,70 @@ impl Default for ServerConfig {
     }
 }
 
+/// What a server has done, counted as it happens; whoever holds the `Arc` (a metrics
+/// exporter, a test) reads it at any time. Plain atomics: counting costs nothing on the hot path.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    connections_open: AtomicU64,
+    connections_accepted: AtomicU64,
+    connections_rejected: AtomicU64,
+    content_bytes_sent: AtomicU64,
+    pieces_served: AtomicU64,
+    bad_frames: AtomicU64,
+}
+
+/// A consistent-enough copy of [`ServerStats`] (each field read once).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ServerStatsSnapshot {
+    /// Connections being served now (an upgraded connection counts until its protocol ends).
+    pub connections_open: u64,
+    pub connections_accepted: u64,
+    /// Refused at accept because `max_connections` were open.
+    pub connections_rejected: u64,
+    /// Piece content bytes handed to the kernel (frames not included), partial pieces too.
+    pub content_bytes_sent: u64,
+    /// Pieces whose content was sent in full.
+    pub pieces_served: u64,
+    /// Connections closed for a malformed, oversized or truncated frame.
+    pub bad_frames: u64,
+}
+
+impl ServerStats {
+    pub fn snapshot(&self) -> ServerStatsSnapshot {
+        ServerStatsSnapshot {
+            connections_open: self.connections_open.load(Ordering::Relaxed),
+            connections_accepted: self.connections_accepted.load(Ordering::Relaxed),
+            connections_rejected: self.connections_rejected.load(Ordering::Relaxed),
+            content_bytes_sent: self.content_bytes_sent.load(Ordering::Relaxed),
+            pieces_served: self.pieces_served.load(Ordering::Relaxed),
+            bad_frames: self.bad_frames.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Counts a connection as open for as long as it lives, however its task ends.
+struct OpenConnection(Arc<ServerStats>);
+
+impl OpenConnection {
+    fn new(stats: &Arc<ServerStats>) -> Self {
+        stats.connections_accepted.fetch_add(1, Ordering::Relaxed);
+        stats.connections_open.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(Arc::clone(stats))
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.connections_open.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The accept loop. Dropping the future returned by [`Server::run`] closes every connection.
 pub struct Server<P> {
     listener: TcpListener,
     provider: Arc<P>,
     config: ServerConfig,
+    stats: Arc<ServerStats>,
 }
 
 impl<P: PieceProvider> Server<P> {
@@ -100,7 +159,13 @@ impl<P: PieceProvider> Server<P> {
             listener,
             provider,
             config,
+            stats: Arc::default(),
         }
+    }
+
+    /// The server's counters, live: keep the `Arc` and read it whenever.
+    pub fn stats(&self) -> Arc<ServerStats> {
+        Arc::clone(&self.stats)
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
@@ -125,6 +190,7 @@ impl<P: PieceProvider> Server<P> {
                     };
                     if open.load(Ordering::Relaxed) >= self.config.max_connections {
                         tracing::warn!(%peer, max = self.config.max_connections, "refusing connection: too many open");
+                        self.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
                         continue;
                     }
                     let _ = stream.set_nodelay(true);
@@ -132,10 +198,17 @@ impl<P: PieceProvider> Server<P> {
                     let provider = Arc::clone(&self.provider);
                     let config = self.config.clone();
                     let open = Arc::clone(&open);
+                    let counted = OpenConnection::new(&self.stats);
                     connections.spawn(async move {
-                        match serve_connection(stream, peer, provider.as_ref(), &config).await {
+                        let stats = &counted.0;
+                        match serve_connection(stream, peer, provider.as_ref(), &config, stats).await {
                             Ok(()) => tracing::debug!(%peer, "data connection closed"),
-                            Err(err) => tracing::warn!(%peer, error = %err, "data connection closed on error"),
+                            Err(err) => {
+                                if err.is_bad_frame() {
+                                    stats.bad_frames.fetch_add(1, Ordering::Relaxed);
+                                }
+                                tracing::warn!(%peer, error = %err, "data connection closed on error")
+                            }
                         }
                         open.fetch_sub(1, Ordering::Relaxed);
                     });
@@ -161,6 +234,16 @@ enum ConnectionError {
     ShortFile(u32),
     #[error(transparent)]
     Io(#[from] io::Error),
+}
+
+impl ConnectionError {
+    /// The peer sent something that is not a valid request frame.
+    fn is_bad_frame(&self) -> bool {
+        matches!(
+            self,
+            ConnectionError::Codec(_) | ConnectionError::Truncated { .. }
+        )
+    }
 }
 
 /// Reads exactly `buf.len()` bytes, distinguishing a clean close before the first byte.
@@ -193,6 +276,7 @@ async fn serve_connection<P: PieceProvider>(
     peer: SocketAddr,
     provider: &P,
     config: &ServerConfig,
+    stats: &ServerStats,
 ) -> Result<(), ConnectionError> {
     let mut out = BytesMut::with_capacity(512);
     let mut value = vec![0u8; codec::MAX_REQUEST_VALUE_LEN as usize];
@@ -253,8 +337,10 @@ async fn serve_connection<P: PieceProvider>(
                         length,
                         number,
                         config.write_timeout,
+                        stats,
                     )
                     .await?;
+                    stats.pieces_served.fetch_add(1, Ordering::Relaxed);
                     provider.served(&task_id, number, length);
                     tracing::trace!(%peer, %task_id, number, length, "piece served");
                 }
@@ -295,6 +381,7 @@ async fn send_file_range(
     length: u64,
     number: u32,
     limit: Duration,
+    stats: &ServerStats,
 ) -> Result<(), ConnectionError> {
     // Ask for the whole piece to be read ahead at once: a cold piece otherwise streams in at
     // the default readahead window, one small synchronous read at a time.
@@ -322,7 +409,11 @@ async fn send_file_range(
         });
         match sent {
             Ok(0) => return Err(ConnectionError::ShortFile(number)),
-            Ok(_) => {}
+            Ok(sent) => {
+                stats
+                    .content_bytes_sent
+                    .fetch_add(sent as u64, Ordering::Relaxed);
+            }
             Err(err) if err.kind() == io::ErrorKind::WouldBlock => {}
             Err(err) => return Err(err.into()),
         }
