@@ -1,7 +1,7 @@
 //! The `ferry` command line: `serve` runs the daemon; every other command is a client of a
 //! daemon's control API.
 
-use crate::config::{Config, ControlEndpoint, DEFAULT_CONTROL};
+use crate::config::{Config, ControlEndpoint, LogFormat, DEFAULT_CONTROL};
 use crate::io::IoChoice;
 use crate::proto::{self, ferry_client::FerryClient, transfer_event::Event};
 use anyhow::{bail, Context};
@@ -93,9 +93,15 @@ pub struct ServeArgs {
     /// Seconds of silence from a peer before a read fails [default: 10].
     #[arg(long)]
     pub io_timeout: Option<u64>,
-    /// Log as JSON lines.
-    #[arg(long)]
+    /// Log format on stderr: text, or json (one JSON object per line) [default: text].
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+    /// Same as --log-format json (kept for existing scripts).
+    #[arg(long, hide = true, conflicts_with = "log_format")]
     pub log_json: bool,
+    /// Serve Prometheus metrics (GET /metrics) on this IP:PORT [default: off].
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<String>,
     /// Do not use RDMA even if the host has it.
     #[arg(long)]
     pub no_rdma: bool,
@@ -237,7 +243,16 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
     if let Some(v) = args.rdma_gid_index {
         config.rdma.gid_index = Some(v);
     }
-    init_logging(args.log_json);
+    if let Some(v) = args.log_format {
+        config.log_format = v;
+    }
+    if args.log_json {
+        config.log_format = LogFormat::Json;
+    }
+    if let Some(v) = &args.metrics {
+        config.metrics.listen = v.clone();
+    }
+    init_logging(config.log_format);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("ferry")
@@ -245,14 +260,14 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
     runtime.block_on(crate::daemon::serve(config))
 }
 
-fn init_logging(json: bool) {
+fn init_logging(format: LogFormat) {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG").unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal());
-    if json {
+    if format == LogFormat::Json {
         builder.json().init();
     } else {
         builder.init();

@@ -21,11 +21,29 @@ pub struct Config {
     pub control: String,
     /// Where transfer outputs may be written; empty allows any absolute path.
     pub output_dirs: Vec<PathBuf>,
+    /// Log lines as text or as JSON objects (one per line).
+    pub log_format: LogFormat,
     pub pool: PoolConfig,
     pub io: IoConfig,
     pub transfer: TransferConfig,
     pub server: ServerConfig,
     pub rdma: RdmaConfig,
+    pub metrics: MetricsConfig,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Prometheus endpoint (`GET /metrics`), ip:port; empty: off.
+    pub listen: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -107,11 +125,13 @@ impl Default for Config {
             advertise: None,
             control: DEFAULT_CONTROL.into(),
             output_dirs: Vec::new(),
+            log_format: LogFormat::default(),
             pool: PoolConfig::default(),
             io: IoConfig::default(),
             transfer: TransferConfig::default(),
             server: ServerConfig::default(),
             rdma: RdmaConfig::default(),
+            metrics: MetricsConfig::default(),
         }
     }
 }
@@ -270,6 +290,15 @@ impl Config {
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", 0, "at least 1");
         }
+        if !self.metrics.listen.is_empty()
+            && self.metrics.listen.parse::<std::net::SocketAddr>().is_err()
+        {
+            return invalid(
+                "metrics.listen",
+                &self.metrics.listen,
+                "empty (no metrics endpoint) or an ip:port address",
+            );
+        }
         Ok(())
     }
 }
@@ -302,6 +331,16 @@ mod tests {
         config.pool.slot_mib = 0;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("pool.slot_mib"), "{err}");
+        let mut config = Config::default();
+        config.metrics.listen = "localhost:9100".into();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("metrics.listen"), "{err}");
+        config.metrics.listen = "127.0.0.1:9100".into();
+        config.validate().unwrap();
+        let json: Config = toml::from_str("log_format = \"json\"").unwrap();
+        assert_eq!(json.log_format, LogFormat::Json);
+        let err = toml::from_str::<Config>("log_format = \"xml\"").unwrap_err();
+        assert!(err.to_string().contains("log_format"), "{err}");
         let parsed: Result<Config, _> = toml::from_str("listen = \"127.0.0.1:1\"\nbogus = 1\n");
         assert!(parsed.unwrap_err().to_string().contains("bogus"));
         assert_eq!(

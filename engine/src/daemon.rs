@@ -4,6 +4,7 @@
 use crate::config::{Config, ControlEndpoint};
 use crate::control::{ControlService, HostInfo};
 use crate::io::{BufferPool, IoEngine};
+use crate::metrics::Metrics;
 use crate::proto::ferry_server::FerryServer;
 use crate::rdma::{RdmaHost, RdmaSettings};
 use crate::store::{Store, StoreProvider};
@@ -104,14 +105,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         queue_pairs: config.rdma.queue_pairs as usize,
     };
     let idle_timeout = Duration::from_secs(config.server.idle_timeout_secs);
-    let (rdma_transport, rdma_service) = rdma.exchange(&store, rdma_settings, idle_timeout).unzip();
-    let engine = Arc::new(Engine::new(
-        Arc::clone(&store),
-        tcp,
-        rdma_transport,
-        settings,
-        output_dirs,
-    ));
+    let metrics = Arc::new(Metrics::new());
+    metrics.observe_pool(Arc::clone(store.pool()));
+    metrics.set_rdma_registered_bytes(rdma.registered_bytes());
+    let (rdma_transport, rdma_service) = rdma
+        .exchange_observed(&store, rdma_settings, idle_timeout, &metrics)
+        .unzip();
+    let engine = Arc::new(
+        Engine::new(
+            Arc::clone(&store),
+            tcp,
+            rdma_transport,
+            settings,
+            output_dirs,
+        )
+        .with_metrics(Arc::clone(&metrics)),
+    );
 
     let provider = Arc::new(StoreProvider {
         store: Arc::clone(&store),
@@ -123,7 +132,19 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         write_timeout: Duration::from_secs(config.server.write_timeout_secs),
         max_connections: config.server.max_connections,
     };
-    let data_plane = tokio::spawn(Server::new(listener, provider, server_config).run());
+    let server = Server::new(listener, provider, server_config);
+    metrics.observe_server(server.stats());
+    let data_plane = tokio::spawn(server.run());
+    let metrics_endpoint = if config.metrics.listen.is_empty() {
+        None
+    } else {
+        let listener = TcpListener::bind(&config.metrics.listen)
+            .await
+            .with_context(|| format!("binding metrics address {}", config.metrics.listen))?;
+        // Tests and operators that ask for port 0 learn the real one from this line.
+        tracing::info!(metrics_address = %listener.local_addr()?, "metrics endpoint listening (GET /metrics)");
+        Some(tokio::spawn(crate::metrics::serve(listener, metrics)))
+    };
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FerryServer<ControlService>>().await;
@@ -172,6 +193,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     data_plane.abort();
+    if let Some(endpoint) = metrics_endpoint {
+        endpoint.abort();
+    }
     result.context("control API server failed")?;
     tracing::info!("stopped");
     Ok(())

@@ -80,6 +80,14 @@ impl RdmaHost {
         RdmaHost { devices, status }
     }
 
+    /// Bytes registered with the device: the whole buffer pool when RDMA is ready, else 0.
+    pub fn registered_bytes(&self) -> u64 {
+        match &self.status {
+            RdmaStatus::Ready { region, .. } => region.len() as u64,
+            _ => 0,
+        }
+    }
+
     /// The `rdma` entry of `GetCapabilities`.
     pub fn transport_info(&self) -> proto::TransportInfo {
         let (detail, properties) = match &self.status {
@@ -176,6 +184,7 @@ impl RdmaHost {
 
 use crate::geometry::{format_digest, PieceRange};
 use crate::io::PieceBuffer;
+use crate::metrics::{Metrics, RdmaSessionGuard};
 use crate::store::Store;
 use crate::transport::{FetchedPiece, PieceTransport, TransportError};
 use ferry_rdma::credit::{self, Progress, ReceiveWindow, SlotCredit};
@@ -230,6 +239,8 @@ struct SessionState {
     spare_windows: Vec<MemoryWindow>,
     broken: Option<String>,
     next_wr: u64,
+    /// Counts the session in the metrics until it breaks.
+    counted: Option<RdmaSessionGuard>,
 }
 
 /// One RC queue pair to a source with its control channel, shared by up to `window` fetches
@@ -270,6 +281,7 @@ impl Session {
             tracing::debug!(%reason, "RDMA session broken");
             let _ = self.connection.fail();
             state.broken = Some(reason);
+            state.counted = None;
         }
         drop(state);
         self.progress.notify_waiters();
@@ -598,6 +610,7 @@ pub struct RdmaTransport {
     sessions: Mutex<HashMap<SocketAddr, Vec<Arc<Session>>>>,
     /// Sources that refused the upgrade (no RDMA there): TCP only from now on.
     tcp_only: Mutex<HashSet<SocketAddr>>,
+    metrics: Arc<Metrics>,
 }
 
 impl RdmaTransport {
@@ -680,6 +693,7 @@ impl RdmaTransport {
                         spare_windows: Vec::new(),
                         broken: None,
                         next_wr: 0,
+                        counted: Some(self.metrics.rdma_session(false)),
                     }),
                     progress: tokio::sync::Notify::new(),
                     helpers: Mutex::new(Vec::new()),
@@ -751,6 +765,7 @@ pub struct RdmaService {
     region: Arc<RegisteredRegion>,
     settings: RdmaSettings,
     idle_timeout: Duration,
+    metrics: Arc<Metrics>,
 }
 
 impl RdmaService {
@@ -776,6 +791,7 @@ impl RdmaService {
         };
         let connection = Connection::new(&self.context, ConnectionConfig::default())?;
         connection.connect(&endpoint)?;
+        let _counted = self.metrics.rdma_session(true);
         wire::write_message(
             stream,
             &Message::Accept {
@@ -934,6 +950,7 @@ impl RdmaService {
         }
         drop(buf);
         task.count_served();
+        self.metrics.rdma_piece_served(piece.length);
         Ok(Message::Done {
             request,
             number,
@@ -951,6 +968,17 @@ impl RdmaHost {
         settings: RdmaSettings,
         idle_timeout: Duration,
     ) -> Option<(Arc<RdmaTransport>, Arc<RdmaService>)> {
+        self.exchange_observed(store, settings, idle_timeout, &Arc::default())
+    }
+
+    /// [`RdmaHost::exchange`], counting sessions and bytes served into `metrics`.
+    pub fn exchange_observed(
+        &self,
+        store: &Arc<Store>,
+        settings: RdmaSettings,
+        idle_timeout: Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Option<(Arc<RdmaTransport>, Arc<RdmaService>)> {
         let RdmaStatus::Ready { region, .. } = &self.status else {
             return None;
         };
@@ -962,6 +990,7 @@ impl RdmaHost {
             settings: settings.clone(),
             sessions: Mutex::new(HashMap::new()),
             tcp_only: Mutex::new(HashSet::new()),
+            metrics: Arc::clone(metrics),
         };
         let service = RdmaService {
             store: Arc::clone(store),
@@ -969,6 +998,7 @@ impl RdmaHost {
             region,
             settings,
             idle_timeout,
+            metrics: Arc::clone(metrics),
         };
         Some((Arc::new(transport), Arc::new(service)))
     }

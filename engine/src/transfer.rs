@@ -3,6 +3,7 @@
 //! piece is held.
 
 use crate::geometry::{self, Geometry, GeometryError, PieceRange};
+use crate::metrics::{Metrics, PieceFailure, TransferResult};
 use crate::rdma::RdmaTransport;
 use crate::store::{Store, StoreError, StoredTask};
 use crate::transport::{FetchedPiece, PieceTransport, TcpTransport, TransportError};
@@ -169,6 +170,7 @@ pub struct Engine {
     pub rdma: Option<Arc<RdmaTransport>>,
     pub settings: TransferSettings,
     pub output_dirs: Vec<PathBuf>,
+    pub metrics: Arc<Metrics>,
     running: Mutex<HashMap<String, CancellationToken>>,
 }
 
@@ -186,8 +188,15 @@ impl Engine {
             rdma,
             settings,
             output_dirs,
+            metrics: Arc::default(),
             running: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Records into `metrics` (shared with the daemon's endpoint) instead of a private set.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Engine {
+        self.metrics = metrics;
+        self
     }
 
     /// Checks an output path: absolute, no `..`, its directory existing and (when output
@@ -399,7 +408,13 @@ impl Engine {
         events: mpsc::Sender<PieceOutcome>,
     ) -> Result<TransferSummary, TransferError> {
         let task_id = prepared.task.id().to_owned();
+        let counted = self.metrics.transfer_started();
         let result = self.run_inner(&prepared, events).await;
+        counted.finish(match &result {
+            Ok(_) => TransferResult::Completed,
+            Err(TransferError::Cancelled(_)) => TransferResult::Cancelled,
+            Err(_) => TransferResult::Failed,
+        });
         prepared.task.transferring.store(false, Ordering::Release);
         self.running.lock().expect("running lock").remove(&task_id);
         result
@@ -722,6 +737,7 @@ impl Worker {
                 Err(TransportError::Unsupported(_)) => {}
                 Err(err) => {
                     tracing::warn!(task_id = %self.task.id(), piece = piece.number, source = %self.source_name, error = %err, "RDMA failed for this piece; fetching it over TCP");
+                    self.engine.metrics.rdma_fallback();
                     let fetched = self
                         .fetch_with(self.engine.tcp.as_ref(), piece, buf)
                         .await
@@ -760,6 +776,7 @@ impl Worker {
         let fetch_started = Instant::now();
         let (fetched, transport, fell_back) = self.fetch(piece, &mut buf).await?;
         let fetch_time = fetch_started.elapsed();
+        self.engine.metrics.piece_received(transport, piece.length);
         // Verify before anything is written: the bytes must match the digest the source holds.
         match geometry::parse_digest(&fetched.advertised_digest) {
             Some(expected) if expected == fetched.crc32 => {}
@@ -810,6 +827,10 @@ impl Worker {
             .write_piece(&self.task, piece, buf, crc32)
             .await;
         written.map_err(AttemptError::Store)?;
+        let write_time = write_started.elapsed();
+        self.engine
+            .metrics
+            .piece_fetched(transport, fetch_time, write_time);
         Ok(PieceOutcome {
             piece,
             digest: geometry::format_digest(crc32),
@@ -817,7 +838,7 @@ impl Worker {
             transport,
             fell_back,
             fetch_time,
-            write_time: write_started.elapsed(),
+            write_time,
             attempt: entry.attempts + 1,
         })
     }
@@ -838,12 +859,17 @@ impl Worker {
                     Some(outcome)
                 }
                 Err(AttemptError::Store(err)) => {
+                    self.engine.metrics.piece_failed(PieceFailure::Store);
                     tracing::error!(task_id = %self.task.id(), piece = entry.number, error = %err, "store write failed; stopping transfer");
                     state.fail(Failure::Store(err));
                     self.shared.cancel.cancel();
                     None
                 }
                 Err(err) => {
+                    self.engine.metrics.piece_failed(match err {
+                        AttemptError::Digest(_) => PieceFailure::Digest,
+                        _ => PieceFailure::Transport,
+                    });
                     tracing::warn!(task_id = %self.task.id(), piece = entry.number, source = %self.source_name, error = %err, "piece attempt failed; retrying elsewhere");
                     state.totals[self.source_index].failures += 1;
                     if matches!(
@@ -880,6 +906,7 @@ impl Worker {
                         self.shared.cancel.cancel();
                     } else {
                         state.retries += 1;
+                        self.engine.metrics.piece_retried();
                         state.queue.push_front(entry);
                     }
                     None

@@ -1,0 +1,703 @@
+//! Prometheus metrics: the instruments the engine updates as pieces move, the values read from
+//! other components at scrape time (the data-port server's counters, the buffer pool), and a
+//! small HTTP endpoint, `GET /metrics`, that serves them in the OpenMetrics text format.
+//!
+//! The endpoint is built so that it cannot hurt the daemon: a bounded number of connections,
+//! one request per connection, request heads capped at 8 KiB, and every connection (slow
+//! client included) closed after a few seconds.
+
+use crate::io::BufferPool;
+use bytes::Bytes;
+use ferry_fallback_tcp::ServerStats;
+use http_body_util::Full;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::{Family, MetricConstructor};
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::{Registry, Unit};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+
+/// The content type of the OpenMetrics text format (Prometheus asks for it and parses it).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Scrapes served at once; more connections are closed unanswered.
+const MAX_SCRAPERS: usize = 16;
+/// The whole exchange on one connection, from accept to the last byte sent.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+/// Time to send a request head.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// Largest request head accepted (hyper's minimum buffer).
+const MAX_REQUEST_HEAD: usize = 8 * 1024;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportLabel {
+    transport: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TransportDirection {
+    transport: &'static str,
+    /// `in`: fetched by this daemon; `out`: served by it.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ReasonLabel {
+    reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ResultLabel {
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabel {
+    /// `serving`: peers fetching from us; `fetching`: our sessions to sources.
+    side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BuildLabels {
+    version: &'static str,
+}
+
+/// Piece latency buckets: 1 ms doubling to about 33 s (16 buckets, then +Inf).
+#[derive(Clone)]
+struct LatencyBuckets;
+
+impl MetricConstructor<Histogram> for LatencyBuckets {
+    fn new_metric(&self) -> Histogram {
+        Histogram::new(exponential_buckets(0.001, 2.0, 16))
+    }
+}
+
+/// Why a piece attempt failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PieceFailure {
+    /// The source could not be reached, or the transfer broke, timed out or was refused.
+    Transport,
+    /// The bytes arrived but did not match the digest the source holds.
+    Digest,
+    /// Writing the piece to the local store failed.
+    Store,
+}
+
+impl PieceFailure {
+    fn label(self) -> &'static str {
+        match self {
+            PieceFailure::Transport => "transport",
+            PieceFailure::Digest => "digest",
+            PieceFailure::Store => "store",
+        }
+    }
+}
+
+/// How a transfer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TransferResult {
+    Completed,
+    Failed,
+    Cancelled,
+}
+
+/// Every metric of one daemon. Shared as `Arc<Metrics>`; recording is a few atomic adds.
+pub struct Metrics {
+    registry: Registry,
+    transport_bytes: Family<TransportDirection, Counter>,
+    pieces_fetched: Family<TransportLabel, Counter>,
+    pieces_served: Family<TransportLabel, Counter>,
+    piece_failures: Family<ReasonLabel, Counter>,
+    piece_retries: Counter,
+    rdma_fallbacks: Counter,
+    piece_fetch_seconds: Family<TransportLabel, Histogram, LatencyBuckets>,
+    piece_write_seconds: Family<TransportLabel, Histogram, LatencyBuckets>,
+    transfers_active: Gauge,
+    transfers: Family<ResultLabel, Counter>,
+    rdma_sessions: Family<SideLabel, Gauge>,
+    rdma_registered_bytes: Gauge,
+    buffer_pool_bytes: Gauge,
+    buffer_pool_free_bytes: Gauge,
+    data_connections_open: Gauge,
+    data_connections_accepted: Counter,
+    data_connections_rejected: Counter,
+    data_bad_frames: Counter,
+    /// Read at scrape time: the data-port server's own counters.
+    server: OnceLock<Arc<ServerStats>>,
+    /// Read at scrape time: free slots.
+    pool: OnceLock<Arc<BufferPool>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ferry");
+        let metrics = Metrics {
+            registry: Registry::default(),
+            transport_bytes: Family::default(),
+            pieces_fetched: Family::default(),
+            pieces_served: Family::default(),
+            piece_failures: Family::default(),
+            piece_retries: Counter::default(),
+            rdma_fallbacks: Counter::default(),
+            piece_fetch_seconds: Family::new_with_constructor(LatencyBuckets),
+            piece_write_seconds: Family::new_with_constructor(LatencyBuckets),
+            transfers_active: Gauge::default(),
+            transfers: Family::default(),
+            rdma_sessions: Family::default(),
+            rdma_registered_bytes: Gauge::default(),
+            buffer_pool_bytes: Gauge::default(),
+            buffer_pool_free_bytes: Gauge::default(),
+            data_connections_open: Gauge::default(),
+            data_connections_accepted: Counter::default(),
+            data_connections_rejected: Counter::default(),
+            data_bad_frames: Counter::default(),
+            server: OnceLock::new(),
+            pool: OnceLock::new(),
+        };
+        registry.register(
+            "build",
+            "Ferry's version (always 1)",
+            Info::new(BuildLabels {
+                version: env!("CARGO_PKG_VERSION"),
+            }),
+        );
+        registry.register_with_unit(
+            "transport",
+            "Piece content bytes moved, by transport and direction (in: fetched whole, verified or not; out: sent)",
+            Unit::Bytes,
+            metrics.transport_bytes.clone(),
+        );
+        registry.register(
+            "pieces_fetched",
+            "Pieces fetched, verified and durably written, by the transport that carried them",
+            metrics.pieces_fetched.clone(),
+        );
+        registry.register(
+            "pieces_served",
+            "Pieces sent whole to peers, by transport",
+            metrics.pieces_served.clone(),
+        );
+        registry.register(
+            "piece_failures",
+            "Failed piece attempts, by reason (transport, digest, store)",
+            metrics.piece_failures.clone(),
+        );
+        registry.register(
+            "piece_retries",
+            "Failed piece attempts put back to be tried again",
+            metrics.piece_retries.clone(),
+        );
+        registry.register(
+            "rdma_fallbacks",
+            "Pieces that failed over RDMA and were fetched again over TCP",
+            metrics.rdma_fallbacks.clone(),
+        );
+        registry.register_with_unit(
+            "piece_fetch",
+            "Time to fetch one piece into memory (successful fetches), by transport",
+            Unit::Seconds,
+            metrics.piece_fetch_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "piece_write",
+            "Time to write and sync one verified piece to the store, by the transport that fetched it",
+            Unit::Seconds,
+            metrics.piece_write_seconds.clone(),
+        );
+        registry.register(
+            "transfers_active",
+            "Transfers running now",
+            metrics.transfers_active.clone(),
+        );
+        registry.register(
+            "transfers",
+            "Transfers ended, by result (completed, failed, cancelled)",
+            metrics.transfers.clone(),
+        );
+        registry.register(
+            "rdma_sessions",
+            "RDMA queue pairs up, by side (serving: peers fetching from us; fetching: ours to sources)",
+            metrics.rdma_sessions.clone(),
+        );
+        registry.register_with_unit(
+            "rdma_registered",
+            "Memory registered with the RDMA device (the whole buffer pool, or 0 without RDMA)",
+            Unit::Bytes,
+            metrics.rdma_registered_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "buffer_pool",
+            "Size of the pinned buffer pool",
+            Unit::Bytes,
+            metrics.buffer_pool_bytes.clone(),
+        );
+        registry.register_with_unit(
+            "buffer_pool_free",
+            "Buffer pool bytes not holding a piece in flight",
+            Unit::Bytes,
+            metrics.buffer_pool_free_bytes.clone(),
+        );
+        registry.register(
+            "data_connections_open",
+            "Connections open on the data port (an RDMA control channel counts while its queue pair is up)",
+            metrics.data_connections_open.clone(),
+        );
+        registry.register(
+            "data_connections_accepted",
+            "Connections accepted on the data port",
+            metrics.data_connections_accepted.clone(),
+        );
+        registry.register(
+            "data_connections_rejected",
+            "Connections refused on the data port because server.max_connections were open",
+            metrics.data_connections_rejected.clone(),
+        );
+        registry.register(
+            "data_bad_frames",
+            "Data-port connections closed for a malformed, oversized or truncated frame",
+            metrics.data_bad_frames.clone(),
+        );
+        // Every label value is there from the start, so no series appears out of nowhere.
+        for transport in ["tcp", "rdma"] {
+            for direction in ["in", "out"] {
+                let _ = metrics.transport_bytes.get_or_create(&TransportDirection {
+                    transport,
+                    direction,
+                });
+            }
+            let _ = metrics
+                .pieces_fetched
+                .get_or_create(&TransportLabel { transport });
+            let _ = metrics
+                .pieces_served
+                .get_or_create(&TransportLabel { transport });
+        }
+        for reason in [
+            PieceFailure::Transport,
+            PieceFailure::Digest,
+            PieceFailure::Store,
+        ] {
+            let _ = metrics.piece_failures.get_or_create(&ReasonLabel {
+                reason: reason.label(),
+            });
+        }
+        for result in ["completed", "failed", "cancelled"] {
+            let _ = metrics.transfers.get_or_create(&ResultLabel { result });
+        }
+        for side in ["serving", "fetching"] {
+            let _ = metrics.rdma_sessions.get_or_create(&SideLabel { side });
+        }
+        Metrics {
+            registry,
+            ..metrics
+        }
+    }
+
+    /// Reads the data-port server's counters at every scrape.
+    pub fn observe_server(&self, stats: Arc<ServerStats>) {
+        let _ = self.server.set(stats);
+    }
+
+    /// Reports the pool's size, and its free bytes at every scrape.
+    pub fn observe_pool(&self, pool: Arc<BufferPool>) {
+        self.buffer_pool_bytes.set(pool.total_bytes() as i64);
+        let _ = self.pool.set(pool);
+    }
+
+    pub fn set_rdma_registered_bytes(&self, bytes: u64) {
+        self.rdma_registered_bytes.set(bytes as i64);
+    }
+
+    /// A piece arrived whole over `transport` (before its digest is checked).
+    pub fn piece_received(&self, transport: &'static str, bytes: u64) {
+        self.transport_bytes
+            .get_or_create(&TransportDirection {
+                transport,
+                direction: "in",
+            })
+            .inc_by(bytes);
+    }
+
+    /// A piece is verified and durable.
+    pub fn piece_fetched(&self, transport: &'static str, fetch: Duration, write: Duration) {
+        let label = TransportLabel { transport };
+        self.pieces_fetched.get_or_create(&label).inc();
+        self.piece_fetch_seconds
+            .get_or_create(&label)
+            .observe(fetch.as_secs_f64());
+        self.piece_write_seconds
+            .get_or_create(&label)
+            .observe(write.as_secs_f64());
+    }
+
+    pub fn piece_failed(&self, why: PieceFailure) {
+        self.piece_failures
+            .get_or_create(&ReasonLabel {
+                reason: why.label(),
+            })
+            .inc();
+    }
+
+    pub fn piece_retried(&self) {
+        self.piece_retries.inc();
+    }
+
+    pub fn rdma_fallback(&self) {
+        self.rdma_fallbacks.inc();
+    }
+
+    /// A piece was written whole to a peer over RDMA (the TCP side counts in the server).
+    pub fn rdma_piece_served(&self, bytes: u64) {
+        self.transport_bytes
+            .get_or_create(&TransportDirection {
+                transport: "rdma",
+                direction: "out",
+            })
+            .inc_by(bytes);
+        self.pieces_served
+            .get_or_create(&TransportLabel { transport: "rdma" })
+            .inc();
+    }
+
+    /// Counts an RDMA session as up until the returned guard is dropped.
+    pub fn rdma_session(self: &Arc<Self>, serving: bool) -> RdmaSessionGuard {
+        let side = if serving { "serving" } else { "fetching" };
+        self.rdma_sessions.get_or_create(&SideLabel { side }).inc();
+        RdmaSessionGuard {
+            metrics: Arc::clone(self),
+            side,
+        }
+    }
+
+    /// Counts a transfer as active until the guard is finished or dropped (a dropped guard
+    /// counts as cancelled: its caller went away).
+    pub fn transfer_started(self: &Arc<Self>) -> TransferGuard {
+        self.transfers_active.inc();
+        TransferGuard {
+            metrics: Arc::clone(self),
+            result: None,
+        }
+    }
+
+    /// The exposition, with the values read from other components refreshed first.
+    pub fn render(&self) -> String {
+        if let Some(server) = self.server.get() {
+            let stats = server.snapshot();
+            let set = |counter: &Counter, value: u64| {
+                counter.inner().store(value, Ordering::Relaxed);
+            };
+            set(
+                &self.transport_bytes.get_or_create(&TransportDirection {
+                    transport: "tcp",
+                    direction: "out",
+                }),
+                stats.content_bytes_sent,
+            );
+            set(
+                &self
+                    .pieces_served
+                    .get_or_create(&TransportLabel { transport: "tcp" }),
+                stats.pieces_served,
+            );
+            set(&self.data_connections_accepted, stats.connections_accepted);
+            set(&self.data_connections_rejected, stats.connections_rejected);
+            set(&self.data_bad_frames, stats.bad_frames);
+            self.data_connections_open
+                .set(stats.connections_open as i64);
+        }
+        if let Some(pool) = self.pool.get() {
+            let free = pool.free_slots() * pool.info().slot_size;
+            self.buffer_pool_free_bytes.set(free as i64);
+        }
+        let mut out = String::with_capacity(8 * 1024);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
+        out
+    }
+}
+
+/// Keeps one RDMA session counted.
+pub struct RdmaSessionGuard {
+    metrics: Arc<Metrics>,
+    side: &'static str,
+}
+
+impl Drop for RdmaSessionGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .rdma_sessions
+            .get_or_create(&SideLabel { side: self.side })
+            .dec();
+    }
+}
+
+/// Keeps one transfer counted as active.
+pub struct TransferGuard {
+    metrics: Arc<Metrics>,
+    result: Option<TransferResult>,
+}
+
+impl TransferGuard {
+    pub fn finish(mut self, result: TransferResult) {
+        self.result = Some(result);
+    }
+}
+
+impl Drop for TransferGuard {
+    fn drop(&mut self) {
+        let result = match self.result.unwrap_or(TransferResult::Cancelled) {
+            TransferResult::Completed => "completed",
+            TransferResult::Failed => "failed",
+            TransferResult::Cancelled => "cancelled",
+        };
+        self.metrics.transfers_active.dec();
+        self.metrics
+            .transfers
+            .get_or_create(&ResultLabel { result })
+            .inc();
+    }
+}
+
+/// What the endpoint answers to one request.
+fn respond(metrics: &Metrics, method: &Method, path: &str) -> Response<Full<Bytes>> {
+    let plain = |status: StatusCode, text: &'static str| {
+        Response::builder()
+            .status(status)
+            .header(hyper::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+            .body(Full::new(Bytes::from_static(text.as_bytes())))
+            .expect("static response")
+    };
+    if path != "/metrics" {
+        return plain(
+            StatusCode::NOT_FOUND,
+            "not found; metrics are at /metrics\n",
+        );
+    }
+    if method != Method::GET && method != Method::HEAD {
+        let mut response = plain(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        response.headers_mut().insert(
+            hyper::header::ALLOW,
+            hyper::header::HeaderValue::from_static("GET, HEAD"),
+        );
+        return response;
+    }
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(hyper::header::CONTENT_TYPE, CONTENT_TYPE)
+        .body(Full::new(Bytes::from(metrics.render())))
+        .expect("valid response")
+}
+
+/// Serves `GET /metrics` on `listener` until the future is dropped.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    let slots = Arc::new(Semaphore::new(MAX_SCRAPERS));
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(pair) => pair,
+            Err(err) => {
+                tracing::warn!(%err, "metrics accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!(%peer, "metrics: too many scrapers at once; closing");
+            continue;
+        };
+        let metrics = Arc::clone(&metrics);
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: Request<_>| {
+                let response = respond(&metrics, request.method(), request.uri().path());
+                async move { Ok::<_, std::convert::Infallible>(response) }
+            });
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_TIMEOUT)
+                .max_buf_size(MAX_REQUEST_HEAD)
+                .keep_alive(false)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(CONNECTION_TIMEOUT, connection).await {
+                Ok(Ok(())) => {}
+                Ok(Err(err)) => tracing::debug!(%peer, %err, "metrics connection failed"),
+                Err(_) => tracing::debug!(%peer, "metrics connection timed out"),
+            }
+            drop(slot);
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of one sample line, `name{labels} value`.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().expect("a number"))
+    }
+
+    #[test]
+    fn recorded_values_appear_under_their_names() {
+        let metrics = Arc::new(Metrics::new());
+        let fresh = metrics.render();
+        assert!(fresh.ends_with("# EOF\n"), "{fresh}");
+        assert_eq!(
+            sample(&fresh, r#"ferry_build_info{version="0.1.0"}"#),
+            Some(1.0)
+        );
+        for series in [
+            r#"ferry_transport_bytes_total{transport="tcp",direction="in"}"#,
+            r#"ferry_transport_bytes_total{transport="rdma",direction="out"}"#,
+            r#"ferry_piece_failures_total{reason="digest"}"#,
+            r#"ferry_transfers_total{result="completed"}"#,
+            r#"ferry_rdma_sessions{side="fetching"}"#,
+            "ferry_rdma_fallbacks_total",
+            "ferry_transfers_active",
+        ] {
+            assert_eq!(sample(&fresh, series), Some(0.0), "{series} in\n{fresh}");
+        }
+
+        metrics.piece_received("tcp", 4096);
+        metrics.piece_received("tcp", 100);
+        metrics.piece_fetched("tcp", Duration::from_millis(3), Duration::from_secs(100));
+        metrics.piece_failed(PieceFailure::Digest);
+        metrics.piece_retried();
+        metrics.rdma_fallback();
+        metrics.rdma_piece_served(1 << 20);
+        let session = metrics.rdma_session(true);
+        let transfer = metrics.transfer_started();
+        let text = metrics.render();
+        assert_eq!(
+            sample(
+                &text,
+                r#"ferry_transport_bytes_total{transport="tcp",direction="in"}"#
+            ),
+            Some(4196.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"ferry_transport_bytes_total{transport="rdma",direction="out"}"#
+            ),
+            Some(1048576.0)
+        );
+        assert_eq!(
+            sample(&text, r#"ferry_pieces_served_total{transport="rdma"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"ferry_pieces_fetched_total{transport="tcp"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"ferry_piece_failures_total{reason="digest"}"#),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "ferry_piece_retries_total"), Some(1.0));
+        assert_eq!(sample(&text, "ferry_rdma_fallbacks_total"), Some(1.0));
+        assert_eq!(
+            sample(&text, r#"ferry_rdma_sessions{side="serving"}"#),
+            Some(1.0)
+        );
+        assert_eq!(sample(&text, "ferry_transfers_active"), Some(1.0));
+        // 3 ms falls in the 4 ms bucket, not the 2 ms one; 100 s only in +Inf.
+        let fetch = |le: &str| {
+            sample(
+                &text,
+                &format!(r#"ferry_piece_fetch_seconds_bucket{{le="{le}",transport="tcp"}}"#),
+            )
+        };
+        assert_eq!(fetch("0.002"), Some(0.0), "{text}");
+        assert_eq!(fetch("0.004"), Some(1.0));
+        assert_eq!(fetch("+Inf"), Some(1.0));
+        let write = |le: &str| {
+            sample(
+                &text,
+                &format!(r#"ferry_piece_write_seconds_bucket{{le="{le}",transport="tcp"}}"#),
+            )
+        };
+        assert_eq!(write("32.768"), Some(0.0), "{text}");
+        assert_eq!(write("+Inf"), Some(1.0));
+        assert_eq!(
+            sample(&text, r#"ferry_piece_write_seconds_sum{transport="tcp"}"#),
+            Some(100.0)
+        );
+
+        drop(session);
+        transfer.finish(TransferResult::Failed);
+        drop(metrics.transfer_started());
+        let text = metrics.render();
+        assert_eq!(
+            sample(&text, r#"ferry_rdma_sessions{side="serving"}"#),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "ferry_transfers_active"), Some(0.0));
+        assert_eq!(
+            sample(&text, r#"ferry_transfers_total{result="failed"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"ferry_transfers_total{result="cancelled"}"#),
+            Some(1.0),
+            "a transfer whose guard was dropped unfinished counts as cancelled"
+        );
+    }
+
+    #[test]
+    fn server_stats_are_read_at_scrape_time() {
+        let metrics = Metrics::new();
+        let stats = Arc::new(ServerStats::default());
+        metrics.observe_server(Arc::clone(&stats));
+        // ServerStats is only counted by a running server; an idle one reads as zeros.
+        let text = metrics.render();
+        assert_eq!(
+            sample(
+                &text,
+                r#"ferry_transport_bytes_total{transport="tcp",direction="out"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "ferry_data_connections_open"), Some(0.0));
+        assert_eq!(sample(&text, "ferry_data_bad_frames_total"), Some(0.0));
+    }
+
+    #[test]
+    fn only_get_metrics_is_answered() {
+        let metrics = Metrics::new();
+        let ok = respond(&metrics, &Method::GET, "/metrics");
+        assert_eq!(ok.status(), StatusCode::OK);
+        assert_eq!(ok.headers()[hyper::header::CONTENT_TYPE], CONTENT_TYPE);
+        assert_eq!(
+            respond(&metrics, &Method::GET, "/").status(),
+            StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            respond(&metrics, &Method::GET, "/metrics/x").status(),
+            StatusCode::NOT_FOUND
+        );
+        let post = respond(&metrics, &Method::POST, "/metrics");
+        assert_eq!(post.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(post.headers()[hyper::header::ALLOW], "GET, HEAD");
+    }
+}
