@@ -291,6 +291,12 @@ impl Metrics {
             let _ = metrics
                 .pieces_served
                 .get_or_create(&TransportLabel { transport });
+            let _ = metrics
+                .piece_fetch_seconds
+                .get_or_create(&TransportLabel { transport });
+            let _ = metrics
+                .piece_write_seconds
+                .get_or_create(&TransportLabel { transport });
         }
         for reason in [
             PieceFailure::Transport,
@@ -574,6 +580,8 @@ mod tests {
             r#"ferry_rdma_sessions{side="fetching"}"#,
             "ferry_rdma_fallbacks_total",
             "ferry_transfers_active",
+            r#"ferry_piece_fetch_seconds_count{transport="rdma"}"#,
+            r#"ferry_piece_write_seconds_count{transport="tcp"}"#,
         ] {
             assert_eq!(sample(&fresh, series), Some(0.0), "{series} in\n{fresh}");
         }

@@ -257,3 +257,67 @@ pub fn scratch(name: &str) -> tempfile::TempDir {
     }
     dir
 }
+
+impl Daemon {
+    /// The address of the metrics endpoint, as the daemon logged it when it bound it (so a
+    /// test can ask for port 0). Text and JSON logs both carry it as `metrics_address`.
+    pub fn metrics_address(&self) -> String {
+        let log = self.log_text();
+        let at = log
+            .find("metrics_address")
+            .unwrap_or_else(|| panic!("{} logged no metrics_address:\n{log}", self.name));
+        let rest = log[at + "metrics_address".len()..].trim_start_matches(['=', '"', ':']);
+        let end = rest
+            .find(|c: char| !(c.is_ascii_alphanumeric() || ".:[]".contains(c)))
+            .unwrap_or(rest.len());
+        rest[..end].to_owned()
+    }
+
+    /// `GET /metrics` over HTTP; panics unless the answer is 200.
+    pub async fn scrape(&self) -> String {
+        let (status, body) = http_get(&self.metrics_address(), "/metrics").await;
+        assert_eq!(status, 200, "{body}");
+        body
+    }
+}
+
+/// One HTTP/1.1 GET with `Connection: close`: the status code and the body.
+pub async fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    let response = http_exchange(addr, request.as_bytes()).await;
+    let text = String::from_utf8(response).expect("a UTF-8 response");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("no end of head in {text:?}"));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    (status, body.to_owned())
+}
+
+/// Writes `request` to `addr` and reads until the server closes (at most 30 s).
+pub async fn http_exchange(addr: &str, request: &[u8]) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(addr).await?;
+        stream.write_all(request).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    tokio::time::timeout(Duration::from_secs(30), exchange)
+        .await
+        .expect("HTTP exchange took over 30 s")
+        .unwrap_or_else(|err| panic!("HTTP exchange with {addr}: {err}"))
+}
+
+/// The value of one series in a metrics exposition, e.g.
+/// `ferry_transport_bytes_total{transport="tcp",direction="in"}`; None if it is absent.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| {
+        let value = line.strip_prefix(series)?.strip_prefix(' ')?;
+        Some(value.parse().expect("a sample value"))
+    })
+}
