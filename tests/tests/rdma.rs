@@ -57,8 +57,9 @@ async fn pieces_move_over_rdma_between_two_daemons() {
     let root = scratch("rdma");
     let source = root.path().join("model.bin");
     random_file(&source, SIZE, 21);
-    let seed = rdma_daemon(root.path(), "seed", 0, &[]).await;
-    let receiver = rdma_daemon(root.path(), "receiver", 1, &[]).await;
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let seed = rdma_daemon(root.path(), "seed", 0, &metrics).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &metrics).await;
     assert!(rdma_available(&seed).await && rdma_available(&receiver).await);
     assert!(
         seed.log_text().contains("registered memory region"),
@@ -95,6 +96,26 @@ async fn pieces_move_over_rdma_between_two_daemons() {
         .any(|t| t.transport == "rdma" && t.bytes == SIZE));
     assert!(same_contents(&source, &output));
     assert_eq!(seed.stat(&task.task_id).await.pieces_served, 64);
+    // The metrics say the same: every byte in and out over RDMA, none over TCP.
+    let fetched = receiver.scrape().await;
+    let served = seed.scrape().await;
+    let rdma_in = r#"ferry_transport_bytes_total{transport="rdma",direction="in"}"#;
+    let rdma_out = r#"ferry_transport_bytes_total{transport="rdma",direction="out"}"#;
+    let tcp_in = r#"ferry_transport_bytes_total{transport="tcp",direction="in"}"#;
+    assert_eq!(metric(&fetched, rdma_in), Some(SIZE as f64), "{fetched}");
+    assert_eq!(metric(&fetched, tcp_in), Some(0.0));
+    assert_eq!(metric(&served, rdma_out), Some(SIZE as f64), "{served}");
+    assert_eq!(
+        metric(&served, r#"ferry_pieces_served_total{transport="rdma"}"#),
+        Some(64.0)
+    );
+    assert!(metric(&fetched, r#"ferry_rdma_sessions{side="fetching"}"#) >= Some(1.0));
+    assert!(metric(&served, r#"ferry_rdma_sessions{side="serving"}"#) >= Some(1.0));
+    assert_eq!(
+        metric(&served, "ferry_rdma_registered_bytes"),
+        metric(&served, "ferry_buffer_pool_bytes")
+    );
+    assert!(metric(&served, "ferry_rdma_registered_bytes") > Some(0.0));
 }
 
 #[tokio::test(flavor = "multi_thread")]
