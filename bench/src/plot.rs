@@ -96,27 +96,35 @@ fn panel(
         area.titled(&format!("{title}: no data"), ("sans-serif", 18))?;
         return Ok(());
     }
+    // Piece sizes are powers of two: the x axis is log2(MiB), labelled in MiB.
+    let (x_min, x_max) = (x_min.log2(), x_max.log2());
+    let (left, right) = (x_min - 0.3, x_max + 0.3);
     let mut chart = ChartBuilder::on(area)
         .caption(title, ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(60)
-        .build_cartesian_2d(
-            ((x_min * 0.85)..(x_max * 1.15)).log_scale(),
-            0f64..(y_max * 1.15).max(1e-9),
-        )?;
+        .build_cartesian_2d(left..right, 0f64..(y_max * 1.15).max(1e-9))?;
     chart
         .configure_mesh()
         .x_desc("piece size (MiB)")
         .y_desc(y_desc)
-        .x_label_formatter(&|v| format!("{v:.0}"))
+        .x_labels(((x_max - x_min) * 2.0) as usize + 3)
+        .x_label_formatter(&|v| {
+            if (v - v.round()).abs() < 1e-6 {
+                format!("{}", 2f64.powf(v.round()) as u64)
+            } else {
+                String::new()
+            }
+        })
+        .light_line_style(WHITE)
         .draw()?;
     for (i, s) in series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let points: Vec<(f64, f64)> = s
             .points
             .iter()
-            .filter_map(|p| pick(p).map(|y| (p.0, y)))
+            .filter_map(|p| pick(p).map(|y| (p.0.log2(), y)))
             .collect();
         chart
             .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
@@ -129,7 +137,7 @@ fn panel(
             if let Some((label, b)) = &s.baseline {
                 chart
                     .draw_series(DashedLineSeries::new(
-                        vec![(x_min * 0.85, *b), (x_max * 1.15, *b)],
+                        vec![(left, *b), (right, *b)],
                         6,
                         4,
                         color.stroke_width(1),
@@ -142,7 +150,7 @@ fn panel(
     if let Some((r, label)) = reference {
         chart
             .draw_series(DashedLineSeries::new(
-                vec![(x_min * 0.85, r), (x_max * 1.15, r)],
+                vec![(left, r), (right, r)],
                 3,
                 3,
                 BLACK.stroke_width(1),
