@@ -186,82 +186,97 @@ pub fn plot(inputs: &[PathBuf], out_dir: &Path) -> anyhow::Result<()> {
     let (tcp, rdma) = (of("tcp"), of("rdma"));
 
     let throughput = out_dir.join("throughput-vs-piece-size.svg");
-    {
-        let root = SVGBackend::new(&throughput, (1400, 560)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let halves = root.split_evenly((1, 2));
-        panel(
-            &halves[0],
-            "TCP on loopback (dashed: iperf3, same streams)",
-            "Gbit/s",
-            &tcp,
-            |p| Some(p.1),
-            true,
-            None,
-        )?;
-        panel(
-            &halves[1],
-            "RDMA (dashed: ib_write_bw, same queue pairs)",
-            "Gbit/s",
-            &rdma,
-            |p| Some(p.1),
-            true,
-            None,
-        )?;
-        root.present()?;
-    }
+    figure(
+        &throughput,
+        [&tcp, &rdma],
+        [
+            Spec::throughput("TCP on loopback (dashed: iperf3, same streams)"),
+            Spec::throughput("RDMA (dashed: ib_write_bw, same queue pairs)"),
+        ],
+    )?;
     let ratio = out_dir.join("ratio-vs-piece-size.svg");
-    {
-        let root = SVGBackend::new(&ratio, (1400, 560)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let halves = root.split_evenly((1, 2));
-        panel(
-            &halves[0],
-            "TCP: Ferry / iperf3 (same run, same streams)",
-            "ratio",
-            &tcp,
-            |p| p.2,
-            false,
-            Some((0.9, "target 0.9x")),
-        )?;
-        panel(
-            &halves[1],
-            "RDMA: Ferry / ib_write_bw (same run)",
-            "ratio",
-            &rdma,
-            |p| p.2,
-            false,
-            Some((0.95, "target 0.95x")),
-        )?;
-        root.present()?;
-    }
+    figure(
+        &ratio,
+        [&tcp, &rdma],
+        [
+            Spec::ratio("TCP: Ferry / iperf3 (same run, same streams)", 0.9),
+            Spec::ratio("RDMA: Ferry / ib_write_bw (same run)", 0.95),
+        ],
+    )?;
     let cpu = out_dir.join("cpu-per-gb.svg");
-    {
-        let root = SVGBackend::new(&cpu, (1400, 560)).into_drawing_area();
-        root.fill(&WHITE)?;
-        let halves = root.split_evenly((1, 2));
-        panel(
-            &halves[0],
-            "TCP: CPU seconds per GB (both ends)",
-            "CPU s/GB",
-            &tcp,
-            |p| p.3,
-            false,
-            None,
-        )?;
-        panel(
-            &halves[1],
-            "RDMA: CPU seconds per GB (both ends)",
-            "CPU s/GB",
-            &rdma,
-            |p| p.3,
-            false,
-            None,
-        )?;
-        root.present()?;
-    }
+    figure(
+        &cpu,
+        [&tcp, &rdma],
+        [
+            Spec::cpu("TCP: CPU seconds per GB (both ends)"),
+            Spec::cpu("RDMA: CPU seconds per GB (both ends)"),
+        ],
+    )?;
     for path in [throughput, ratio, cpu] {
         println!("wrote {}", path.display());
     }
+    Ok(())
+}
+
+/// What one panel shows.
+struct Spec {
+    title: &'static str,
+    y_desc: &'static str,
+    pick: Pick,
+    baselines: bool,
+    reference: Option<(f64, String)>,
+}
+
+impl Spec {
+    fn throughput(title: &'static str) -> Spec {
+        Spec {
+            title,
+            y_desc: "Gbit/s",
+            pick: |p| Some(p.1),
+            baselines: true,
+            reference: None,
+        }
+    }
+
+    fn ratio(title: &'static str, target: f64) -> Spec {
+        Spec {
+            title,
+            y_desc: "ratio",
+            pick: |p| p.2,
+            baselines: false,
+            reference: Some((target, format!("target {target}x"))),
+        }
+    }
+
+    fn cpu(title: &'static str) -> Spec {
+        Spec {
+            title,
+            y_desc: "CPU s/GB",
+            pick: |p| p.3,
+            baselines: false,
+            reference: None,
+        }
+    }
+}
+
+/// One SVG, two panels side by side (TCP, RDMA).
+fn figure(path: &Path, series: [&[&Series]; 2], specs: [Spec; 2]) -> anyhow::Result<()> {
+    let root = SVGBackend::new(path, (1400, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let halves = root.split_evenly((1, 2));
+    for ((area, series), spec) in halves.iter().zip(series).zip(specs) {
+        panel(
+            area,
+            spec.title,
+            spec.y_desc,
+            series,
+            spec.pick,
+            spec.baselines,
+            spec.reference
+                .as_ref()
+                .map(|(r, label)| (*r, label.as_str())),
+        )?;
+    }
+    root.present()?;
     Ok(())
 }
