@@ -14,6 +14,7 @@ cargo build --release --quiet -p ferry-engine
 ferry=$PWD/target/release/ferry
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")
+mkdir "$work/in" # the only directory the daemons may import from
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -23,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 
 start_daemon() { # name
-    "$ferry" --control "$work/$1.sock" serve --data-dir "$work/$1" --listen 127.0.0.1:0 \
+    "$ferry" --control "$work/$1.sock" serve --data-dir "$work/$1" --listen 127.0.0.1:0 --import-dir "$work/in" \
         2>"$work/$1.log" &
     pids+=($!)
     for _ in $(seq 100); do
@@ -46,11 +47,11 @@ seed_address=$(data_address seed)
 "$ferry" --control "$work/receiver.sock" devices
 
 echo "== writing a ${size_mib} MiB file of random bytes"
-head -c "$((size_mib * 1024 * 1024))" /dev/urandom >"$work/model.bin"
+head -c "$((size_mib * 1024 * 1024))" /dev/urandom >"$work/in/model.bin"
 
 echo "== importing it into the seed"
 start=$(date +%s.%N)
-task=$("$ferry" --control "$work/seed.sock" --json import "$work/model.bin" |
+task=$("$ferry" --control "$work/seed.sock" --json import "$work/in/model.bin" |
     sed -n 's/.*"task_id":"\([0-9a-f]\{64\}\)".*/\1/p')
 echo "task $task imported in $(echo "$(date +%s.%N) - $start" | bc) s"
 
@@ -58,5 +59,5 @@ echo "== pulling it through the receiver from $seed_address"
 "$ferry" --control "$work/receiver.sock" pull --task "$task" --from "$seed_address" --output "$work/copy.bin"
 
 echo "== checking the copy"
-cmp "$work/model.bin" "$work/copy.bin"
+cmp "$work/in/model.bin" "$work/copy.bin"
 echo "byte-identical: $(stat -c %s "$work/copy.bin") bytes"

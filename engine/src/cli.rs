@@ -12,7 +12,9 @@ use serde_json::{json, Value};
 use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::{interceptor::InterceptedService, Interceptor};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, Uri};
 
 /// `println!` that stops quietly when stdout is closed (`ferry tasks | head`).
 macro_rules! say {
@@ -33,12 +35,102 @@ pub struct Cli {
     /// tcp://HOST:PORT [default: /run/ferry/control.sock, or the config file's `control`].
     #[arg(long, global = true, env = "FERRY_CONTROL")]
     pub control: Option<String>,
+    #[command(flatten)]
+    pub auth: ClientAuthArgs,
     /// Print machine-readable JSON instead of text.
     #[arg(long, global = true)]
     pub json: bool,
     #[command(subcommand)]
     pub command: Command,
 }
+
+/// How a client proves itself to a `tcp://` control endpoint (TLS-only; the daemon's side is
+/// `[control_tcp]` in its configuration). The token may also come from `FERRY_TOKEN`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ClientAuthArgs {
+    /// CA certificate (PEM) the daemon's TLS certificate must chain to (tcp:// only).
+    #[arg(long, global = true, env = "FERRY_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Name to check the daemon's certificate against [default: the host of --control].
+    #[arg(long, global = true, env = "FERRY_TLS_DOMAIN")]
+    pub tls_domain: Option<String>,
+    /// Client certificate (PEM), for a daemon that asks for one (mutual TLS).
+    #[arg(long, global = true, env = "FERRY_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, global = true, env = "FERRY_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// File holding the bearer token sent as `authorization: Bearer <token>`; the token
+    /// itself may instead be in FERRY_TOKEN (never on the command line, where `ps` shows it).
+    #[arg(long, global = true, env = "FERRY_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+impl ClientAuthArgs {
+    /// What to present to the daemon: files read, the token from the file or FERRY_TOKEN.
+    pub fn load(&self) -> anyhow::Result<ClientAuth> {
+        let read = |flag: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+            path.as_ref()
+                .map(|p| {
+                    std::fs::read(p).with_context(|| format!("{flag}: reading {}", p.display()))
+                })
+                .transpose()
+        };
+        let token = match &self.token_file {
+            Some(path) => Some(crate::control::read_token_file(path).context("--token-file")?),
+            None => std::env::var("FERRY_TOKEN")
+                .ok()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty()),
+        };
+        Ok(ClientAuth {
+            ca_pem: read("--tls-ca", &self.tls_ca)?,
+            identity_pem: match (
+                read("--tls-cert", &self.tls_cert)?,
+                read("--tls-key", &self.tls_key)?,
+            ) {
+                (Some(cert), Some(key)) => Some((cert, key)),
+                _ => None,
+            },
+            domain: self.tls_domain.clone(),
+            token,
+        })
+    }
+}
+
+/// A client's TLS trust, optional client certificate and bearer token, for `tcp://` control
+/// endpoints (a unix socket needs none of it).
+#[derive(Debug, Clone, Default)]
+pub struct ClientAuth {
+    /// PEM CA certificates the daemon's certificate must chain to.
+    pub ca_pem: Option<Vec<u8>>,
+    /// PEM client certificate and key, for mutual TLS.
+    pub identity_pem: Option<(Vec<u8>, Vec<u8>)>,
+    /// Name the daemon's certificate must carry [default: the endpoint's host].
+    pub domain: Option<String>,
+    pub token: Option<String>,
+}
+
+/// Adds `authorization: Bearer <token>` to every request, when there is a token.
+#[derive(Debug, Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+/// A client of the control API, sending the bearer token when there is one.
+pub type ControlClient = FerryClient<InterceptedService<Channel, BearerToken>>;
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -81,6 +173,10 @@ pub struct ServeArgs {
     /// path is allowed (never one inside the data dir).
     #[arg(long = "output-dir")]
     pub output_dirs: Vec<PathBuf>,
+    /// Only files under this directory (symlinks resolved) may be imported (repeatable).
+    /// Without any, every import is refused.
+    #[arg(long = "import-dir")]
+    pub import_dirs: Vec<PathBuf>,
     /// Buffer pool size in MiB, pinned at start-up [default: 256].
     #[arg(long)]
     pub pool_mib: Option<u64>,
@@ -219,6 +315,13 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
             .map(std::path::absolute)
             .collect::<Result<_, _>>()?;
     }
+    if !args.import_dirs.is_empty() {
+        config.import_dirs = args
+            .import_dirs
+            .iter()
+            .map(std::path::absolute)
+            .collect::<Result<_, _>>()?;
+    }
     if let Some(v) = args.pool_mib {
         config.pool.size_mib = v;
     }
@@ -274,13 +377,40 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-/// Opens a channel to the daemon's control endpoint (unix socket or TCP).
+/// Opens a channel to the daemon's control endpoint (unix socket, or TCP without TLS: only
+/// useful to show that a daemon refuses it).
 pub async fn channel(control: &str) -> anyhow::Result<Channel> {
+    channel_with(control, &ClientAuth::default()).await
+}
+
+/// Opens a channel to the daemon's control endpoint: a unix socket, or TLS over TCP when
+/// `auth` has a CA (a `tcp://` endpoint without one is tried in plain text, which a Ferry
+/// daemon refuses).
+pub async fn channel_with(control: &str, auth: &ClientAuth) -> anyhow::Result<Channel> {
     Ok(match ControlEndpoint::parse(control) {
-        ControlEndpoint::Tcp(addr) => Endpoint::from_shared(format!("http://{addr}"))?
-            .connect()
-            .await
-            .with_context(|| format!("connecting to control API at {addr}"))?,
+        ControlEndpoint::Tcp(addr) => {
+            let Some(ca) = &auth.ca_pem else {
+                return Endpoint::from_shared(format!("http://{addr}"))?
+                    .connect()
+                    .await
+                    .with_context(|| {
+                        format!("connecting to control API at {addr} in plain text (a tcp:// control endpoint is TLS-only: give --tls-ca)")
+                    });
+            };
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = &auth.identity_pem {
+                tls = tls.identity(Identity::from_pem(cert, key));
+            }
+            if let Some(domain) = &auth.domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            Endpoint::from_shared(format!("https://{addr}"))?
+                .tls_config(tls)
+                .context("control TLS configuration (--tls-ca, --tls-cert, --tls-key)")?
+                .connect()
+                .await
+                .with_context(|| format!("connecting to control API at {addr} over TLS"))?
+        }
         ControlEndpoint::Unix(path) => {
             let shown = path.display().to_string();
             Endpoint::from_static("http://localhost")
@@ -300,13 +430,28 @@ pub async fn channel(control: &str) -> anyhow::Result<Channel> {
     })
 }
 
-/// Connects to the daemon's control API.
-pub async fn connect(control: &str) -> anyhow::Result<FerryClient<Channel>> {
-    Ok(FerryClient::new(channel(control).await?).max_decoding_message_size(64 * 1024 * 1024))
+/// Connects to the daemon's control API over its unix socket.
+pub async fn connect(control: &str) -> anyhow::Result<ControlClient> {
+    connect_with(control, &ClientAuth::default()).await
+}
+
+/// Connects to the daemon's control API, with TLS and a token for a `tcp://` endpoint.
+pub async fn connect_with(control: &str, auth: &ClientAuth) -> anyhow::Result<ControlClient> {
+    let token = auth
+        .token
+        .as_deref()
+        .map(|t| format!("Bearer {t}").parse::<MetadataValue<Ascii>>())
+        .transpose()
+        .context("the token must be printable ASCII")?;
+    Ok(
+        FerryClient::with_interceptor(channel_with(control, auth).await?, BearerToken(token))
+            .max_decoding_message_size(64 * 1024 * 1024),
+    )
 }
 
 async fn run_client(cli: &Cli) -> anyhow::Result<()> {
-    let mut client = connect(cli.control.as_deref().unwrap_or(DEFAULT_CONTROL)).await?;
+    let auth = cli.auth.load()?;
+    let mut client = connect_with(cli.control.as_deref().unwrap_or(DEFAULT_CONTROL), &auth).await?;
     match &cli.command {
         Command::Serve(_) => unreachable!("handled in main"),
         Command::Import(args) => {
@@ -443,11 +588,7 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn pull(
-    as_json: bool,
-    client: &mut FerryClient<Channel>,
-    args: &PullArgs,
-) -> anyhow::Result<()> {
+async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> anyhow::Result<()> {
     let output = std::path::absolute(&args.output)?;
     let mut stream = client
         .transfer_pieces(proto::TransferPiecesRequest {

@@ -23,6 +23,11 @@ pub struct Config {
     pub output_dirs: Vec<PathBuf>,
     /// Log lines as text or as JSON objects (one per line).
     pub log_format: LogFormat,
+    /// The only directories `ImportTask` may read from (symlinks resolved); empty refuses
+    /// every import.
+    pub import_dirs: Vec<PathBuf>,
+    /// TLS and authentication of a `tcp://` control endpoint (required there).
+    pub control_tcp: ControlTcpConfig,
     pub pool: PoolConfig,
     pub io: IoConfig,
     pub transfer: TransferConfig,
@@ -44,6 +49,21 @@ pub enum LogFormat {
 pub struct MetricsConfig {
     /// Prometheus endpoint (`GET /metrics`), ip:port; empty: off.
     pub listen: String,
+}
+
+/// A TCP control listener is only started with TLS, and with a bearer token or client
+/// certificates (mutual TLS) or both.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ControlTcpConfig {
+    /// The server certificate chain, PEM.
+    pub tls_cert: Option<PathBuf>,
+    /// The server certificate's private key, PEM.
+    pub tls_key: Option<PathBuf>,
+    /// CA certificates (PEM) that client certificates must chain to: mutual TLS.
+    pub tls_client_ca: Option<PathBuf>,
+    /// A file holding the token clients send as `authorization: Bearer <token>`.
+    pub token_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -115,6 +135,8 @@ pub struct ServerConfig {
     pub idle_timeout_secs: u64,
     pub write_timeout_secs: u64,
     pub max_connections: usize,
+    /// Open data connections allowed from one IP address.
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for Config {
@@ -126,6 +148,8 @@ impl Default for Config {
             control: DEFAULT_CONTROL.into(),
             output_dirs: Vec::new(),
             log_format: LogFormat::default(),
+            import_dirs: Vec::new(),
+            control_tcp: ControlTcpConfig::default(),
             pool: PoolConfig::default(),
             io: IoConfig::default(),
             transfer: TransferConfig::default(),
@@ -174,6 +198,7 @@ impl Default for ServerConfig {
             idle_timeout_secs: 60,
             write_timeout_secs: 30,
             max_connections: 1024,
+            max_connections_per_peer: 128,
         }
     }
 }
@@ -230,6 +255,10 @@ impl Config {
         if let Some(dir) = self.output_dirs.iter().find(|d| !d.is_absolute()) {
             return invalid("output_dirs", dir.display(), "absolute paths");
         }
+        if let Some(dir) = self.import_dirs.iter().find(|d| !d.is_absolute()) {
+            return invalid("import_dirs", dir.display(), "absolute paths");
+        }
+        self.validate_control_tcp()?;
         if !(1..=64).contains(&self.pool.slot_mib) {
             return invalid("pool.slot_mib", self.pool.slot_mib, "1 to 64");
         }
@@ -298,6 +327,63 @@ impl Config {
                 &self.metrics.listen,
                 "empty (no metrics endpoint) or an ip:port address",
             );
+        }
+        if self.server.max_connections_per_peer == 0 {
+            return invalid("server.max_connections_per_peer", 0, "at least 1");
+        }
+        Ok(())
+    }
+
+    /// A TCP control endpoint must have TLS and some client authentication; anyone who can
+    /// reach it could otherwise drive the daemon (read files through imports, write outputs).
+    fn validate_control_tcp(&self) -> Result<(), ConfigError> {
+        let tcp = &self.control_tcp;
+        for (key, path) in [
+            ("control_tcp.tls_cert", &tcp.tls_cert),
+            ("control_tcp.tls_key", &tcp.tls_key),
+            ("control_tcp.tls_client_ca", &tcp.tls_client_ca),
+            ("control_tcp.token_file", &tcp.token_file),
+        ] {
+            if let Some(path) = path.as_ref().filter(|p| !p.is_absolute()) {
+                return Err(ConfigError::Invalid {
+                    key,
+                    value: path.display().to_string(),
+                    allowed: "an absolute path",
+                });
+            }
+        }
+        let ControlEndpoint::Tcp(addr) = ControlEndpoint::parse(&self.control) else {
+            return Ok(());
+        };
+        let missing = |key: &'static str, allowed: &'static str| ConfigError::Invalid {
+            key,
+            value: "(unset)".into(),
+            allowed,
+        };
+        if tcp.tls_cert.is_none() {
+            return Err(missing(
+                "control_tcp.tls_cert",
+                "a PEM certificate file: a tcp:// control endpoint is served only over TLS",
+            ));
+        }
+        if tcp.tls_key.is_none() {
+            return Err(missing(
+                "control_tcp.tls_key",
+                "the PEM private key of control_tcp.tls_cert",
+            ));
+        }
+        if tcp.token_file.is_none() && tcp.tls_client_ca.is_none() {
+            return Err(missing(
+                "control_tcp.token_file",
+                "a token file, or control_tcp.tls_client_ca for client certificates: a tcp:// control endpoint needs client authentication",
+            ));
+        }
+        if addr.is_empty() {
+            return Err(ConfigError::Invalid {
+                key: "control",
+                value: self.control.clone(),
+                allowed: "a unix socket path or tcp://HOST:PORT",
+            });
         }
         Ok(())
     }

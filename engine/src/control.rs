@@ -1,6 +1,7 @@
 //! The gRPC control API (`ferry.v1.Ferry`): validation and status codes here, the work in
 //! the engine.
 
+use crate::config::ControlTcpConfig;
 use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
 use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
@@ -8,11 +9,16 @@ use crate::store::{StoreError, StoredTask};
 use crate::transfer::{
     Engine, PieceOutcome, TransferError, TransferRequest, TransferSummary, TransportChoice,
 };
-use std::path::PathBuf;
+use anyhow::Context;
+use sha2::{Digest, Sha256};
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::Arc;
+use subtle::ConstantTimeEq;
 use tokio::sync::mpsc;
 use tokio_stream::{wrappers::ReceiverStream, Stream};
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 
 /// Host facts reported by `GetCapabilities`.
@@ -27,6 +33,8 @@ pub struct ControlService {
     pub engine: Arc<Engine>,
     pub host: HostInfo,
     pub rdma: Arc<crate::rdma::RdmaHost>,
+    /// Canonical directories `ImportTask` may read from; empty refuses every import.
+    pub import_dirs: Vec<PathBuf>,
 }
 
 impl From<TransferError> for Status {
@@ -69,6 +77,9 @@ fn import_status(err: ImportError) -> Status {
     match err {
         ImportError::RelativePath(_) | ImportError::NotAFile(_) => {
             Status::invalid_argument(message)
+        }
+        ImportError::ImportsDisabled(_) | ImportError::OutsideImportDirs { .. } => {
+            Status::permission_denied(message)
         }
         ImportError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
             Status::not_found(message)
@@ -248,9 +259,14 @@ impl Ferry for ControlService {
             revision: non_empty(request.revision),
             piece_length: request.piece_length,
         };
-        let task = import::import_file(&self.engine.store, &PathBuf::from(&request.path), &options)
-            .await
-            .map_err(import_status)?;
+        let task = import::import_file_within(
+            &self.engine.store,
+            &PathBuf::from(&request.path),
+            &self.import_dirs,
+            &options,
+        )
+        .await
+        .map_err(import_status)?;
         Ok(Response::new(task_message(&task, true)))
     }
 
@@ -382,4 +398,104 @@ impl Ferry for ControlService {
         self.engine.store.delete(task.id()).map_err(store_status)?;
         Ok(Response::new(proto::DeleteTaskResponse {}))
     }
+}
+
+/// Authenticates control requests by bearer token (`authorization: Bearer <token>`), when a
+/// token is configured; on the unix socket (mode 0600) none is.
+#[derive(Clone, Default)]
+pub struct BearerAuth {
+    /// SHA-256 of the token: comparing digests in constant time leaks neither the token's
+    /// bytes nor its length through timing.
+    token_digest: Option<[u8; 32]>,
+}
+
+impl BearerAuth {
+    /// Every request must carry `token`.
+    pub fn token(token: &str) -> BearerAuth {
+        BearerAuth {
+            token_digest: Some(Sha256::digest(token.as_bytes()).into()),
+        }
+    }
+
+    /// No token checked (the unix socket, or TCP with client certificates only).
+    pub fn none() -> BearerAuth {
+        BearerAuth::default()
+    }
+}
+
+impl tonic::service::Interceptor for BearerAuth {
+    fn call(&mut self, request: Request<()>) -> Result<Request<()>, Status> {
+        let Some(expected) = &self.token_digest else {
+            return Ok(request);
+        };
+        let Some(header) = request.metadata().get("authorization") else {
+            return Err(Status::unauthenticated(
+                "missing authorization metadata (authorization: Bearer <token>)",
+            ));
+        };
+        let presented = header
+            .to_str()
+            .ok()
+            .and_then(|value| value.strip_prefix("Bearer "))
+            .ok_or_else(|| {
+                Status::unauthenticated("authorization metadata is not `Bearer <token>`")
+            })?;
+        let digest: [u8; 32] = Sha256::digest(presented.trim().as_bytes()).into();
+        if bool::from(digest.ct_eq(expected)) {
+            Ok(request)
+        } else {
+            Err(Status::unauthenticated("invalid bearer token"))
+        }
+    }
+}
+
+/// Reads a token file: the token is its content without surrounding whitespace.
+pub fn read_token_file(path: &Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading token file {}", path.display()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        anyhow::bail!("token file {} is empty", path.display());
+    }
+    if token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        anyhow::bail!(
+            "token file {} holds more than one word; the token is a single line without spaces",
+            path.display()
+        );
+    }
+    Ok(token.to_owned())
+}
+
+/// TLS and authentication for a `tcp://` control endpoint, from the validated
+/// `[control_tcp]` configuration; every error names the key whose file is at fault.
+pub fn tcp_control_security(
+    config: &ControlTcpConfig,
+) -> anyhow::Result<(ServerTlsConfig, BearerAuth)> {
+    let read = |key: &str, path: &Option<PathBuf>| -> anyhow::Result<Option<Vec<u8>>> {
+        path.as_ref()
+            .map(|p| std::fs::read(p).with_context(|| format!("{key}: reading {}", p.display())))
+            .transpose()
+    };
+    let (Some(cert), Some(key)) = (
+        read("control_tcp.tls_cert", &config.tls_cert)?,
+        read("control_tcp.tls_key", &config.tls_key)?,
+    ) else {
+        anyhow::bail!("control_tcp.tls_cert and control_tcp.tls_key are required for a tcp:// control endpoint");
+    };
+    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    if let Some(ca) = read("control_tcp.tls_client_ca", &config.tls_client_ca)? {
+        tls = tls.client_ca_root(Certificate::from_pem(ca));
+    }
+    let auth = match &config.token_file {
+        Some(path) => {
+            if let Ok(meta) = std::fs::metadata(path) {
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), "control_tcp.token_file is readable by group or others; chmod 600 it");
+                }
+            }
+            BearerAuth::token(&read_token_file(path).context("control_tcp.token_file")?)
+        }
+        None => BearerAuth::none(),
+    };
+    Ok((tls, auth))
 }

@@ -2,7 +2,7 @@
 //! listener and the control API until SIGTERM or SIGINT.
 
 use crate::config::{Config, ControlEndpoint};
-use crate::control::{ControlService, HostInfo};
+use crate::control::{tcp_control_security, BearerAuth, ControlService, HostInfo};
 use crate::io::{BufferPool, IoEngine};
 use crate::metrics::Metrics;
 use crate::proto::ferry_server::FerryServer;
@@ -97,6 +97,13 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("output dir {}", dir.display()))?,
         );
     }
+    let mut import_dirs = Vec::new();
+    for dir in &config.import_dirs {
+        import_dirs.push(
+            dir.canonicalize()
+                .with_context(|| format!("import_dirs: {}", dir.display()))?,
+        );
+    }
     let rdma_settings = RdmaSettings {
         chunk_size: config.rdma.chunk_kib * 1024,
         connect_timeout: Duration::from_secs(transfer.connect_timeout_secs),
@@ -131,6 +138,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         idle_timeout: Duration::from_secs(config.server.idle_timeout_secs),
         write_timeout: Duration::from_secs(config.server.write_timeout_secs),
         max_connections: config.server.max_connections,
+        max_connections_per_peer: config.server.max_connections_per_peer,
     };
     let server = Server::new(listener, provider, server_config);
     metrics.observe_server(server.stats());
@@ -152,8 +160,22 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         engine: Arc::clone(&engine),
         host,
         rdma,
+        import_dirs,
     });
-    let router = tonic::transport::Server::builder()
+    let endpoint = ControlEndpoint::parse(&config.control);
+    let mut builder = tonic::transport::Server::builder();
+    let auth = match &endpoint {
+        ControlEndpoint::Unix(_) => BearerAuth::none(),
+        ControlEndpoint::Tcp(_) => {
+            let (tls, auth) = tcp_control_security(&config.control_tcp)?;
+            builder = builder.tls_config(tls).context(
+                "control_tcp.tls_cert / control_tcp.tls_key / control_tcp.tls_client_ca",
+            )?;
+            auth
+        }
+    };
+    let router = builder
+        .layer(tonic::service::InterceptorLayer::new(auth))
         .add_service(health_service)
         .add_service(service);
 
@@ -163,7 +185,6 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         tracing::info!("shutting down: cancelling transfers");
         shutdown_engine.cancel_all();
     };
-    let endpoint = ControlEndpoint::parse(&config.control);
     let result = match &endpoint {
         ControlEndpoint::Unix(path) => {
             if let Some(parent) = path.parent() {
@@ -185,7 +206,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             let listener = TcpListener::bind(addr)
                 .await
                 .with_context(|| format!("binding control address {addr}"))?;
-            tracing::warn!(%addr, "control API on plain TCP: anyone who can reach it can drive this daemon");
+            tracing::info!(%addr, client_certificates = config.control_tcp.tls_client_ca.is_some(), token = config.control_tcp.token_file.is_some(), "control API on TCP with TLS");
             announce(&config, &data_address, &store, started);
             router
                 .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)

@@ -3,8 +3,10 @@
 
 use crate::geometry::{self, Geometry, GeometryError, TaskIdInputs};
 use crate::store::{self, Store, StoreError, StoredTask};
-use std::fs::File;
-use std::path::Path;
+use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 /// Pieces read and written at once during an import.
@@ -22,6 +24,14 @@ pub enum ImportError {
     },
     #[error("cannot import {0}: not a regular file")]
     NotAFile(String),
+    #[error("cannot import {0}: this daemon allows no imports (set import_dirs, or ferry serve --import-dir)")]
+    ImportsDisabled(String),
+    #[error("cannot import {path}: it resolves to {resolved}, outside the allowed import directories ({allowed})")]
+    OutsideImportDirs {
+        path: String,
+        resolved: String,
+        allowed: String,
+    },
     #[error(transparent)]
     Geometry(#[from] GeometryError),
     #[error(transparent)]
@@ -44,7 +54,8 @@ pub struct ImportOptions {
     pub piece_length: u64,
 }
 
-/// Imports `path` into `store`; importing the same file again returns the held task.
+/// Imports `path` into `store`; importing the same file again returns the held task. Any
+/// file this process can read is allowed: for trusted, in-process callers.
 pub async fn import_file(
     store: &Arc<Store>,
     path: &Path,
@@ -53,11 +64,69 @@ pub async fn import_file(
     if !path.is_absolute() {
         return Err(ImportError::RelativePath(path.display().to_string()));
     }
-    let shown = path.display().to_string();
     let file = File::open(path).map_err(|source| ImportError::Open {
-        path: shown.clone(),
+        path: path.display().to_string(),
         source,
     })?;
+    import_opened(store, file, path, options).await
+}
+
+/// Imports `path` for a remote caller: only a regular file whose real path (every symlink
+/// resolved) lies inside one of `allowed` (canonical directories) is read. The check is made
+/// on the path and again on the file actually opened, so a symlink swapped in between does
+/// not escape it.
+pub async fn import_file_within(
+    store: &Arc<Store>,
+    path: &Path,
+    allowed: &[PathBuf],
+    options: &ImportOptions,
+) -> Result<Arc<StoredTask>, ImportError> {
+    let shown = path.display().to_string();
+    if !path.is_absolute() {
+        return Err(ImportError::RelativePath(shown));
+    }
+    if allowed.is_empty() {
+        return Err(ImportError::ImportsDisabled(shown));
+    }
+    let open_error = |source| ImportError::Open {
+        path: shown.clone(),
+        source,
+    };
+    let outside = |resolved: &Path| ImportError::OutsideImportDirs {
+        path: shown.clone(),
+        resolved: resolved.display().to_string(),
+        allowed: allowed
+            .iter()
+            .map(|d| d.display().to_string())
+            .collect::<Vec<_>>()
+            .join(", "),
+    };
+    let resolved = path.canonicalize().map_err(open_error)?;
+    if !allowed.iter().any(|dir| resolved.starts_with(dir)) {
+        return Err(outside(&resolved));
+    }
+    // O_NONBLOCK: opening a FIFO must not hang the request (it is then refused as not a
+    // regular file); it changes nothing for regular files.
+    let file = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(&resolved)
+        .map_err(open_error)?;
+    let opened =
+        std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).map_err(open_error)?;
+    if !allowed.iter().any(|dir| opened.starts_with(dir)) {
+        return Err(outside(&opened));
+    }
+    import_opened(store, file, path, options).await
+}
+
+async fn import_opened(
+    store: &Arc<Store>,
+    file: File,
+    path: &Path,
+    options: &ImportOptions,
+) -> Result<Arc<StoredTask>, ImportError> {
+    let shown = path.display().to_string();
     let meta = file.metadata().map_err(|source| ImportError::Open {
         path: shown.clone(),
         source,

@@ -4,17 +4,18 @@
 use crate::codec::{self, ErrorCode, FrameHeader, Request, Response, TaskInfo};
 use crate::error::CodecError;
 use bytes::BytesMut;
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::os::fd::AsFd;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinSet;
-use tokio::time::timeout;
+use tokio::time::{timeout, timeout_at, Instant};
 use vortex_protocol::tlv::piece_metadata::PieceMetadata;
 use vortex_protocol::HEADER_SIZE;
 
@@ -75,6 +76,8 @@ pub struct ServerConfig {
     pub write_timeout: Duration,
     /// Connections beyond this are refused (closed at once).
     pub max_connections: usize,
+    /// Connections from one IP address beyond this are refused (closed at once).
+    pub max_connections_per_peer: usize,
 }
 
 impl Default for ServerConfig {
@@ -83,6 +86,105 @@ impl Default for ServerConfig {
             idle_timeout: Duration::from_secs(60),
             write_timeout: Duration::from_secs(30),
             max_connections: 1024,
+            max_connections_per_peer: 128,
+        }
+    }
+}
+
+/// Open connections, in total and per peer IP. A connection's [`ConnectionSlot`] gives its
+/// place back when dropped, however its task ends.
+#[derive(Debug, Default)]
+struct ConnectionCounts {
+    total: usize,
+    per_peer: HashMap<IpAddr, usize>,
+}
+
+/// Why a connection was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum OverCap {
+    Total,
+    Peer,
+}
+
+struct ConnectionSlot {
+    counts: Arc<Mutex<ConnectionCounts>>,
+    peer: IpAddr,
+}
+
+impl ConnectionSlot {
+    fn take(
+        counts: &Arc<Mutex<ConnectionCounts>>,
+        peer: IpAddr,
+        config: &ServerConfig,
+    ) -> Result<ConnectionSlot, OverCap> {
+        let mut locked = counts.lock().expect("connection counts lock");
+        if locked.total >= config.max_connections {
+            return Err(OverCap::Total);
+        }
+        let from_peer = locked.per_peer.entry(peer).or_insert(0);
+        if *from_peer >= config.max_connections_per_peer {
+            return Err(OverCap::Peer);
+        }
+        *from_peer += 1;
+        locked.total += 1;
+        Ok(ConnectionSlot {
+            counts: Arc::clone(counts),
+            peer,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut locked = self.counts.lock().expect("connection counts lock");
+        locked.total -= 1;
+        if let Some(from_peer) = locked.per_peer.get_mut(&self.peer) {
+            *from_peer -= 1;
+            if *from_peer == 0 {
+                locked.per_peer.remove(&self.peer);
+            }
+        }
+    }
+}
+
+/// Logs refused connections at most once per interval, with how many were refused since, so
+/// a flood of connections cannot flood the log.
+struct RefusalLog {
+    interval: Duration,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RefusalLog {
+    fn new(interval: Duration) -> Self {
+        RefusalLog {
+            interval,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn refused(&mut self, peer: SocketAddr, why: OverCap, config: &ServerConfig) {
+        let now = Instant::now();
+        if self.last.is_some_and(|last| now - last < self.interval) {
+            self.suppressed += 1;
+            return;
+        }
+        let suppressed = std::mem::take(&mut self.suppressed);
+        self.last = Some(now);
+        match why {
+            OverCap::Total => tracing::warn!(
+                %peer,
+                max = config.max_connections,
+                refused_since_last_log = suppressed,
+                "refusing data connection: server.max_connections reached"
+            ),
+            OverCap::Peer => tracing::warn!(
+                %peer,
+                max = config.max_connections_per_peer,
+                refused_since_last_log = suppressed,
+                "refusing data connection: server.max_connections_per_peer reached for this peer"
+            ),
         }
     }
 }
@@ -105,7 +207,8 @@ pub struct ServerStatsSnapshot {
     /// Connections being served now (an upgraded connection counts until its protocol ends).
     pub connections_open: u64,
     pub connections_accepted: u64,
-    /// Refused at accept because `max_connections` were open.
+    /// Refused at accept: `max_connections` in total or `max_connections_per_peer` from its
+    /// address were open.
     pub connections_rejected: u64,
     /// Piece content bytes handed to the kernel (frames not included), partial pieces too.
     pub content_bytes_sent: u64,
@@ -174,7 +277,8 @@ impl<P: PieceProvider> Server<P> {
 
     /// Serves until the future is dropped.
     pub async fn run(self) {
-        let open = Arc::new(AtomicUsize::new(0));
+        let counts = Arc::new(Mutex::new(ConnectionCounts::default()));
+        let mut refusals = RefusalLog::new(Duration::from_secs(1));
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
@@ -188,18 +292,22 @@ impl<P: PieceProvider> Server<P> {
                             continue;
                         }
                     };
-                    if open.load(Ordering::Relaxed) >= self.config.max_connections {
-                        tracing::warn!(%peer, max = self.config.max_connections, "refusing connection: too many open");
-                        self.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
-                        continue;
-                    }
+                    let slot = match ConnectionSlot::take(&counts, peer.ip(), &self.config) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            // Dropping the stream closes it at once.
+                            drop(stream);
+                            self.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
+                            refusals.refused(peer, why, &self.config);
+                            continue;
+                        }
+                    };
                     let _ = stream.set_nodelay(true);
-                    open.fetch_add(1, Ordering::Relaxed);
                     let provider = Arc::clone(&self.provider);
                     let config = self.config.clone();
-                    let open = Arc::clone(&open);
                     let counted = OpenConnection::new(&self.stats);
                     connections.spawn(async move {
+                        let _slot = slot;
                         let stats = &counted.0;
                         match serve_connection(stream, peer, provider.as_ref(), &config, stats).await {
                             Ok(()) => tracing::debug!(%peer, "data connection closed"),
@@ -210,7 +318,6 @@ impl<P: PieceProvider> Server<P> {
                                 tracing::warn!(%peer, error = %err, "data connection closed on error")
                             }
                         }
-                        open.fetch_sub(1, Ordering::Relaxed);
                     });
                 }
                 Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -246,15 +353,18 @@ impl ConnectionError {
     }
 }
 
-/// Reads exactly `buf.len()` bytes, distinguishing a clean close before the first byte.
+/// Reads exactly `buf.len()` bytes by `deadline`, distinguishing a clean close before the
+/// first byte. The deadline covers the whole request, so a peer trickling a byte at a time
+/// cannot keep a connection longer than the idle timeout.
 async fn read_frame_part(
     stream: &mut TcpStream,
     buf: &mut [u8],
+    deadline: Instant,
     idle: Duration,
 ) -> Result<bool, ConnectionError> {
     let mut got = 0;
     while got < buf.len() {
-        let n = timeout(idle, stream.read(&mut buf[got..]))
+        let n = timeout_at(deadline, stream.read(&mut buf[got..]))
             .await
             .map_err(|_| ConnectionError::Idle(idle))??;
         if n == 0 {
@@ -282,13 +392,15 @@ async fn serve_connection<P: PieceProvider>(
     let mut value = vec![0u8; codec::MAX_REQUEST_VALUE_LEN as usize];
     loop {
         let mut header_bytes = [0u8; HEADER_SIZE];
-        if !read_frame_part(&mut stream, &mut header_bytes, config.idle_timeout).await? {
+        let deadline = Instant::now() + config.idle_timeout;
+        let idle = config.idle_timeout;
+        if !read_frame_part(&mut stream, &mut header_bytes, deadline, idle).await? {
             return Ok(());
         }
         let header: FrameHeader =
             codec::decode_header(&header_bytes, codec::MAX_REQUEST_VALUE_LEN)?;
         let value = &mut value[..header.value_len as usize];
-        if !value.is_empty() && !read_frame_part(&mut stream, value, config.idle_timeout).await? {
+        if !value.is_empty() && !read_frame_part(&mut stream, value, deadline, idle).await? {
             return Err(ConnectionError::Truncated {
                 got: HEADER_SIZE,
                 want: HEADER_SIZE + value.len(),

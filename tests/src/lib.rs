@@ -1,12 +1,12 @@
 //! Harness for the end-to-end tests: starts real `ferry serve` processes on loopback and
 //! talks to them over their real control sockets.
 
-use ferry_engine::proto::{self, ferry_client::FerryClient, transfer_event::Event};
+pub use ferry_engine::cli::ControlClient;
+use ferry_engine::proto::{self, transfer_event::Event};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
-use tonic::transport::Channel;
 
 pub const MIB: u64 = 1024 * 1024;
 
@@ -65,6 +65,9 @@ pub struct DaemonOptions {
     /// Data-plane listen address [default: 127.0.0.1:0].
     pub listen: Option<String>,
     pub extra_args: Vec<String>,
+    /// Directories the daemon may import from [default: the test's root directory, where
+    /// the tests write their source files].
+    pub import_dirs: Option<Vec<PathBuf>>,
 }
 
 /// A `ferry serve` process. Killed when dropped.
@@ -90,6 +93,13 @@ impl Daemon {
             "daemon-{}.log",
             STARTS.fetch_add(1, Ordering::Relaxed)
         ));
+        let import_args: Vec<std::ffi::OsString> = options
+            .import_dirs
+            .clone()
+            .unwrap_or_else(|| vec![root.to_owned()])
+            .into_iter()
+            .flat_map(|dir| ["--import-dir".into(), dir.into_os_string()])
+            .collect();
         let child = Command::new(ferry_bin())
             .arg("--control")
             .arg(&control)
@@ -102,6 +112,7 @@ impl Daemon {
                 "--pool-mib",
                 "128",
             ])
+            .args(import_args)
             .args(&options.extra_args)
             .env("FERRY_LOG", "info,ferry_fallback_tcp=debug")
             .stdin(Stdio::null())
@@ -146,7 +157,7 @@ impl Daemon {
         }
     }
 
-    pub async fn client(&self) -> FerryClient<Channel> {
+    pub async fn client(&self) -> ControlClient {
         ferry_engine::cli::connect(self.control.to_str().unwrap())
             .await
             .expect("control socket")
@@ -227,7 +238,7 @@ pub fn pull_request(
 
 /// Runs a transfer to the end; `on_piece` sees each piece result as it arrives.
 pub async fn transfer(
-    client: &mut FerryClient<Channel>,
+    client: &mut ControlClient,
     request: proto::TransferPiecesRequest,
     mut on_piece: impl FnMut(&proto::PieceResult),
 ) -> Result<Transfer, tonic::Status> {

@@ -1,12 +1,11 @@
 //! Bad input: garbage on the data port and bad control requests each get a precise error,
 //! and the daemon keeps serving.
 
-use ferry_engine::proto::{self, ferry_client::FerryClient};
+use ferry_engine::proto;
 use ferry_tests::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
-use tonic::transport::Channel;
 use tonic::Code;
 
 /// Sends `bytes` (then optionally half-closes) and waits for the server to close the
@@ -97,7 +96,7 @@ async fn expect_code<T: std::fmt::Debug>(
 }
 
 async fn start_transfer(
-    client: &mut FerryClient<Channel>,
+    client: &mut ControlClient,
     request: proto::TransferPiecesRequest,
 ) -> Result<Transfer, tonic::Status> {
     transfer(client, request, |_| {}).await
