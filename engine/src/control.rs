@@ -75,7 +75,7 @@ fn store_status(err: StoreError) -> Status {
 fn import_status(err: ImportError) -> Status {
     let message = err.to_string();
     match err {
-        ImportError::RelativePath(_) | ImportError::NotAFile(_) => {
+        ImportError::RelativePath(_) | ImportError::NotAFile(_) | ImportError::ParentDir(_) => {
             Status::invalid_argument(message)
         }
         ImportError::ImportsDisabled(_) | ImportError::OutsideImportDirs { .. } => {

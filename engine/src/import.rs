@@ -24,6 +24,8 @@ pub enum ImportError {
     },
     #[error("cannot import {0}: not a regular file")]
     NotAFile(String),
+    #[error("import path {0} contains '..'")]
+    ParentDir(String),
     #[error("cannot import {0}: this daemon allows no imports (set import_dirs, or ferry serve --import-dir)")]
     ImportsDisabled(String),
     #[error("cannot import {path}: it resolves to {resolved}, outside the allowed import directories ({allowed})")]
@@ -88,6 +90,12 @@ pub async fn import_file_within(
     if allowed.is_empty() {
         return Err(ImportError::ImportsDisabled(shown));
     }
+    if path
+        .components()
+        .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        return Err(ImportError::ParentDir(shown));
+    }
     let open_error = |source| ImportError::Open {
         path: shown.clone(),
         source,
@@ -101,7 +109,13 @@ pub async fn import_file_within(
             .collect::<Vec<_>>()
             .join(", "),
     };
-    let resolved = path.canonicalize().map_err(open_error)?;
+    let resolved = match path.canonicalize() {
+        Ok(resolved) => resolved,
+        // Outside the import dirs, a missing file is refused like any other: no probing
+        // of what exists elsewhere.
+        Err(_) if !allowed.iter().any(|dir| path.starts_with(dir)) => return Err(outside(path)),
+        Err(err) => return Err(open_error(err)),
+    };
     if !allowed.iter().any(|dir| resolved.starts_with(dir)) {
         return Err(outside(&resolved));
     }

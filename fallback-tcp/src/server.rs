@@ -278,7 +278,9 @@ impl<P: PieceProvider> Server<P> {
     /// Serves until the future is dropped.
     pub async fn run(self) {
         let counts = Arc::new(Mutex::new(ConnectionCounts::default()));
-        let mut refusals = RefusalLog::new(Duration::from_secs(1));
+        // One log per reason, so one kind of refusal does not hide the other.
+        let mut refusals_total = RefusalLog::new(Duration::from_secs(1));
+        let mut refusals_peer = RefusalLog::new(Duration::from_secs(1));
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
@@ -298,7 +300,10 @@ impl<P: PieceProvider> Server<P> {
                             // Dropping the stream closes it at once.
                             drop(stream);
                             self.stats.connections_rejected.fetch_add(1, Ordering::Relaxed);
-                            refusals.refused(peer, why, &self.config);
+                            match why {
+                                OverCap::Total => refusals_total.refused(peer, why, &self.config),
+                                OverCap::Peer => refusals_peer.refused(peer, why, &self.config),
+                            }
                             continue;
                         }
                     };

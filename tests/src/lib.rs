@@ -1,7 +1,7 @@
 //! Harness for the end-to-end tests: starts real `ferry serve` processes on loopback and
 //! talks to them over their real control sockets.
 
-pub use ferry_engine::cli::ControlClient;
+pub use ferry_engine::cli::{ClientAuth, ControlClient};
 use ferry_engine::proto::{self, transfer_event::Event};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -68,6 +68,11 @@ pub struct DaemonOptions {
     /// Directories the daemon may import from [default: the test's root directory, where
     /// the tests write their source files].
     pub import_dirs: Option<Vec<PathBuf>>,
+    /// Control endpoint [default: a unix socket in the daemon's dir]; with `tcp://`, the
+    /// daemon's `[control_tcp]` must come through `--config` in `extra_args`.
+    pub control: Option<String>,
+    /// What the harness presents to a `tcp://` control endpoint.
+    pub auth: ClientAuth,
 }
 
 /// A `ferry serve` process. Killed when dropped.
@@ -79,6 +84,7 @@ pub struct Daemon {
     pub control: PathBuf,
     pub log: PathBuf,
     pub data_address: String,
+    pub auth: ClientAuth,
 }
 
 impl Daemon {
@@ -87,7 +93,11 @@ impl Daemon {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let data_dir = options.data_dir.clone().unwrap_or_else(|| dir.join("data"));
-        let control = dir.join("control.sock");
+        let control = options
+            .control
+            .clone()
+            .map(PathBuf::from)
+            .unwrap_or_else(|| dir.join("control.sock"));
         // One log per start, so a restarted daemon's earlier log stays readable.
         let log = dir.join(format!(
             "daemon-{}.log",
@@ -128,6 +138,7 @@ impl Daemon {
             control,
             log,
             data_address: String::new(),
+            auth: options.auth.clone(),
         };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -138,7 +149,8 @@ impl Daemon {
                 );
             }
             if let Ok(mut client) =
-                ferry_engine::cli::connect(daemon.control.to_str().unwrap()).await
+                ferry_engine::cli::connect_with(daemon.control.to_str().unwrap(), &daemon.auth)
+                    .await
             {
                 if let Ok(caps) = client
                     .get_capabilities(proto::GetCapabilitiesRequest {})
@@ -158,7 +170,7 @@ impl Daemon {
     }
 
     pub async fn client(&self) -> ControlClient {
-        ferry_engine::cli::connect(self.control.to_str().unwrap())
+        ferry_engine::cli::connect_with(self.control.to_str().unwrap(), &self.auth)
             .await
             .expect("control socket")
     }

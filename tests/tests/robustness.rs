@@ -182,9 +182,11 @@ async fn bad_control_requests_get_precise_status_codes() {
     .await;
     expect_code(
         "import missing",
-        client.import_task(import("/nonexistent/file.bin", 0)).await,
+        client
+            .import_task(import(root.path().join("missing.bin").to_str().unwrap(), 0))
+            .await,
         Code::NotFound,
-        "/nonexistent/file.bin",
+        "missing.bin",
     )
     .await;
     expect_code(
