@@ -67,7 +67,8 @@ impl TcpTransport {
         }
     }
 
-    async fn connection(&self, source: SocketAddr) -> Result<Connection, TransportError> {
+    /// A pooled connection to `source` (`true`), else a new one (`false`).
+    async fn connection(&self, source: SocketAddr) -> Result<(Connection, bool), TransportError> {
         let reused = self
             .idle
             .lock()
@@ -75,11 +76,24 @@ impl TcpTransport {
             .get_mut(&source)
             .and_then(Vec::pop);
         match reused {
-            Some(connection) => Ok(connection),
-            None => Connection::connect(source, self.config.clone())
-                .await
-                .map_err(classify),
+            Some(connection) => Ok((connection, true)),
+            None => Ok((self.connect(source).await?, false)),
         }
+    }
+
+    async fn connect(&self, source: SocketAddr) -> Result<Connection, TransportError> {
+        Connection::connect(source, self.config.clone())
+            .await
+            .map_err(classify)
+    }
+
+    /// After a pooled connection turned out closed by the source (its idle timeout ran out
+    /// while the connection sat in the pool), the others pooled with it are dropped too and
+    /// the request goes once more over a fresh connection.
+    async fn replace_stale(&self, source: SocketAddr) -> Result<Connection, TransportError> {
+        tracing::debug!(%source, "pooled connection was closed by the source; reconnecting");
+        self.forget(source);
+        self.connect(source).await
     }
 
     fn give_back(&self, source: SocketAddr, connection: Connection) {
@@ -97,8 +111,13 @@ impl TcpTransport {
         source: SocketAddr,
         task_id: &str,
     ) -> Result<TaskInfo, TransportError> {
-        let mut connection = self.connection(source).await?;
-        match connection.stat_task(task_id).await {
+        let (mut connection, reused) = self.connection(source).await?;
+        let mut result = connection.stat_task(task_id).await;
+        if reused && matches!(&result, Err(err) if closed_while_pooled(err)) {
+            connection = self.replace_stale(source).await?;
+            result = connection.stat_task(task_id).await;
+        }
+        match result {
             Ok(info) => {
                 self.give_back(source, connection);
                 Ok(info)
@@ -116,6 +135,12 @@ impl TcpTransport {
     pub fn forget(&self, source: SocketAddr) {
         self.idle.lock().expect("idle lock").remove(&source);
     }
+}
+
+/// The connection was closed or reset under the request: on a pooled connection, most
+/// likely by the source's idle timeout, not a sign the source is down.
+fn closed_while_pooled(err: &ClientError) -> bool {
+    matches!(err, ClientError::Closed { .. } | ClientError::Io { .. })
 }
 
 fn classify(err: ClientError) -> TransportError {
@@ -144,12 +169,18 @@ impl PieceTransport for TcpTransport {
         piece: PieceRange,
         buf: &mut PieceBuffer,
     ) -> Result<FetchedPiece, TransportError> {
-        let mut connection = self.connection(source).await?;
-        let mut chunks = buf.chunks_mut();
-        match connection
-            .fetch_piece(task_id, piece.number, piece.length, &mut chunks)
-            .await
-        {
+        let (mut connection, reused) = self.connection(source).await?;
+        let mut result = connection
+            .fetch_piece(task_id, piece.number, piece.length, &mut buf.chunks_mut())
+            .await;
+        if reused && matches!(&result, Err(err) if closed_while_pooled(err)) {
+            // Whatever arrived is overwritten and digested again from the start.
+            connection = self.replace_stale(source).await?;
+            result = connection
+                .fetch_piece(task_id, piece.number, piece.length, &mut buf.chunks_mut())
+                .await;
+        }
+        match result {
             Ok(fetched) => {
                 self.give_back(source, connection);
                 Ok(FetchedPiece {
