@@ -440,6 +440,46 @@ mod tests {
     }
 
     #[test]
+    fn a_tcp_control_endpoint_needs_tls_and_client_authentication() {
+        let mut config = Config {
+            control: "tcp://127.0.0.1:4101".into(),
+            ..Config::default()
+        };
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("control_tcp.tls_cert"), "{err}");
+        config.control_tcp.tls_cert = Some("/etc/ferry/c.pem".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("control_tcp.tls_key"), "{err}");
+        config.control_tcp.tls_key = Some("/etc/ferry/c.key".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("control_tcp.token_file"), "{err}");
+        config.control_tcp.token_file = Some("/etc/ferry/token".into());
+        config.validate().unwrap();
+        config.control_tcp.token_file = None;
+        config.control_tcp.tls_client_ca = Some("/etc/ferry/ca.pem".into());
+        config.validate().unwrap();
+        config.control_tcp.tls_client_ca = Some("ca.pem".into());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("control_tcp.tls_client_ca") && err.contains("absolute"),
+            "{err}"
+        );
+        // The unix socket needs none of it.
+        Config::default().validate().unwrap();
+        let mut config = Config::default();
+        config.import_dirs = vec!["relative".into()];
+        assert!(config
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("import_dirs"));
+        config.import_dirs = vec![];
+        config.server.max_connections_per_peer = 0;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("server.max_connections_per_peer"), "{err}");
+    }
+
+    #[test]
     fn the_example_config_is_the_defaults() {
         let example: Config = toml::from_str(include_str!("../ferry.example.toml")).unwrap();
         example.validate().unwrap();
