@@ -466,8 +466,10 @@ mod tests {
         );
         // The unix socket needs none of it.
         Config::default().validate().unwrap();
-        let mut config = Config::default();
-        config.import_dirs = vec!["relative".into()];
+        let mut config = Config {
+            import_dirs: vec!["relative".into()],
+            ..Config::default()
+        };
         assert!(config
             .validate()
             .unwrap_err()
