@@ -482,7 +482,10 @@ pub fn tcp_control_security(
     ) else {
         anyhow::bail!("control_tcp.tls_cert and control_tcp.tls_key are required for a tcp:// control endpoint");
     };
-    let mut tls = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
+    // A client that never finishes its handshake is dropped instead of held.
+    let mut tls = ServerTlsConfig::new()
+        .identity(Identity::from_pem(cert, key))
+        .timeout(std::time::Duration::from_secs(10));
     if let Some(ca) = read("control_tcp.tls_client_ca", &config.tls_client_ca)? {
         tls = tls.client_ca_root(Certificate::from_pem(ca));
     }

@@ -295,3 +295,44 @@ fn check_no_panic(log: &str, path: &Path) {
         path.display()
     );
 }
+
+/// Found by the load test: the receiver keeps TCP connections to a source for reuse, and the
+/// source closes them at its idle timeout; a request on such a connection must go over a
+/// fresh one instead of failing (with a single source, failing the whole transfer).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pooled_connection_the_source_closed_is_replaced() {
+    let root = scratch("stale-pool");
+    let config = root.path().join("seed.toml");
+    std::fs::write(&config, "[server]\nidle_timeout_secs = 1\n").unwrap();
+    let seed = Daemon::start(
+        root.path(),
+        "seed",
+        DaemonOptions {
+            extra_args: vec!["--config".into(), config.display().to_string()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
+    let mut client = receiver.client().await;
+    for round in 0..2 {
+        let source = root.path().join(format!("file-{round}.bin"));
+        random_file(&source, 9 * MIB, 30 + round);
+        let task = seed.import(&source).await;
+        let output = root.path().join(format!("copy-{round}.bin"));
+        // Geometry asked from the source (a StatTask first), then the pieces.
+        let result = transfer(
+            &mut client,
+            pull_request(&task.task_id, &[&seed.data_address], &output),
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|status| panic!("round {round}: {status:?}"));
+        let summary = result.summary.unwrap();
+        assert_eq!(summary.retries, 0, "round {round}: {summary:?}");
+        assert!(same_contents(&source, &output));
+        // Long enough for the seed to close every connection the receiver pooled.
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+    }
+    assert!(seed.log_text().contains("no complete request within"));
+}
