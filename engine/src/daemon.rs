@@ -97,6 +97,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("output dir {}", dir.display()))?,
         );
     }
+    if output_dirs.is_empty() {
+        tracing::warn!("output_dirs is empty: transfer outputs may go to any absolute path this daemon can write (never inside its data dir); set output_dirs (--output-dir) to confine them");
+    }
     let mut import_dirs = Vec::new();
     for dir in &config.import_dirs {
         import_dirs.push(
