@@ -451,7 +451,11 @@ pub async fn connect_with(control: &str, auth: &ClientAuth) -> anyhow::Result<Co
 
 async fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let auth = cli.auth.load()?;
-    let mut client = connect_with(cli.control.as_deref().unwrap_or(DEFAULT_CONTROL), &auth).await?;
+    let control = cli.control.as_deref().unwrap_or(DEFAULT_CONTROL);
+    if matches!(ControlEndpoint::parse(control), ControlEndpoint::Tcp(_)) && auth.ca_pem.is_none() {
+        bail!("{control}: a tcp:// control endpoint is TLS-only; give the CA its certificate chains to with --tls-ca (or FERRY_TLS_CA)");
+    }
+    let mut client = connect_with(control, &auth).await?;
     match &cli.command {
         Command::Serve(_) => unreachable!("handled in main"),
         Command::Import(args) => {

@@ -237,6 +237,7 @@ async fn tcp_control_api_needs_tls_and_the_token() {
         .output()
         .unwrap();
     assert!(!out.status.success(), "plain-text CLI was answered");
+    assert!(stderr(&out).contains("--tls-ca"), "{}", stderr(&out));
     // A certificate from another CA is not trusted.
     let other = Pki::new(&root.path().join("other-pki"));
     let untrusted = ClientAuth {
