@@ -24,7 +24,7 @@ cleanup() {
 trap cleanup EXIT
 
 start_daemon() { # name
-    "$ferry" --control "$work/$1.sock" serve --data-dir "$work/$1" --listen 127.0.0.1:0 --import-dir "$work/in" \
+    "$ferry" --control "$work/$1.sock" serve --data-dir "$work/$1" --listen 127.0.0.1:0 --import-dir "$work/in" --output-dir "$work/out" \
         2>"$work/$1.log" &
     pids+=($!)
     for _ in $(seq 100); do
@@ -56,8 +56,8 @@ task=$("$ferry" --control "$work/seed.sock" --json import "$work/in/model.bin" |
 echo "task $task imported in $(echo "$(date +%s.%N) - $start" | bc) s"
 
 echo "== pulling it through the receiver from $seed_address"
-"$ferry" --control "$work/receiver.sock" pull --task "$task" --from "$seed_address" --output "$work/copy.bin"
+"$ferry" --control "$work/receiver.sock" pull --task "$task" --from "$seed_address" --output "$work/out/copy.bin"
 
 echo "== checking the copy"
-cmp "$work/in/model.bin" "$work/copy.bin"
-echo "byte-identical: $(stat -c %s "$work/copy.bin") bytes"
+cmp "$work/in/model.bin" "$work/out/copy.bin"
+echo "byte-identical: $(stat -c %s "$work/out/copy.bin") bytes"

@@ -98,7 +98,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     if output_dirs.is_empty() {
-        tracing::warn!("output_dirs is empty: transfer outputs may go to any absolute path this daemon can write (never inside its data dir); set output_dirs (--output-dir) to confine them");
+        tracing::info!("output_dirs is empty: transfers fill the store only; a request naming an output path is refused until output_dirs (--output-dir) is set");
     }
     let mut import_dirs = Vec::new();
     for dir in &config.import_dirs {

@@ -199,8 +199,8 @@ impl Engine {
         self
     }
 
-    /// Checks an output path: absolute, no `..`, its directory existing and (when output
-    /// directories are configured) inside one of them.
+    /// Checks an output path: absolute, no `..`, its directory existing and inside one of
+    /// the configured output directories (none configured: no output is placed anywhere).
     pub fn check_output_path(&self, path: &Path) -> Result<PathBuf, TransferError> {
         if !path.is_absolute() {
             return Err(TransferError::InvalidArgument(format!(
@@ -226,11 +226,17 @@ impl Engine {
                 parent.display()
             ))
         })?;
-        if !self.output_dirs.is_empty()
-            && !self
-                .output_dirs
-                .iter()
-                .any(|allowed| parent.starts_with(allowed))
+        if self.output_dirs.is_empty() {
+            return Err(TransferError::PermissionDenied(format!(
+                "output path {}: this daemon has no output directories; set output_dirs \
+                 (--output-dir) to let transfers place files",
+                path.display()
+            )));
+        }
+        if !self
+            .output_dirs
+            .iter()
+            .any(|allowed| parent.starts_with(allowed))
         {
             let allowed: Vec<String> = self
                 .output_dirs

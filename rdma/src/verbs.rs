@@ -184,7 +184,9 @@ impl RegisteredRegion {
 pub struct ConnectionConfig {
     pub send_depth: u32,
     pub receive_depth: u32,
-    /// Local ACK timeout exponent: 4.096 µs * 2^timeout (14: about 67 ms).
+    /// Local ACK timeout exponent: 4.096 µs * 2^timeout (18: about 1.07 s, NCCL's choice).
+    /// Short timeouts (14, 67 ms) retransmit whenever the peer is briefly starved of CPU,
+    /// and soft-RoCE in Linux 6.1 then fails writes with RemoteInvalidRequest under load.
     pub ack_timeout: u8,
     pub retry_count: u8,
 }
@@ -194,7 +196,7 @@ impl Default for ConnectionConfig {
         ConnectionConfig {
             send_depth: 256,
             receive_depth: 256,
-            ack_timeout: 14,
+            ack_timeout: 18,
             retry_count: 7,
         }
     }

@@ -68,6 +68,8 @@ pub struct DaemonOptions {
     /// Directories the daemon may import from [default: the test's root directory, where
     /// the tests write their source files].
     pub import_dirs: Option<Vec<PathBuf>>,
+    /// Directories transfers may place outputs in [default: the test's root directory].
+    pub output_dirs: Option<Vec<PathBuf>>,
     /// Control endpoint [default: a unix socket in the daemon's dir]; with `tcp://`, the
     /// daemon's `[control_tcp]` must come through `--config` in `extra_args`.
     pub control: Option<String>,
@@ -109,6 +111,14 @@ impl Daemon {
             .unwrap_or_else(|| vec![root.to_owned()])
             .into_iter()
             .flat_map(|dir| ["--import-dir".into(), dir.into_os_string()])
+            .chain(
+                options
+                    .output_dirs
+                    .clone()
+                    .unwrap_or_else(|| vec![root.to_owned()])
+                    .into_iter()
+                    .flat_map(|dir| ["--output-dir".into(), dir.into_os_string()]),
+            )
             .collect();
         let child = Command::new(ferry_bin())
             .arg("--control")

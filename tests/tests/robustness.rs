@@ -113,7 +113,7 @@ async fn bad_control_requests_get_precise_status_codes() {
         root.path(),
         "daemon",
         DaemonOptions {
-            extra_args: vec!["--output-dir".into(), allowed.display().to_string()],
+            output_dirs: Some(vec![allowed.clone()]),
             ..Default::default()
         },
     )
@@ -474,4 +474,43 @@ async fn cli_commands_drive_a_daemon() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("NotFound"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn without_output_dirs_no_output_is_placed_but_the_store_still_fills() {
+    let root = scratch("no-output-dirs");
+    let source = root.path().join("file.bin");
+    random_file(&source, 9 * MIB, 6);
+    let seed = Daemon::start(root.path(), "seed", DaemonOptions::default()).await;
+    let task = seed.import(&source).await;
+    let receiver = Daemon::start(
+        root.path(),
+        "receiver",
+        DaemonOptions {
+            output_dirs: Some(Vec::new()),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut client = receiver.client().await;
+    let output = root.path().join("copy.bin");
+    expect_code(
+        "output without output dirs",
+        start_transfer(
+            &mut client,
+            pull_request(&task.task_id, &[&seed.data_address], &output),
+        )
+        .await,
+        Code::PermissionDenied,
+        "no output directories",
+    )
+    .await;
+    assert!(!output.exists(), "nothing placed");
+    let mut into_store = pull_request(&task.task_id, &[&seed.data_address], &output);
+    into_store.output_path.clear();
+    let done = start_transfer(&mut client, into_store)
+        .await
+        .expect("a transfer into the store alone needs no output directory");
+    assert_eq!(done.pieces.len(), 3);
+    assert!(!output.exists(), "still nothing placed");
 }
