@@ -31,7 +31,7 @@ macro_rules! say {
     about = "RDMA-accelerated piece transfer engine for GPU clusters (Dragonfly-compatible)"
 )]
 pub struct Cli {
-    /// Control endpoint of the daemon (for `serve`, where to listen): a unix socket path or
+    /// Control endpoint of the daemon (for `serve` and `config`, where to listen): a unix socket path or
     /// tcp://HOST:PORT [default: /run/ferry/control.sock, or the config file's `control`].
     #[arg(long, global = true, env = "FERRY_CONTROL")]
     pub control: Option<String>,
@@ -136,6 +136,10 @@ pub type ControlClient = FerryClient<InterceptedService<Channel, BearerToken>>;
 pub enum Command {
     /// Run the daemon: the data-plane listener, the store and the control API.
     Serve(ServeArgs),
+    /// Print the configuration `ferry serve` would run with, given the same flags (defaults,
+    /// then the config file, then the flags) as TOML, and check it: an invalid value exits
+    /// non-zero naming the key and what is allowed.
+    Config(ServeArgs),
     /// Make a local file a task held by the daemon (its bytes are copied into the store).
     Import(ImportArgs),
     /// Fetch a task from source peers through the daemon and place it at an output path.
@@ -155,6 +159,7 @@ pub enum Command {
     Delete { task_id: String },
 }
 
+/// The flags that set the daemon's configuration, shared by `serve` and `config`.
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     /// TOML configuration file; flags override its values.
@@ -198,6 +203,10 @@ pub struct ServeArgs {
     /// Serve Prometheus metrics (GET /metrics) on this IP:PORT [default: off].
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<String>,
+    /// On SIGTERM, seconds that pieces in flight may take to finish before running transfers
+    /// are cancelled [default: 30].
+    #[arg(long, value_name = "SECS")]
+    pub drain_timeout: Option<u64>,
     /// Do not use RDMA even if the host has it.
     #[arg(long)]
     pub no_rdma: bool,
@@ -273,6 +282,15 @@ pub fn main(cli: Cli) -> ExitCode {
             }
         };
     }
+    if let Command::Config(args) = &cli.command {
+        return match show_config(args, cli.json, cli.control.as_deref()) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("ferry config: {err:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -292,12 +310,46 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
+    let config = effective_config(args, control)?;
+    init_logging(config.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("ferry")
+        .build()?;
+    let served = runtime.block_on(crate::daemon::serve(config));
+    // A blocking call still running (a file copy of an import the drain gave up on) must
+    // not hold the exit up.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    served
+}
+
+/// `ferry config`: the effective configuration, checked.
+fn show_config(args: &ServeArgs, as_json: bool, control: Option<&str>) -> anyhow::Result<()> {
+    let config = effective_config(args, control)?;
+    config.validate()?;
+    if as_json {
+        say!("{}", serde_json::to_string_pretty(&config)?);
+    } else {
+        say!("{}", toml::to_string(&config)?.trim_end());
+    }
+    Ok(())
+}
+
+/// Defaults, overridden by the config file, overridden by the flags (and `--control`): what
+/// `ferry serve` runs with and `ferry config` prints.
+pub fn effective_config(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<Config> {
     let mut config = match &args.config {
         Some(path) => Config::load(path)?,
         None => Config::default(),
     };
     if let Some(v) = control {
-        config.control = v.to_owned();
+        config.control = match ControlEndpoint::parse(v) {
+            // The daemon and its clients may run from different directories.
+            ControlEndpoint::Unix(path) if path.is_relative() => {
+                std::path::absolute(path)?.display().to_string()
+            }
+            _ => v.to_owned(),
+        };
     }
     if let Some(v) = &args.data_dir {
         config.data_dir = std::path::absolute(v)?;
@@ -355,12 +407,10 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
     if let Some(v) = &args.metrics {
         config.metrics.listen = v.clone();
     }
-    init_logging(config.log_format);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .thread_name("ferry")
-        .build()?;
-    runtime.block_on(crate::daemon::serve(config))
+    if let Some(v) = args.drain_timeout {
+        config.drain_timeout_secs = v;
+    }
+    Ok(config)
 }
 
 fn init_logging(format: LogFormat) {
@@ -457,7 +507,7 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
     }
     let mut client = connect_with(control, &auth).await?;
     match &cli.command {
-        Command::Serve(_) => unreachable!("handled in main"),
+        Command::Serve(_) | Command::Config(_) => unreachable!("handled in main"),
         Command::Import(args) => {
             let path = std::path::absolute(&args.file)?;
             let task = client

@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 pub const DEFAULT_CONTROL: &str = "/run/ferry/control.sock";
 pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferry";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4100";
+/// Longest allowed drain: systemd's stop timeout must exceed it.
+pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 3600;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -28,6 +30,9 @@ pub struct Config {
     pub import_dirs: Vec<PathBuf>,
     /// TLS and authentication of a `tcp://` control endpoint (required there).
     pub control_tcp: ControlTcpConfig,
+    /// On SIGTERM, how long pieces in flight may take to finish before the transfers still
+    /// running are cancelled; 0 cancels them at once.
+    pub drain_timeout_secs: u64,
     pub pool: PoolConfig,
     pub io: IoConfig,
     pub transfer: TransferConfig,
@@ -150,6 +155,7 @@ impl Default for Config {
             log_format: LogFormat::default(),
             import_dirs: Vec::new(),
             control_tcp: ControlTcpConfig::default(),
+            drain_timeout_secs: 30,
             pool: PoolConfig::default(),
             io: IoConfig::default(),
             transfer: TransferConfig::default(),
@@ -252,6 +258,28 @@ impl Config {
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             return invalid("listen", &self.listen, "an ip:port address");
         }
+        if let Some(advertise) = &self.advertise {
+            if !is_host_port(advertise) {
+                return invalid("advertise", advertise, "a host:port address");
+            }
+        }
+        match ControlEndpoint::parse(&self.control) {
+            ControlEndpoint::Tcp(addr) if !is_host_port(&addr) => {
+                return invalid(
+                    "control",
+                    &self.control,
+                    "an absolute unix socket path or tcp://host:port",
+                )
+            }
+            ControlEndpoint::Unix(path) if !path.is_absolute() || path.file_name().is_none() => {
+                return invalid(
+                    "control",
+                    &self.control,
+                    "an absolute unix socket path or tcp://host:port",
+                )
+            }
+            _ => {}
+        }
         if let Some(dir) = self.output_dirs.iter().find(|d| !d.is_absolute()) {
             return invalid("output_dirs", dir.display(), "absolute paths");
         }
@@ -259,6 +287,13 @@ impl Config {
             return invalid("import_dirs", dir.display(), "absolute paths");
         }
         self.validate_control_tcp()?;
+        if self.drain_timeout_secs > MAX_DRAIN_TIMEOUT_SECS {
+            return invalid(
+                "drain_timeout_secs",
+                self.drain_timeout_secs,
+                "0 to 3600 seconds",
+            );
+        }
         if !(1..=64).contains(&self.pool.slot_mib) {
             return invalid("pool.slot_mib", self.pool.slot_mib, "1 to 64");
         }
@@ -328,6 +363,20 @@ impl Config {
                 "empty (no metrics endpoint) or an ip:port address",
             );
         }
+        if self.rdma.device.as_deref().is_some_and(str::is_empty) {
+            return invalid(
+                "rdma.device",
+                "\"\"",
+                "a device name such as mlx5_0, or unset",
+            );
+        }
+        if self.rdma.port == Some(0) {
+            return invalid(
+                "rdma.port",
+                0,
+                "1 to 255 (ports are numbered from 1), or unset",
+            );
+        }
         if self.server.max_connections_per_peer == 0 {
             return invalid("server.max_connections_per_peer", 0, "at least 1");
         }
@@ -387,6 +436,13 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `host:port` with a numeric port (the host is resolved when used).
+fn is_host_port(text: &str) -> bool {
+    text.rsplit_once(':').is_some_and(|(host, port)| {
+        !host.trim_matches(['[', ']']).is_empty() && port.parse::<u16>().is_ok()
+    })
 }
 
 /// Where the control API is: a unix socket or a TCP address.
@@ -479,6 +535,35 @@ mod tests {
         config.server.max_connections_per_peer = 0;
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("server.max_connections_per_peer"), "{err}");
+    }
+
+    #[test]
+    fn every_added_key_is_checked() {
+        let refused = |change: fn(&mut Config), key: &str| {
+            let mut config = Config::default();
+            change(&mut config);
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("value {key} = ")), "{err}");
+        };
+        refused(|c| c.drain_timeout_secs = 3601, "drain_timeout_secs");
+        refused(|c| c.control = "control.sock".into(), "control");
+        refused(|c| c.control = "tcp://127.0.0.1".into(), "control");
+        refused(|c| c.advertise = Some("10.0.0.5".into()), "advertise");
+        refused(|c| c.advertise = Some(":4100".into()), "advertise");
+        refused(|c| c.rdma.port = Some(0), "rdma.port");
+        refused(|c| c.rdma.device = Some(String::new()), "rdma.device");
+        let mut config = Config {
+            drain_timeout_secs: 0,
+            control: "tcp://localhost:4101".into(),
+            advertise: Some("[fd00::5]:4100".into()),
+            ..Config::default()
+        };
+        config.control_tcp.tls_cert = Some("/etc/ferry/c.pem".into());
+        config.control_tcp.tls_key = Some("/etc/ferry/c.key".into());
+        config.control_tcp.token_file = Some("/etc/ferry/token".into());
+        config.validate().unwrap();
+        config.control = "unix:///run/ferry/other.sock".into();
+        config.validate().unwrap();
     }
 
     #[test]
