@@ -2,6 +2,7 @@
 //! the engine.
 
 use crate::config::ControlTcpConfig;
+use crate::daemon::{Admission, Drain};
 use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
 use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
@@ -35,6 +36,30 @@ pub struct ControlService {
     pub rdma: Arc<crate::rdma::RdmaHost>,
     /// Canonical directories `ImportTask` may read from; empty refuses every import.
     pub import_dirs: Vec<PathBuf>,
+    /// Admits transfers and imports until the daemon drains.
+    pub drain: Arc<Drain>,
+}
+
+/// New work is refused while the daemon drains: UNAVAILABLE, which callers retry elsewhere.
+fn admit(drain: &Arc<Drain>, what: &str) -> Result<Admission, Status> {
+    drain.admit().ok_or_else(|| {
+        Status::unavailable(format!(
+            "the daemon is draining (shutting down) and accepts no new {what}; retry on another daemon or after it restarts"
+        ))
+    })
+}
+
+/// A transfer the drain ended (it stopped taking pieces, or was cancelled at the drain
+/// timeout) is UNAVAILABLE: the caller should repeat it once the daemon is back.
+fn transfer_status(drain: &Drain, err: TransferError) -> Status {
+    match err {
+        TransferError::Cancelled(task_id) if drain.was_forced() => Status::unavailable(format!(
+            "the daemon is shutting down: its drain timeout ({}s) passed, so the transfer into task {task_id} was cancelled; the pieces held stay held, so repeat it after the restart",
+            drain.timeout().as_secs()
+        )),
+        err @ TransferError::Draining(_) => Status::unavailable(err.to_string()),
+        err => Status::from(err),
+    }
 }
 
 impl From<TransferError> for Status {
@@ -49,6 +74,7 @@ impl From<TransferError> for Status {
             TransferError::AlreadyRunning(_) => Status::already_exists(message),
             TransferError::SourcesExhausted(_) => Status::unavailable(message),
             TransferError::Cancelled(_) => Status::cancelled(message),
+            TransferError::Draining(_) => Status::unavailable(message),
         }
     }
 }
@@ -248,6 +274,7 @@ impl Ferry for ControlService {
         &self,
         request: Request<proto::ImportTaskRequest>,
     ) -> Result<Response<proto::Task>, Status> {
+        let _admission = admit(&self.drain, "imports")?;
         let request = request.into_inner();
         if request.path.is_empty() {
             return Err(Status::invalid_argument("path is empty"));
@@ -276,6 +303,7 @@ impl Ferry for ControlService {
         &self,
         request: Request<proto::TransferPiecesRequest>,
     ) -> Result<Response<Self::TransferPiecesStream>, Status> {
+        let admission = admit(&self.drain, "transfers")?;
         let request = request.into_inner();
         let transport = match proto::TransportPreference::try_from(request.transport) {
             Ok(proto::TransportPreference::Auto) => TransportChoice::Auto,
@@ -305,6 +333,7 @@ impl Ferry for ControlService {
         let (events_tx, mut events_rx) = mpsc::channel(64);
         let (stream_tx, stream_rx) = mpsc::channel(64);
         let engine = Arc::clone(&self.engine);
+        let drain = Arc::clone(&self.drain);
         let started_event = proto::TransferEvent {
             event: Some(Event::Started(proto::TransferStarted {
                 task_id: started.task_id,
@@ -337,10 +366,12 @@ impl Ferry for ControlService {
                 }),
                 Err(err) => {
                     tracing::warn!(error = %err, "transfer failed");
-                    Err(Status::from(err))
+                    Err(transfer_status(&drain, err))
                 }
             };
             let _ = stream_tx.send(last).await;
+            // The transfer is over for the drain once its caller has the last word (or left).
+            drop(admission);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream_rx))))
     }

@@ -1,5 +1,12 @@
 //! `ferry serve`: builds the pool, the I/O engine and the store, then runs the data-plane
-//! listener and the control API until SIGTERM or SIGINT.
+//! listener and the control API until SIGTERM or SIGINT, and then drains.
+//!
+//! Lifecycle, as systemd's `Type=notify` sees it: READY=1 once the store is recovered and the
+//! data and control listeners are bound. On the first SIGTERM or SIGINT: STOPPING=1, new
+//! transfers and imports are refused (UNAVAILABLE), running transfers finish the pieces they
+//! have in flight and take no more; after `drain_timeout_secs`, or at a second signal, the
+//! transfers still running are cancelled. Every held piece is already durable (journaled and
+//! synced before it counts), so then the listeners close and the process exits 0.
 
 use crate::config::{Config, ControlEndpoint};
 use crate::control::{tcp_control_security, BearerAuth, ControlService, HostInfo};
@@ -7,6 +14,7 @@ use crate::io::{BufferPool, IoEngine};
 use crate::metrics::Metrics;
 use crate::proto::ferry_server::FerryServer;
 use crate::rdma::{RdmaHost, RdmaSettings};
+use crate::sd_notify;
 use crate::store::{Store, StoreProvider};
 use crate::transfer::{Engine, TransferSettings};
 use crate::transport::TcpTransport;
@@ -17,7 +25,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::net::{TcpListener, UnixListener};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+use tokio::sync::watch;
 use tokio_stream::wrappers::{TcpListenerStream, UnixListenerStream};
+use tokio_util::sync::CancellationToken;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -43,6 +54,9 @@ fn advertised_address(config: &Config, bound: SocketAddr) -> String {
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
+    // Handlers first: a signal during start-up (pinning a large pool takes seconds) then
+    // drains right after start-up instead of killing the process half-way.
+    let mut signals = Signals::install().context("installing the SIGTERM and SIGINT handlers")?;
     let started = Instant::now();
     let slot = (config.pool.slot_mib * MIB) as usize;
     let slots = (config.pool.size_mib / config.pool.slot_mib) as usize;
@@ -157,6 +171,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         Some(tokio::spawn(crate::metrics::serve(listener, metrics)))
     };
 
+    let drain = Drain::new(Duration::from_secs(config.drain_timeout_secs));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FerryServer<ControlService>>().await;
     let service = FerryServer::new(ControlService {
@@ -164,6 +179,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         host,
         rdma,
         import_dirs,
+        drain: Arc::clone(&drain),
     });
     let endpoint = ControlEndpoint::parse(&config.control);
     let mut builder = tonic::transport::Server::builder();
@@ -182,11 +198,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         .add_service(health_service)
         .add_service(service);
 
-    let shutdown_engine = Arc::clone(&engine);
-    let shutdown = async move {
-        wait_for_signal().await;
-        tracing::info!("shutting down: cancelling transfers");
-        shutdown_engine.cancel_all();
+    // Resolves once drained; the control server then stops accepting and closes.
+    let drained = CancellationToken::new();
+    let shutdown = {
+        let engine = Arc::clone(&engine);
+        let drained = drained.clone();
+        async move {
+            drain_on_signal(&mut signals, &engine, &drain, &health).await;
+            drained.cancel();
+        }
     };
     let result = match &endpoint {
         ControlEndpoint::Unix(path) => {
@@ -199,9 +219,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("binding control socket {}", path.display()))?;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
             announce(&config, &data_address, &store, started);
-            let served = router
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
-                .await;
+            let served = close_within_grace(
+                router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown),
+                &drained,
+            )
+            .await;
             let _ = std::fs::remove_file(path);
             served
         }
@@ -211,9 +233,11 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
                 .with_context(|| format!("binding control address {addr}"))?;
             tracing::info!(%addr, client_certificates = config.control_tcp.tls_client_ca.is_some(), token = config.control_tcp.token_file.is_some(), "control API on TCP with TLS");
             announce(&config, &data_address, &store, started);
-            router
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-                .await
+            close_within_grace(
+                router.serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown),
+                &drained,
+            )
+            .await
         }
     };
     data_plane.abort();
@@ -225,7 +249,202 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long control connections may stay open once the drain is over.
+const CLOSE_GRACE: Duration = Duration::from_secs(5);
+
+/// Runs the control server. Its graceful close waits for open calls, which the drain has just
+/// ended; a client that keeps one open does not hold the daemon up past [`CLOSE_GRACE`].
+async fn close_within_grace<E>(
+    serving: impl std::future::Future<Output = Result<(), E>>,
+    drained: &CancellationToken,
+) -> Result<(), E> {
+    let too_long = async {
+        drained.cancelled().await;
+        tokio::time::sleep(CLOSE_GRACE).await;
+    };
+    tokio::select! {
+        result = serving => result,
+        () = too_long => {
+            tracing::warn!(grace = ?CLOSE_GRACE, "control connections still open after the drain; closing them");
+            Ok(())
+        }
+    }
+}
+
+/// How long cancelled transfers may take to wind down after the drain timeout.
+const CANCEL_GRACE: Duration = Duration::from_secs(5);
+
+/// Admission control for the work the control API starts (transfers and imports), and the
+/// drain that ends it. An [`Admission`] is held for as long as its work runs.
+#[derive(Debug)]
+pub struct Drain {
+    state: watch::Sender<DrainState>,
+    timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct DrainState {
+    draining: bool,
+    /// The drain timeout passed (or a second signal came) and running transfers were cancelled.
+    forced: bool,
+    in_flight: usize,
+}
+
+/// One admitted transfer or import; dropping it marks that work finished.
+#[derive(Debug)]
+pub struct Admission(Arc<Drain>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.state.send_modify(|state| state.in_flight -= 1);
+    }
+}
+
+impl Drain {
+    pub fn new(timeout: Duration) -> Arc<Drain> {
+        Arc::new(Drain {
+            state: watch::Sender::new(DrainState::default()),
+            timeout,
+        })
+    }
+
+    /// Admits new work, unless draining.
+    pub fn admit(self: &Arc<Self>) -> Option<Admission> {
+        let mut admitted = false;
+        self.state.send_if_modified(|state| {
+            admitted = !state.draining;
+            if admitted {
+                state.in_flight += 1;
+            }
+            admitted
+        });
+        admitted.then(|| Admission(Arc::clone(self)))
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.state.borrow().draining
+    }
+
+    /// Whether running transfers were cancelled because the drain took too long.
+    pub fn was_forced(&self) -> bool {
+        self.state.borrow().forced
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub fn in_flight(&self) -> usize {
+        self.state.borrow().in_flight
+    }
+
+    /// Stops admitting work; returns how much is in flight.
+    pub fn begin(&self) -> usize {
+        self.state.send_modify(|state| state.draining = true);
+        self.in_flight()
+    }
+
+    fn force(&self) {
+        self.state.send_modify(|state| state.forced = true);
+    }
+
+    /// Resolves once no admitted work is in flight.
+    pub async fn idle(&self) {
+        let mut state = self.state.subscribe();
+        let _ = state.wait_for(|state| state.in_flight == 0).await;
+    }
+}
+
+/// SIGTERM and SIGINT, each counted: the first drains, the second cuts the drain short.
+struct Signals {
+    term: Signal,
+    int: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        Ok(Signals {
+            term: signal(SignalKind::terminate())?,
+            int: signal(SignalKind::interrupt())?,
+        })
+    }
+
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.int.recv() => "SIGINT",
+        }
+    }
+}
+
+/// Waits for a signal, then drains: see the module documentation.
+async fn drain_on_signal(
+    signals: &mut Signals,
+    engine: &Engine,
+    drain: &Drain,
+    health: &tonic_health::server::HealthReporter,
+) {
+    let signal = signals.next().await;
+    let in_flight = drain.begin();
+    engine.stop_taking_pieces();
+    health
+        .set_not_serving::<FerryServer<ControlService>>()
+        .await;
+    let timeout = drain.timeout();
+    tell_systemd(&format!(
+        "{}\nSTATUS=draining: {in_flight} transfers and imports in flight, at most {}s",
+        sd_notify::STOPPING,
+        timeout.as_secs()
+    ));
+    tracing::info!(
+        signal,
+        in_flight,
+        timeout_secs = timeout.as_secs(),
+        "draining: new transfers and imports are refused; pieces in flight may finish"
+    );
+    let drained = tokio::select! {
+        () = drain.idle() => true,
+        () = tokio::time::sleep(timeout) => {
+            tracing::warn!(in_flight = drain.in_flight(), "drain timeout passed: cancelling the transfers still running");
+            false
+        }
+        second = signals.next() => {
+            tracing::warn!(signal = second, in_flight = drain.in_flight(), "second signal: cancelling the transfers still running");
+            false
+        }
+    };
+    if !drained {
+        drain.force();
+        engine.cancel_all();
+        // Cancelled transfers stop at once; an import still copying its file is not waited
+        // for much longer (its task is kept only if it completed).
+        tokio::select! {
+            () = drain.idle() => {}
+            () = tokio::time::sleep(CANCEL_GRACE) => {
+                tracing::warn!(in_flight = drain.in_flight(), "work still running after cancelling; stopping anyway");
+            }
+            _ = signals.next() => {}
+        }
+    }
+    tracing::info!("drained: every held piece is journaled and synced; closing the listeners");
+}
+
+/// A failed notification is logged, never fatal: the daemon works the same without systemd.
+fn tell_systemd(state: &str) {
+    if let Err(err) = sd_notify::notify(state) {
+        tracing::warn!(error = %err, "could not notify systemd (NOTIFY_SOCKET)");
+    }
+}
+
+/// Start-up is over: the store is recovered and both listeners are bound (connections queue in
+/// their backlogs until served).
 fn announce(config: &Config, data_address: &str, store: &Store, started: Instant) {
+    tell_systemd(&format!(
+        "{}\nSTATUS=serving: data plane {data_address}, control {}, {} tasks",
+        sd_notify::READY,
+        config.control,
+        store.list().len()
+    ));
     tracing::info!(
         control = %config.control,
         data = %data_address,
@@ -235,14 +454,4 @@ fn announce(config: &Config, data_address: &str, store: &Store, started: Instant
         startup_ms = started.elapsed().as_millis() as u64,
         "ferry daemon ready"
     );
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
-    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
 }

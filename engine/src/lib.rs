@@ -10,6 +10,7 @@ pub mod import;
 pub mod io;
 pub mod metrics;
 pub mod rdma;
+pub mod sd_notify;
 pub mod store;
 pub mod transfer;
 pub mod transport;

@@ -50,6 +50,8 @@ pub enum TransferError {
     SourcesExhausted(String),
     #[error("transfer of task {0} was cancelled")]
     Cancelled(String),
+    #[error("the daemon is draining (shutting down): the transfer into task {0} stopped once its pieces in flight were written; the pieces held stay held, so repeat it after the restart")]
+    Draining(String),
 }
 
 /// Which transports a transfer may use.
@@ -172,6 +174,8 @@ pub struct Engine {
     pub output_dirs: Vec<PathBuf>,
     pub metrics: Arc<Metrics>,
     running: Mutex<HashMap<String, CancellationToken>>,
+    /// Set when the daemon drains: transfers take no new pieces.
+    draining: CancellationToken,
 }
 
 impl Engine {
@@ -190,6 +194,7 @@ impl Engine {
             output_dirs,
             metrics: Arc::default(),
             running: Mutex::new(HashMap::new()),
+            draining: CancellationToken::new(),
         }
     }
 
@@ -400,6 +405,13 @@ impl Engine {
         }
     }
 
+    /// Daemon drain: running transfers finish the pieces they have in flight, take no new
+    /// ones, and end with [`TransferError::Draining`] (one with nothing left to fetch ends
+    /// normally).
+    pub fn stop_taking_pieces(&self) {
+        self.draining.cancel();
+    }
+
     /// Cancels every running transfer (daemon shutdown).
     pub fn cancel_all(&self) {
         for token in self.running.lock().expect("running lock").values() {
@@ -479,6 +491,7 @@ impl Engine {
                 Failure::Store(err) => TransferError::Store(err),
                 Failure::Exhausted(msg) => TransferError::SourcesExhausted(msg),
                 Failure::Cancelled => TransferError::Cancelled(task.id().to_owned()),
+                Failure::Draining => TransferError::Draining(task.id().to_owned()),
             });
         }
         if prepared.cancel.is_cancelled() {
@@ -536,6 +549,7 @@ enum Failure {
     Store(StoreError),
     Exhausted(String),
     Cancelled,
+    Draining,
 }
 
 struct Schedule {
@@ -652,12 +666,14 @@ impl Worker {
         let mut pending: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let wake = self.shared.wake.notified();
-            let next = self
-                .shared
-                .state
-                .lock()
-                .expect("schedule lock")
-                .next_for(self.source_index);
+            let next = {
+                let mut state = self.shared.state.lock().expect("schedule lock");
+                if self.engine.draining.is_cancelled() && !state.queue.is_empty() {
+                    state.fail(Failure::Draining);
+                    self.shared.wake.notify_waiters();
+                }
+                state.next_for(self.source_index)
+            };
             match next {
                 Next::Done => break,
                 Next::Wait => {
