@@ -8,6 +8,9 @@ command -v cc >/dev/null || need+=(gcc)
 command -v bc >/dev/null || need+=(bc)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v mount >/dev/null || need+=(mount)
+# tests/tests/service.rs checks scripts/ferry.service with systemd-analyze (no running
+# systemd needed).
+command -v systemd-analyze >/dev/null || need+=(systemd)
 # rdma-mummy-sys builds its libibverbs shim with cmake and generates bindings with libclang.
 command -v cmake >/dev/null || need+=(cmake)
 dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "ok installed" || need+=(libclang-dev)
