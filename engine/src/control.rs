@@ -54,7 +54,7 @@ fn admit(drain: &Arc<Drain>, what: &str) -> Result<Admission, Status> {
 fn transfer_status(drain: &Drain, err: TransferError) -> Status {
     match err {
         TransferError::Cancelled(task_id) if drain.was_forced() => Status::unavailable(format!(
-            "the daemon is shutting down: its drain timeout ({}s) passed, so the transfer into task {task_id} was cancelled; the pieces held stay held, so repeat it after the restart",
+            "the daemon is shutting down: its drain ended (the {}s drain timeout passed, or a second signal came) and cancelled the transfer into task {task_id}; the pieces held stay held, so repeat it after the restart",
             drain.timeout().as_secs()
         )),
         err @ TransferError::Draining(_) => Status::unavailable(err.to_string()),

@@ -417,7 +417,7 @@ async fn drain_on_signal(
         drain.force();
         engine.cancel_all();
         // Cancelled transfers stop at once; an import still copying its file is not waited
-        // for much longer (its task is kept only if it completed).
+        // for much longer (the pieces it wrote stay held, the task shows as partial).
         tokio::select! {
             () = drain.idle() => {}
             () = tokio::time::sleep(CANCEL_GRACE) => {
