@@ -455,6 +455,8 @@ fn ferry_config_prints_defaults_then_the_file_then_the_flags() {
         "2",
         "--data-dir",
         "/srv/ferry",
+        "--metrics",
+        "127.0.0.1:9100",
     ]);
     assert!(out.status.success(), "{}", text(&out.stderr));
     let config: Config = toml::from_str(&text(&out.stdout)).expect("the output is a config");
@@ -464,6 +466,7 @@ fn ferry_config_prints_defaults_then_the_file_then_the_flags() {
     assert_eq!(config.transfer.streams_per_source, 2, "the flag wins");
     assert_eq!(config.data_dir, Path::new("/srv/ferry"), "from a flag");
     assert_eq!(config.control, "tcp://127.0.0.1:4101", "from --control");
+    assert_eq!(config.metrics.listen, "127.0.0.1:9100", "from a flag");
     assert_eq!(config.pool.size_mib, 256, "a default");
     assert_eq!(config.transfer.max_attempts, 4, "a default");
 
