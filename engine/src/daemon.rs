@@ -455,3 +455,35 @@ fn announce(config: &Config, data_address: &str, store: &Store, started: Instant
         "ferry daemon ready"
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_drain_refuses_new_work_and_is_idle_once_admitted_work_ends() {
+        let drain = Drain::new(Duration::from_secs(7));
+        let first = drain.admit().expect("admitted before the drain");
+        let second = drain.admit().expect("admitted before the drain");
+        assert_eq!(drain.begin(), 2);
+        assert!(drain.is_draining());
+        assert!(drain.admit().is_none(), "nothing new while draining");
+        drop(first);
+        assert_eq!(drain.in_flight(), 1);
+        let idle = tokio::spawn({
+            let drain = Arc::clone(&drain);
+            async move { drain.idle().await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!idle.is_finished(), "one admission is still held");
+        drop(second);
+        tokio::time::timeout(Duration::from_secs(5), idle)
+            .await
+            .expect("idle once the last admission ends")
+            .unwrap();
+        assert!(!drain.was_forced());
+        drain.force();
+        assert!(drain.was_forced());
+        assert_eq!(drain.timeout(), Duration::from_secs(7));
+    }
+}
