@@ -136,9 +136,10 @@ pub type ControlClient = FerryClient<InterceptedService<Channel, BearerToken>>;
 pub enum Command {
     /// Run the daemon: the data-plane listener, the store and the control API.
     Serve(ServeArgs),
-    /// Print the configuration `ferry serve` would run with, given the same flags (defaults,
-    /// then the config file, then the flags) as TOML, and check it: an invalid value exits
-    /// non-zero naming the key and what is allowed.
+    /// Print the configuration `ferry serve` would run with (it takes the same flags) and check it.
+    ///
+    /// Defaults, then the config file, then the flags, printed as TOML (`--json`: JSON). An
+    /// invalid value exits non-zero naming the key and what is allowed.
     Config(ServeArgs),
     /// Make a local file a task held by the daemon (its bytes are copied into the store).
     Import(ImportArgs),
