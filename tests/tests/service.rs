@@ -447,7 +447,7 @@ fn ferry_config_prints_defaults_then_the_file_then_the_flags() {
     .unwrap();
     let out = ferry(&[
         "--control",
-        "tcp://127.0.0.1:4101",
+        "/run/ferry-elsewhere/control.sock",
         "config",
         "--config",
         file.to_str().unwrap(),
@@ -465,7 +465,24 @@ fn ferry_config_prints_defaults_then_the_file_then_the_flags() {
     assert_eq!(config.transfer.io_timeout_secs, 7, "from the file");
     assert_eq!(config.transfer.streams_per_source, 2, "the flag wins");
     assert_eq!(config.data_dir, Path::new("/srv/ferry"), "from a flag");
-    assert_eq!(config.control, "tcp://127.0.0.1:4101", "from --control");
+    assert_eq!(
+        config.control, "/run/ferry-elsewhere/control.sock",
+        "from --control"
+    );
+    // A relative control socket is made absolute: the daemon and its clients may run from
+    // different directories.
+    let relative = Command::new(ferry_bin())
+        .current_dir(root.path())
+        .args(["--control", "ctl.sock", "config"])
+        .output()
+        .unwrap();
+    assert!(relative.status.success(), "{}", text(&relative.stderr));
+    let from_relative: Config = toml::from_str(&text(&relative.stdout)).unwrap();
+    assert_eq!(
+        Path::new(&from_relative.control),
+        root.path().join("ctl.sock"),
+        "relative to where ferry ran"
+    );
     assert_eq!(config.metrics.listen, "127.0.0.1:9100", "from a flag");
     assert_eq!(config.pool.size_mib, 256, "a default");
     assert_eq!(config.transfer.max_attempts, 4, "a default");
