@@ -6,6 +6,7 @@ mod baseline;
 mod plot;
 mod report;
 mod rig;
+mod scale;
 
 use anyhow::Context;
 use baseline::IbPair;
@@ -64,6 +65,9 @@ enum Bench {
     Sweep(SweepArgs),
     /// SVG plots from sweep results: throughput and ratio against piece size, CPU s/GB.
     Plot(PlotArgs),
+    /// A model of distributing one large file from one seed to many hosts over RDMA and
+    /// TCP, from the per-host figures measured here (see bench/SCALE.md).
+    Scale(scale::ScaleArgs),
 }
 
 #[derive(Debug, Args)]
@@ -240,6 +244,9 @@ fn main() -> anyhow::Result<()> {
     if let Bench::Plot(args) = &cli.command {
         return plot::plot(&args.inputs, &args.out_dir);
     }
+    if let Bench::Scale(args) = &cli.command {
+        return scale::run(args, cli.json_out.as_deref());
+    }
     let scratch = tempfile::Builder::new()
         .prefix("ferry-bench-")
         .tempdir_in(cli.dir.as_deref().unwrap_or(Path::new("/var/tmp")))?;
@@ -255,6 +262,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Compare(args) => runtime.block_on(bench_e2e(dir, args, true))?,
         Bench::Sweep(args) => runtime.block_on(bench_sweep(dir, args))?,
         Bench::Plot(_) => unreachable!("handled above"),
+        Bench::Scale(_) => unreachable!("handled above"),
     };
     report.print();
     let out = cli
