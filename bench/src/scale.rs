@@ -279,7 +279,8 @@ impl Rng {
         z ^ (z >> 31)
     }
     fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
+        // Lemire's multiply-shift: no division, and unbiased enough for a simulation.
+        ((self.next() as u128 * n as u128) >> 64) as usize
     }
 }
 
@@ -295,11 +296,10 @@ struct Transfer {
 struct Sim<'a> {
     swarm: &'a Swarm,
     pieces: usize,
-    words: usize,
-    /// Pieces each host holds, one bit each, `words` u64s per host.
-    have: Vec<u64>,
-    /// Pieces each host holds or is fetching.
-    claimed: Vec<u64>,
+    /// Pieces each host neither holds nor fetches: `pieces` slots per host, the first
+    /// `missing_len[host]` in use, in no order (a random one is one index away).
+    missing: Vec<u32>,
+    missing_len: Vec<usize>,
     held: Vec<usize>,
     claimed_count: Vec<usize>,
     /// Hosts holding or fetching each piece (its rarity).
@@ -321,37 +321,22 @@ struct Sim<'a> {
 }
 
 impl Sim<'_> {
-    fn set(bits: &mut [u64], words: usize, host: usize, piece: usize) {
-        bits[host * words + piece / 64] |= 1 << (piece % 64);
-    }
-
-    /// Up to PIECE_SAMPLE random pieces `dst` neither holds nor fetches, rarest first.
-    fn missing_sample(&mut self, dst: usize, out: &mut [usize; PIECE_SAMPLE]) -> usize {
-        let words = self.words;
+    /// Up to PIECE_SAMPLE random pieces `dst` neither holds nor fetches, rarest first, each
+    /// with its index in `dst`'s missing list.
+    fn missing_sample(&mut self, dst: usize, out: &mut [(usize, usize); PIECE_SAMPLE]) -> usize {
+        let len = self.missing_len[dst];
+        let row = &self.missing[dst * self.pieces..];
         let mut count = 0;
-        for _ in 0..PIECE_SAMPLE {
-            let start = self.rng.below(words);
-            let mut found = None;
-            for i in 0..words {
-                let w = (start + i) % words;
-                let bits = !self.claimed[dst * words + w];
-                if bits != 0 {
-                    let mut rest = bits;
-                    for _ in 0..self.rng.below(bits.count_ones() as usize) {
-                        rest &= rest - 1;
-                    }
-                    found = Some(w * 64 + rest.trailing_zeros() as usize);
-                    break;
-                }
-            }
-            let Some(piece) = found else { break };
-            if !out[..count].contains(&piece) {
-                out[count] = piece;
+        for _ in 0..PIECE_SAMPLE.min(len) {
+            let index = self.rng.below(len);
+            let piece = row[index] as usize;
+            if !out[..count].iter().any(|&(p, _)| p == piece) {
+                out[count] = (piece, index);
                 count += 1;
             }
         }
         let replicas = &self.replicas;
-        out[..count].sort_by_key(|&p| replicas[p]);
+        out[..count].sort_by_key(|&(p, _)| replicas[p]);
         count
     }
 
@@ -372,14 +357,19 @@ impl Sim<'_> {
     ///   piece is out, since the seed's upload is what the whole swarm waits on);
     /// - otherwise rarest first among a random sample of the pieces `dst` lacks, each from
     ///   the holder (of a few sampled) with the largest share of upload to offer.
-    fn pick(&mut self, dst: usize) -> Option<(usize, usize)> {
+    fn pick(&mut self, dst: usize) -> Option<(usize, usize, usize)> {
         while self.fresh < self.pieces && self.replicas[self.fresh] > 1 {
             self.fresh += 1;
         }
         if self.fresh < self.pieces && self.can_serve(0, dst) {
-            return Some((0, self.fresh));
+            let row = &self.missing[dst * self.pieces..][..self.missing_len[dst]];
+            let index = row
+                .iter()
+                .position(|&p| p as usize == self.fresh)
+                .expect("a piece only the seed has is missing everywhere else");
+            return Some((0, self.fresh, index));
         }
-        let mut sample = [0usize; PIECE_SAMPLE];
+        let mut sample = [(0usize, 0usize); PIECE_SAMPLE];
         let count = self.missing_sample(dst, &mut sample);
         // A host with downloads in flight skips a source that would give it less than a
         // quarter of its fair per-slot rate, and waits for a better one: a piece started
@@ -389,14 +379,16 @@ impl Sim<'_> {
         } else {
             0.0
         };
-        for &piece in &sample[..count] {
+        for &(piece, index) in &sample[..count] {
             let mut best: Option<(f64, usize)> = None;
             let mut consider = |sim: &Self, src: usize| {
-                if src != dst && sim.can_serve(src, dst) {
-                    let share = sim.swarm.up[src] / (sim.uploads[src] + 1) as f64;
-                    if share >= slowest_worth_it && best.is_none_or(|(b, _)| share > b) {
-                        best = Some((share, src));
-                    }
+                let share = sim.swarm.up[src] / (sim.uploads[src] + 1) as f64;
+                if share >= slowest_worth_it
+                    && best.is_none_or(|(b, _)| share > b)
+                    && src != dst
+                    && sim.can_serve(src, dst)
+                {
+                    best = Some((share, src));
                 }
             };
             // The seed sends second copies only once every first copy has arrived: until
@@ -416,14 +408,18 @@ impl Sim<'_> {
                 }
             }
             if let Some((_, src)) = best {
-                return Some((src, piece));
+                return Some((src, piece, index));
             }
         }
         None
     }
 
-    fn start(&mut self, src: usize, dst: usize, piece: usize) {
-        Self::set(&mut self.claimed, self.words, dst, piece);
+    /// Starts `piece` from `src` into `dst`; `index` is its place in `dst`'s missing list.
+    fn start(&mut self, src: usize, dst: usize, piece: usize, index: usize) {
+        let row = &mut self.missing[dst * self.pieces..];
+        debug_assert_eq!(row[index] as usize, piece);
+        row.swap(index, self.missing_len[dst] - 1);
+        self.missing_len[dst] -= 1;
         self.claimed_count[dst] += 1;
         self.replicas[piece] += 1;
         self.uploads[src] += 1;
@@ -544,13 +540,11 @@ pub fn simulate(swarm: &Swarm) -> anyhow::Result<Outcome> {
     if pieces > u32::MAX as usize || n > u32::MAX as usize {
         bail!("too many pieces or hosts");
     }
-    let words = pieces.div_ceil(64);
     let mut sim = Sim {
         swarm,
         pieces,
-        words,
-        have: vec![0; n * words],
-        claimed: vec![0; n * words],
+        missing: (0..n).flat_map(|_| 0..pieces as u32).collect(),
+        missing_len: vec![pieces; n],
         held: vec![0; n],
         claimed_count: vec![0; n],
         replicas: vec![1; pieces],
@@ -564,16 +558,7 @@ pub fn simulate(swarm: &Swarm) -> anyhow::Result<Outcome> {
         out: 0,
         rng: Rng(swarm.rng_seed),
     };
-    for piece in 0..pieces {
-        Sim::set(&mut sim.have, words, 0, piece);
-        Sim::set(&mut sim.claimed, words, 0, piece);
-    }
-    // Bits past the last piece read as claimed everywhere, so they never look missing.
-    for host in 0..n {
-        for piece in pieces..words * 64 {
-            Sim::set(&mut sim.claimed, words, host, piece);
-        }
-    }
+    sim.missing_len[0] = 0;
     sim.held[0] = pieces;
     sim.claimed_count[0] = pieces;
 
@@ -604,7 +589,7 @@ pub fn simulate(swarm: &Swarm) -> anyhow::Result<Outcome> {
             let dst = 1 + (first + k) % (n - 1);
             while sim.downloads[dst] < swarm.pieces_in_flight && sim.claimed_count[dst] < pieces {
                 match sim.pick(dst) {
-                    Some((src, piece)) => sim.start(src, dst, piece),
+                    Some((src, piece, index)) => sim.start(src, dst, piece, index),
                     None => break,
                 }
             }
@@ -646,7 +631,6 @@ pub fn simulate(swarm: &Swarm) -> anyhow::Result<Outcome> {
             let completed_at = now + t.remaining / t.rate;
             let t = sim.transfers.swap_remove(i);
             let (src, dst, piece) = (t.src as usize, t.dst as usize, t.piece as usize);
-            Sim::set(&mut sim.have, words, dst, piece);
             if sim.replicas_held[piece] == 0 {
                 sim.out += 1;
             }
