@@ -114,7 +114,7 @@ pub struct ScaleArgs {
     rng_seed: u64,
     /// Time-step floor: a host's download slots each finish a piece in about this many
     /// steps (more: slower and closer to the exact answer).
-    #[arg(long, default_value_t = 16.0)]
+    #[arg(long, default_value_t = 32.0)]
     steps_per_piece: f64,
     /// ferry-bench JSON results to take measured inputs from (TCP CPU-s/GB, RDMA vs
     /// ib_write_bw ratio); missing files leave the defaults, which are then named as such.
@@ -219,7 +219,7 @@ impl Swarm {
             per_source: 4,
             upload_slots: 32,
             rng_seed: 1,
-            steps_per_piece: 16.0,
+            steps_per_piece: 32.0,
         }
     }
 
@@ -510,10 +510,11 @@ impl Scratch {
 }
 
 /// Runs the swarm to completion. Time advances to the next piece completion, but by at
-/// least a floor (a host's slots each finish a piece in about `steps_per_piece` steps), so
-/// a run costs about steps_per_piece x pieces / pieces_in_flight steps whatever the host
-/// count. A piece that completes inside a step is credited at its exact completion time;
-/// its slot stays idle to the end of the step, which costs a few percent at most.
+/// least a floor: a piece at the mean rate of the transfers in flight takes
+/// `steps_per_piece` steps, so about 1 / steps_per_piece of the transfers complete in a step
+/// whatever the number of hosts or pieces in flight. A piece that completes inside a step is
+/// credited at its exact completion time; its slot stays idle to the end of the step, which
+/// overestimates the time by up to about 1 / (2 steps_per_piece).
 pub fn simulate(swarm: &Swarm) -> anyhow::Result<Outcome> {
     let n = swarm.up.len();
     if n < 2 {
@@ -563,11 +564,6 @@ pub fn simulate(swarm: &Swarm) -> anyhow::Result<Outcome> {
     sim.held[0] = pieces;
     sim.claimed_count[0] = pieces;
 
-    let fastest_down = swarm.down[1..].iter().copied().fold(0.0, f64::max);
-    // Pieces in flight into one host: its own limit, or fewer when there are few sources.
-    let in_flight = swarm.pieces_in_flight.min(swarm.per_source * (n - 1));
-    let step_floor =
-        swarm.piece_length as f64 * in_flight as f64 / fastest_down / swarm.steps_per_piece;
     let mut finish = vec![f64::NAN; n];
     let mut done = 1;
     let mut now = 0.0;
@@ -606,15 +602,17 @@ pub fn simulate(swarm: &Swarm) -> anyhow::Result<Outcome> {
         idle_rounds = 0;
         steps += 1;
         sim.allocate(&mut up_share, &mut down_share, &mut scratch);
-        let next_completion = sim
-            .transfers
-            .iter()
-            .filter(|t| t.rate > 0.0)
-            .map(|t| t.remaining / t.rate)
-            .fold(f64::INFINITY, f64::min);
+        let mut next_completion = f64::INFINITY;
+        let mut total_rate = 0.0;
+        for t in sim.transfers.iter().filter(|t| t.rate > 0.0) {
+            next_completion = next_completion.min(t.remaining / t.rate);
+            total_rate += t.rate;
+        }
         if !next_completion.is_finite() {
             bail!("every transfer in flight got no bandwidth");
         }
+        let mean_rate = total_rate / sim.transfers.len() as f64;
+        let step_floor = swarm.piece_length as f64 / mean_rate / swarm.steps_per_piece;
         let dt = next_completion.max(step_floor);
         let mut i = 0;
         while i < sim.transfers.len() {
