@@ -672,6 +672,12 @@ pub struct Measured {
 fn numeric_leaves(value: &Value, path: &str, out: &mut Vec<(String, f64)>) {
     match value {
         Value::Object(map) => {
+            // A row of the stable schema names itself by its id (`tcp.into_memory`,
+            // `baseline.iperf3`, ...): that, not its place in `rows`, says what it measured.
+            let path = match map.get("id").and_then(Value::as_str) {
+                Some(id) => format!("{path}{{{id}}}"),
+                None => path.to_string(),
+            };
             for (key, v) in map {
                 numeric_leaves(v, &format!("{path}.{key}"), out);
             }
@@ -690,9 +696,9 @@ fn numeric_leaves(value: &Value, path: &str, out: &mut Vec<(String, f64)>) {
     }
 }
 
-/// Takes what it recognises from one ferry-bench JSON result, by key names rather than a
-/// fixed layout (the files' layouts differ between benchmarks): Ferry's TCP CPU seconds per
-/// GB (into memory, not a baseline's) and Ferry's RDMA into-memory ratio to ib_write_bw.
+/// Takes what it recognises from one ferry-bench JSON result, by key names and row ids
+/// rather than a fixed layout: Ferry's TCP CPU seconds per GB (into memory, not a
+/// baseline's) and Ferry's RDMA into-memory ratio to ib_write_bw.
 pub fn read_measured(text: &str, origin: &str, into: &mut Measured) -> anyhow::Result<()> {
     let value: Value =
         serde_json::from_str(text).with_context(|| format!("{origin} is not valid JSON"))?;
@@ -703,7 +709,13 @@ pub fn read_measured(text: &str, origin: &str, into: &mut Measured) -> anyhow::R
         .to_ascii_lowercase();
     let mut leaves = Vec::new();
     numeric_leaves(&value, &root, &mut leaves);
-    let foreign = |p: &str| ["iperf", "baseline", "store"].iter().any(|w| p.contains(w));
+    // Baselines' figures, and paths that include the store (into_store, e2e), are not the
+    // network path's.
+    let foreign = |p: &str| {
+        ["iperf", "baseline", "store", "e2e"]
+            .iter()
+            .any(|w| p.contains(w))
+    };
     let plausible = |x: f64, max: f64| x > 0.0 && x < max;
     let mut tcp: Vec<&(String, f64)> = leaves
         .iter()
@@ -726,7 +738,7 @@ pub fn read_measured(text: &str, origin: &str, into: &mut Measured) -> anyhow::R
         .filter(|(p, x)| {
             p.contains("ratio")
                 && p.contains("rdma")
-                && !p.contains("store")
+                && !foreign(p)
                 && !p.contains("tcp")
                 && plausible(*x, 100.0)
         })
@@ -1262,6 +1274,18 @@ mod tests {
         read_measured(compare, "compare.json", &mut m).unwrap();
         assert_eq!(m.tcp_cpu_s_per_gb.unwrap().0, 0.3);
         assert_eq!(m.rdma_vs_ib_write_bw.unwrap().0, 0.97);
+        // The stable schema (`ferry-bench compare`): rows named by id.
+        let stable = r#"{"schema_version":1,"benchmark":"compare","rows":[
+            {"id":"baseline.iperf3","transport":"tcp","cpu_seconds_per_gb":0.52,"ratio":null},
+            {"id":"tcp.into_store","transport":"tcp","cpu_seconds_per_gb":0.9,"ratio":0.58},
+            {"id":"e2e.tcp","transport":"tcp","cpu_seconds_per_gb":0.8,"ratio":0.9},
+            {"id":"tcp.into_memory","transport":"tcp","cpu_seconds_per_gb":0.31,"ratio":2.0},
+            {"id":"rdma.into_store","transport":"rdma","cpu_seconds_per_gb":20,"ratio":1.13},
+            {"id":"rdma.into_memory","transport":"rdma","cpu_seconds_per_gb":21,"ratio":1.19}]}"#;
+        let mut m = Measured::default();
+        read_measured(stable, "compare.json", &mut m).unwrap();
+        assert_eq!(m.tcp_cpu_s_per_gb.unwrap().0, 0.31);
+        assert_eq!(m.rdma_vs_ib_write_bw.unwrap().0, 1.19);
         // Nothing recognisable: nothing taken, no error.
         let mut m = Measured::default();
         read_measured(r#"{"benchmark":"disk","x":1}"#, "disk.json", &mut m).unwrap();
