@@ -192,6 +192,9 @@ struct E2eArgs {
     /// Leave RDMA out even where devices are there.
     #[arg(long)]
     no_rdma: bool,
+    /// With RDMA: pool sizes, MiB, whose registration is timed (seconds per GiB).
+    #[arg(long, value_delimiter = ',', default_value = "1024")]
+    register_mib: Vec<u64>,
     #[command(flatten)]
     devices: RdmaDevices,
 }
@@ -468,8 +471,15 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
         }
         None => None,
     };
-    report.extra = json!({ "direct_io": direct, "registrations": rig.registrations });
+    let mut registrations = rig.registrations.clone();
     drop(rig);
+    if let (Some(plan), Some(_)) = (&plan, &rdma) {
+        for mib in &args.register_mib {
+            registrations.extend(rig::time_registration(&plan.client_device, *mib)?);
+        }
+        print_registrations(&registrations);
+    }
+    report.extra = json!({ "direct_io": direct, "registrations": registrations });
 
     let iperf = baseline::iperf3(args.streams, args.seconds)?;
     let fio_synced = baseline::fio(dir, size, piece, args.streams as usize, true)?;
@@ -651,17 +661,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
     for mib in &args.register_mib {
         registrations.extend(rig::time_registration(&plan.client_device, *mib)?);
     }
-    println!();
-    println!("memory registration (local write + memory-window bind, the whole pool once):");
-    for r in &registrations {
-        println!(
-            "  {:<9} {:<8} {:>6} MiB  {:.4} s/GiB",
-            r.side,
-            r.device,
-            r.bytes / MIB,
-            r.seconds_per_gib
-        );
-    }
+    print_registrations(&registrations);
     let ib = baseline::ib_write_bw(
         &IbPair {
             server_device: &plan.server_device,
@@ -866,4 +866,18 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
             row
         }));
     Ok(report)
+}
+
+fn print_registrations(registrations: &[rig::Registration]) {
+    println!();
+    println!("memory registration (local write + memory-window bind, the whole pool once):");
+    for r in registrations {
+        println!(
+            "  {:<9} {:<8} {:>6} MiB  {:.4} s/GiB",
+            r.side,
+            r.device,
+            r.bytes / MIB,
+            r.seconds_per_gib
+        );
+    }
 }
