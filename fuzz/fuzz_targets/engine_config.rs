@@ -45,6 +45,7 @@ fuzz_target!(|data: &[u8]| {
         config.transfer.connect_timeout_secs,
         config.server.idle_timeout_secs,
         config.server.write_timeout_secs,
+        config.drain_timeout_secs,
     ] {
         assert!(
             now.checked_add(Duration::from_secs(secs)).is_some(),
