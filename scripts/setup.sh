@@ -5,6 +5,7 @@ set -euo pipefail
 
 need=()
 command -v cc >/dev/null || need+=(gcc)
+command -v c++ >/dev/null || need+=(g++) # libFuzzer, built by the fuzz targets (scripts/fuzz.sh)
 command -v bc >/dev/null || need+=(bc)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v mount >/dev/null || need+=(mount)

@@ -16,6 +16,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
+echo "== fuzzing every network decoder and the config parser, 20 s each"; ./scripts/fuzz.sh 20
+
 # The RDMA tests need two soft-RoCE devices. A kernel with rdma_rxe could run them directly;
 # this machine's (and CI's) has no RDMA at all, so they run inside a throwaway VM whose kernel
 # has rxe (scripts/rxe-vm.sh), on test binaries built here.

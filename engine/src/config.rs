@@ -9,6 +9,10 @@ pub const DEFAULT_DATA_DIR: &str = "/var/lib/ferry";
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:4100";
 /// Longest allowed drain: systemd's stop timeout must exceed it.
 pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 3600;
+/// Upper bounds that keep derived values in range: the pool's byte size fits any 64-bit
+/// size arithmetic, and `Instant::now() + timeout` cannot overflow (it panics if it does).
+const MAX_POOL_MIB: u64 = 1 << 20;
+const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -233,7 +237,13 @@ impl Config {
             path: path.into(),
             source,
         })?;
-        toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Config::parse(&text, path)
+    }
+
+    /// Parses a configuration file's text; `path` only names it in errors. The one TOML
+    /// parser of the daemon's config (also what `fuzz/` drives).
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.into(),
             message: e.to_string(),
         })
@@ -297,11 +307,13 @@ impl Config {
         if !(1..=64).contains(&self.pool.slot_mib) {
             return invalid("pool.slot_mib", self.pool.slot_mib, "1 to 64");
         }
-        if self.pool.size_mib < 64 || !self.pool.size_mib.is_multiple_of(self.pool.slot_mib) {
+        if !(64..=MAX_POOL_MIB).contains(&self.pool.size_mib)
+            || !self.pool.size_mib.is_multiple_of(self.pool.slot_mib)
+        {
             return invalid(
                 "pool.size_mib",
                 self.pool.size_mib,
-                "at least 64 (one 64 MiB piece) and a multiple of pool.slot_mib",
+                "64 (one 64 MiB piece) to 1048576 (1 TiB), a multiple of pool.slot_mib",
             );
         }
         if !(1..=16).contains(&self.io.threads) {
@@ -333,8 +345,8 @@ impl Config {
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
             ("server.write_timeout_secs", self.server.write_timeout_secs),
         ] {
-            if value == 0 {
-                return invalid(key, value, "at least 1 second");
+            if !(1..=MAX_TIMEOUT_SECS).contains(&value) {
+                return invalid(key, value, "1 to 86400 seconds (one day)");
             }
         }
         let chunk = u64::from(self.rdma.chunk_kib);
@@ -493,6 +505,24 @@ mod tests {
             ControlEndpoint::parse("/run/x.sock"),
             ControlEndpoint::Unix("/run/x.sock".into())
         );
+    }
+
+    /// Found in review while writing fuzz/'s engine_config target (whose checks assert it):
+    /// these validated, then overflowed `slot * slots` in the pool or panicked adding the
+    /// timeout to an Instant.
+    #[test]
+    fn values_the_daemon_cannot_use_are_refused() {
+        let config: Config =
+            Config::parse("[pool]\nsize_mib = 17592186044416\n", Path::new("t")).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("pool.size_mib"), "{err}");
+        let config = Config::parse(
+            "[transfer]\nio_timeout_secs = 9223372036854775807\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("transfer.io_timeout_secs"), "{err}");
     }
 
     #[test]

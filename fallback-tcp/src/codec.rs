@@ -210,7 +210,16 @@ impl Response {
                     content_length: u64_at(0),
                     piece_length: u64_at(8),
                     pieces_held: u32::from_be_bytes(value[16..20].try_into().expect("4 bytes")),
-                    complete: value[20] != 0,
+                    // 0 or 1 only: one encoding per message.
+                    complete: match value[20] {
+                        0 => false,
+                        1 => true,
+                        other => {
+                            return Err(CodecError::Malformed(format!(
+                                "TaskInfo complete flag is {other}, expected 0 or 1"
+                            )))
+                        }
+                    },
                 }))
             }
             _ => Err(CodecError::UnexpectedTag {
@@ -338,6 +347,26 @@ mod tests {
             decode_request(&mut short),
             Err(CodecError::BadValueLength { len: 3, .. })
         ));
+    }
+
+    /// The defect `fuzz/`'s rdma_wire target found in the RDMA Failed message was here too: a
+    /// complete flag of 7 was taken as true, so the same TaskInfo had 255 encodings.
+    #[test]
+    fn task_info_flag_must_be_0_or_1() {
+        let mut out = BytesMut::new();
+        Response::TaskInfo(TaskInfo {
+            content_length: 1,
+            piece_length: 4 << 20,
+            pieces_held: 1,
+            complete: true,
+        })
+        .encode(&mut out);
+        out[HEADER_SIZE + 20] = 7;
+        let (header, value) = split_frame(&mut out, MAX_RESPONSE_VALUE_LEN)
+            .unwrap()
+            .unwrap();
+        let err = Response::decode(header, &value).unwrap_err();
+        assert!(err.to_string().contains("complete flag is 7"), "{err}");
     }
 
     fn metadata(number: u32, length: u64, digest: String) -> PieceMetadata {

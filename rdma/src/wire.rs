@@ -83,6 +83,16 @@ impl Reader<'_> {
     fn u8(&mut self) -> Result<u8, RdmaError> {
         Ok(self.take(1)?[0])
     }
+    /// A boolean is 0 or 1; anything else is refused, so every message has one encoding.
+    fn flag(&mut self) -> Result<bool, RdmaError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            other => Err(RdmaError::Handshake(format!(
+                "flag byte is {other}, expected 0 or 1"
+            ))),
+        }
+    }
     fn u16(&mut self) -> Result<u16, RdmaError> {
         Ok(u16::from_be_bytes(self.take(2)?.try_into().expect("2")))
     }
@@ -231,7 +241,7 @@ impl Message {
             }
             TAG_FAILED => {
                 let request = r.u16()?;
-                let not_held = r.u8()? != 0;
+                let not_held = r.flag()?;
                 let rest = r.0.len();
                 Message::Failed {
                     request,
@@ -407,6 +417,23 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("trailing"));
+    }
+
+    /// Found by `fuzz/` (rdma_wire): a Failed with not_held = 7 decoded as true and encoded
+    /// back as 1, so one message had many encodings.
+    #[test]
+    fn flags_other_than_0_or_1_are_refused() {
+        let mut failed = Message::Failed {
+            request: 1,
+            not_held: true,
+            message: "gone".into(),
+        }
+        .encode_value();
+        failed[2] = 7;
+        assert!(Message::decode(TAG_FAILED, &failed)
+            .unwrap_err()
+            .to_string()
+            .contains("flag byte is 7"));
     }
 
     proptest! {
