@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Re-makes every committed benchmark result under bench/results/ on this machine: the one-table
-# comparison on this host (warm and cold seed), the same with RDMA on soft-RoCE inside the VM,
+# comparison on this host (warm and cold seed), the store beside fio over 5 alternating rounds, the same with RDMA on soft-RoCE inside the VM,
 # the TCP and RDMA sweeps, and the SVG plots. About 20 minutes on a 2-core machine; run it on
 # an otherwise idle machine.
 #   ./scripts/bench-results.sh            # everything
@@ -13,6 +13,7 @@ bench=$PWD/target/release/ferry-bench
 out=bench/results
 mkdir -p $out
 $bench --json-out $out/compare-host.json compare | tee $out/compare-host.txt
+$bench --json-out $out/disk.json disk --repeat 5 | tee $out/disk.txt
 $bench --json-out $out/e2e-cold.json e2e --cold | tee $out/e2e-cold.txt
 $bench --json-out $out/sweep-tcp.json sweep --transport tcp \
     --piece-mib 4,8,16,32,64 --in-flight 1,2,4,8 --size-mib 512 --rounds 2 | tee $out/sweep-tcp.txt

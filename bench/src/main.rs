@@ -159,6 +159,9 @@ struct DiskArgs {
     /// Writes in flight.
     #[arg(long, default_value_t = 8)]
     depth: usize,
+    /// Rounds of Ferry and fio taking turns; medians are compared.
+    #[arg(long, default_value_t = 5)]
+    repeat: usize,
 }
 
 #[derive(Debug, Args)]
@@ -346,7 +349,7 @@ async fn bench_disk(dir: &Path, args: &DiskArgs) -> anyhow::Result<Report> {
         "disk",
         json!({ "size_bytes": size, "block_bytes": block, "depth": args.depth }),
     );
-    let (rows, direct) = disk_rows(dir, size, block, args.depth).await?;
+    let (rows, direct) = disk_rows(dir, size, block, args.depth, args.repeat).await?;
     report.rows.extend(rows);
     report.extra = json!({ "direct_io": direct });
     Ok(report)
@@ -358,25 +361,46 @@ async fn disk_rows(
     size: u64,
     block: u64,
     depth: usize,
+    repeat: usize,
 ) -> anyhow::Result<(Vec<Row>, bool)> {
-    let raw = rig::engine_writes(dir, size, block, depth).await?;
-    let (durable, direct) = rig::store_pieces(dir, size, block, depth).await?;
-    let fio = baseline::fio(dir, size, block, depth, false)?;
-    let fio_synced = baseline::fio(dir, size, block, depth, true)?;
+    // A virtual disk's speed drifts from minute to minute: Ferry and fio take turns, `repeat`
+    // times, and the median of each is compared (every sample is kept in the JSON).
+    let (mut raw, mut durable, mut fio, mut fio_synced) = (vec![], vec![], vec![], vec![]);
+    let mut direct = true;
+    for round in 0..repeat.max(1) {
+        if repeat > 1 {
+            println!("-- round {} of {repeat}", round + 1);
+        }
+        raw.push(rig::engine_writes(dir, size, block, depth).await?);
+        fio.extend(baseline::fio(dir, size, block, depth, false)?);
+        let (pieces, piece_direct) = rig::store_pieces(dir, size, block, depth).await?;
+        durable.push(pieces);
+        direct &= piece_direct;
+        fio_synced.extend(baseline::fio(dir, size, block, depth, true)?);
+    }
+    let fio = median_row(fio);
+    let fio_synced = median_row(fio_synced);
+    let ferry = |id: &str, label: &str, samples: Vec<report::Measured>| {
+        let mut row = median_row(
+            samples
+                .into_iter()
+                .map(|m| Row::new(id, label, "ferry", "disk", m))
+                .collect(),
+        )
+        .expect("at least one round");
+        row.parameters = json!({ "block_bytes": block, "depth": depth, "samples_bytes_per_second": row.parameters["samples_bytes_per_second"] });
+        row
+    };
     let mut rows = vec![
-        Row::new(
+        ferry(
             "disk.engine_writes",
             "ferry io_uring writes (fixed bufs, O_DIRECT)",
-            "ferry",
-            "disk",
             raw,
         )
         .against(fio.as_ref(), Some(0.9)),
-        Row::new(
+        ferry(
             "disk.store_pieces",
             "ferry store pieces (digest, fdatasync, journal)",
-            "ferry",
-            "disk",
             durable,
         )
         .against(fio_synced.as_ref(), Some(0.9)),
@@ -384,6 +408,18 @@ async fn disk_rows(
     rows.extend(fio);
     rows.extend(fio_synced);
     Ok((rows, direct))
+}
+
+/// The sample with the median throughput, with every sample's throughput in its parameters.
+fn median_row(mut samples: Vec<Row>) -> Option<Row> {
+    samples.sort_by(|a, b| a.bytes_per_second.total_cmp(&b.bytes_per_second));
+    let all: Vec<f64> = samples.iter().map(|r| r.bytes_per_second).collect();
+    let mut median = samples.get(samples.len().checked_sub(1)? / 2)?.clone();
+    if !median.parameters.is_object() {
+        median.parameters = json!({});
+    }
+    median.parameters["samples_bytes_per_second"] = json!(all);
+    Some(median)
 }
 
 async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Result<Report> {

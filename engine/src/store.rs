@@ -102,9 +102,13 @@ pub struct StoredTask {
     write_file: Arc<TaskFile>,
     read_file: Arc<File>,
     pieces: Mutex<PieceState>,
-    journal: Mutex<Journal>,
-    /// Held while one caller syncs the journal for everyone waiting (group commit).
-    journal_sync: Mutex<()>,
+    /// The piece journal, appended under the lock; `journal_file` is the same file, for
+    /// syncing without holding it.
+    journal: Mutex<File>,
+    journal_file: File,
+    journal_sync: GroupSync,
+    /// Pieces written to the content file share its fdatasyncs the same way.
+    content_sync: GroupSync,
     served: AtomicU64,
     deleted: AtomicBool,
     /// Set while a transfer writes into this task (one at a time).
@@ -309,12 +313,12 @@ impl Store {
             write_file: Arc::new(write_file),
             read_file: Arc::new(read_file),
             pieces: Mutex::new(pieces),
-            journal: Mutex::new(Journal {
-                file: journal,
-                appended: 0,
-                synced: 0,
-            }),
-            journal_sync: Mutex::new(()),
+            journal_file: journal
+                .try_clone()
+                .map_err(|e| StoreError::io("opening the journal", e))?,
+            journal: Mutex::new(journal),
+            journal_sync: GroupSync::default(),
+            content_sync: GroupSync::default(),
             served: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
             transferring: AtomicBool::new(false),
@@ -473,9 +477,19 @@ impl Store {
             offset: piece.offset,
             buf,
             len,
-            sync: true,
+            // Made durable below, together with the pieces finishing beside it.
+            sync: false,
         };
         let (buf, written) = self.io.write(request).await;
+        let written = match written {
+            Ok(()) => {
+                let task = Arc::clone(task);
+                tokio::task::spawn_blocking(move || task.content_sync.sync(task.write_file.file()))
+                    .await
+                    .expect("content sync task panicked")
+            }
+            Err(err) => Err(err),
+        };
         if let Err(err) = written {
             return (
                 buf,
@@ -593,34 +607,45 @@ impl StoredTask {
         record[4..8].copy_from_slice(&crc.to_le_bytes());
         let check = crc32fast::hash(&record[..8]) ^ RECORD_MAGIC;
         record[8..12].copy_from_slice(&check.to_le_bytes());
-        let (mine, file) = {
-            let mut journal = self.journal.lock().expect("journal lock");
-            journal.file.write_all(&record)?;
-            journal.appended += 1;
-            (journal.appended, journal.file.try_clone()?)
-        };
-        // Group commit: one fdatasync makes every record appended before it durable, so
-        // pieces finishing together share a sync instead of queueing one each.
-        let _syncing = self.journal_sync.lock().expect("journal sync lock");
-        let covered = {
-            let journal = self.journal.lock().expect("journal lock");
-            if journal.synced >= mine {
-                return Ok(());
-            }
-            journal.appended
-        };
-        file.sync_data()?;
-        let mut journal = self.journal.lock().expect("journal lock");
-        journal.synced = journal.synced.max(covered);
-        Ok(())
+        self.journal
+            .lock()
+            .expect("journal lock")
+            .write_all(&record)?;
+        self.journal_sync.sync(&self.journal_file)
     }
 }
 
-/// A task's piece journal and how many of its appended records are known durable.
-struct Journal {
-    file: File,
-    appended: u64,
-    synced: u64,
+/// Group commit on one file: a caller whose write has completed waits for an fdatasync that
+/// started after that; whoever syncs covers every caller that came before it, so writes
+/// finishing together share one device flush instead of queueing one each.
+#[derive(Default)]
+struct GroupSync {
+    /// (writes completed so far, writes known durable)
+    counts: Mutex<(u64, u64)>,
+    /// Held by the one caller syncing for everyone.
+    leader: Mutex<()>,
+}
+
+impl GroupSync {
+    fn sync(&self, file: &File) -> io::Result<()> {
+        let mine = {
+            let mut counts = self.counts.lock().expect("sync counts lock");
+            counts.0 += 1;
+            counts.0
+        };
+        let _leader = self.leader.lock().expect("sync leader lock");
+        let covered = {
+            let counts = self.counts.lock().expect("sync counts lock");
+            if counts.1 >= mine {
+                return Ok(());
+            }
+            counts.0
+        };
+        file.sync_data()?;
+        let mut counts = self.counts.lock().expect("sync counts lock");
+        counts.1 = counts.1.max(covered);
+        Ok(())
+    }
 }
 
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
@@ -844,13 +869,9 @@ mod tests {
                     });
                 }
             });
-            let journal = task.journal.lock().unwrap();
-            assert_eq!(journal.appended, u64::from(pieces));
-            assert_eq!(
-                journal.synced,
-                u64::from(pieces),
-                "every record covered by a sync"
-            );
+            let (appended, synced) = *task.journal_sync.counts.lock().unwrap();
+            assert_eq!(appended, u64::from(pieces));
+            assert_eq!(synced, u64::from(pieces), "every record covered by a sync");
         }
         let runtime = tokio::runtime::Runtime::new().unwrap();
         let store = runtime.block_on(async { open(dir.path()) });
