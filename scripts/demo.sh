@@ -15,6 +15,7 @@ ferry=$PWD/target/release/ferry
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/ferry-demo.XXXXXX")
 mkdir "$work/in" # the only directory the daemons may import from
+mkdir "$work/out" # the only directory transfers may place outputs in
 pids=()
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
