@@ -9,7 +9,6 @@ mod rig;
 mod scale;
 
 use anyhow::Context;
-use baseline::IbPair;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_engine::geometry::Geometry;
 use ferry_engine::transfer::TransportChoice;
@@ -521,11 +520,7 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
     let fio_synced = baseline::fio(dir, size, piece, args.streams as usize, true)?;
     let ib = match (&plan, &rdma) {
         (Some(plan), Some(_)) => baseline::ib_write_bw(
-            &IbPair {
-                server_device: &plan.server_device,
-                client_device: &plan.client_device,
-                server_addr: &plan.server_addr,
-            },
+            &plan.ib_pair(),
             u64::from(plan.chunk_kib) * 1024,
             (args.window * args.queue_pairs) as u32,
             size,
@@ -699,11 +694,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
     }
     print_registrations(&registrations);
     let ib = baseline::ib_write_bw(
-        &IbPair {
-            server_device: &plan.server_device,
-            client_device: &plan.client_device,
-            server_addr: &plan.server_addr,
-        },
+        &plan.ib_pair(),
         u64::from(plan.chunk_kib) * 1024,
         in_flight as u32,
         args.size_mib * MIB,
@@ -860,11 +851,7 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
         let row = match &plan {
             None => baseline::iperf3(total, args.seconds)?.map(|(best, _)| best),
             Some(plan) => baseline::ib_write_bw(
-                &IbPair {
-                    server_device: &plan.server_device,
-                    client_device: &plan.client_device,
-                    server_addr: &plan.server_addr,
-                },
+                &plan.ib_pair(),
                 u64::from(plan.chunk_kib) * 1024,
                 total,
                 (args.size_mib * MIB).min(256 * MIB),

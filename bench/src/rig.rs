@@ -50,6 +50,15 @@ impl RdmaPlan {
         })
     }
 
+    /// The same two devices, for ib_write_bw.
+    pub fn ib_pair(&self) -> crate::baseline::IbPair<'_> {
+        crate::baseline::IbPair {
+            server_device: &self.server_device,
+            client_device: &self.client_device,
+            server_addr: &self.server_addr,
+        }
+    }
+
     pub fn settings(&self, window: usize, queue_pairs: usize) -> RdmaSettings {
         RdmaSettings {
             chunk_size: self.chunk_kib * 1024,
@@ -401,7 +410,6 @@ pub async fn engine_writes(
             offset,
             buf,
             len: block as usize,
-            sync: false,
         };
         let io = &io;
         in_flight.push(async move { io.write(request).await });

@@ -477,40 +477,38 @@ impl Store {
             offset: piece.offset,
             buf,
             len,
-            // Made durable below, together with the pieces finishing beside it.
-            sync: false,
         };
         let (buf, written) = self.io.write(request).await;
-        let written = match written {
+        let number = piece.number;
+        let durable = match written {
+            Err(err) => Err(Unsaved::Data(err)),
+            // One trip to a blocking thread: the data made durable (an fdatasync shared with
+            // the pieces finishing beside it), then its journal record (the same, for records).
             Ok(()) => {
                 let task = Arc::clone(task);
-                tokio::task::spawn_blocking(move || task.content_sync.sync(task.write_file.file()))
-                    .await
-                    .expect("content sync task panicked")
+                tokio::task::spawn_blocking(move || {
+                    task.content_sync
+                        .sync(task.write_file.file())
+                        .map_err(Unsaved::Data)?;
+                    task.append_record(number, crc).map_err(Unsaved::Record)
+                })
+                .await
+                .expect("durability task panicked")
             }
-            Err(err) => Err(err),
         };
-        if let Err(err) = written {
-            return (
-                buf,
-                Err(self.map_write_error(
-                    &task.id,
-                    piece.length,
-                    &format!("writing piece {} of {}", piece.number, task.id),
-                    err,
-                )),
-            );
-        }
-        let record_task = Arc::clone(task);
-        let number = piece.number;
-        let recorded = tokio::task::spawn_blocking(move || record_task.append_record(number, crc))
-            .await
-            .expect("journal task panicked");
-        if let Err(err) = recorded {
-            return (
-                buf,
-                Err(self.map_write_error(&task.id, 0, "appending to the piece journal", err)),
-            );
+        match durable {
+            Ok(()) => {}
+            Err(Unsaved::Data(err)) => {
+                let doing = format!("writing piece {number} of {}", task.id);
+                return (
+                    buf,
+                    Err(self.map_write_error(&task.id, piece.length, &doing, err)),
+                );
+            }
+            Err(Unsaved::Record(err)) => {
+                let doing = "appending to the piece journal";
+                return (buf, Err(self.map_write_error(&task.id, 0, doing, err)));
+            }
         }
         let complete = {
             let mut state = task.pieces.lock().expect("pieces lock");
@@ -613,6 +611,12 @@ impl StoredTask {
             .write_all(&record)?;
         self.journal_sync.sync(&self.journal_file)
     }
+}
+
+/// Which step of making a piece durable failed.
+enum Unsaved {
+    Data(io::Error),
+    Record(io::Error),
 }
 
 /// Group commit on one file: a caller whose write has completed waits for an fdatasync that

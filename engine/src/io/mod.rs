@@ -27,7 +27,7 @@ static NEXT_FILE_ID: AtomicU64 = AtomicU64::new(1);
 
 impl TaskFile {
     /// Opens (creating if needed) `path` for writes, trying O_DIRECT first; filesystems
-    /// without it (tmpfs) get buffered writes, made durable by the same fdatasync.
+    /// without it (tmpfs) get buffered writes, made durable by the same fdatasync (the store's).
     pub fn open(path: &Path, want_direct: bool) -> io::Result<TaskFile> {
         let mut options = OpenOptions::new();
         options.read(true).write(true).create(true).truncate(false);
@@ -93,8 +93,6 @@ pub struct WriteRequest {
     pub offset: u64,
     pub buf: PieceBuffer,
     pub len: usize,
-    /// Make the bytes durable (fdatasync) before completing.
-    pub sync: bool,
 }
 
 /// The store's disk backend, chosen once at start-up.
@@ -173,7 +171,6 @@ mod tests {
                     offset: number * (4 << 20),
                     buf,
                     len: write_len,
-                    sync: true,
                 })
                 .await;
             result.unwrap();

@@ -1,4 +1,4 @@
-//! The fallback: positional writes and fdatasync on tokio's blocking threads.
+//! The fallback: positional writes on tokio's blocking threads.
 
 use super::PieceBuffer;
 use super::WriteRequest;
@@ -15,16 +15,12 @@ impl SyncIo {
                 offset,
                 mut buf,
                 len,
-                sync,
             } = request;
             let result = (|| {
                 let mut at = offset;
                 for chunk in buf.chunks_upto_mut(len) {
                     file.file().write_all_at(chunk, at)?;
                     at += chunk.len() as u64;
-                }
-                if sync {
-                    file.file().sync_data()?;
                 }
                 Ok(())
             })();

@@ -1,7 +1,7 @@
 //! The io_uring backend: each I/O thread owns a ring with the pool's slots registered as fixed
-//! buffers and a sparse table of fixed files. A piece is written as one linked chain: a
-//! `WriteFixed` per slot, then (when asked) an `fdatasync`, so a piece is acknowledged only once
-//! it is durable.
+//! buffers and a sparse table of fixed files. A piece is written as one linked chain of
+//! `WriteFixed`, one per slot. Making it durable is the store's job (one fdatasync shared by
+//! the pieces that finish together).
 
 use super::{BufferPool, PieceBuffer, WriteRequest};
 use io_uring::{opcode, squeue, types, IoUring};
@@ -14,7 +14,6 @@ use tokio::sync::oneshot;
 
 const RING_ENTRIES: u32 = 256;
 const FIXED_FILES: u32 = 64;
-const FSYNC_INDEX: u64 = 0xffff;
 
 type Reply = oneshot::Sender<(PieceBuffer, io::Result<()>)>;
 
@@ -197,8 +196,7 @@ impl Worker {
         let capacity = RING_ENTRIES as usize;
         while let Some((request, _)) = self.backlog.front() {
             let chunks = request.len.div_ceil(request.buf.slot_size());
-            let needed = chunks + usize::from(request.sync);
-            if needed > capacity {
+            if chunks > capacity {
                 let (request, reply) = self.backlog.pop_front().expect("front exists");
                 let _ = reply.send((
                     request.buf,
@@ -208,7 +206,7 @@ impl Worker {
                 ));
                 continue;
             }
-            if self.in_flight_sqes + needed > capacity {
+            if self.in_flight_sqes + chunks > capacity {
                 return;
             }
             let (request, reply) = self.backlog.pop_front().expect("front exists");
@@ -222,9 +220,8 @@ impl Worker {
         let fixed = self.fixed_slot(&request.file);
         let raw_fd = request.file.file().as_raw_fd();
         let slot_size = request.buf.slot_size();
-        let total = chunks + usize::from(request.sync);
         let mut chunk_lens = Vec::with_capacity(chunks);
-        let mut sqes = Vec::with_capacity(total);
+        let mut sqes = Vec::with_capacity(chunks);
         for index in 0..chunks {
             let len = (request.len - index * slot_size).min(slot_size) as u32;
             chunk_lens.push(len);
@@ -241,16 +238,7 @@ impl Worker {
             };
             sqes.push(entry.user_data((key << 16) | index as u64));
         }
-        if request.sync {
-            let entry = match fixed {
-                Some(slot) => opcode::Fsync::new(types::Fixed(slot)),
-                None => opcode::Fsync::new(types::Fd(raw_fd)),
-            }
-            .flags(types::FsyncFlags::DATASYNC)
-            .build();
-            sqes.push(entry.user_data((key << 16) | FSYNC_INDEX));
-        }
-        // Link the chain so the fdatasync runs only after every write succeeded.
+        // Link the chain: after a failed write the rest of the piece is not attempted.
         let last = sqes.len() - 1;
         for sqe in &mut sqes[..last] {
             *sqe = sqe.clone().flags(squeue::Flags::IO_LINK);
@@ -266,13 +254,13 @@ impl Worker {
                 let _ = self.ring.submit();
             }
         }
-        self.in_flight_sqes += total;
+        self.in_flight_sqes += chunks;
         self.pending.insert(
             key,
             Pending {
                 buf: request.buf,
                 reply,
-                outstanding: total,
+                outstanding: chunks,
                 error: None,
                 chunk_lens,
                 _file: request.file,
@@ -296,7 +284,7 @@ impl Worker {
             pending.outstanding -= 1;
             let error = if result < 0 {
                 Some(io::Error::from_raw_os_error(-result))
-            } else if index != FSYNC_INDEX && (result as u32) < pending.chunk_lens[index as usize] {
+            } else if (result as u32) < pending.chunk_lens[index as usize] {
                 Some(io::Error::new(
                     io::ErrorKind::WriteZero,
                     format!(
