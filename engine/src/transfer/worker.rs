@@ -1,0 +1,345 @@
+//! A transfer's workers: each fetches pieces from one source, verifies them and writes them
+//! to the store while fetching the next.
+
+use super::schedule::{Entry, Failure, Next, Schedule};
+use super::{Engine, PieceOutcome};
+use crate::geometry::{self, PieceRange};
+use crate::metrics::PieceFailure;
+use crate::rdma::RdmaTransport;
+use crate::store::{StoreError, StoredTask};
+use crate::transport::{FetchedPiece, PieceTransport, TransportError};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{mpsc, Notify};
+use tokio_util::sync::CancellationToken;
+
+pub(super) struct Shared {
+    pub(super) state: Mutex<Schedule>,
+    pub(super) wake: Notify,
+    pub(super) cancel: CancellationToken,
+}
+
+pub(super) struct Worker {
+    pub(super) engine: Arc<Engine>,
+    pub(super) task: Arc<StoredTask>,
+    pub(super) shared: Arc<Shared>,
+    /// RDMA, when this transfer may use it; TCP is always there.
+    pub(super) rdma: Option<Arc<RdmaTransport>>,
+    pub(super) rdma_only: bool,
+    pub(super) source: SocketAddr,
+    pub(super) source_index: usize,
+    pub(super) source_name: String,
+    pub(super) events: mpsc::Sender<PieceOutcome>,
+}
+
+impl Worker {
+    /// Fetches pieces one after another; each verified piece is written while the next one
+    /// is fetched (at most one write pending per worker), so the network and the disk work
+    /// at the same time instead of taking turns.
+    pub(super) async fn run(self: Arc<Self>) {
+        let mut pending: Option<tokio::task::JoinHandle<()>> = None;
+        loop {
+            let wake = self.shared.wake.notified();
+            let next = {
+                let mut state = self.shared.state.lock().expect("schedule lock");
+                if self.engine.draining.is_cancelled() && !state.queue.is_empty() {
+                    state.fail(Failure::Draining);
+                    self.shared.wake.notify_waiters();
+                }
+                state.next_for(self.source_index)
+            };
+            match next {
+                Next::Done => break,
+                Next::Wait => {
+                    tokio::select! {
+                        _ = wake => {}
+                        _ = self.shared.cancel.cancelled() => break,
+                        // A safety net: re-check the schedule even if a wake-up was missed.
+                        _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    }
+                }
+                Next::Piece(entry) => {
+                    let fetched = tokio::select! {
+                        fetched = self.fetch_verified(&entry) => Some(fetched),
+                        _ = self.shared.cancel.cancelled() => None,
+                    };
+                    let Some(fetched) = fetched else {
+                        self.shared
+                            .state
+                            .lock()
+                            .expect("schedule lock")
+                            .fail(Failure::Cancelled);
+                        self.shared.wake.notify_waiters();
+                        break;
+                    };
+                    match fetched {
+                        Err(err) => {
+                            self.settle(entry, Err(err)).await;
+                            self.shared.wake.notify_waiters();
+                        }
+                        Ok(verified) => {
+                            if let Some(previous) = pending.take() {
+                                let _ = previous.await;
+                            }
+                            let worker = Arc::clone(&self);
+                            // A write is never abandoned half-way: it finishes (or fails)
+                            // and is settled even when the transfer is being cancelled.
+                            pending = Some(tokio::spawn(async move {
+                                let outcome = worker.persist(&entry, verified).await;
+                                worker.settle(entry, outcome).await;
+                                worker.shared.wake.notify_waiters();
+                            }));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(previous) = pending {
+            let _ = previous.await;
+        }
+    }
+
+    /// One transport's fetch, bounded by the piece timeout.
+    async fn fetch_with(
+        &self,
+        transport: &dyn PieceTransport,
+        piece: PieceRange,
+        buf: &mut crate::io::PieceBuffer,
+    ) -> Result<FetchedPiece, TransportError> {
+        let limit = self.engine.settings.piece_timeout;
+        tokio::time::timeout(
+            limit,
+            transport.fetch(self.source, self.task.id(), piece, buf),
+        )
+        .await
+        .map_err(|_| {
+            TransportError::Failed(format!("piece {} took longer than {limit:?}", piece.number))
+        })?
+    }
+
+    /// Fetches over RDMA when this transfer and the source allow it, else over TCP; a piece
+    /// RDMA fails is fetched over TCP at once (unless the transfer is RDMA-only). Returns what
+    /// arrived, the transport that carried it, and whether it fell back.
+    async fn fetch(
+        &self,
+        piece: PieceRange,
+        buf: &mut crate::io::PieceBuffer,
+    ) -> Result<(FetchedPiece, &'static str, bool), AttemptError> {
+        if let Some(rdma) = self.rdma.as_ref().filter(|r| r.supports(self.source)) {
+            match self.fetch_with(rdma.as_ref(), piece, buf).await {
+                Ok(fetched) => return Ok((fetched, "rdma", false)),
+                Err(err @ TransportError::NotHeld(_)) => return Err(AttemptError::Transport(err)),
+                Err(err) if self.rdma_only => return Err(AttemptError::Transport(err)),
+                Err(TransportError::Unsupported(_)) => {}
+                Err(err) => {
+                    tracing::warn!(task_id = %self.task.id(), piece = piece.number, source = %self.source_name, error = %err, "RDMA failed for this piece; fetching it over TCP");
+                    self.engine.metrics.rdma_fallback();
+                    let fetched = self
+                        .fetch_with(self.engine.tcp.as_ref(), piece, buf)
+                        .await
+                        .map_err(AttemptError::Transport)?;
+                    return Ok((fetched, "tcp", true));
+                }
+            }
+        }
+        if self.rdma_only {
+            return Err(AttemptError::Transport(TransportError::Unsupported(
+                format!(
+                    "{} has no RDMA and the transfer is RDMA-only",
+                    self.source_name
+                ),
+            )));
+        }
+        let fetched = self
+            .fetch_with(self.engine.tcp.as_ref(), piece, buf)
+            .await
+            .map_err(AttemptError::Transport)?;
+        Ok((fetched, "tcp", false))
+    }
+
+    /// Fetches one piece into a pool buffer and checks it against the source's digest.
+    async fn fetch_verified(&self, entry: &Entry) -> Result<VerifiedPiece, AttemptError> {
+        let piece = self
+            .task
+            .geometry()
+            .piece(entry.number)
+            .expect("validated piece number");
+        let pool = self.engine.store.pool();
+        let mut buf = pool
+            .acquire(piece.length)
+            .await
+            .map_err(|e| AttemptError::Store(StoreError::Pool(e)))?;
+        let fetch_started = Instant::now();
+        let (fetched, transport, fell_back) = self.fetch(piece, &mut buf).await?;
+        let fetch_time = fetch_started.elapsed();
+        self.engine.metrics.piece_received(transport, piece.length);
+        // Verify before anything is written: the bytes must match the digest the source holds.
+        match geometry::parse_digest(&fetched.advertised_digest) {
+            Some(expected) if expected == fetched.crc32 => {}
+            Some(expected) => {
+                return Err(AttemptError::Digest(format!(
+                    "piece {} from {}: digest mismatch, source says {} but the bytes hash to {}",
+                    piece.number,
+                    self.source_name,
+                    geometry::format_digest(expected),
+                    geometry::format_digest(fetched.crc32)
+                )))
+            }
+            None => {
+                return Err(AttemptError::Digest(format!(
+                    "piece {} from {}: unsupported digest {:?}",
+                    piece.number, self.source_name, fetched.advertised_digest
+                )))
+            }
+        }
+        Ok(VerifiedPiece {
+            piece,
+            buf,
+            crc32: fetched.crc32,
+            transport,
+            fell_back,
+            fetch_time,
+        })
+    }
+
+    /// Writes a verified piece to the store (durable and journaled when this returns Ok).
+    async fn persist(
+        &self,
+        entry: &Entry,
+        verified: VerifiedPiece,
+    ) -> Result<PieceOutcome, AttemptError> {
+        let VerifiedPiece {
+            piece,
+            buf,
+            crc32,
+            transport,
+            fell_back,
+            fetch_time,
+        } = verified;
+        let write_started = Instant::now();
+        let (_buf, written) = self
+            .engine
+            .store
+            .write_piece(&self.task, piece, buf, crc32)
+            .await;
+        written.map_err(AttemptError::Store)?;
+        let write_time = write_started.elapsed();
+        self.engine
+            .metrics
+            .piece_fetched(transport, fetch_time, write_time);
+        Ok(PieceOutcome {
+            piece,
+            digest: geometry::format_digest(crc32),
+            source: self.source_name.clone(),
+            transport,
+            fell_back,
+            fetch_time,
+            write_time,
+            attempt: entry.attempts + 1,
+        })
+    }
+
+    async fn settle(&self, mut entry: Entry, outcome: Result<PieceOutcome, AttemptError>) {
+        let settings = &self.engine.settings;
+        let send = {
+            let mut state = self.shared.state.lock().expect("schedule lock");
+            state.in_flight -= 1;
+            match outcome {
+                Ok(outcome) => {
+                    state.consecutive_failures[self.source_index] = 0;
+                    let totals = &mut state.totals[self.source_index];
+                    totals.bytes += outcome.piece.length;
+                    totals.pieces += 1;
+                    state.count_transport(outcome.transport, outcome.piece.length);
+                    state.rdma_fallbacks += u32::from(outcome.fell_back);
+                    Some(outcome)
+                }
+                Err(AttemptError::Store(err)) => {
+                    self.engine.metrics.piece_failed(PieceFailure::Store);
+                    tracing::error!(task_id = %self.task.id(), piece = entry.number, error = %err, "store write failed; stopping transfer");
+                    state.fail(Failure::Store(err));
+                    self.shared.cancel.cancel();
+                    None
+                }
+                Err(err) => {
+                    self.engine.metrics.piece_failed(match err {
+                        AttemptError::Digest(_) => PieceFailure::Digest,
+                        _ => PieceFailure::Transport,
+                    });
+                    tracing::warn!(task_id = %self.task.id(), piece = entry.number, source = %self.source_name, error = %err, "piece attempt failed; retrying elsewhere");
+                    state.totals[self.source_index].failures += 1;
+                    if matches!(
+                        err,
+                        AttemptError::Transport(TransportError::Unreachable(_))
+                            | AttemptError::Transport(TransportError::Failed(_))
+                    ) {
+                        state.consecutive_failures[self.source_index] += 1;
+                        if state.consecutive_failures[self.source_index]
+                            >= settings.source_failure_limit
+                        {
+                            tracing::warn!(source = %self.source_name, "giving up on source after repeated failures");
+                            state.dead[self.source_index] = true;
+                            self.engine.tcp.forget(self.source);
+                            if let Some(rdma) = &self.engine.rdma {
+                                rdma.forget(self.source);
+                            }
+                        }
+                    }
+                    entry.attempts += 1;
+                    entry.tried |= 1 << self.source_index;
+                    entry.last_error = err.to_string();
+                    let all_dead = state.dead.iter().all(|d| *d);
+                    if entry.attempts >= settings.max_attempts || all_dead {
+                        let why = if all_dead {
+                            "every source failed"
+                        } else {
+                            "too many attempts"
+                        };
+                        state.fail(Failure::Exhausted(format!(
+                            "piece {} failed after {} attempts ({why}); last error: {}",
+                            entry.number, entry.attempts, entry.last_error
+                        )));
+                        self.shared.cancel.cancel();
+                    } else {
+                        state.retries += 1;
+                        self.engine.metrics.piece_retried();
+                        state.queue.push_front(entry);
+                    }
+                    None
+                }
+            }
+        };
+        if let Some(outcome) = send {
+            if self.events.send(outcome).await.is_err() {
+                // Nobody listens any more (the caller went away): stop; held pieces stay held.
+                self.shared
+                    .state
+                    .lock()
+                    .expect("schedule lock")
+                    .fail(Failure::Cancelled);
+                self.shared.cancel.cancel();
+            }
+        }
+    }
+}
+
+/// A piece fetched into its buffer and verified, not yet written.
+struct VerifiedPiece {
+    piece: PieceRange,
+    buf: crate::io::PieceBuffer,
+    crc32: u32,
+    transport: &'static str,
+    fell_back: bool,
+    fetch_time: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Transport(TransportError),
+    #[error("{0}")]
+    Digest(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
