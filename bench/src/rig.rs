@@ -195,7 +195,7 @@ impl Rig {
         let source = scratch.join(format!("source-{piece_length}.bin"));
         let mut random = std::fs::File::open("/dev/urandom")?.take(size);
         std::io::copy(&mut random, &mut std::fs::File::create(&source)?)?;
-        let task = import_file(
+        let (task, _) = import_file(
             &self.seed,
             &source,
             &ImportOptions {
@@ -319,6 +319,7 @@ impl Rig {
                 piece_timeout: Duration::from_secs(120),
                 max_attempts: 3,
                 source_failure_limit: 3,
+                max_task_bytes: ferry_engine::config::DEFAULT_MAX_TASK_BYTES,
             },
             Vec::new(),
         ));
@@ -332,6 +333,7 @@ impl Rig {
                 output: None,
                 streams_per_source: in_flight,
                 transport,
+                digest: None,
             })
             .await?;
         let (events, mut drain) = tokio::sync::mpsc::channel(64);

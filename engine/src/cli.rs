@@ -264,6 +264,11 @@ pub struct PullArgs {
     /// tcp: TCP only; rdma: RDMA only.
     #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
     pub transport: TransportArg,
+    /// The whole content's SHA-256, `sha256:<hex>`: only sources whose manifest agrees are
+    /// used, and nothing is placed unless the content hashes to it. Without it the transfer
+    /// pins the first digest a source states, and still verifies the content against it.
+    #[arg(long)]
+    pub digest: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -659,6 +664,7 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
                 TransportArg::Rdma => proto::TransportPreference::Rdma,
             } as i32,
             streams_per_source: args.streams.unwrap_or(0),
+            digest: args.digest.clone().unwrap_or_default(),
         })
         .await?
         .into_inner();
@@ -726,6 +732,12 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
             summary.retries,
             summary.rdma_fallbacks
         );
+        if !summary.content_digest.is_empty() {
+            say!("  content {} (verified)", summary.content_digest);
+        }
+        for refused in &summary.refused_sources {
+            say!("  refused source {refused}");
+        }
         for t in &summary.transports {
             say!(
                 "  transport {:<5} {:>14} bytes  {:>5} pieces",
@@ -753,6 +765,7 @@ fn summary_json(s: &proto::TransferSummary) -> Value {
         "pieces_requested": s.pieces_requested, "pieces_fetched": s.pieces_fetched,
         "pieces_reused": s.pieces_reused, "retries": s.retries, "bytes_fetched": s.bytes_fetched,
         "elapsed_micros": s.elapsed_micros, "output_path": s.output_path, "rdma_fallbacks": s.rdma_fallbacks,
+        "content_digest": s.content_digest, "refused_sources": s.refused_sources,
         "bits_per_second": if s.elapsed_micros > 0 { s.bytes_fetched as f64 * 8.0 / (s.elapsed_micros as f64 / 1e6) } else { 0.0 },
         "sources": s.sources.iter().map(|x| json!({"source": x.source, "bytes": x.bytes, "pieces": x.pieces, "failures": x.failures})).collect::<Vec<_>>(),
         "transports": s.transports.iter().map(|x| json!({"transport": x.transport, "bytes": x.bytes, "pieces": x.pieces})).collect::<Vec<_>>(),
@@ -764,6 +777,7 @@ fn task_json(t: &proto::Task) -> Value {
         "task_id": t.task_id, "content_length": t.content_length, "piece_length": t.piece_length,
         "piece_count": t.piece_count, "pieces_held": t.pieces_held, "complete": t.complete,
         "pieces_served": t.pieces_served, "transferring": t.transferring,
+        "content_digest": t.content_digest, "content_digest_state": t.content_digest_state,
         "pieces": t.pieces.iter().map(|p| json!({"number": p.number, "offset": p.offset, "length": p.length, "digest": p.digest, "held": p.held})).collect::<Vec<_>>(),
     })
 }
@@ -800,6 +814,13 @@ fn print_task(as_json: bool, task: &proto::Task) {
         task.piece_count,
         if task.complete { " (complete)" } else { "" }
     );
+    if !task.content_digest.is_empty() {
+        say!(
+            "  content {} ({})",
+            task.content_digest,
+            task.content_digest_state
+        );
+    }
     say!("  pieces served to peers: {}", task.pieces_served);
     for p in &task.pieces {
         say!(

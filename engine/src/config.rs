@@ -39,6 +39,7 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     pub pool: PoolConfig,
     pub io: IoConfig,
+    pub store: StoreConfig,
     pub transfer: TransferConfig,
     pub server: ServerConfig,
     pub rdma: RdmaConfig,
@@ -129,6 +130,14 @@ pub struct IoConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Largest task a transfer may create, in bytes: a source's word about a task's size
+    /// is checked against this (and the data dir's free space) before anything is allocated.
+    pub max_task_bytes: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TransferConfig {
     pub streams_per_source: u32,
     pub piece_timeout_secs: u64,
@@ -162,6 +171,7 @@ impl Default for Config {
             drain_timeout_secs: 30,
             pool: PoolConfig::default(),
             io: IoConfig::default(),
+            store: StoreConfig::default(),
             transfer: TransferConfig::default(),
             server: ServerConfig::default(),
             rdma: RdmaConfig::default(),
@@ -185,6 +195,17 @@ impl Default for IoConfig {
             backend: IoChoice::Auto,
             threads: 1,
             direct: true,
+        }
+    }
+}
+
+/// 16 TiB: larger than any model shard, far below what 2^32 pieces could describe.
+pub const DEFAULT_MAX_TASK_BYTES: u64 = 16 << 40;
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            max_task_bytes: DEFAULT_MAX_TASK_BYTES,
         }
     }
 }
@@ -325,6 +346,9 @@ impl Config {
                 self.transfer.streams_per_source,
                 "1 to 64",
             );
+        }
+        if self.store.max_task_bytes == 0 {
+            return invalid("store.max_task_bytes", 0, "at least 1 byte");
         }
         if self.transfer.max_attempts == 0 {
             return invalid("transfer.max_attempts", 0, "at least 1");

@@ -5,10 +5,12 @@ use crate::config::ControlTcpConfig;
 use crate::daemon::{Admission, Drain};
 use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
+use crate::manifest::{ContentDigest, ManifestState};
 use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
 use crate::store::{StoreError, StoredTask};
 use crate::transfer::{
-    Engine, PieceOutcome, TransferError, TransferRequest, TransferSummary, TransportChoice,
+    panic_message, Engine, PieceOutcome, TransferError, TransferRequest, TransferSummary,
+    TransportChoice,
 };
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -75,6 +77,12 @@ impl From<TransferError> for Status {
             TransferError::SourcesExhausted(_) => Status::unavailable(message),
             TransferError::Cancelled(_) => Status::cancelled(message),
             TransferError::Draining(_) => Status::unavailable(message),
+            TransferError::ResourceExhausted(_) => Status::resource_exhausted(message),
+            TransferError::ContentConflict(_) => Status::failed_precondition(message),
+            TransferError::ContentMismatch { .. } => Status::data_loss(message),
+            TransferError::Manifest { .. } | TransferError::Internal { .. } => {
+                Status::internal(message)
+            }
         }
     }
 }
@@ -117,6 +125,9 @@ fn import_status(err: ImportError) -> Status {
         }
         ImportError::Geometry(err) => geometry_status(err),
         ImportError::Store(err) => store_status(err),
+        ImportError::Changed { .. } | ImportError::ContentConflict { .. } => {
+            Status::failed_precondition(message)
+        }
         _ => Status::internal(message),
     }
 }
@@ -151,6 +162,10 @@ pub fn task_message(task: &StoredTask, with_pieces: bool) -> proto::Task {
         Vec::new()
     };
     let held = digests.iter().filter(|d| d.is_some()).count() as u32;
+    let manifest = crate::manifest::load(task.dir()).unwrap_or_else(|err| {
+        tracing::warn!(task_id = %task.id(), error = %err, "unreadable manifest");
+        None
+    });
     proto::Task {
         task_id: task.id().to_owned(),
         content_length: geometry.content_length(),
@@ -161,6 +176,14 @@ pub fn task_message(task: &StoredTask, with_pieces: bool) -> proto::Task {
         pieces,
         pieces_served: task.pieces_served(),
         transferring: task.transferring.load(std::sync::atomic::Ordering::Acquire),
+        content_digest: manifest
+            .map(|m| m.content_sha256.to_string())
+            .unwrap_or_default(),
+        content_digest_state: match manifest.map(|m| m.state) {
+            Some(ManifestState::Verified) => "verified".into(),
+            Some(ManifestState::Pinned) => "pinned".into(),
+            None => String::new(),
+        },
     }
 }
 
@@ -213,6 +236,11 @@ fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
             .output
             .map(|p| p.display().to_string())
             .unwrap_or_default(),
+        content_digest: summary
+            .content_digest
+            .map(|d| d.to_string())
+            .unwrap_or_default(),
+        refused_sources: summary.refused_sources,
         rdma_fallbacks: summary.rdma_fallbacks,
     }
 }
@@ -286,7 +314,7 @@ impl Ferry for ControlService {
             revision: non_empty(request.revision),
             piece_length: request.piece_length,
         };
-        let task = import::import_file_within(
+        let (task, _) = import::import_file_within(
             &self.engine.store,
             &PathBuf::from(&request.path),
             &self.import_dirs,
@@ -327,9 +355,14 @@ impl Ferry for ControlService {
                 output: non_empty(request.output_path).map(PathBuf::from),
                 streams_per_source: request.streams_per_source,
                 transport,
+                digest: non_empty(request.digest)
+                    .map(|d| d.parse::<ContentDigest>())
+                    .transpose()
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
             })
             .await?;
         let started = prepared.started();
+        let started_task_id = started.task_id.clone();
         let (events_tx, mut events_rx) = mpsc::channel(64);
         let (stream_tx, stream_rx) = mpsc::channel(64);
         let engine = Arc::clone(&self.engine);
@@ -343,6 +376,11 @@ impl Ferry for ControlService {
                 pieces_reused: started.pieces_reused,
                 sources: started.sources,
                 bytes_to_fetch: started.bytes_to_fetch,
+                content_digest: started
+                    .content_digest
+                    .map(|d| d.to_string())
+                    .unwrap_or_default(),
+                refused_sources: started.refused_sources,
             })),
         };
         let _ = stream_tx.send(Ok(started_event)).await;
@@ -359,7 +397,17 @@ impl Ferry for ControlService {
             }
         });
         tokio::spawn(async move {
-            let result = engine.run(prepared, events_tx).await;
+            let task_id = started_task_id;
+            // The transfer runs in a task of its own: should it panic, the caller still gets
+            // a last word (INTERNAL, naming it) instead of a stream that just ends.
+            let result = tokio::spawn(async move { engine.run(prepared, events_tx).await })
+                .await
+                .unwrap_or_else(|err| {
+                    Err(TransferError::Internal {
+                        task_id,
+                        what: format!("the transfer panicked: {}", panic_message(err)),
+                    })
+                });
             let last = match result {
                 Ok(summary) => Ok(proto::TransferEvent {
                     event: Some(Event::Summary(summary_message(summary))),

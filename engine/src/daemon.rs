@@ -103,6 +103,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         piece_timeout: Duration::from_secs(transfer.piece_timeout_secs),
         max_attempts: transfer.max_attempts,
         source_failure_limit: transfer.source_failure_limit,
+        max_task_bytes: config.store.max_task_bytes,
     };
     let mut output_dirs = Vec::new();
     for dir in &config.output_dirs {

@@ -1,7 +1,10 @@
 //! Importing a local file as a task: its bytes are read into pool buffers, digested once, and
-//! written into the store through the same path as fetched pieces.
+//! written into the store through the same path as fetched pieces, and hashed in content
+//! order into the task's manifest (its SHA-256) as they go.
 
 use crate::geometry::{self, Geometry, GeometryError, TaskIdInputs};
+use crate::io::PieceBuffer;
+use crate::manifest::{self, ContentDigest, ContentHasher, Manifest, ManifestState};
 use crate::store::{self, Store, StoreError, StoredTask};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -43,6 +46,24 @@ pub enum ImportError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{path} changed since its import began: piece {number} was held with crc32:{held}, the file now gives crc32:{now}; delete the task to import the new version")]
+    Changed {
+        path: String,
+        number: u32,
+        held: u32,
+        now: u32,
+    },
+    #[error("task {task_id}: its manifest could not be read or written: {source}")]
+    Manifest {
+        task_id: String,
+        source: std::io::Error,
+    },
+    #[error("task {task_id} is pinned here to content {pinned} (a transfer into it), but the file imported hashes to {file}: delete the task first to import this version")]
+    ContentConflict {
+        task_id: String,
+        file: ContentDigest,
+        pinned: ContentDigest,
+    },
 }
 
 /// What identifies the task besides the file (Dragonfly's task id inputs).
@@ -62,7 +83,7 @@ pub async fn import_file(
     store: &Arc<Store>,
     path: &Path,
     options: &ImportOptions,
-) -> Result<Arc<StoredTask>, ImportError> {
+) -> Result<(Arc<StoredTask>, ContentDigest), ImportError> {
     if !path.is_absolute() {
         return Err(ImportError::RelativePath(path.display().to_string()));
     }
@@ -82,7 +103,7 @@ pub async fn import_file_within(
     path: &Path,
     allowed: &[PathBuf],
     options: &ImportOptions,
-) -> Result<Arc<StoredTask>, ImportError> {
+) -> Result<(Arc<StoredTask>, ContentDigest), ImportError> {
     let shown = path.display().to_string();
     if !path.is_absolute() {
         return Err(ImportError::RelativePath(shown));
@@ -139,7 +160,7 @@ async fn import_opened(
     file: File,
     path: &Path,
     options: &ImportOptions,
-) -> Result<Arc<StoredTask>, ImportError> {
+) -> Result<(Arc<StoredTask>, ContentDigest), ImportError> {
     let shown = path.display().to_string();
     let meta = file.metadata().map_err(|source| ImportError::Open {
         path: shown.clone(),
@@ -165,20 +186,25 @@ async fn import_opened(
         piece_length: (options.piece_length != 0).then_some(piece_length),
     });
     let task = store.create_or_get(&task_id, Geometry::new(content_length, piece_length)?)?;
+    let manifest_error = |source| ImportError::Manifest {
+        task_id: task_id.clone(),
+        source,
+    };
+    let manifest = manifest::load(task.dir()).map_err(manifest_error)?;
+    if task.is_complete() {
+        if let Some(manifest) = manifest.filter(|m| m.state == ManifestState::Verified) {
+            return Ok((task, manifest.content_sha256));
+        }
+    }
+    // Every piece goes through the hasher in content order, as it is imported: the SHA-256
+    // costs no extra read. Pieces already held (an import resumed after a crash) are read
+    // for the hash only.
     let file = Arc::new(file);
-    let missing: Vec<_> = task
-        .geometry()
-        .pieces()
-        .filter(|p| task.held(p.number).is_none())
-        .collect();
-    let mut running = tokio::task::JoinSet::new();
-    for piece in missing {
+    let mut hasher = ContentHasher::default();
+    let mut running = std::collections::VecDeque::new();
+    for piece in task.geometry().pieces() {
         if running.len() >= IMPORT_DEPTH {
-            running
-                .join_next()
-                .await
-                .expect("non-empty")
-                .expect("import task panicked")?;
+            hasher = hash_next(&mut running, hasher).await?;
         }
         let buf = store
             .pool()
@@ -191,7 +217,7 @@ async fn import_opened(
             Arc::clone(&file),
             shown.clone(),
         );
-        running.spawn(async move {
+        running.push_back(tokio::spawn(async move {
             let (buf, read) = tokio::task::spawn_blocking(move || {
                 let mut buf = buf;
                 let read = store::read_range_into(&file, piece.offset, &mut buf);
@@ -200,17 +226,67 @@ async fn import_opened(
             .await
             .expect("read task panicked");
             read.map_err(|source| ImportError::Read {
-                path: shown,
+                path: shown.clone(),
                 source,
             })?;
             let crc = buf.crc32();
-            let (_buf, written) = store.write_piece(&task, piece, buf, crc).await;
-            written.map_err(ImportError::from)
+            match task.held(piece.number) {
+                Some(held) if held == crc => return Ok(buf),
+                Some(held) => {
+                    return Err(ImportError::Changed {
+                        path: shown,
+                        number: piece.number,
+                        held,
+                        now: crc,
+                    })
+                }
+                None => {}
+            }
+            let (buf, written) = store.write_piece(&task, piece, buf, crc).await;
+            written.map_err(ImportError::from)?;
+            Ok(buf)
+        }));
+    }
+    while !running.is_empty() {
+        hasher = hash_next(&mut running, hasher).await?;
+    }
+    let content_sha256 = hasher.finish();
+    if let Some(pinned) = manifest.filter(|m| m.content_sha256 != content_sha256) {
+        // A transfer pinned another version of this task here (same url, other content):
+        // the pieces just imported do not belong with the ones it fetched.
+        return Err(ImportError::ContentConflict {
+            task_id,
+            file: content_sha256,
+            pinned: pinned.content_sha256,
         });
     }
-    while let Some(done) = running.join_next().await {
-        done.expect("import task panicked")?;
-    }
-    tracing::info!(task_id = %task.id(), path = %shown, bytes = content_length, pieces = task.geometry().piece_count(), "imported");
-    Ok(task)
+    manifest::save(
+        task.dir(),
+        &Manifest {
+            content_sha256,
+            state: ManifestState::Verified,
+        },
+    )
+    .map_err(manifest_error)?;
+    tracing::info!(task_id = %task.id(), path = %shown, bytes = content_length, pieces = task.geometry().piece_count(), %content_sha256, "imported");
+    Ok((task, content_sha256))
+}
+
+type ImportedPiece = tokio::task::JoinHandle<Result<PieceBuffer, ImportError>>;
+
+/// Waits for the oldest piece in flight and feeds it to the hasher (off the runtime).
+async fn hash_next(
+    running: &mut std::collections::VecDeque<ImportedPiece>,
+    mut hasher: ContentHasher,
+) -> Result<ContentHasher, ImportError> {
+    let next = running.pop_front().expect("a piece in flight");
+    let buf = next.await.expect("import task panicked")?;
+    Ok(tokio::task::spawn_blocking(move || {
+        for chunk in buf.chunks() {
+            hasher.update(chunk);
+        }
+        hasher
+    })
+    .await
+    .expect("hash task panicked"))
 }

@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod geometry;
 pub mod import;
 pub mod io;
+pub mod manifest;
 pub mod metrics;
 pub mod rdma;
 pub mod sd_notify;

@@ -89,6 +89,8 @@ pub enum PieceFailure {
     Digest,
     /// Writing the piece to the local store failed.
     Store,
+    /// The piece's task panicked (a bug): the attempt failed and the piece is retried.
+    Internal,
 }
 
 impl PieceFailure {
@@ -97,6 +99,7 @@ impl PieceFailure {
             PieceFailure::Transport => "transport",
             PieceFailure::Digest => "digest",
             PieceFailure::Store => "store",
+            PieceFailure::Internal => "internal",
         }
     }
 }
@@ -302,6 +305,7 @@ impl Metrics {
             PieceFailure::Transport,
             PieceFailure::Digest,
             PieceFailure::Store,
+            PieceFailure::Internal,
         ] {
             let _ = metrics.piece_failures.get_or_create(&ReasonLabel {
                 reason: reason.label(),

@@ -162,6 +162,11 @@ impl StoredTask {
     pub fn content_path(&self) -> PathBuf {
         self.dir.join("content")
     }
+
+    /// The task's directory (its manifest lives there).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
 }
 
 /// The store: every task under the data dir.
@@ -731,6 +736,14 @@ impl PieceProvider for StoreProvider {
             piece_length: task.geometry.piece_length(),
             pieces_held: task.held_count(),
             complete: task.is_complete(),
+            // A manifest that cannot be read is stated as none: the receiver then verifies
+            // the content it gets against its own pin.
+            content_sha256: crate::manifest::load(task.dir())
+                .unwrap_or_else(|err| {
+                    tracing::warn!(task_id, error = %err, "unreadable manifest");
+                    None
+                })
+                .map(|m| m.content_sha256.0),
         })
     }
 

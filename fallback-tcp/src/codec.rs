@@ -28,13 +28,16 @@ pub const MAX_RESPONSE_VALUE_LEN: u32 = 64 * 1024;
 /// Ferry extension: ask for a task's geometry. Value: the 64-byte task id.
 pub const TAG_FERRY_STAT_TASK: u8 = 0xF0;
 /// Ferry extension: a task's geometry. Value: content length (u64), piece length (u64),
-/// pieces held (u32), complete flag (u8).
+/// pieces held (u32), complete flag (u8), then, where the source knows it, the SHA-256 of the
+/// whole content (32 bytes) that fixes which version of the task it holds. Decoders before
+/// the digest was added read the first 21 bytes and ignore the rest.
 pub const TAG_FERRY_TASK_INFO: u8 = 0xF1;
 /// Ferry extension tags from here up to 0xFD ask to upgrade the connection to another
 /// protocol (RDMA's control channel): the server hands the connection to its provider.
 pub const FIRST_UPGRADE_TAG: u8 = 0xF2;
 pub const LAST_UPGRADE_TAG: u8 = 0xFD;
 const TASK_INFO_LEN: usize = 8 + 8 + 4 + 1;
+const TASK_INFO_WITH_DIGEST_LEN: usize = TASK_INFO_LEN + 32;
 
 /// The fixed-size part of every frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +172,9 @@ pub struct TaskInfo {
     pub piece_length: u64,
     pub pieces_held: u32,
     pub complete: bool,
+    /// SHA-256 of the whole content: the task's manifest digest. `None` from a source that
+    /// has none (one that predates manifests, or holds a task it could not verify).
+    pub content_sha256: Option<[u8; 32]>,
 }
 
 /// What a server answers.
@@ -197,13 +203,20 @@ impl Response {
                 })
             }
             Tag::Reserved(TAG_FERRY_TASK_INFO) => {
-                if value.len() < TASK_INFO_LEN {
-                    return Err(CodecError::BadValueLength {
-                        tag: header.tag,
-                        len: value.len(),
-                        expected: TASK_INFO_LEN,
-                    });
-                }
+                // Exactly one of the two lengths: one encoding per message.
+                let content_sha256 = match value.len() {
+                    TASK_INFO_LEN => None,
+                    TASK_INFO_WITH_DIGEST_LEN => {
+                        Some(value[TASK_INFO_LEN..].try_into().expect("32 bytes"))
+                    }
+                    len => {
+                        return Err(CodecError::BadValueLength {
+                            tag: header.tag,
+                            len,
+                            expected: TASK_INFO_WITH_DIGEST_LEN,
+                        })
+                    }
+                };
                 let u64_at =
                     |at: usize| u64::from_be_bytes(value[at..at + 8].try_into().expect("8 bytes"));
                 Ok(Response::TaskInfo(TaskInfo {
@@ -220,6 +233,7 @@ impl Response {
                             )))
                         }
                     },
+                    content_sha256,
                 }))
             }
             _ => Err(CodecError::UnexpectedTag {
@@ -238,11 +252,18 @@ impl Response {
             }
             .encode_packet(out),
             Response::TaskInfo(info) => {
-                put_header(out, Tag::Reserved(TAG_FERRY_TASK_INFO), TASK_INFO_LEN);
+                let len = match info.content_sha256 {
+                    Some(_) => TASK_INFO_WITH_DIGEST_LEN,
+                    None => TASK_INFO_LEN,
+                };
+                put_header(out, Tag::Reserved(TAG_FERRY_TASK_INFO), len);
                 out.put_u64(info.content_length);
                 out.put_u64(info.piece_length);
                 out.put_u32(info.pieces_held);
                 out.put_u8(u8::from(info.complete));
+                if let Some(digest) = &info.content_sha256 {
+                    out.put_slice(digest);
+                }
             }
             Response::Error { code, message } => {
                 ErrorMessage::new(*code, message.clone()).encode_packet(out)
@@ -359,6 +380,7 @@ mod tests {
             piece_length: 4 << 20,
             pieces_held: 1,
             complete: true,
+            content_sha256: None,
         })
         .encode(&mut out);
         out[HEADER_SIZE + 20] = 7;
@@ -367,6 +389,49 @@ mod tests {
             .unwrap();
         let err = Response::decode(header, &value).unwrap_err();
         assert!(err.to_string().contains("complete flag is 7"), "{err}");
+    }
+
+    /// The content digest is optional, but a TaskInfo is either 21 bytes or 53: a value cut
+    /// inside the digest is refused, not read as "no digest".
+    #[test]
+    fn task_info_carries_an_optional_content_digest() {
+        let with = TaskInfo {
+            content_length: 9 << 20,
+            piece_length: 4 << 20,
+            pieces_held: 3,
+            complete: true,
+            content_sha256: Some([0xAB; 32]),
+        };
+        for info in [
+            with,
+            TaskInfo {
+                content_sha256: None,
+                ..with
+            },
+        ] {
+            let mut out = BytesMut::new();
+            Response::TaskInfo(info).encode(&mut out);
+            let (header, value) = split_frame(&mut out, MAX_RESPONSE_VALUE_LEN)
+                .unwrap()
+                .unwrap();
+            assert_eq!(
+                Response::decode(header, &value).unwrap(),
+                Response::TaskInfo(info)
+            );
+        }
+        let mut out = BytesMut::new();
+        Response::TaskInfo(with).encode(&mut out);
+        let (header, value) = split_frame(&mut out, MAX_RESPONSE_VALUE_LEN)
+            .unwrap()
+            .unwrap();
+        let cut = FrameHeader {
+            value_len: 40,
+            ..header
+        };
+        assert!(matches!(
+            Response::decode(cut, &value[..40]),
+            Err(CodecError::BadValueLength { len: 40, .. })
+        ));
     }
 
     fn metadata(number: u32, length: u64, digest: String) -> PieceMetadata {
@@ -396,11 +461,11 @@ mod tests {
 
         #[test]
         fn responses_roundtrip(number in any::<u32>(), length in any::<u64>(), crc in any::<u32>(),
-                               info in (any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>()),
+                               info in (any::<u64>(), any::<u64>(), any::<u32>(), any::<bool>(), proptest::option::of(any::<[u8; 32]>())),
                                message in ".{0,40}", which in 0u8..3) {
             let response = match which {
                 0 => Response::PieceContent(metadata(number, length, format!("crc32:{crc}"))),
-                1 => Response::TaskInfo(TaskInfo { content_length: info.0, piece_length: info.1, pieces_held: info.2, complete: info.3 }),
+                1 => Response::TaskInfo(TaskInfo { content_length: info.0, piece_length: info.1, pieces_held: info.2, complete: info.3, content_sha256: info.4 }),
                 _ => Response::Error { code: Code::NotFound, message },
             };
             let mut out = BytesMut::new();

@@ -3,6 +3,7 @@
 //! piece is held.
 
 use crate::geometry::{self, Geometry, GeometryError, PieceRange};
+use crate::manifest::{self, ContentDigest, Manifest, ManifestState};
 use crate::metrics::{Metrics, TransferResult};
 use crate::rdma::RdmaTransport;
 use crate::store::{Store, StoreError, StoredTask};
@@ -17,10 +18,12 @@ use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
 mod output;
+mod pin;
 mod schedule;
 mod worker;
 
 pub use output::check_output_path;
+use pin::{Pinning, SourceStat};
 use schedule::{Failure, Schedule};
 use worker::{Shared, Worker};
 
@@ -37,6 +40,8 @@ pub struct TransferSettings {
     pub max_attempts: u32,
     /// Consecutive connection failures after which a source is given up on.
     pub source_failure_limit: u32,
+    /// Largest task a transfer may create (`store.max_task_bytes`).
+    pub max_task_bytes: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,25 @@ pub enum TransferError {
     SourcesExhausted(String),
     #[error("transfer of task {0} was cancelled")]
     Cancelled(String),
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The sources, the request and this daemon's store do not agree on one version.
+    #[error("{0}")]
+    ContentConflict(String),
+    #[error("task {task_id}: the content fetched hashes to {actual}, not the pinned {expected}; nothing was placed and the task's pieces were dropped (sources without a manifest: {unverified})")]
+    ContentMismatch {
+        task_id: String,
+        expected: ContentDigest,
+        actual: ContentDigest,
+        unverified: String,
+    },
+    #[error("task {task_id}: its manifest could not be read or written: {source}")]
+    Manifest {
+        task_id: String,
+        source: std::io::Error,
+    },
+    #[error("internal error in the transfer of task {task_id}: {what}")]
+    Internal { task_id: String, what: String },
     #[error("the daemon is draining (shutting down): the transfer into task {0} stopped once its pieces in flight were written; the pieces held stay held, so repeat it after the restart")]
     Draining(String),
 }
@@ -84,6 +108,8 @@ pub struct TransferRequest {
     pub output: Option<PathBuf>,
     pub streams_per_source: u32,
     pub transport: TransportChoice,
+    /// The whole content's SHA-256 the caller expects (`--digest`).
+    pub digest: Option<ContentDigest>,
 }
 
 /// A validated transfer, ready to run.
@@ -92,10 +118,13 @@ pub struct PreparedTransfer {
     pieces: Vec<u32>,
     sources: Vec<SocketAddr>,
     source_names: Vec<String>,
+    pinning: Pinning,
     output: Option<PathBuf>,
     streams_per_source: u32,
     transport: TransportChoice,
     cancel: CancellationToken,
+    /// Held for the transfer's whole life, dropped with it.
+    _writing: WritingFlag,
 }
 
 /// What a prepared transfer will do, for its first event.
@@ -107,6 +136,8 @@ pub struct TransferStart {
     pub pieces_reused: u32,
     pub bytes_to_fetch: u64,
     pub sources: Vec<String>,
+    pub content_digest: Option<ContentDigest>,
+    pub refused_sources: Vec<String>,
 }
 
 impl PreparedTransfer {
@@ -130,7 +161,17 @@ impl PreparedTransfer {
             pieces_reused: reused,
             bytes_to_fetch,
             sources: self.source_names.clone(),
+            content_digest: self.pinning.pin,
+            refused_sources: self.refused(),
         }
+    }
+
+    fn refused(&self) -> Vec<String> {
+        self.pinning
+            .refused
+            .iter()
+            .map(|(i, why)| format!("{}: {why}", self.source_names[*i]))
+            .collect()
     }
 }
 
@@ -170,6 +211,9 @@ pub struct TransferSummary {
     /// Pieces that failed over RDMA and were fetched over TCP instead.
     pub rdma_fallbacks: u32,
     pub output: Option<PathBuf>,
+    /// What the complete content was verified against; `None` when the task is not complete.
+    pub content_digest: Option<ContentDigest>,
+    pub refused_sources: Vec<String>,
 }
 
 /// The daemon's data-plane core: the store and the transports.
@@ -263,7 +307,26 @@ impl Engine {
         if request.piece_length != 0 {
             geometry::validate_piece_length(request.piece_length)?;
         }
-        let geometry = self.resolve_geometry(&request, &sources).await?;
+        let source_names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        // Every source is asked for its geometry and manifest once, at once: the answers fix
+        // the geometry (when the request leaves it open) and which sources may serve.
+        let stats = self.stat_sources(&request.task_id, &sources).await;
+        let held = self.store.get(&request.task_id);
+        let geometry = resolve_geometry(&request, held.as_deref(), &source_names, &stats)?;
+        if let Some(task) = &held {
+            if task.geometry() != geometry {
+                return Err(TransferError::Store(StoreError::GeometryConflict {
+                    task_id: request.task_id.clone(),
+                    stored_length: task.geometry().content_length(),
+                    stored_piece: task.geometry().piece_length(),
+                    length: geometry.content_length(),
+                    piece: geometry.piece_length(),
+                }));
+            }
+        }
+        if held.is_none() {
+            self.check_capacity(&request.task_id, geometry)?;
+        }
         for &number in &request.pieces {
             geometry.piece(number)?;
         }
@@ -280,9 +343,44 @@ impl Engine {
                     .into(),
             ));
         }
+        let held_manifest = match &held {
+            Some(task) => manifest::load(task.dir()).map_err(|source| TransferError::Manifest {
+                task_id: request.task_id.clone(),
+                source,
+            })?,
+            None => None,
+        };
+        let pinning = pin::choose(
+            &request.task_id,
+            request.digest,
+            held_manifest,
+            geometry,
+            &source_names,
+            &stats,
+        )
+        .map_err(|err| TransferError::ContentConflict(err.to_string()))?;
         let task = self.store.create_or_get(&request.task_id, geometry)?;
         if task.transferring.swap(true, Ordering::AcqRel) {
             return Err(TransferError::AlreadyRunning(request.task_id));
+        }
+        let writing = WritingFlag(Arc::clone(&task));
+        if let (Some(pin), None) = (pinning.pin, held_manifest) {
+            // Recorded before any piece arrives: a restart, or this daemon serving the pieces
+            // it has so far, keeps to the same version.
+            manifest::save(
+                task.dir(),
+                &Manifest {
+                    content_sha256: pin,
+                    state: ManifestState::Pinned,
+                },
+            )
+            .map_err(|source| TransferError::Manifest {
+                task_id: request.task_id.clone(),
+                source,
+            })?;
+        }
+        for (index, why) in &pinning.refused {
+            tracing::warn!(task_id = %request.task_id, source = %source_names[*index], reason = %why, "source refused");
         }
         let cancel = CancellationToken::new();
         self.running
@@ -297,50 +395,71 @@ impl Engine {
         Ok(PreparedTransfer {
             task,
             pieces,
-            source_names: sources.iter().map(|s| s.to_string()).collect(),
+            source_names,
             sources,
+            pinning,
             output,
             streams_per_source,
             transport: request.transport,
             cancel,
+            _writing: writing,
         })
     }
 
-    async fn resolve_geometry(
-        &self,
-        request: &TransferRequest,
-        sources: &[SocketAddr],
-    ) -> Result<Geometry, TransferError> {
-        if request.content_length != 0 && request.piece_length != 0 {
-            return Ok(Geometry::new(request.content_length, request.piece_length)?);
+    /// Asks every source for the task's `TaskInfo` at once, each bounded by the piece timeout.
+    async fn stat_sources(&self, task_id: &str, sources: &[SocketAddr]) -> Vec<SourceStat> {
+        let mut asking = tokio::task::JoinSet::new();
+        for (index, &source) in sources.iter().enumerate() {
+            let (tcp, task_id, limit) = (
+                Arc::clone(&self.tcp),
+                task_id.to_owned(),
+                self.settings.piece_timeout,
+            );
+            asking.spawn(async move {
+                let stat = match tokio::time::timeout(limit, tcp.stat_task(source, &task_id)).await
+                {
+                    Ok(Ok(info)) => SourceStat::Known(info),
+                    Ok(Err(err)) => SourceStat::Unknown(err.to_string()),
+                    Err(_) => SourceStat::Unknown(format!("no answer within {limit:?}")),
+                };
+                (index, stat)
+            });
         }
-        if let Some(task) = self.store.get(&request.task_id) {
-            return Ok(task.geometry());
-        }
-        let mut errors = Vec::new();
-        for &source in sources {
-            match self.tcp.stat_task(source, &request.task_id).await {
-                Ok(info) => {
-                    let learnt = Geometry::new(info.content_length, info.piece_length)?;
-                    let conflicts = (request.content_length != 0
-                        && request.content_length != info.content_length)
-                        || (request.piece_length != 0 && request.piece_length != info.piece_length);
-                    if conflicts {
-                        return Err(TransferError::InvalidArgument(format!(
-                            "source {source} holds task {} with content length {} and piece length {}, not what was asked",
-                            request.task_id, info.content_length, info.piece_length
-                        )));
-                    }
-                    return Ok(learnt);
-                }
-                Err(err) => errors.push(format!("{source}: {err}")),
+        let mut stats = vec![SourceStat::Unknown(String::new()); sources.len()];
+        while let Some(joined) = asking.join_next().await {
+            if let Ok((index, stat)) = joined {
+                stats[index] = stat;
             }
         }
-        Err(TransferError::SourcesExhausted(format!(
-            "no source could tell the geometry of task {} (pass content and piece length): {}",
-            request.task_id,
-            errors.join("; ")
-        )))
+        stats
+    }
+
+    /// A new task must fit the configured cap and the data dir's free space before anything
+    /// is allocated for it: a source's word alone must not make this daemon allocate.
+    fn check_capacity(&self, task_id: &str, geometry: Geometry) -> Result<(), TransferError> {
+        let length = geometry.content_length();
+        let cap = self.settings.max_task_bytes;
+        if length > cap {
+            return Err(TransferError::ResourceExhausted(format!(
+                "task {task_id} has {length} bytes, over this daemon's store.max_task_bytes ({cap})"
+            )));
+        }
+        let free = nix::sys::statvfs::statvfs(self.store.data_dir())
+            .map(|fs| fs.blocks_available().saturating_mul(fs.fragment_size()))
+            .map_err(|errno| {
+                TransferError::Store(StoreError::Io {
+                    context: format!("checking free space in {}", self.store.data_dir().display()),
+                    source: errno.into(),
+                })
+            })?;
+        if length > free {
+            return Err(TransferError::Store(StoreError::NoSpace {
+                task_id: task_id.into(),
+                needed: length,
+                path: self.store.data_dir().to_owned(),
+            }));
+        }
+        Ok(())
     }
 
     /// Cancels the running transfer into a task; false if none runs.
@@ -382,8 +501,8 @@ impl Engine {
             Err(TransferError::Cancelled(_)) => TransferResult::Cancelled,
             Err(_) => TransferResult::Failed,
         });
-        prepared.task.transferring.store(false, Ordering::Release);
         self.running.lock().expect("running lock").remove(&task_id);
+        // `prepared` (and with it the task's writing flag) drops here.
         result
     }
 
@@ -402,10 +521,29 @@ impl Engine {
             .filter(|&n| task.held(n).is_none())
             .collect();
         let reused = (prepared.pieces.len() - wanted.len()) as u32;
+        let mut schedule = Schedule::new(&wanted, prepared.sources.len());
+        for (index, _) in &prepared.pinning.refused {
+            schedule.dead[*index] = true;
+        }
         let shared = Arc::new(Shared {
-            state: Mutex::new(Schedule::new(&wanted, prepared.sources.len())),
+            state: Mutex::new(schedule),
             wake: Notify::new(),
             cancel: prepared.cancel.child_token(),
+            geometry,
+            pin: prepared.pinning.pin,
+            manifest_checks: prepared
+                .pinning
+                .unchecked
+                .iter()
+                .map(|&unchecked| {
+                    // A source whose manifest is known already needs no check.
+                    let cell = tokio::sync::OnceCell::new();
+                    if !unchecked {
+                        let _ = cell.set(Ok(()));
+                    }
+                    cell
+                })
+                .collect(),
         });
         let rdma = match prepared.transport {
             TransportChoice::Tcp => None,
@@ -414,6 +552,9 @@ impl Engine {
         let mut workers = tokio::task::JoinSet::new();
         if !wanted.is_empty() {
             for (index, &source) in prepared.sources.iter().enumerate() {
+                if prepared.pinning.refused.iter().any(|(i, _)| *i == index) {
+                    continue;
+                }
                 for _ in 0..prepared.streams_per_source {
                     let worker = Worker {
                         engine: Arc::clone(self),
@@ -432,17 +573,44 @@ impl Engine {
         }
         drop(events);
         while let Some(joined) = workers.join_next().await {
-            joined.expect("transfer worker panicked");
+            if let Err(err) = joined {
+                // A worker that panicked stops the transfer with the panic named, instead of
+                // taking the caller's stream (and the task's writing flag) down with it.
+                let what = panic_message(err);
+                tracing::error!(task_id = %task.id(), %what, "transfer worker panicked");
+                shared
+                    .state
+                    .lock()
+                    .expect("schedule lock")
+                    .fail(Failure::Internal(format!(
+                        "a transfer worker panicked: {what}"
+                    )));
+                shared.cancel.cancel();
+            }
         }
-        let mut state = shared.state.lock().expect("schedule lock");
-        if let Some(failure) = state.failure.take() {
-            return Err(match failure {
-                Failure::Store(err) => TransferError::Store(err),
-                Failure::Exhausted(msg) => TransferError::SourcesExhausted(msg),
-                Failure::Cancelled => TransferError::Cancelled(task.id().to_owned()),
-                Failure::Draining => TransferError::Draining(task.id().to_owned()),
-            });
-        }
+        let (bytes_fetched, pieces_fetched, retries, totals, transports, rdma_fallbacks) = {
+            let mut state = shared.state.lock().expect("schedule lock");
+            if let Some(failure) = state.failure.take() {
+                return Err(match failure {
+                    Failure::Store(err) => TransferError::Store(err),
+                    Failure::Exhausted(msg) => TransferError::SourcesExhausted(msg),
+                    Failure::Cancelled => TransferError::Cancelled(task.id().to_owned()),
+                    Failure::Draining => TransferError::Draining(task.id().to_owned()),
+                    Failure::Internal(what) => TransferError::Internal {
+                        task_id: task.id().to_owned(),
+                        what,
+                    },
+                });
+            }
+            (
+                state.totals.iter().map(|t| t.bytes).sum::<u64>(),
+                state.totals.iter().map(|t| t.pieces).sum::<u32>(),
+                state.retries,
+                state.totals.clone(),
+                std::mem::take(&mut state.transports),
+                state.rdma_fallbacks,
+            )
+        };
         if prepared.cancel.is_cancelled() {
             return Err(TransferError::Cancelled(task.id().to_owned()));
         }
@@ -459,29 +627,161 @@ impl Engine {
                 missing[0]
             )));
         }
+        let content_digest = if task.is_complete() {
+            Some(self.verify_content(prepared).await?)
+        } else {
+            None
+        };
         if let Some(output) = &prepared.output {
             self.store.place_output(task, output)?;
         }
-        let bytes_fetched: u64 = state.totals.iter().map(|t| t.bytes).sum();
-        let pieces_fetched: u32 = state.totals.iter().map(|t| t.pieces).sum();
         Ok(TransferSummary {
             task_id: task.id().to_owned(),
             geometry,
             pieces_requested: prepared.pieces.len() as u32,
             pieces_fetched,
             pieces_reused: reused,
-            retries: state.retries,
+            retries,
             bytes_fetched,
             elapsed: started.elapsed(),
-            sources: prepared
-                .source_names
-                .iter()
-                .cloned()
-                .zip(state.totals.iter().cloned())
-                .collect(),
-            transports: std::mem::take(&mut state.transports),
-            rdma_fallbacks: state.rdma_fallbacks,
+            sources: prepared.source_names.iter().cloned().zip(totals).collect(),
+            transports,
+            rdma_fallbacks,
             output: prepared.output.clone(),
+            content_digest,
+            refused_sources: prepared.refused(),
         })
+    }
+
+    /// The complete content, hashed once (off the runtime) and held to the pin. On a mismatch
+    /// the task is dropped whole: its pieces came from more than one version, or a source
+    /// lied, and none of them may be served or placed.
+    async fn verify_content(
+        &self,
+        prepared: &PreparedTransfer,
+    ) -> Result<ContentDigest, TransferError> {
+        let task = &prepared.task;
+        let manifest_error = |source| TransferError::Manifest {
+            task_id: task.id().to_owned(),
+            source,
+        };
+        let held = manifest::load(task.dir()).map_err(manifest_error)?;
+        if let Some(held) = held.filter(|m| m.state == ManifestState::Verified) {
+            return Ok(held.content_sha256);
+        }
+        let path = task.content_path();
+        let length = task.geometry().content_length();
+        let actual = tokio::task::spawn_blocking(move || {
+            manifest::hash_file(&std::fs::File::open(&path)?, length)
+        })
+        .await
+        .map_err(|err| TransferError::Internal {
+            task_id: task.id().to_owned(),
+            what: format!("hashing the content: {}", panic_message(err)),
+        })?
+        .map_err(|source| {
+            TransferError::Store(StoreError::Io {
+                context: format!("reading task {} to verify it", task.id()),
+                source,
+            })
+        })?;
+        match prepared.pinning.pin {
+            Some(expected) if expected != actual => {
+                let unverified: Vec<&str> = prepared
+                    .pinning
+                    .without_manifest
+                    .iter()
+                    .map(|&i| prepared.source_names[i].as_str())
+                    .collect();
+                tracing::error!(task_id = %task.id(), %expected, %actual, "content does not match its pin; dropping the task");
+                if let Err(err) = self.store.delete(task.id()) {
+                    tracing::error!(task_id = %task.id(), error = %err, "dropping the mismatched task failed");
+                }
+                Err(TransferError::ContentMismatch {
+                    task_id: task.id().to_owned(),
+                    expected,
+                    actual,
+                    unverified: if unverified.is_empty() {
+                        "none".into()
+                    } else {
+                        unverified.join(", ")
+                    },
+                })
+            }
+            _ => {
+                manifest::save(
+                    task.dir(),
+                    &Manifest {
+                        content_sha256: actual,
+                        state: ManifestState::Verified,
+                    },
+                )
+                .map_err(manifest_error)?;
+                Ok(actual)
+            }
+        }
+    }
+}
+
+/// What a panicked (or cancelled) task said, for an error message.
+pub fn panic_message(err: tokio::task::JoinError) -> String {
+    if !err.is_panic() {
+        return err.to_string();
+    }
+    let payload = err.into_panic();
+    payload
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| payload.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic with no message".into())
+}
+
+/// The task's geometry: the request's lengths when both are given, else the held task's,
+/// else the first source (in the order given) that states one agreeing with what was asked.
+fn resolve_geometry(
+    request: &TransferRequest,
+    held: Option<&StoredTask>,
+    names: &[String],
+    stats: &[SourceStat],
+) -> Result<Geometry, TransferError> {
+    if request.content_length != 0 && request.piece_length != 0 {
+        return Ok(Geometry::new(request.content_length, request.piece_length)?);
+    }
+    if let Some(task) = held {
+        return Ok(task.geometry());
+    }
+    let mut errors = Vec::new();
+    for (name, stat) in names.iter().zip(stats) {
+        match stat {
+            SourceStat::Known(info) => {
+                let conflicts = (request.content_length != 0
+                    && request.content_length != info.content_length)
+                    || (request.piece_length != 0 && request.piece_length != info.piece_length);
+                if conflicts {
+                    errors.push(format!(
+                        "{name} holds it with content length {} and piece length {}, not what was asked",
+                        info.content_length, info.piece_length
+                    ));
+                    continue;
+                }
+                return Ok(Geometry::new(info.content_length, info.piece_length)?);
+            }
+            SourceStat::Unknown(err) => errors.push(format!("{name}: {err}")),
+        }
+    }
+    Err(TransferError::SourcesExhausted(format!(
+        "no source could tell the geometry of task {} (pass content and piece length): {}",
+        request.task_id,
+        errors.join("; ")
+    )))
+}
+
+/// Clears the task's one-transfer-at-a-time flag when the transfer ends, however it ends
+/// (an error, a panic, a dropped future).
+struct WritingFlag(Arc<StoredTask>);
+
+impl Drop for WritingFlag {
+    fn drop(&mut self) {
+        self.0.transferring.store(false, Ordering::Release);
     }
 }

@@ -18,6 +18,8 @@ pub(super) enum Failure {
     Exhausted(String),
     Cancelled,
     Draining,
+    /// A bug: a piece's task panicked twice over, or a worker did.
+    Internal(String),
 }
 
 pub(super) struct Schedule {

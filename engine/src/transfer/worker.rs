@@ -3,7 +3,8 @@
 
 use super::schedule::{Entry, Failure, Next, Schedule};
 use super::{Engine, PieceOutcome};
-use crate::geometry::{self, PieceRange};
+use crate::geometry::{self, Geometry, PieceRange};
+use crate::manifest::ContentDigest;
 use crate::metrics::PieceFailure;
 use crate::rdma::RdmaTransport;
 use crate::store::{StoreError, StoredTask};
@@ -18,6 +19,12 @@ pub(super) struct Shared {
     pub(super) state: Mutex<Schedule>,
     pub(super) wake: Notify,
     pub(super) cancel: CancellationToken,
+    pub(super) geometry: Geometry,
+    /// The content digest the transfer pinned.
+    pub(super) pin: Option<ContentDigest>,
+    /// Per source: whether it may serve this version (set once, by the first of its workers
+    /// to ask, for a source whose manifest was not known when the transfer started).
+    pub(super) manifest_checks: Vec<tokio::sync::OnceCell<Result<(), String>>>,
 }
 
 pub(super) struct Worker {
@@ -38,6 +45,21 @@ impl Worker {
     /// is fetched (at most one write pending per worker), so the network and the disk work
     /// at the same time instead of taking turns.
     pub(super) async fn run(self: Arc<Self>) {
+        if let Err(why) = self.check_manifest().await {
+            tracing::warn!(task_id = %self.task.id(), source = %self.source_name, reason = %why, "source refused");
+            let mut state = self.shared.state.lock().expect("schedule lock");
+            state.dead[self.source_index] = true;
+            if state.dead.iter().all(|d| *d) {
+                state.fail(Failure::Exhausted(format!(
+                    "every source was refused or failed; {}: {why}",
+                    self.source_name
+                )));
+                self.shared.cancel.cancel();
+            }
+            drop(state);
+            self.shared.wake.notify_waiters();
+            return;
+        }
         let mut pending: Option<tokio::task::JoinHandle<()>> = None;
         loop {
             let wake = self.shared.wake.notified();
@@ -80,13 +102,24 @@ impl Worker {
                         }
                         Ok(verified) => {
                             if let Some(previous) = pending.take() {
-                                let _ = previous.await;
+                                Self::finish_write(previous).await;
                             }
                             let worker = Arc::clone(&self);
                             // A write is never abandoned half-way: it finishes (or fails)
-                            // and is settled even when the transfer is being cancelled.
+                            // and is settled even when the transfer is being cancelled. It
+                            // runs in a task of its own so that a panic in it is settled as
+                            // a failed attempt, not lost with the piece still "in flight".
                             pending = Some(tokio::spawn(async move {
-                                let outcome = worker.persist(&entry, verified).await;
+                                let writer = Arc::clone(&worker);
+                                let attempt = entry.attempts + 1;
+                                let outcome =
+                                    tokio::spawn(
+                                        async move { writer.persist(attempt, verified).await },
+                                    )
+                                    .await
+                                    .unwrap_or_else(|err| {
+                                        Err(AttemptError::Panicked(super::panic_message(err)))
+                                    });
                                 worker.settle(entry, outcome).await;
                                 worker.shared.wake.notify_waiters();
                             }));
@@ -96,8 +129,37 @@ impl Worker {
             }
         }
         if let Some(previous) = pending {
-            let _ = previous.await;
+            Self::finish_write(previous).await;
         }
+    }
+
+    async fn finish_write(pending: tokio::task::JoinHandle<()>) {
+        if let Err(err) = pending.await {
+            // Only settling itself can get here (the write's own panic is settled).
+            tracing::error!(error = %super::panic_message(err), "settling a piece panicked");
+        }
+    }
+
+    /// For a source whose manifest was not known when the transfer started: ask it now,
+    /// once for all its workers. A source that states another version is refused; one that
+    /// still cannot say may serve, and the whole-content check vouches for what it sends.
+    async fn check_manifest(&self) -> Result<(), String> {
+        let check = &self.shared.manifest_checks[self.source_index];
+        check
+            .get_or_init(|| async {
+                let limit = self.engine.settings.piece_timeout;
+                let stat = tokio::time::timeout(
+                    limit,
+                    self.engine.tcp.stat_task(self.source, self.task.id()),
+                )
+                .await;
+                match stat {
+                    Ok(Ok(info)) => super::pin::judge(self.shared.pin, self.shared.geometry, &info),
+                    _ => Ok(()),
+                }
+            })
+            .await
+            .clone()
     }
 
     /// One transport's fetch, bounded by the piece timeout.
@@ -206,7 +268,7 @@ impl Worker {
     /// Writes a verified piece to the store (durable and journaled when this returns Ok).
     async fn persist(
         &self,
-        entry: &Entry,
+        attempt: u32,
         verified: VerifiedPiece,
     ) -> Result<PieceOutcome, AttemptError> {
         let VerifiedPiece {
@@ -236,7 +298,7 @@ impl Worker {
             fell_back,
             fetch_time,
             write_time,
-            attempt: entry.attempts + 1,
+            attempt,
         })
     }
 
@@ -265,6 +327,7 @@ impl Worker {
                 Err(err) => {
                     self.engine.metrics.piece_failed(match err {
                         AttemptError::Digest(_) => PieceFailure::Digest,
+                        AttemptError::Panicked(_) => PieceFailure::Internal,
                         _ => PieceFailure::Transport,
                     });
                     tracing::warn!(task_id = %self.task.id(), piece = entry.number, source = %self.source_name, error = %err, "piece attempt failed; retrying elsewhere");
@@ -342,4 +405,6 @@ enum AttemptError {
     Digest(String),
     #[error(transparent)]
     Store(StoreError),
+    #[error("writing the piece panicked: {0}")]
+    Panicked(String),
 }

@@ -102,6 +102,7 @@ fn main() {
         piece_length: 4 << 20,
         pieces_held: 256,
         complete: true,
+        content_sha256: Some([0x5A; 32]),
     });
     let error = Response::Error {
         code: ErrorCode::NotFound,
