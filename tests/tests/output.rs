@@ -70,8 +70,32 @@ async fn pull_without_output_keeps_the_task_and_export_places_it() {
     let root = scratch("pull-export");
     let (source, task_id, seed) = seeded(root.path()).await;
 
-    // As installed: no output_dirs, umask 0077.
-    let installed = Daemon::start(root.path(), "installed", as_the_unit(vec![], vec![])).await;
+    // As installed: scripts/install.sh's configuration (no output_dirs) under umask 0077;
+    // the harness's flags only move the data dir, socket and port into the scratch dir.
+    let staged = root.path().join("staged");
+    let install = Command::new(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap()
+            .join("scripts/install.sh"),
+    )
+    .arg("--destdir")
+    .arg(&staged)
+    .arg("--binary")
+    .arg(ferry_bin())
+    .output()
+    .unwrap();
+    assert!(install.status.success(), "{}", text(&install.stderr));
+    let installed_config = staged.join("etc/ferry/ferry.toml");
+    let installed = Daemon::start(
+        root.path(),
+        "installed",
+        as_the_unit(
+            vec![],
+            vec!["--config".into(), installed_config.display().to_string()],
+        ),
+    )
+    .await;
     let pulled = ferry(
         &installed,
         &["pull", "--task", &task_id, "--from", &seed.data_address],
