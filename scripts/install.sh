@@ -103,6 +103,9 @@ To start Ferry now and at every boot:
     systemctl status ferry; journalctl -u ferry -f; $bin_path devices
 Settings are in $config_path; to see what the daemon will run with:
     $bin_path config --config $config_path
-Output directories (output_dirs) and a data_dir outside /var/lib/ferry must also be made
-writable for the service: 'systemctl edit ferry', then [Service] ReadWritePaths=/models
+With no output_dirs (as installed) 'ferry pull' keeps tasks in the store and no output is
+placed; to place files, set output_dirs = ["/models"] in $config_path, make it (and any
+data_dir outside /var/lib/ferry) writable for the service: 'systemctl edit ferry', then
+[Service] ReadWritePaths=/models, and restart; then 'ferry pull --output' or 'ferry export'.
+Outputs are mode 0644 (output.mode); output.owner/group also need CapabilityBoundingSet=CAP_IPC_LOCK CAP_CHOWN there.
 EOF

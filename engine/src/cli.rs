@@ -143,8 +143,17 @@ pub enum Command {
     Config(ServeArgs),
     /// Make a local file a task held by the daemon (its bytes are copied into the store).
     Import(ImportArgs),
-    /// Fetch a task from source peers through the daemon and place it at an output path.
+    /// Fetch a task from source peers into the daemon's store and, with --output, place it at a path.
+    ///
+    /// Without --output the task stays held in the store (and is served to peers from
+    /// there); `ferry export` places it later. An output must be inside the daemon's
+    /// output_dirs (none set: no output can be placed, pulls into the store still work).
     Pull(PullArgs),
+    /// Place a task the daemon holds completely at a path, without contacting any source.
+    ///
+    /// The path must be inside the daemon's output_dirs (none set: every export is refused).
+    /// The file gets the daemon's [output] mode and owner (default 0644, owner unchanged).
+    Export(ExportArgs),
     /// Show one task and its pieces.
     Stat {
         /// Task id (64 hex characters).
@@ -175,8 +184,9 @@ pub struct ServeArgs {
     /// Data-plane address to tell peers (when it differs from --listen).
     #[arg(long)]
     pub advertise: Option<String>,
-    /// Only allow transfer outputs under this directory (repeatable). Without it any absolute
-    /// path is allowed (never one inside the data dir).
+    /// A directory outputs (pull --output, export) may be placed in, symlinks resolved
+    /// (repeatable; never inside the data dir). Without any, no output is placed anywhere:
+    /// pulls fill the store only, and exports are refused.
     #[arg(long = "output-dir")]
     pub output_dirs: Vec<PathBuf>,
     /// Only files under this directory (symlinks resolved) may be imported (repeatable).
@@ -248,9 +258,11 @@ pub struct PullArgs {
     /// Source peers' data addresses, HOST:PORT, comma-separated.
     #[arg(long, value_delimiter = ',', required = true)]
     pub from: Vec<String>,
-    /// Where the content appears once every piece verified (absolute, or relative to here).
+    /// Where the content appears once every piece verified (absolute, or relative to here),
+    /// inside the daemon's output_dirs [default: none; the task stays in the store, for
+    /// `ferry export`].
     #[arg(long)]
-    pub output: PathBuf,
+    pub output: Option<PathBuf>,
     /// Content length, if known (otherwise asked from the sources).
     #[arg(long)]
     pub content_length: Option<u64>,
@@ -269,6 +281,15 @@ pub struct PullArgs {
     /// pins the first digest a source states, and still verifies the content against it.
     #[arg(long)]
     pub digest: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// Task id (64 hex characters) of a complete task the daemon holds.
+    pub task: String,
+    /// Where the content appears (absolute, or relative to here), inside the daemon's
+    /// output_dirs; an existing file there is replaced atomically.
+    pub path: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
@@ -333,6 +354,8 @@ fn run_serve(args: &ServeArgs, control: Option<&str>) -> anyhow::Result<()> {
 fn show_config(args: &ServeArgs, as_json: bool, control: Option<&str>) -> anyhow::Result<()> {
     let config = effective_config(args, control)?;
     config.validate()?;
+    // Names are looked up as `serve` would (this host's users and groups).
+    crate::transfer::OutputPolicy::resolve(&config.output)?;
     if as_json {
         say!("{}", serde_json::to_string_pretty(&config)?);
     } else {
@@ -530,6 +553,33 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
             print_task(cli.json, &task);
         }
         Command::Pull(args) => pull(cli.json, &mut client, args).await?,
+        Command::Export(args) => {
+            let path = std::path::absolute(&args.path)?;
+            let placed = client
+                .export_task(proto::ExportTaskRequest {
+                    task_id: args.task.clone(),
+                    output_path: path.display().to_string(),
+                })
+                .await?
+                .into_inner();
+            if cli.json {
+                say!(
+                    "{}",
+                    json!({
+                        "task_id": placed.task_id, "output": placed.output_path,
+                        "content_length": placed.content_length, "placement": placed.placement,
+                    })
+                );
+            } else {
+                say!(
+                    "placed {} ({} bytes) at {} ({})",
+                    placed.task_id,
+                    placed.content_length,
+                    placed.output_path,
+                    placed.placement
+                );
+            }
+        }
         Command::Stat { task_id } => {
             let task = client
                 .stat_task(proto::StatTaskRequest {
@@ -649,7 +699,11 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
 }
 
 async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> anyhow::Result<()> {
-    let output = std::path::absolute(&args.output)?;
+    let output = args
+        .output
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()?;
     let mut stream = client
         .transfer_pieces(proto::TransferPiecesRequest {
             task_id: args.task.clone(),
@@ -657,7 +711,7 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
             piece_length: args.piece_length.unwrap_or(0),
             pieces: Vec::new(),
             sources: args.from.clone(),
-            output_path: output.display().to_string(),
+            output_path: output.map(|p| p.display().to_string()).unwrap_or_default(),
             transport: match args.transport {
                 TransportArg::Auto => proto::TransportPreference::Auto,
                 TransportArg::Tcp => proto::TransportPreference::Tcp,
@@ -719,11 +773,15 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
         } else {
             0.0
         };
+        let placed = if summary.output_path.is_empty() {
+            "into the store".to_owned()
+        } else {
+            format!("to {} ({})", summary.output_path, summary.placement)
+        };
         say!(
-            "pulled {} ({} bytes) to {} in {:.2}s: {:.1} MiB/s ({:.2} Gbit/s); {} pieces fetched, {} already held, {} retries, {} RDMA fallbacks",
+            "pulled {} ({} bytes) {placed} in {:.2}s: {:.1} MiB/s ({:.2} Gbit/s); {} pieces fetched, {} already held, {} retries, {} RDMA fallbacks",
             summary.task_id,
             summary.content_length,
-            summary.output_path,
             secs,
             rate / (1 << 20) as f64,
             rate * 8.0 / 1e9,
@@ -755,6 +813,12 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
                 s.failures
             );
         }
+        if summary.output_path.is_empty() {
+            say!(
+                "held in the store as task {id}; place it with `ferry export {id} PATH`",
+                id = summary.task_id
+            );
+        }
     }
     Ok(())
 }
@@ -764,7 +828,7 @@ fn summary_json(s: &proto::TransferSummary) -> Value {
         "task_id": s.task_id, "content_length": s.content_length, "piece_length": s.piece_length,
         "pieces_requested": s.pieces_requested, "pieces_fetched": s.pieces_fetched,
         "pieces_reused": s.pieces_reused, "retries": s.retries, "bytes_fetched": s.bytes_fetched,
-        "elapsed_micros": s.elapsed_micros, "output_path": s.output_path, "rdma_fallbacks": s.rdma_fallbacks,
+        "elapsed_micros": s.elapsed_micros, "output_path": s.output_path, "placement": s.placement, "rdma_fallbacks": s.rdma_fallbacks,
         "content_digest": s.content_digest, "refused_sources": s.refused_sources,
         "bits_per_second": if s.elapsed_micros > 0 { s.bytes_fetched as f64 * 8.0 / (s.elapsed_micros as f64 / 1e6) } else { 0.0 },
         "sources": s.sources.iter().map(|x| json!({"source": x.source, "bytes": x.bytes, "pieces": x.pieces, "failures": x.failures})).collect::<Vec<_>>(),

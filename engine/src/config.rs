@@ -25,8 +25,11 @@ pub struct Config {
     pub advertise: Option<String>,
     /// Control endpoint: a unix socket path, or tcp://host:port.
     pub control: String,
-    /// Where transfer outputs may be written; empty allows any absolute path.
+    /// The only directories transfer outputs and exports may be placed in (their real path,
+    /// symlinks resolved); empty places no output anywhere: transfers fill the store only.
     pub output_dirs: Vec<PathBuf>,
+    /// Mode and ownership of placed outputs.
+    pub output: OutputConfig,
     /// Log lines as text or as JSON objects (one per line).
     pub log_format: LogFormat,
     /// The only directories `ImportTask` may read from (symlinks resolved); empty refuses
@@ -52,6 +55,65 @@ pub enum LogFormat {
     #[default]
     Text,
     Json,
+}
+
+/// What a placed output file looks like: the daemon (root under the unit, with `UMask=0077`)
+/// would otherwise leave it 0600 root:root, unreadable by the jobs it is for.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputConfig {
+    /// Octal permission bits, e.g. "0644" or "0640"; never writable by others.
+    pub mode: String,
+    /// User name or numeric uid the output is given; unset: unchanged (the daemon's).
+    pub owner: Option<String>,
+    /// Group name or numeric gid; unset: unchanged (the daemon's).
+    pub group: Option<String>,
+}
+
+impl Default for OutputConfig {
+    fn default() -> Self {
+        OutputConfig {
+            mode: DEFAULT_OUTPUT_MODE.into(),
+            owner: None,
+            group: None,
+        }
+    }
+}
+
+pub const DEFAULT_OUTPUT_MODE: &str = "0644";
+
+impl OutputConfig {
+    /// The permission bits of `mode`: octal, 0 to 0777 (no setuid, setgid or sticky bit:
+    /// an output is data), and not writable by others.
+    pub fn mode_bits(&self) -> Result<u32, ConfigError> {
+        let text = self.mode.trim();
+        let invalid = |allowed| ConfigError::Invalid {
+            key: "output.mode",
+            value: format!("{:?}", self.mode),
+            allowed,
+        };
+        let digits = text.strip_prefix("0o").unwrap_or(text);
+        if digits.is_empty()
+            || digits.len() > 4
+            || !digits.bytes().all(|b| (b'0'..=b'7').contains(&b))
+        {
+            return Err(invalid(
+                "an octal mode string such as \"0644\" or \"0640\" (permission bits only)",
+            ));
+        }
+        let bits = u32::from_str_radix(digits, 8).expect("octal digits checked");
+        if bits > 0o777 {
+            return Err(invalid(
+                "permission bits only (at most 0777): no setuid, setgid or sticky bit",
+            ));
+        }
+        if bits & 0o002 != 0 {
+            return Err(invalid(
+                "a mode not writable by others (clear 0002), such as \"0644\" or \"0640\"",
+            ));
+        }
+        Ok(bits)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -165,6 +227,7 @@ impl Default for Config {
             advertise: None,
             control: DEFAULT_CONTROL.into(),
             output_dirs: Vec::new(),
+            output: OutputConfig::default(),
             log_format: LogFormat::default(),
             import_dirs: Vec::new(),
             control_tcp: ControlTcpConfig::default(),
@@ -316,6 +379,16 @@ impl Config {
         }
         if let Some(dir) = self.import_dirs.iter().find(|d| !d.is_absolute()) {
             return invalid("import_dirs", dir.display(), "absolute paths");
+        }
+        self.output.mode_bits()?;
+        // Names are looked up by `serve` at start-up and by `ferry config` (OutputPolicy).
+        for (key, value) in [
+            ("output.owner", &self.output.owner),
+            ("output.group", &self.output.group),
+        ] {
+            if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                return invalid(key, "\"\"", "a name or numeric id, or unset (unchanged)");
+            }
         }
         self.validate_control_tcp()?;
         if self.drain_timeout_secs > MAX_DRAIN_TIMEOUT_SECS {
@@ -618,6 +691,50 @@ mod tests {
         config.validate().unwrap();
         config.control = "unix:///run/ferry/other.sock".into();
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn output_mode_is_octal_permission_bits_never_writable_by_others() {
+        let mode = |text: &str| {
+            OutputConfig {
+                mode: text.into(),
+                ..OutputConfig::default()
+            }
+            .mode_bits()
+        };
+        assert_eq!(mode("0644").unwrap(), 0o644);
+        assert_eq!(mode("640").unwrap(), 0o640);
+        assert_eq!(mode("0o600").unwrap(), 0o600);
+        assert_eq!(mode("0664").unwrap(), 0o664);
+        for bad in [
+            "0666",
+            "0777",
+            "0642",
+            "4755",
+            "0899",
+            "rw-r--r--",
+            "",
+            "01644",
+        ] {
+            let err = mode(bad).unwrap_err().to_string();
+            assert!(err.contains("output.mode"), "{bad}: {err}");
+        }
+        let config = Config::parse("[output]\nmode = \"0646\"\n", Path::new("t")).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(
+            err.contains("output.mode") && err.contains("others"),
+            "{err}"
+        );
+        let config = Config::parse("[output]\nowner = \"\"\n", Path::new("t")).unwrap();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("output.owner"), "{err}");
+        let config = Config::parse(
+            "[output]\nmode = \"0640\"\nowner = \"1000\"\ngroup = \"video\"\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert_eq!(Config::default().output.mode_bits().unwrap(), 0o644);
     }
 
     #[test]

@@ -9,8 +9,8 @@ use crate::manifest::{ContentDigest, ManifestState};
 use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
 use crate::store::{StoreError, StoredTask};
 use crate::transfer::{
-    panic_message, Engine, PieceOutcome, TransferError, TransferRequest, TransferSummary,
-    TransportChoice,
+    panic_message, Engine, OutputError, PieceOutcome, TransferError, TransferRequest,
+    TransferSummary, TransportChoice,
 };
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -83,6 +83,10 @@ impl From<TransferError> for Status {
             TransferError::Manifest { .. } | TransferError::Internal { .. } => {
                 Status::internal(message)
             }
+            TransferError::Output(OutputError::NoSpace { .. }) => {
+                Status::resource_exhausted(message)
+            }
+            TransferError::Output(_) => Status::internal(message),
         }
     }
 }
@@ -242,6 +246,10 @@ fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
             .unwrap_or_default(),
         refused_sources: summary.refused_sources,
         rdma_fallbacks: summary.rdma_fallbacks,
+        placement: summary
+            .placement
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default(),
     }
 }
 
@@ -422,6 +430,33 @@ impl Ferry for ControlService {
             drop(admission);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream_rx))))
+    }
+
+    async fn export_task(
+        &self,
+        request: Request<proto::ExportTaskRequest>,
+    ) -> Result<Response<proto::ExportTaskResponse>, Status> {
+        let _admission = admit(&self.drain, "exports")?;
+        let request = request.into_inner();
+        if request.output_path.is_empty() {
+            return Err(Status::invalid_argument("output_path is empty"));
+        }
+        let (placed_at, placement) = self
+            .engine
+            .export(&request.task_id, Path::new(&request.output_path))
+            .await
+            .inspect_err(|err| tracing::warn!(error = %err, "export failed"))?;
+        let content_length = self
+            .engine
+            .store
+            .get(&request.task_id)
+            .map_or(0, |t| t.geometry().content_length());
+        Ok(Response::new(proto::ExportTaskResponse {
+            task_id: request.task_id,
+            output_path: placed_at.display().to_string(),
+            content_length,
+            placement: placement.as_str().to_owned(),
+        }))
     }
 
     async fn stat_task(

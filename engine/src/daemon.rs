@@ -16,7 +16,7 @@ use crate::proto::ferry_server::FerryServer;
 use crate::rdma::{RdmaHost, RdmaSettings};
 use crate::sd_notify;
 use crate::store::{Store, StoreProvider};
-use crate::transfer::{Engine, TransferSettings};
+use crate::transfer::{Engine, OutputPolicy, TransferSettings};
 use crate::transport::TcpTransport;
 use anyhow::Context;
 use ferry_fallback_tcp::{ClientConfig, Server, ServerConfig};
@@ -54,6 +54,9 @@ fn advertised_address(config: &Config, bound: SocketAddr) -> String {
 
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
+    // Before anything is created: an unknown output.owner is a configuration error.
+    let output_policy = OutputPolicy::resolve(&config.output)?;
+    output_policy.check_capability(&config.output)?;
     // Handlers first: a signal during start-up (pinning a large pool takes seconds) then
     // drains right after start-up instead of killing the process half-way.
     let mut signals = Signals::install().context("installing the SIGTERM and SIGINT handlers")?;
@@ -113,7 +116,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         );
     }
     if output_dirs.is_empty() {
-        tracing::info!("output_dirs is empty: transfers fill the store only; a request naming an output path is refused until output_dirs (--output-dir) is set");
+        tracing::info!("output_dirs is empty: transfers fill the store only; a request naming an output path, and every export, is refused until output_dirs (--output-dir) is set");
     }
     let mut import_dirs = Vec::new();
     for dir in &config.import_dirs {
@@ -144,6 +147,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             settings,
             output_dirs,
         )
+        .with_output_policy(output_policy)
         .with_metrics(Arc::clone(&metrics)),
     );
 

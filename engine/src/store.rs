@@ -561,46 +561,6 @@ impl Store {
         fs::remove_dir_all(&task.dir)
             .map_err(|e| StoreError::io(format!("removing {}", task.dir.display()), e))
     }
-
-    /// Makes the complete content appear at `output` atomically: a hard link (or, across
-    /// filesystems, a synced copy) under a temporary name beside it, then a rename.
-    pub fn place_output(&self, task: &StoredTask, output: &Path) -> Result<(), StoreError> {
-        assert!(task.is_complete(), "only complete tasks are placed");
-        let parent = output.parent().ok_or_else(|| {
-            StoreError::io("output path", io::Error::other("has no parent directory"))
-        })?;
-        let name = output
-            .file_name()
-            .ok_or_else(|| StoreError::io("output path", io::Error::other("has no file name")))?;
-        let temp = parent.join(format!(
-            ".{}.ferry-{}",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let _ = fs::remove_file(&temp);
-        let content = task.content_path();
-        let placed = match fs::hard_link(&content, &temp) {
-            Ok(()) => Ok(()),
-            Err(err)
-                if err.raw_os_error() == Some(libc::EXDEV)
-                    || err.raw_os_error() == Some(libc::EPERM) =>
-            {
-                copy_synced(&content, &temp)
-            }
-            Err(err) => Err(err),
-        }
-        .and_then(|()| fs::rename(&temp, output))
-        .and_then(|()| File::open(parent)?.sync_all());
-        placed.map_err(|err| {
-            let _ = fs::remove_file(&temp);
-            self.map_write_error(
-                &task.id,
-                task.geometry.content_length(),
-                &format!("placing output at {}", output.display()),
-                err,
-            )
-        })
-    }
 }
 
 impl StoredTask {
@@ -664,13 +624,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     file.sync_all()?;
     fs::rename(&temp, path)?;
     File::open(path.parent().expect("has parent"))?.sync_all()
-}
-
-fn copy_synced(from: &Path, to: &Path) -> io::Result<()> {
-    let mut source = File::open(from)?;
-    let mut target = File::create(to)?;
-    io::copy(&mut source, &mut target)?;
-    target.sync_all()
 }
 
 /// Pieces read ahead of the one a peer asks for.

@@ -75,6 +75,8 @@ pub struct DaemonOptions {
     pub control: Option<String>,
     /// What the harness presents to a `tcp://` control endpoint.
     pub auth: ClientAuth,
+    /// The daemon's umask, e.g. "0077" as the systemd unit sets [default: the test's].
+    pub umask: Option<String>,
 }
 
 /// A `ferry serve` process. Killed when dropped.
@@ -120,7 +122,18 @@ impl Daemon {
                     .flat_map(|dir| ["--output-dir".into(), dir.into_os_string()]),
             )
             .collect();
-        let child = Command::new(ferry_bin())
+        // A umask is set by a shell that then execs the daemon (the tests stay free of unsafe
+        // pre_exec code).
+        let mut command = match &options.umask {
+            Some(umask) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", "umask \"$0\" && exec \"$@\"", umask])
+                    .arg(ferry_bin());
+                sh
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let child = command
             .arg("--control")
             .arg(&control)
             .arg("serve")

@@ -4,10 +4,12 @@
 //! places with `unsafe`; everything they expose is safe.
 
 pub mod pool;
+mod reflink;
 mod sync;
 mod uring;
 
 pub use pool::{BufferPool, PieceBuffer, PoolError, PoolInfo, DIRECT_IO_ALIGN};
+pub use reflink::reflink;
 
 use std::fs::{File, OpenOptions};
 use std::io;

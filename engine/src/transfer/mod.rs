@@ -1,6 +1,6 @@
 //! Transfers: spreading a task's pieces over its sources, verifying each piece before it is
 //! written, retrying a failed piece from another source, and placing the output once every
-//! piece is held.
+//! piece is held (or later, by an export of the held task).
 
 use crate::geometry::{self, Geometry, GeometryError, PieceRange};
 use crate::manifest::{self, ContentDigest, Manifest, ManifestState};
@@ -22,7 +22,9 @@ mod pin;
 mod schedule;
 mod worker;
 
-pub use output::check_output_path;
+pub use output::{
+    check_output_path, OutputConfigError, OutputError, OutputPolicy, OutputTarget, Placement,
+};
 use pin::{Pinning, SourceStat};
 use schedule::{Failure, Schedule};
 use worker::{Shared, Worker};
@@ -84,6 +86,8 @@ pub enum TransferError {
     Internal { task_id: String, what: String },
     #[error("the daemon is draining (shutting down): the transfer into task {0} stopped once its pieces in flight were written; the pieces held stay held, so repeat it after the restart")]
     Draining(String),
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 /// Which transports a transfer may use.
@@ -119,7 +123,8 @@ pub struct PreparedTransfer {
     sources: Vec<SocketAddr>,
     source_names: Vec<String>,
     pinning: Pinning,
-    output: Option<PathBuf>,
+    /// Its directory opened when the request was checked.
+    output: Option<OutputTarget>,
     streams_per_source: u32,
     transport: TransportChoice,
     cancel: CancellationToken,
@@ -214,6 +219,8 @@ pub struct TransferSummary {
     /// What the complete content was verified against; `None` when the task is not complete.
     pub content_digest: Option<ContentDigest>,
     pub refused_sources: Vec<String>,
+    /// How the output was placed, when there was one.
+    pub placement: Option<Placement>,
 }
 
 /// The daemon's data-plane core: the store and the transports.
@@ -224,6 +231,8 @@ pub struct Engine {
     pub rdma: Option<Arc<RdmaTransport>>,
     pub settings: TransferSettings,
     pub output_dirs: Vec<PathBuf>,
+    /// Mode and owner of placed outputs.
+    pub output_policy: OutputPolicy,
     pub metrics: Arc<Metrics>,
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Set when the daemon drains: transfers take no new pieces.
@@ -244,6 +253,7 @@ impl Engine {
             rdma,
             settings,
             output_dirs,
+            output_policy: OutputPolicy::default(),
             metrics: Arc::default(),
             running: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
@@ -256,9 +266,64 @@ impl Engine {
         self
     }
 
+    /// Gives placed outputs this mode and owner instead of the default (0644, unchanged).
+    pub fn with_output_policy(mut self, policy: OutputPolicy) -> Engine {
+        self.output_policy = policy;
+        self
+    }
+
     /// Checks an output path (see [`output::check_output_path`]).
     pub fn check_output_path(&self, path: &Path) -> Result<PathBuf, TransferError> {
         output::check_output_path(&self.output_dirs, self.store.data_dir(), path)
+    }
+
+    /// Checks an output path and opens its directory: what is placed later goes there even
+    /// if the path changes in between.
+    pub fn output_target(&self, path: &Path) -> Result<OutputTarget, TransferError> {
+        OutputTarget::open(self.check_output_path(path)?)
+    }
+
+    /// Places a complete task's content at `target`, on the blocking pool (it may copy
+    /// gigabytes across filesystems).
+    async fn place(
+        &self,
+        task: &StoredTask,
+        target: OutputTarget,
+    ) -> Result<Placement, TransferError> {
+        let content = task.content_path();
+        let length = task.geometry().content_length();
+        let policy = self.output_policy;
+        let path = target.path().to_owned();
+        let placed =
+            tokio::task::spawn_blocking(move || output::place(&content, length, &target, &policy))
+                .await
+                .map_err(|_| OutputError::Panicked(path))??;
+        Ok(placed)
+    }
+
+    /// Places a task the store holds completely at `path`, as a transfer with an output
+    /// would, without contacting any source.
+    pub async fn export(
+        &self,
+        task_id: &str,
+        path: &Path,
+    ) -> Result<(PathBuf, Placement), TransferError> {
+        geometry::validate_task_id(task_id)?;
+        let task = self
+            .store
+            .get(task_id)
+            .ok_or_else(|| StoreError::NotFound(task_id.into()))?;
+        if !task.is_complete() {
+            return Err(TransferError::FailedPrecondition(format!(
+                "task {task_id} is not complete ({} of {} pieces held): pull the rest before exporting it",
+                task.held_count(),
+                task.geometry().piece_count()
+            )));
+        }
+        let target = self.output_target(path)?;
+        let placed_at = target.path().to_owned();
+        let placement = self.place(&task, target).await?;
+        Ok((placed_at, placement))
     }
 
     /// Validates a request and reserves its task; errors here are the caller's mistakes or
@@ -302,7 +367,7 @@ impl Engine {
         let output = request
             .output
             .as_deref()
-            .map(|p| self.check_output_path(p))
+            .map(|p| self.output_target(p))
             .transpose()?;
         if request.piece_length != 0 {
             geometry::validate_piece_length(request.piece_length)?;
@@ -632,9 +697,10 @@ impl Engine {
         } else {
             None
         };
-        if let Some(output) = &prepared.output {
-            self.store.place_output(task, output)?;
-        }
+        let placement = match &prepared.output {
+            Some(target) => Some(self.place(task, target.clone()).await?),
+            None => None,
+        };
         Ok(TransferSummary {
             task_id: task.id().to_owned(),
             geometry,
@@ -647,7 +713,8 @@ impl Engine {
             sources: prepared.source_names.iter().cloned().zip(totals).collect(),
             transports,
             rdma_fallbacks,
-            output: prepared.output.clone(),
+            output: prepared.output.as_ref().map(|t| t.path().to_owned()),
+            placement,
             content_digest,
             refused_sources: prepared.refused(),
         })
