@@ -2,7 +2,7 @@
 //! written into the store through the same path as fetched pieces.
 
 use crate::geometry::{self, Geometry, GeometryError, TaskIdInputs};
-use crate::store::{self, Store, StoreError, StoredTask};
+use crate::store::{self, Store, StoreError, StoredTask, WriterKind};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -171,6 +171,11 @@ async fn import_opened(
         .pieces()
         .filter(|p| task.held(p.number).is_none())
         .collect();
+    // The task's one writer while pieces are copied in (a transfer or import into it refused).
+    let _writing = match missing.is_empty() {
+        true => None,
+        false => Some(task.try_begin_writing(WriterKind::Import)?),
+    };
     let mut running = tokio::task::JoinSet::new();
     for piece in missing {
         if running.len() >= IMPORT_DEPTH {

@@ -67,6 +67,10 @@ pub enum StoreError {
     Deleted(String),
     #[error(transparent)]
     Pool(#[from] crate::io::PoolError),
+    #[error("task {task_id} is being written by {writer}; one writer at a time")]
+    Busy { task_id: String, writer: WriterKind },
+    #[error("{path} has task format {found}; this daemon reads format {TASK_FORMAT} or older")]
+    UnsupportedFormat { path: PathBuf, found: u32 },
 }
 
 impl StoreError {
@@ -82,11 +86,60 @@ fn is_no_space(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
 
+/// The task.json format this daemon writes; a newer one is refused (and quarantined), never
+/// guessed at.
+const TASK_FORMAT: u32 = 1;
+
+fn first_format() -> u32 {
+    1
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 struct TaskMeta {
+    #[serde(default = "first_format")]
+    format: u32,
     task_id: String,
     content_length: u64,
     piece_length: u64,
+}
+
+/// Who is writing into a task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WriterKind {
+    Transfer,
+    Import,
+}
+
+impl std::fmt::Display for WriterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriterKind::Transfer => "a transfer",
+            WriterKind::Import => "an import",
+        })
+    }
+}
+
+/// The one writer of a task, for as long as it is held; dropping it (also on unwind) lets the
+/// next one in.
+#[must_use = "the task is free for other writers once the guard is dropped"]
+pub struct WriteGuard {
+    task: Arc<StoredTask>,
+}
+
+impl Drop for WriteGuard {
+    fn drop(&mut self) {
+        *self.task.writer.lock().expect("writer lock") = None;
+    }
+}
+
+/// A task dir that could not be loaded, moved aside with its bytes intact.
+#[derive(Debug, Clone)]
+pub struct QuarantinedTask {
+    /// Where it was, under tasks/.
+    pub name: String,
+    /// Where it is now (under quarantine/), or still under tasks/ if moving it failed.
+    pub path: PathBuf,
+    pub reason: String,
 }
 
 struct PieceState {
@@ -111,8 +164,8 @@ pub struct StoredTask {
     content_sync: GroupSync,
     served: AtomicU64,
     deleted: AtomicBool,
-    /// Set while a transfer writes into this task (one at a time).
-    pub transferring: AtomicBool,
+    /// Who writes into this task now (one writer at a time; see [`WriteGuard`]).
+    writer: Mutex<Option<WriterKind>>,
 }
 
 impl StoredTask {
@@ -162,6 +215,26 @@ impl StoredTask {
     pub fn content_path(&self) -> PathBuf {
         self.dir.join("content")
     }
+
+    /// Becomes the task's one writer, or says who already is.
+    pub fn try_begin_writing(self: &Arc<Self>, who: WriterKind) -> Result<WriteGuard, StoreError> {
+        let mut writer = self.writer.lock().expect("writer lock");
+        if let Some(writer) = *writer {
+            return Err(StoreError::Busy {
+                task_id: self.id.clone(),
+                writer,
+            });
+        }
+        *writer = Some(who);
+        Ok(WriteGuard {
+            task: Arc::clone(self),
+        })
+    }
+
+    /// Who writes into the task now, if anyone.
+    pub fn writer(&self) -> Option<WriterKind> {
+        *self.writer.lock().expect("writer lock")
+    }
 }
 
 /// The store: every task under the data dir.
@@ -172,6 +245,7 @@ pub struct Store {
     pool: Arc<BufferPool>,
     direct_io: bool,
     tasks: RwLock<HashMap<String, Arc<StoredTask>>>,
+    quarantined: Mutex<Vec<QuarantinedTask>>,
 }
 
 impl Store {
@@ -192,6 +266,7 @@ impl Store {
             pool,
             direct_io,
             tasks: RwLock::new(HashMap::new()),
+            quarantined: Mutex::new(Vec::new()),
         };
         let entries = fs::read_dir(&tasks_dir)
             .map_err(|e| StoreError::io(format!("reading {}", tasks_dir.display()), e))?;
@@ -206,14 +281,65 @@ impl Store {
                         .expect("tasks lock")
                         .insert(task.id.clone(), task);
                 }
-                Err(err) => {
-                    // A task dir without its metadata was never finished being created.
-                    tracing::warn!(dir = %dir.display(), error = %err, "removing unusable task dir");
-                    let _ = fs::remove_dir_all(&dir);
-                }
+                Err(err) => store.set_aside(&dir, &err.to_string()),
             }
         }
         Ok(store)
+    }
+
+    /// Task dirs found unusable at start-up, moved to `<data_dir>/quarantine/`.
+    pub fn quarantined(&self) -> Vec<QuarantinedTask> {
+        self.quarantined.lock().expect("quarantine lock").clone()
+    }
+
+    /// A task dir that cannot be used: removed only if it provably holds nothing (creation
+    /// never got to task.json, so no piece was ever journaled); anything else is moved under
+    /// quarantine/ with its bytes, whatever the reason (EMFILE, EACCES, a newer format).
+    fn set_aside(&self, dir: &Path, reason: &str) {
+        let journal_empty = fs::metadata(dir.join("pieces.log")).map_or(true, |m| m.len() == 0);
+        if !dir.join("task.json").exists() && !dir.join("task.tmp").exists() && journal_empty {
+            tracing::warn!(dir = %dir.display(), error = reason, "removing a task dir whose creation never finished (no task.json, no journaled piece)");
+            let _ = fs::remove_dir_all(dir);
+            return;
+        }
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let moved = self.move_to_quarantine(dir, &name);
+        let path = match &moved {
+            Ok(path) => {
+                tracing::warn!(dir = %dir.display(), quarantined = %path.display(), error = reason, "task dir unusable: moved to quarantine with its bytes");
+                path.clone()
+            }
+            Err(err) => {
+                tracing::error!(dir = %dir.display(), error = reason, move_error = %err, "task dir unusable and could not be moved to quarantine: left in place, not loaded");
+                dir.to_owned()
+            }
+        };
+        self.quarantined
+            .lock()
+            .expect("quarantine lock")
+            .push(QuarantinedTask {
+                name,
+                path,
+                reason: reason.to_owned(),
+            });
+    }
+
+    fn move_to_quarantine(&self, dir: &Path, name: &str) -> io::Result<PathBuf> {
+        let quarantine = self.data_dir.join("quarantine");
+        fs::create_dir_all(&quarantine)?;
+        let mut target = quarantine.join(name);
+        let mut n = 1;
+        while target.symlink_metadata().is_ok() {
+            target = quarantine.join(format!("{name}.{n}"));
+            n += 1;
+        }
+        fs::rename(dir, &target)?;
+        sync_dir(&quarantine)?;
+        sync_dir(&self.tasks_dir)?;
+        Ok(target)
     }
 
     pub fn data_dir(&self) -> &Path {
@@ -244,6 +370,12 @@ impl Store {
                 io::Error::other(e),
             )
         })?;
+        if meta.format > TASK_FORMAT {
+            return Err(StoreError::UnsupportedFormat {
+                path: meta_path,
+                found: meta.format,
+            });
+        }
         let geometry = Geometry::new(meta.content_length, meta.piece_length)?;
         let journal_path = dir.join("pieces.log");
         let mut journal = OpenOptions::new()
@@ -321,7 +453,7 @@ impl Store {
             content_sync: GroupSync::default(),
             served: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
-            transferring: AtomicBool::new(false),
+            writer: Mutex::new(None),
         }))
     }
 
@@ -376,9 +508,20 @@ impl Store {
         task_id: &str,
         geometry: Geometry,
     ) -> Result<Arc<StoredTask>, StoreError> {
-        let _ = fs::remove_dir_all(dir);
-        fs::create_dir_all(dir)
+        if dir.symlink_metadata().is_ok() {
+            // Not in the map but on disk: set aside like at start-up, never deleted blindly.
+            self.set_aside(dir, "found on disk when creating the task");
+            if dir.symlink_metadata().is_ok() {
+                return Err(StoreError::io(
+                    format!("creating {}", dir.display()),
+                    io::Error::from(io::ErrorKind::AlreadyExists),
+                ));
+            }
+        }
+        fs::create_dir(dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        // The new entry in tasks/ must survive a crash as surely as the files in it.
+        sync_dir(&self.tasks_dir).map_err(|e| StoreError::io("syncing the tasks dir", e))?;
         let content = dir.join("content");
         let file = File::create(&content)
             .map_err(|e| StoreError::io(format!("creating {}", content.display()), e))?;
@@ -403,6 +546,8 @@ impl Store {
                 }
             })?;
         }
+        file.sync_all()
+            .map_err(|e| StoreError::io(format!("syncing {}", content.display()), e))?;
         drop(file);
         let journal = OpenOptions::new()
             .read(true)
@@ -411,6 +556,7 @@ impl Store {
             .open(dir.join("pieces.log"))
             .map_err(|e| StoreError::io("creating journal", e))?;
         let meta = TaskMeta {
+            format: TASK_FORMAT,
             task_id: task_id.into(),
             content_length: geometry.content_length(),
             piece_length: geometry.piece_length(),
@@ -652,13 +798,19 @@ impl GroupSync {
     }
 }
 
+/// Writes `bytes` to `path` through a temp file and a rename, then syncs the directory: that
+/// covers the rename and every other entry made in it before (the content file, the journal).
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let temp = path.with_extension("tmp");
     let mut file = File::create(&temp)?;
     file.write_all(bytes)?;
     file.sync_all()?;
     fs::rename(&temp, path)?;
-    File::open(path.parent().expect("has parent"))?.sync_all()
+    sync_dir(path.parent().expect("has parent"))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
 }
 
 fn copy_synced(from: &Path, to: &Path) -> io::Result<()> {
@@ -883,5 +1035,104 @@ mod tests {
         for number in 0..pieces {
             assert_eq!(task.held(number), Some(number * 7 + 1), "piece {number}");
         }
+    }
+
+    /// Was: any task dir that failed to load (a garbage or newer task.json, but also EMFILE
+    /// or EACCES) was `remove_dir_all`ed at start-up, held bytes and all.
+    #[tokio::test]
+    async fn an_unloadable_task_dir_is_quarantined_with_its_bytes_and_the_others_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let geometry = Geometry::new(8 << 20, 4 << 20).unwrap();
+        let (good, garbage, newer) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        {
+            let store = open(dir.path());
+            for id in [&good, &garbage, &newer] {
+                let task = store.create_or_get(id, geometry).unwrap();
+                write(&store, &task, 0, 7).await;
+            }
+        }
+        let tasks = dir.path().join("tasks");
+        fs::write(tasks.join(&garbage).join("task.json"), b"{ not json").unwrap();
+        let meta = fs::read_to_string(tasks.join(&newer).join("task.json")).unwrap();
+        fs::write(
+            tasks.join(&newer).join("task.json"),
+            meta.replace("\"format\": 1", "\"format\": 99"),
+        )
+        .unwrap();
+        // A creation that never reached task.json holds nothing and may go.
+        let unfinished = tasks.join("d".repeat(64));
+        fs::create_dir(&unfinished).unwrap();
+        fs::write(unfinished.join("content"), b"").unwrap();
+        // The quarantine already holds a dir of that name: the new one gets another.
+        fs::create_dir_all(dir.path().join("quarantine").join(&garbage)).unwrap();
+        let before: Vec<Vec<u8>> = [&garbage, &newer]
+            .iter()
+            .flat_map(|id| {
+                ["content", "pieces.log"].map(|f| fs::read(tasks.join(id).join(f)).unwrap())
+            })
+            .collect();
+
+        let store = open(dir.path());
+        assert!(store.get(&good).unwrap().held(0).is_some());
+        assert!(store.get(&garbage).is_none() && store.get(&newer).is_none());
+        assert!(!unfinished.exists());
+        let quarantined = store.quarantined();
+        assert_eq!(quarantined.len(), 2, "{quarantined:?}");
+        let moved = |id: &str| {
+            quarantined
+                .iter()
+                .find(|q| q.name == id)
+                .unwrap_or_else(|| panic!("{id} not quarantined: {quarantined:?}"))
+                .clone()
+        };
+        let (g, n) = (moved(&garbage), moved(&newer));
+        assert_eq!(
+            g.path,
+            dir.path().join("quarantine").join(format!("{garbage}.1"))
+        );
+        assert!(g.reason.contains("parsing"), "{}", g.reason);
+        assert!(n.reason.contains("format 99"), "{}", n.reason);
+        let after: Vec<Vec<u8>> = [&g.path, &n.path]
+            .iter()
+            .flat_map(|p| ["content", "pieces.log"].map(|f| fs::read(p.join(f)).unwrap()))
+            .collect();
+        assert!(before == after, "quarantined bytes changed");
+        assert!(!tasks.join(&garbage).exists() && !tasks.join(&newer).exists());
+        // The task can be fetched again; its quarantined copy stays.
+        store.create_or_get(&garbage, geometry).unwrap();
+        assert!(g.path.join("content").exists());
+    }
+
+    /// Was a bare `AtomicBool` that transfers set and cleared by hand (and imports ignored).
+    #[test]
+    fn one_writer_at_a_time_and_the_guard_clears_even_on_unwind() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let store = runtime.block_on(async { open(dir.path()) });
+        let task = store
+            .create_or_get(&"e".repeat(64), Geometry::new(4 << 20, 4 << 20).unwrap())
+            .unwrap();
+        let guard = task.try_begin_writing(WriterKind::Import).unwrap();
+        assert_eq!(task.writer(), Some(WriterKind::Import));
+        let err = task.try_begin_writing(WriterKind::Transfer).err().unwrap();
+        assert!(
+            matches!(
+                err,
+                StoreError::Busy {
+                    writer: WriterKind::Import,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        drop(guard);
+        assert_eq!(task.writer(), None);
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _guard = task.try_begin_writing(WriterKind::Transfer).unwrap();
+            panic!("writer panics");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(task.writer(), None, "cleared on unwind");
+        let _again = task.try_begin_writing(WriterKind::Transfer).unwrap();
     }
 }

@@ -5,12 +5,11 @@
 use crate::geometry::{self, Geometry, GeometryError, PieceRange};
 use crate::metrics::{Metrics, TransferResult};
 use crate::rdma::RdmaTransport;
-use crate::store::{Store, StoreError, StoredTask};
+use crate::store::{Store, StoreError, StoredTask, WriteGuard, WriterKind};
 use crate::transport::TcpTransport;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -96,6 +95,9 @@ pub struct PreparedTransfer {
     streams_per_source: u32,
     transport: TransportChoice,
     cancel: CancellationToken,
+    /// This transfer is the task's one writer until it is dropped (at the end of
+    /// [`Engine::run`], or with an unused preparation).
+    _writing: WriteGuard,
 }
 
 /// What a prepared transfer will do, for its first event.
@@ -281,9 +283,14 @@ impl Engine {
             ));
         }
         let task = self.store.create_or_get(&request.task_id, geometry)?;
-        if task.transferring.swap(true, Ordering::AcqRel) {
-            return Err(TransferError::AlreadyRunning(request.task_id));
-        }
+        let writing = match task.try_begin_writing(WriterKind::Transfer) {
+            Ok(guard) => guard,
+            Err(StoreError::Busy {
+                writer: WriterKind::Transfer,
+                ..
+            }) => return Err(TransferError::AlreadyRunning(request.task_id)),
+            Err(err) => return Err(err.into()),
+        };
         let cancel = CancellationToken::new();
         self.running
             .lock()
@@ -303,6 +310,7 @@ impl Engine {
             streams_per_source,
             transport: request.transport,
             cancel,
+            _writing: writing,
         })
     }
 
@@ -382,7 +390,7 @@ impl Engine {
             Err(TransferError::Cancelled(_)) => TransferResult::Cancelled,
             Err(_) => TransferResult::Failed,
         });
-        prepared.task.transferring.store(false, Ordering::Release);
+        drop(prepared);
         self.running.lock().expect("running lock").remove(&task_id);
         result
     }
