@@ -39,6 +39,7 @@ pub struct Config {
     pub drain_timeout_secs: u64,
     pub pool: PoolConfig,
     pub io: IoConfig,
+    pub store: StoreConfig,
     pub transfer: TransferConfig,
     pub server: ServerConfig,
     pub rdma: RdmaConfig,
@@ -129,6 +130,15 @@ pub struct IoConfig {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Longest a piece's disk write, or its fdatasync and journal record, may take; past it
+    /// the piece fails and so does its task (its state on disk is unknown). Also bounds the
+    /// wait for pool buffers.
+    pub io_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct TransferConfig {
     pub streams_per_source: u32,
     pub piece_timeout_secs: u64,
@@ -162,6 +172,7 @@ impl Default for Config {
             drain_timeout_secs: 30,
             pool: PoolConfig::default(),
             io: IoConfig::default(),
+            store: StoreConfig::default(),
             transfer: TransferConfig::default(),
             server: ServerConfig::default(),
             rdma: RdmaConfig::default(),
@@ -185,6 +196,14 @@ impl Default for IoConfig {
             backend: IoChoice::Auto,
             threads: 1,
             direct: true,
+        }
+    }
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        StoreConfig {
+            io_timeout_secs: 60,
         }
     }
 }
@@ -344,6 +363,7 @@ impl Config {
             ),
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
             ("server.write_timeout_secs", self.server.write_timeout_secs),
+            ("store.io_timeout_secs", self.store.io_timeout_secs),
         ] {
             if !(1..=MAX_TIMEOUT_SECS).contains(&value) {
                 return invalid(key, value, "1 to 86400 seconds (one day)");
@@ -582,6 +602,11 @@ mod tests {
         refused(|c| c.advertise = Some(":4100".into()), "advertise");
         refused(|c| c.rdma.port = Some(0), "rdma.port");
         refused(|c| c.rdma.device = Some(String::new()), "rdma.device");
+        refused(|c| c.store.io_timeout_secs = 0, "store.io_timeout_secs");
+        refused(
+            |c| c.store.io_timeout_secs = 86_401,
+            "store.io_timeout_secs",
+        );
         let mut config = Config {
             drain_timeout_secs: 0,
             control: "tcp://localhost:4101".into(),

@@ -95,6 +95,9 @@ fn store_status(err: StoreError) -> Status {
         StoreError::Geometry(err) => geometry_status(err),
         StoreError::Deleted(_) => Status::aborted(message),
         StoreError::Busy { .. } => Status::failed_precondition(message),
+        StoreError::TaskFailed { .. } => Status::aborted(message),
+        StoreError::Timeout { .. } => Status::deadline_exceeded(message),
+        StoreError::SyncFailed { .. } => Status::data_loss(message),
         _ => Status::internal(message),
     }
 }

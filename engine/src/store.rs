@@ -23,7 +23,8 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Duration;
 
 const RECORD_LEN: usize = 12;
 const RECORD_MAGIC: u32 = 0x4645_5259; // "FERY"
@@ -71,6 +72,138 @@ pub enum StoreError {
     Busy { task_id: String, writer: WriterKind },
     #[error("{path} has task format {found}; this daemon reads format {TASK_FORMAT} or older")]
     UnsupportedFormat { path: PathBuf, found: u32 },
+    /// The first failed fdatasync of a task's file: what it covered is lost, and the task is
+    /// failed (see [`StoreError::TaskFailed`]).
+    #[error("fdatasync of the {file} file of task {task_id} failed (piece {piece} not held; the task takes no more writes): {source}")]
+    SyncFailed {
+        task_id: String,
+        piece: u32,
+        file: SyncTarget,
+        #[source]
+        source: io::Error,
+    },
+    /// A task whose disk state became unknown (a failed fdatasync, a timed-out write): it takes
+    /// no more writes until the daemon restarts and recovers it from its durable journal.
+    #[error("task {task_id} has failed and takes no more writes: {reason}")]
+    TaskFailed { task_id: String, reason: String },
+    #[error("{step} of piece {piece} of task {task_id} took longer than {}s (store.io_timeout_secs); the task is failed, its state on disk unknown", after.as_secs_f64())]
+    Timeout {
+        task_id: String,
+        piece: u32,
+        step: IoStep,
+        after: Duration,
+    },
+}
+
+/// Which step of a piece write ran out of time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IoStep {
+    /// The write of the bytes to the content file.
+    Write,
+    /// The fdatasync of the content and the journal record after it.
+    Durability,
+}
+
+impl std::fmt::Display for IoStep {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            IoStep::Write => "the disk write",
+            IoStep::Durability => "the fdatasync and journal record",
+        })
+    }
+}
+
+/// A task's file that is fdatasynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncTarget {
+    Content,
+    Journal,
+}
+
+impl std::fmt::Display for SyncTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            SyncTarget::Content => "content",
+            SyncTarget::Journal => "journal",
+        })
+    }
+}
+
+/// A fault to inject once into one task's disk operations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The next fdatasync of that file fails with EIO (without syncing).
+    FailSync(SyncTarget),
+    /// The next fdatasync of that file blocks this long first.
+    StallSync(SyncTarget, Duration),
+    /// The next device write of a piece blocks this long first, holding its buffer.
+    StallWrite(Duration),
+    /// The next `write_piece` panics (for tests of panic handling above the store).
+    PanicWrite,
+}
+
+/// Test-only fault switches: armed in-process through [`Store::faults`] (nothing on the
+/// network reaches them); each armed fault fires once.
+#[derive(Debug, Default)]
+pub struct Faults {
+    armed: Mutex<Vec<(String, Fault)>>,
+    /// Skips the lock on the hot path when nothing is armed.
+    any: AtomicBool,
+}
+
+impl Faults {
+    pub fn arm(&self, task_id: &str, fault: Fault) {
+        self.armed
+            .lock()
+            .expect("faults lock")
+            .push((task_id.to_owned(), fault));
+        self.any.store(true, Ordering::Release);
+    }
+
+    /// The first armed fault for the task that `wanted` accepts, disarmed.
+    fn take(&self, task_id: &str, wanted: impl Fn(&Fault) -> bool) -> Option<Fault> {
+        if !self.any.load(Ordering::Acquire) {
+            return None;
+        }
+        let mut armed = self.armed.lock().expect("faults lock");
+        let at = armed
+            .iter()
+            .position(|(id, fault)| id == task_id && wanted(fault))?;
+        let (_, fault) = armed.remove(at);
+        self.any.store(!armed.is_empty(), Ordering::Release);
+        Some(fault)
+    }
+
+    /// An fdatasync of `file` of the task, with any fault armed for it.
+    fn sync(&self, task_id: &str, target: SyncTarget, file: &File) -> io::Result<()> {
+        match self.take(
+            task_id,
+            |f| matches!(f, Fault::FailSync(t) | Fault::StallSync(t, _) if *t == target),
+        ) {
+            Some(Fault::FailSync(_)) => return Err(io::Error::from_raw_os_error(libc::EIO)),
+            Some(Fault::StallSync(_, stall)) => std::thread::sleep(stall),
+            _ => {}
+        }
+        file.sync_data()
+    }
+}
+
+/// How the store runs; [`Store::open`] takes the defaults but for `direct_io`.
+#[derive(Debug, Clone)]
+pub struct StoreOptions {
+    /// O_DIRECT writes where the filesystem supports them.
+    pub direct_io: bool,
+    /// Longest a piece's disk write, or its fdatasync and journal record, may take.
+    pub io_timeout: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            direct_io: true,
+            io_timeout: Duration::from_secs(60),
+        }
+    }
 }
 
 impl StoreError {
@@ -164,6 +297,12 @@ pub struct StoredTask {
     content_sync: GroupSync,
     served: AtomicU64,
     deleted: AtomicBool,
+    /// Set at the first failed fdatasync or timed-out write: why the task takes no more writes.
+    failure: OnceLock<String>,
+    /// Journal bytes appended, and how many of them an fdatasync is known to have covered.
+    journal_appended: AtomicU64,
+    journal_durable: AtomicU64,
+    faults: Arc<Faults>,
     /// Who writes into this task now (one writer at a time; see [`WriteGuard`]).
     writer: Mutex<Option<WriterKind>>,
 }
@@ -235,6 +374,24 @@ impl StoredTask {
     pub fn writer(&self) -> Option<WriterKind> {
         *self.writer.lock().expect("writer lock")
     }
+
+    /// Why the task failed (it then takes no writes), if it has.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+
+    fn fail(&self, reason: String) {
+        if self.failure.set(reason).is_ok() {
+            tracing::error!(task_id = %self.id, reason = self.failure().unwrap_or_default(), "task failed: it takes no more writes until the daemon restarts");
+        }
+    }
+
+    fn failed_error(&self) -> Option<StoreError> {
+        self.failure().map(|reason| StoreError::TaskFailed {
+            task_id: self.id.clone(),
+            reason: reason.to_owned(),
+        })
+    }
 }
 
 /// The store: every task under the data dir.
@@ -244,17 +401,33 @@ pub struct Store {
     io: IoEngine,
     pool: Arc<BufferPool>,
     direct_io: bool,
+    io_timeout: Duration,
+    faults: Arc<Faults>,
     tasks: RwLock<HashMap<String, Arc<StoredTask>>>,
     quarantined: Mutex<Vec<QuarantinedTask>>,
 }
 
 impl Store {
-    /// Opens the store and recovers every task's held pieces from its journal.
+    /// Opens the store with the default options (but `direct_io`); see [`Store::open_with`].
     pub fn open(
         data_dir: &Path,
         pool: Arc<BufferPool>,
         io: IoEngine,
         direct_io: bool,
+    ) -> Result<Store, StoreError> {
+        let options = StoreOptions {
+            direct_io,
+            ..StoreOptions::default()
+        };
+        Store::open_with(data_dir, pool, io, options)
+    }
+
+    /// Opens the store and recovers every task's held pieces from its journal.
+    pub fn open_with(
+        data_dir: &Path,
+        pool: Arc<BufferPool>,
+        io: IoEngine,
+        options: StoreOptions,
     ) -> Result<Store, StoreError> {
         let tasks_dir = data_dir.join("tasks");
         fs::create_dir_all(&tasks_dir)
@@ -264,7 +437,9 @@ impl Store {
             data_dir: data_dir.to_owned(),
             io,
             pool,
-            direct_io,
+            direct_io: options.direct_io,
+            io_timeout: options.io_timeout,
+            faults: Arc::default(),
             tasks: RwLock::new(HashMap::new()),
             quarantined: Mutex::new(Vec::new()),
         };
@@ -358,6 +533,15 @@ impl Store {
         &self.pool
     }
 
+    /// The test-only fault switches of this store's disk operations.
+    pub fn faults(&self) -> &Arc<Faults> {
+        &self.faults
+    }
+
+    pub fn io_timeout(&self) -> Duration {
+        self.io_timeout
+    }
+
     fn load_task(&self, dir: &Path) -> Result<Arc<StoredTask>, StoreError> {
         let meta_path = dir.join("task.json");
         let meta: TaskMeta = serde_json::from_slice(
@@ -417,6 +601,7 @@ impl Store {
             meta.task_id,
             geometry,
             journal,
+            valid as u64,
             PieceState { digests, held },
         )?;
         if task.is_complete() {
@@ -431,6 +616,7 @@ impl Store {
         id: String,
         geometry: Geometry,
         journal: File,
+        journal_len: u64,
         pieces: PieceState,
     ) -> Result<Arc<StoredTask>, StoreError> {
         let content = dir.join("content");
@@ -453,6 +639,10 @@ impl Store {
             content_sync: GroupSync::default(),
             served: AtomicU64::new(0),
             deleted: AtomicBool::new(false),
+            failure: OnceLock::new(),
+            journal_appended: AtomicU64::new(journal_len),
+            journal_durable: AtomicU64::new(journal_len),
+            faults: Arc::clone(&self.faults),
             writer: Mutex::new(None),
         }))
     }
@@ -572,7 +762,7 @@ impl Store {
             digests: vec![None; geometry.piece_count() as usize],
             held: 0,
         };
-        self.task_handle(dir, task_id.into(), geometry, journal, pieces)
+        self.task_handle(dir, task_id.into(), geometry, journal, 0, pieces)
     }
 
     fn map_write_error(
@@ -594,27 +784,46 @@ impl Store {
     }
 
     /// Writes a verified piece and records it as held once durable. The buffer comes back
-    /// for reuse whatever happened.
+    /// for reuse, unless the write timed out: then it stays with the device operation still in
+    /// flight (returning to the pool when that completes) and `None` comes back.
+    ///
+    /// A failed fdatasync or a timeout fails the task (PostgreSQL's rule: a retried fsync may
+    /// report success for data the kernel already dropped): no piece it covered is held, and
+    /// every later write returns [`StoreError::TaskFailed`].
     pub async fn write_piece(
         &self,
         task: &Arc<StoredTask>,
         piece: PieceRange,
         mut buf: PieceBuffer,
         crc: u32,
-    ) -> (PieceBuffer, Result<(), StoreError>) {
+    ) -> (Option<PieceBuffer>, Result<(), StoreError>) {
+        let number = piece.number;
         if buf.len() as u64 != piece.length {
             let err = StoreError::WrongLength {
-                number: piece.number,
+                number,
                 got: buf.len(),
                 expected: piece.length,
             };
-            return (buf, Err(err));
+            return (Some(buf), Err(err));
         }
         if task.deleted.load(Ordering::Acquire) {
-            return (buf, Err(StoreError::Deleted(task.id.clone())));
+            return (Some(buf), Err(StoreError::Deleted(task.id.clone())));
         }
-        if task.held(piece.number).is_some() {
-            return (buf, Ok(()));
+        if let Some(err) = task.failed_error() {
+            return (Some(buf), Err(err));
+        }
+        if task.held(number).is_some() {
+            return (Some(buf), Ok(()));
+        }
+        match self.faults.take(&task.id, |f| {
+            matches!(f, Fault::PanicWrite | Fault::StallWrite(_))
+        }) {
+            Some(Fault::PanicWrite) => panic!(
+                "injected fault: writing piece {number} of task {} panics",
+                task.id
+            ),
+            Some(Fault::StallWrite(stall)) => task.write_file.stall_next_write(stall),
+            _ => {}
         }
         let len = task.write_file.write_len(buf.len());
         buf.zero_tail(len);
@@ -624,37 +833,68 @@ impl Store {
             buf,
             len,
         };
-        let (buf, written) = self.io.write(request).await;
-        let number = piece.number;
-        let durable = match written {
-            Err(err) => Err(Unsaved::Data(err)),
-            // One trip to a blocking thread: the data made durable (an fdatasync shared with
-            // the pieces finishing beside it), then its journal record (the same, for records).
-            Ok(()) => {
-                let task = Arc::clone(task);
-                tokio::task::spawn_blocking(move || {
-                    task.content_sync
-                        .sync(task.write_file.file())
-                        .map_err(Unsaved::Data)?;
-                    task.append_record(number, crc).map_err(Unsaved::Record)
-                })
-                .await
-                .expect("durability task panicked")
-            }
+        let timed_out = |step| {
+            let err = StoreError::Timeout {
+                task_id: task.id.clone(),
+                piece: number,
+                step,
+                after: self.io_timeout,
+            };
+            task.fail(err.to_string());
+            err
         };
-        match durable {
-            Ok(()) => {}
-            Err(Unsaved::Data(err)) => {
-                let doing = format!("writing piece {number} of {}", task.id);
-                return (
-                    buf,
-                    Err(self.map_write_error(&task.id, piece.length, &doing, err)),
-                );
+        // On timeout the dropped future leaves the buffer with the operation in flight.
+        let Ok((buf, written)) =
+            tokio::time::timeout(self.io_timeout, self.io.write(request)).await
+        else {
+            return (None, Err(timed_out(IoStep::Write)));
+        };
+        if let Err(err) = written {
+            let doing = format!("writing piece {number} of {}", task.id);
+            let err = self.map_write_error(&task.id, piece.length, &doing, err);
+            return (Some(buf), Err(err));
+        }
+        // One trip to a blocking thread: the data made durable (an fdatasync shared with the
+        // pieces finishing beside it), then its journal record (the same, for records).
+        let durable = {
+            let task = Arc::clone(task);
+            tokio::task::spawn_blocking(move || {
+                task.content_sync
+                    .sync(|| {
+                        task.faults
+                            .sync(&task.id, SyncTarget::Content, task.write_file.file())
+                    })
+                    .map_err(|e| (SyncTarget::Content, e))?;
+                task.append_record(number, crc)
+                    .map_err(|e| (SyncTarget::Journal, e))
+            })
+        };
+        let durable = match tokio::time::timeout(self.io_timeout, durable).await {
+            Err(_) => return (Some(buf), Err(timed_out(IoStep::Durability))),
+            Ok(Err(join)) => {
+                task.fail(format!("making piece {number} durable panicked: {join}"));
+                let err = task.failed_error().expect("just failed");
+                return (Some(buf), Err(err));
             }
-            Err(Unsaved::Record(err)) => {
-                let doing = "appending to the piece journal";
-                return (buf, Err(self.map_write_error(&task.id, 0, doing, err)));
-            }
+            Ok(Ok(durable)) => durable,
+        };
+        if let Err((file, source)) = durable {
+            task.fail(format!("fdatasync of its {file} file failed: {source}"));
+            let err = if is_no_space(&source) {
+                StoreError::NoSpace {
+                    task_id: task.id.clone(),
+                    needed: piece.length,
+                    path: self.data_dir.clone(),
+                }
+            } else {
+                StoreError::SyncFailed {
+                    task_id: task.id.clone(),
+                    piece: number,
+                    file,
+                    source,
+                }
+            };
+            return (Some(buf), Err(err));
         }
         let complete = {
             let mut state = task.pieces.lock().expect("pieces lock");
@@ -665,10 +905,10 @@ impl Store {
         };
         if complete {
             if let Err(err) = self.finish(task) {
-                return (buf, Err(err));
+                return (Some(buf), Err(err));
             }
         }
-        (buf, Ok(()))
+        (Some(buf), Ok(()))
     }
 
     /// A complete task: cut direct-I/O padding off the end and stop registering its file.
@@ -745,45 +985,101 @@ impl Store {
 }
 
 impl StoredTask {
+    /// Appends a held piece's record and makes it durable. Any failure fails the task and cuts
+    /// the journal back to what an fdatasync is known to have covered: a record left in the
+    /// page cache must not come back as held after a restart.
     fn append_record(&self, number: u32, crc: u32) -> io::Result<()> {
         let mut record = [0u8; RECORD_LEN];
         record[0..4].copy_from_slice(&number.to_le_bytes());
         record[4..8].copy_from_slice(&crc.to_le_bytes());
         let check = crc32fast::hash(&record[..8]) ^ RECORD_MAGIC;
         record[8..12].copy_from_slice(&check.to_le_bytes());
-        self.journal
-            .lock()
-            .expect("journal lock")
-            .write_all(&record)?;
-        self.journal_sync.sync(&self.journal_file)
+        let appended = {
+            let mut journal = self.journal.lock().expect("journal lock");
+            if let Some(reason) = self.failure() {
+                return Err(io::Error::other(format!("task failed: {reason}")));
+            }
+            journal.write_all(&record).map(|()| {
+                self.journal_appended
+                    .fetch_add(RECORD_LEN as u64, Ordering::AcqRel);
+            })
+        };
+        let result = appended.and_then(|()| {
+            self.journal_sync.sync(|| {
+                let upto = self.journal_appended.load(Ordering::Acquire);
+                self.faults
+                    .sync(&self.id, SyncTarget::Journal, &self.journal_file)?;
+                self.journal_durable.fetch_max(upto, Ordering::AcqRel);
+                Ok(())
+            })
+        });
+        if let Err(err) = &result {
+            self.fail(format!("the piece journal failed: {err}"));
+            self.cut_journal_to_durable();
+        }
+        result
     }
-}
 
-/// Which step of making a piece durable failed.
-enum Unsaved {
-    Data(io::Error),
-    Record(io::Error),
+    fn cut_journal_to_durable(&self) {
+        let journal = self.journal.lock().expect("journal lock");
+        let durable = self.journal_durable.load(Ordering::Acquire);
+        if let Err(err) = journal.set_len(durable).and_then(|()| journal.sync_all()) {
+            tracing::error!(task_id = %self.id, error = %err, durable, "could not cut the journal back to its durable length; a restart may recover records whose sync failed");
+        }
+    }
 }
 
 /// Group commit on one file: a caller whose write has completed waits for an fdatasync that
 /// started after that; whoever syncs covers every caller that came before it, so writes
 /// finishing together share one device flush instead of queueing one each.
+///
+/// The first failed flush is final: that caller, every caller waiting on it and every later
+/// one get the error. A flush retried after a failure may succeed without the lost writes
+/// (the kernel drops dirty pages on a writeback error), so nothing is ever retried.
 #[derive(Default)]
 struct GroupSync {
     /// (writes completed so far, writes known durable)
     counts: Mutex<(u64, u64)>,
-    /// Held by the one caller syncing for everyone.
-    leader: Mutex<()>,
+    /// Held by the one caller syncing for everyone; holds the failure once there is one.
+    leader: Mutex<Option<SyncFailure>>,
+}
+
+/// A failed flush, kept to report to every caller after it.
+#[derive(Debug, Clone)]
+struct SyncFailure {
+    raw: Option<i32>,
+    kind: io::ErrorKind,
+    text: String,
+}
+
+impl SyncFailure {
+    fn of(err: &io::Error) -> SyncFailure {
+        SyncFailure {
+            raw: err.raw_os_error(),
+            kind: err.kind(),
+            text: err.to_string(),
+        }
+    }
+
+    fn error(&self) -> io::Error {
+        match self.raw {
+            Some(raw) => io::Error::from_raw_os_error(raw),
+            None => io::Error::new(self.kind, self.text.clone()),
+        }
+    }
 }
 
 impl GroupSync {
-    fn sync(&self, file: &File) -> io::Result<()> {
+    fn sync(&self, flush: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
         let mine = {
             let mut counts = self.counts.lock().expect("sync counts lock");
             counts.0 += 1;
             counts.0
         };
-        let _leader = self.leader.lock().expect("sync leader lock");
+        let mut leader = self.leader.lock().expect("sync leader lock");
+        if let Some(failure) = &*leader {
+            return Err(failure.error());
+        }
         let covered = {
             let counts = self.counts.lock().expect("sync counts lock");
             if counts.1 >= mine {
@@ -791,15 +1087,16 @@ impl GroupSync {
             }
             counts.0
         };
-        file.sync_data()?;
+        if let Err(err) = flush() {
+            *leader = Some(SyncFailure::of(&err));
+            return Err(err);
+        }
         let mut counts = self.counts.lock().expect("sync counts lock");
         counts.1 = counts.1.max(covered);
         Ok(())
     }
 }
 
-/// Writes `bytes` to `path` through a temp file and a rename, then syncs the directory: that
-/// covers the rename and every other entry made in it before (the content file, the journal).
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let temp = path.with_extension("tmp");
     let mut file = File::create(&temp)?;
@@ -932,6 +1229,29 @@ mod tests {
         let pool = BufferPool::new(4 << 20, 16).unwrap();
         let io = IoEngine::start(&pool, IoChoice::Auto, 1).unwrap();
         Store::open(dir, pool, io, true).unwrap()
+    }
+
+    fn open_timed(dir: &Path, io_timeout: Duration) -> Store {
+        let pool = BufferPool::new(4 << 20, 16).unwrap();
+        let io = IoEngine::start(&pool, IoChoice::Auto, 1).unwrap();
+        let options = StoreOptions {
+            io_timeout,
+            ..StoreOptions::default()
+        };
+        Store::open_with(dir, pool, io, options).unwrap()
+    }
+
+    async fn try_write(
+        store: &Store,
+        task: &Arc<StoredTask>,
+        number: u32,
+        fill: u8,
+    ) -> (Option<PieceBuffer>, Result<(), StoreError>) {
+        let piece = task.geometry().piece(number).unwrap();
+        let mut buf = store.pool().acquire(piece.length).await.unwrap();
+        buf.chunks_mut().iter_mut().for_each(|c| c.fill(fill));
+        let crc = buf.crc32();
+        store.write_piece(task, piece, buf, crc).await
     }
 
     async fn write(store: &Store, task: &Arc<StoredTask>, number: u32, fill: u8) -> u32 {
@@ -1134,5 +1454,221 @@ mod tests {
         assert!(unwound.is_err());
         assert_eq!(task.writer(), None, "cleared on unwind");
         let _again = task.try_begin_writing(WriterKind::Transfer).unwrap();
+    }
+
+    /// Was: a failed fdatasync was retried by the next group-commit leader (which Linux may
+    /// answer with success for the dropped pages), and a journal record whose sync failed
+    /// was read back as held after a restart.
+    #[tokio::test]
+    async fn a_failed_fdatasync_fails_the_task_and_its_piece_is_not_held_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let geometry = Geometry::new(12 << 20, 4 << 20).unwrap();
+        let (content, journal, other) = ("a".repeat(64), "b".repeat(64), "c".repeat(64));
+        {
+            let store = open(dir.path());
+            let other_task = store.create_or_get(&other, geometry).unwrap();
+            for (n, id, target) in [
+                (0, &content, SyncTarget::Content),
+                (1, &journal, SyncTarget::Journal),
+            ] {
+                let task = store.create_or_get(id, geometry).unwrap();
+                write(&store, &task, 0, 1).await;
+                store.faults().arm(id, Fault::FailSync(target));
+                let (buf, err) = try_write(&store, &task, 1, 2).await;
+                assert!(buf.is_some(), "the device write itself completed");
+                let err = err.expect_err("the sync failed");
+                assert!(
+                    matches!(&err, StoreError::SyncFailed { piece: 1, file, source, .. }
+                        if *file == target && source.raw_os_error() == Some(libc::EIO)),
+                    "{err}"
+                );
+                assert_eq!(task.held(1), None, "{target}: not held");
+                assert!(task.failure().is_some());
+                // No later write is taken, even though the next fdatasync would succeed.
+                let (_, err) = try_write(&store, &task, 2, 3).await;
+                let err = err.expect_err("the task has failed");
+                assert!(
+                    matches!(&err, StoreError::TaskFailed { task_id, .. } if task_id == id),
+                    "{err}"
+                );
+                assert_eq!(task.held(2), None);
+                // Other tasks are not affected.
+                write(&store, &other_task, n, 4).await;
+            }
+            assert_eq!(other_task.held_count(), 2);
+        }
+        let store = open(dir.path());
+        for id in [&content, &journal] {
+            let task = store.get(id).expect("recovered");
+            assert!(task.held(0).is_some(), "synced before the failure: held");
+            assert_eq!(
+                task.held(1),
+                None,
+                "its sync failed: not held after a restart"
+            );
+            assert_eq!(task.held(2), None);
+            assert!(
+                task.failure().is_none(),
+                "recovered from its durable journal"
+            );
+        }
+        let journal_len = fs::metadata(dir.path().join("tasks").join(&journal).join("pieces.log"))
+            .unwrap()
+            .len();
+        assert_eq!(
+            journal_len, RECORD_LEN as u64,
+            "cut back to the synced record"
+        );
+        assert_eq!(store.get(&other).unwrap().held_count(), 2);
+        // A recovered task takes writes again.
+        let task = store.get(&content).unwrap();
+        write(&store, &task, 1, 2).await;
+    }
+
+    /// Was: a follower queued behind a failed leader became leader, synced again, and could
+    /// be told its write was durable.
+    #[test]
+    fn followers_of_a_failed_group_sync_fail_too_and_no_flush_is_retried() {
+        let sync = &GroupSync::default();
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let flushes = AtomicU64::new(0);
+        std::thread::scope(|scope| {
+            let leader = scope.spawn(move || {
+                sync.sync(|| {
+                    started_tx.send(()).unwrap();
+                    release_rx.recv().unwrap();
+                    Err(io::Error::from_raw_os_error(libc::EIO))
+                })
+            });
+            started_rx.recv().unwrap();
+            let flushes = &flushes;
+            let follower = scope.spawn(move || {
+                sync.sync(|| {
+                    flushes.fetch_add(1, Ordering::Relaxed);
+                    Ok(())
+                })
+            });
+            // Let the follower queue up behind the leader.
+            std::thread::sleep(Duration::from_millis(100));
+            release_tx.send(()).unwrap();
+            let led = leader.join().unwrap();
+            assert_eq!(led.unwrap_err().raw_os_error(), Some(libc::EIO));
+            let followed = follower.join().unwrap();
+            assert_eq!(followed.unwrap_err().raw_os_error(), Some(libc::EIO));
+        });
+        let later = sync.sync(|| {
+            flushes.fetch_add(1, Ordering::Relaxed);
+            Ok(())
+        });
+        assert_eq!(later.unwrap_err().raw_os_error(), Some(libc::EIO));
+        assert_eq!(
+            flushes.load(Ordering::Relaxed),
+            0,
+            "nothing flushed after the failure"
+        );
+    }
+
+    /// Was: an fdatasync that never returned hung the piece (and its transfer) for good.
+    #[tokio::test]
+    async fn a_stalled_fdatasync_fails_the_piece_with_a_timeout_within_the_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = Duration::from_millis(300);
+        let store = open_timed(dir.path(), bound);
+        let geometry = Geometry::new(8 << 20, 4 << 20).unwrap();
+        let (stalled, other) = ("a".repeat(64), "b".repeat(64));
+        let task = store.create_or_get(&stalled, geometry).unwrap();
+        let other_task = store.create_or_get(&other, geometry).unwrap();
+        store.faults().arm(
+            &stalled,
+            Fault::StallSync(SyncTarget::Content, Duration::from_secs(2)),
+        );
+        let started = std::time::Instant::now();
+        let (buf, err) = try_write(&store, &task, 0, 1).await;
+        let took = started.elapsed();
+        let err = err.expect_err("timed out");
+        assert!(
+            matches!(&err, StoreError::Timeout { piece: 0, step: IoStep::Durability, after, .. } if *after == bound),
+            "{err}"
+        );
+        assert!(err.to_string().contains(&stalled), "{err}");
+        assert!(
+            took >= bound && took < Duration::from_millis(1500),
+            "{took:?}"
+        );
+        assert!(
+            buf.is_some(),
+            "the device write had completed: its buffer comes back"
+        );
+        assert_eq!(task.held(0), None);
+        let (_, err) = try_write(&store, &task, 1, 2).await;
+        assert!(matches!(err, Err(StoreError::TaskFailed { .. })), "{err:?}");
+        write(&store, &other_task, 0, 3).await;
+        // The stalled sync finishing later does not make the piece held.
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        assert_eq!(task.held(0), None);
+        assert_eq!(
+            fs::metadata(dir.path().join("tasks").join(&stalled).join("pieces.log"))
+                .unwrap()
+                .len(),
+            0
+        );
+    }
+
+    /// Was: the reply of a hung device write was awaited forever. A timed-out write must not
+    /// hand its buffer back early either: the device may still read it.
+    #[tokio::test]
+    async fn a_stalled_device_write_times_out_and_its_buffer_returns_only_when_the_write_ends() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = Duration::from_millis(300);
+        let store = open_timed(dir.path(), bound);
+        let id = "a".repeat(64);
+        let task = store
+            .create_or_get(&id, Geometry::new(8 << 20, 4 << 20).unwrap())
+            .unwrap();
+        let free = store.pool().free_slots();
+        store
+            .faults()
+            .arm(&id, Fault::StallWrite(Duration::from_millis(1500)));
+        let started = std::time::Instant::now();
+        let (buf, err) = try_write(&store, &task, 0, 1).await;
+        let took = started.elapsed();
+        assert!(
+            matches!(
+                &err,
+                Err(StoreError::Timeout {
+                    piece: 0,
+                    step: IoStep::Write,
+                    ..
+                })
+            ),
+            "{err:?}"
+        );
+        assert!(
+            took >= bound && took < Duration::from_millis(1200),
+            "{took:?}"
+        );
+        assert!(buf.is_none(), "the buffer stays with the write in flight");
+        assert_eq!(
+            store.pool().free_slots(),
+            free - 1,
+            "not back in the pool yet"
+        );
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while store.pool().free_slots() != free {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the buffer never came back"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(
+            started.elapsed() >= Duration::from_millis(1500),
+            "back only after the write"
+        );
+        assert!(matches!(
+            try_write(&store, &task, 1, 2).await.1,
+            Err(StoreError::TaskFailed { .. })
+        ));
     }
 }
