@@ -13,6 +13,7 @@ pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 3600;
 /// size arithmetic, and `Instant::now() + timeout` cannot overflow (it panics if it does).
 const MAX_POOL_MIB: u64 = 1 << 20;
 const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+const MAX_OPEN_TASKS: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -135,6 +136,9 @@ pub struct StoreConfig {
     /// the piece fails and so does its task (its state on disk is unknown). Also bounds the
     /// wait for pool buffers.
     pub io_timeout_secs: u64,
+    /// Tasks whose descriptors stay open at once (least recently used closed first); 0:
+    /// derived from the descriptor limit (RLIMIT_NOFILE less 256, 3 per task).
+    pub max_open_tasks: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -204,6 +208,7 @@ impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             io_timeout_secs: 60,
+            max_open_tasks: 0,
         }
     }
 }
@@ -382,6 +387,13 @@ impl Config {
         }
         if !(1..=16).contains(&self.rdma.queue_pairs) {
             return invalid("rdma.queue_pairs", self.rdma.queue_pairs, "1 to 16");
+        }
+        if self.store.max_open_tasks > MAX_OPEN_TASKS {
+            return invalid(
+                "store.max_open_tasks",
+                self.store.max_open_tasks,
+                "0 (derived from the descriptor limit) to 1048576",
+            );
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", 0, "at least 1");

@@ -81,6 +81,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let options = StoreOptions {
         direct_io: config.io.direct,
         io_timeout,
+        max_open_tasks: config.store.max_open_tasks,
     };
     let store = Arc::new(Store::open_with(&config.data_dir, pool, io, options)?);
     for set_aside in store.quarantined() {
@@ -461,6 +462,7 @@ fn announce(config: &Config, data_address: &str, store: &Store, started: Instant
         data_dir = %config.data_dir.display(),
         tasks = store.list().len(),
         quarantined = store.quarantined().len(),
+        max_open_tasks = store.max_open_tasks(),
         io = store.io_backend(),
         startup_ms = started.elapsed().as_millis() as u64,
         "ferry daemon ready"

@@ -23,7 +23,7 @@ use std::io::{self, Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, Weak};
 use std::time::Duration;
 
 const RECORD_LEN: usize = 12;
@@ -140,6 +140,8 @@ pub enum Fault {
     StallWrite(Duration),
     /// The next `write_piece` panics (for tests of panic handling above the store).
     PanicWrite,
+    /// Creating the task's directory blocks this long first.
+    StallCreate(Duration),
 }
 
 /// Test-only fault switches: armed in-process through [`Store::faults`] (nothing on the
@@ -195,6 +197,8 @@ pub struct StoreOptions {
     pub direct_io: bool,
     /// Longest a piece's disk write, or its fdatasync and journal record, may take.
     pub io_timeout: Duration,
+    /// Tasks whose descriptors may stay open at once (0: derived from RLIMIT_NOFILE).
+    pub max_open_tasks: usize,
 }
 
 impl Default for StoreOptions {
@@ -202,7 +206,87 @@ impl Default for StoreOptions {
         StoreOptions {
             direct_io: true,
             io_timeout: Duration::from_secs(60),
+            max_open_tasks: 0,
         }
+    }
+}
+
+/// Descriptors each task may hold: the content for writes and for reads, the journal.
+const FDS_PER_TASK: u64 = 3;
+/// Descriptors left for everything else (sockets, the pool, rings, logs).
+const FDS_RESERVED: u64 = 256;
+
+/// `max_open_tasks` when the options leave it to the descriptor limit.
+fn derived_open_tasks() -> usize {
+    let limit = crate::io::open_file_limit().unwrap_or(1024);
+    (limit.saturating_sub(FDS_RESERVED) / FDS_PER_TASK).clamp(8, 1 << 20) as usize
+}
+
+/// A task's descriptors, opened on first use and closed again by [`OpenFiles`]. Users take
+/// an `Arc` clone for as long as they use one, so closing never pulls a descriptor from
+/// under a write or a piece being served: it closes when the last clone goes.
+#[derive(Default)]
+struct Handles {
+    /// The content through the page cache, for serving.
+    read: Option<Arc<File>>,
+    write: Option<Arc<WriteHandles>>,
+}
+
+struct WriteHandles {
+    content: Arc<TaskFile>,
+    /// Appended under the task's journal lock, synced without it.
+    journal: File,
+}
+
+/// Keeps at most `limit` tasks' descriptors open: opening one more closes those of the least
+/// recently used task not in use (none in use: the limit is passed for a while).
+struct OpenFiles {
+    limit: usize,
+    direct_io: bool,
+    io: Arc<IoEngine>,
+    clock: AtomicU64,
+    open: Mutex<HashMap<String, Weak<StoredTask>>>,
+}
+
+impl OpenFiles {
+    fn tick(&self) -> u64 {
+        self.clock.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// `task` has just opened descriptors: count it, and close others past the limit.
+    fn opened(&self, task: &Arc<StoredTask>) {
+        let mut open = self.open.lock().expect("open files lock");
+        open.insert(task.id.clone(), Arc::downgrade(task));
+        if open.len() <= self.limit {
+            return;
+        }
+        let mut candidates: Vec<(u64, Arc<StoredTask>)> = Vec::new();
+        open.retain(|id, weak| match weak.upgrade() {
+            Some(other) => {
+                if *id != task.id {
+                    candidates.push((other.last_used.load(Ordering::Relaxed), other));
+                }
+                true
+            }
+            None => false,
+        });
+        candidates.sort_unstable_by_key(|(used, _)| *used);
+        for (_, victim) in candidates {
+            if open.len() <= self.limit {
+                break;
+            }
+            if victim.close_idle(&self.io) {
+                open.remove(&victim.id);
+            }
+        }
+    }
+
+    fn forget(&self, task_id: &str) {
+        self.open.lock().expect("open files lock").remove(task_id);
+    }
+
+    fn count(&self) -> usize {
+        self.open.lock().expect("open files lock").len()
     }
 }
 
@@ -285,13 +369,13 @@ pub struct StoredTask {
     id: String,
     geometry: Geometry,
     dir: PathBuf,
-    write_file: Arc<TaskFile>,
-    read_file: Arc<File>,
+    handles: Mutex<Handles>,
+    /// When the handles were last taken, on the [`OpenFiles`] clock.
+    last_used: AtomicU64,
+    files: Arc<OpenFiles>,
     pieces: Mutex<PieceState>,
-    /// The piece journal, appended under the lock; `journal_file` is the same file, for
-    /// syncing without holding it.
-    journal: Mutex<File>,
-    journal_file: File,
+    /// Held while appending to (or cutting) the piece journal.
+    journal_lock: Mutex<()>,
     journal_sync: GroupSync,
     /// Pieces written to the content file share its fdatasyncs the same way.
     content_sync: GroupSync,
@@ -346,9 +430,77 @@ impl StoredTask {
         self.served.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// The content file opened for reading (page cache), shared with the servers.
-    pub fn read_file(&self) -> &Arc<File> {
-        &self.read_file
+    /// The content file opened for reading (page cache), shared with the servers; opened
+    /// now if the task's descriptors were closed.
+    pub fn read_file(self: &Arc<Self>) -> io::Result<Arc<File>> {
+        self.last_used.store(self.files.tick(), Ordering::Relaxed);
+        let mut handles = self.handles.lock().expect("handles lock");
+        if let Some(read) = &handles.read {
+            return Ok(Arc::clone(read));
+        }
+        let read = Arc::new(File::open(self.content_path())?);
+        let first = handles.write.is_none();
+        handles.read = Some(Arc::clone(&read));
+        drop(handles);
+        if first {
+            self.files.opened(self);
+        }
+        Ok(read)
+    }
+
+    /// The content file for piece writes and the journal; opened now if they were closed.
+    fn write_handles(self: &Arc<Self>) -> io::Result<Arc<WriteHandles>> {
+        self.last_used.store(self.files.tick(), Ordering::Relaxed);
+        let mut handles = self.handles.lock().expect("handles lock");
+        if let Some(write) = &handles.write {
+            return Ok(Arc::clone(write));
+        }
+        let content = TaskFile::open(&self.content_path(), self.files.direct_io)?;
+        let journal = OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("pieces.log"))?;
+        let write = Arc::new(WriteHandles {
+            content: Arc::new(content),
+            journal,
+        });
+        let first = handles.read.is_none();
+        handles.write = Some(Arc::clone(&write));
+        drop(handles);
+        if first {
+            self.files.opened(self);
+        }
+        Ok(write)
+    }
+
+    /// Closes the task's descriptors unless someone uses them now; whether it did.
+    fn close_idle(&self, io: &IoEngine) -> bool {
+        let Ok(mut handles) = self.handles.try_lock() else {
+            return false;
+        };
+        let busy = handles
+            .read
+            .as_ref()
+            .is_some_and(|r| Arc::strong_count(r) > 1)
+            || handles
+                .write
+                .as_ref()
+                .is_some_and(|w| Arc::strong_count(w) > 1);
+        if busy {
+            return false;
+        }
+        handles.read = None;
+        if let Some(write) = handles.write.take() {
+            io.release_file(&write.content);
+        }
+        true
+    }
+
+    /// Drops the write descriptors (a complete or deleted task is not written again).
+    fn close_write(&self, io: &IoEngine) {
+        let write = self.handles.lock().expect("handles lock").write.take();
+        if let Some(write) = write {
+            io.release_file(&write.content);
+        }
     }
 
     pub fn content_path(&self) -> PathBuf {
@@ -398,12 +550,15 @@ impl StoredTask {
 pub struct Store {
     tasks_dir: PathBuf,
     data_dir: PathBuf,
-    io: IoEngine,
+    io: Arc<IoEngine>,
     pool: Arc<BufferPool>,
     direct_io: bool,
     io_timeout: Duration,
     faults: Arc<Faults>,
     tasks: RwLock<HashMap<String, Arc<StoredTask>>>,
+    /// One gate per task being created, so creating it holds no store-wide lock.
+    creating: Mutex<HashMap<String, Arc<Mutex<()>>>>,
+    files: Arc<OpenFiles>,
     quarantined: Mutex<Vec<QuarantinedTask>>,
 }
 
@@ -432,10 +587,24 @@ impl Store {
         let tasks_dir = data_dir.join("tasks");
         fs::create_dir_all(&tasks_dir)
             .map_err(|e| StoreError::io(format!("creating {}", tasks_dir.display()), e))?;
+        let io = Arc::new(io);
+        let limit = match options.max_open_tasks {
+            0 => derived_open_tasks(),
+            set => set,
+        };
+        let files = Arc::new(OpenFiles {
+            limit,
+            direct_io: options.direct_io,
+            io: Arc::clone(&io),
+            clock: AtomicU64::new(0),
+            open: Mutex::new(HashMap::new()),
+        });
         let store = Store {
             tasks_dir: tasks_dir.clone(),
             data_dir: data_dir.to_owned(),
             io,
+            files,
+            creating: Mutex::new(HashMap::new()),
             pool,
             direct_io: options.direct_io,
             io_timeout: options.io_timeout,
@@ -542,6 +711,16 @@ impl Store {
         self.io_timeout
     }
 
+    /// How many tasks' descriptors may be open at once.
+    pub fn max_open_tasks(&self) -> usize {
+        self.files.limit
+    }
+
+    /// How many tasks have descriptors open now.
+    pub fn open_tasks(&self) -> usize {
+        self.files.count()
+    }
+
     fn load_task(&self, dir: &Path) -> Result<Arc<StoredTask>, StoreError> {
         let meta_path = dir.join("task.json");
         let meta: TaskMeta = serde_json::from_slice(
@@ -562,6 +741,7 @@ impl Store {
         }
         let geometry = Geometry::new(meta.content_length, meta.piece_length)?;
         let journal_path = dir.join("pieces.log");
+        // Read and closed again: descriptors are opened when the task is used.
         let mut journal = OpenOptions::new()
             .read(true)
             .append(true)
@@ -596,14 +776,14 @@ impl Store {
                 .map_err(|e| StoreError::io("syncing journal", e))?;
         }
         let held = digests.iter().filter(|d| d.is_some()).count() as u32;
+        drop(journal);
         let task = self.task_handle(
             dir,
             meta.task_id,
             geometry,
-            journal,
             valid as u64,
             PieceState { digests, held },
-        )?;
+        );
         if task.is_complete() {
             self.finish(&task)?;
         }
@@ -615,26 +795,18 @@ impl Store {
         dir: &Path,
         id: String,
         geometry: Geometry,
-        journal: File,
         journal_len: u64,
         pieces: PieceState,
-    ) -> Result<Arc<StoredTask>, StoreError> {
-        let content = dir.join("content");
-        let write_file = TaskFile::open(&content, self.direct_io)
-            .map_err(|e| StoreError::io(format!("opening {}", content.display()), e))?;
-        let read_file = File::open(&content)
-            .map_err(|e| StoreError::io(format!("opening {}", content.display()), e))?;
-        Ok(Arc::new(StoredTask {
+    ) -> Arc<StoredTask> {
+        Arc::new(StoredTask {
             id,
             geometry,
             dir: dir.to_owned(),
-            write_file: Arc::new(write_file),
-            read_file: Arc::new(read_file),
+            handles: Mutex::new(Handles::default()),
+            last_used: AtomicU64::new(0),
+            files: Arc::clone(&self.files),
             pieces: Mutex::new(pieces),
-            journal_file: journal
-                .try_clone()
-                .map_err(|e| StoreError::io("opening the journal", e))?,
-            journal: Mutex::new(journal),
+            journal_lock: Mutex::new(()),
             journal_sync: GroupSync::default(),
             content_sync: GroupSync::default(),
             served: AtomicU64::new(0),
@@ -644,7 +816,7 @@ impl Store {
             journal_durable: AtomicU64::new(journal_len),
             faults: Arc::clone(&self.faults),
             writer: Mutex::new(None),
-        }))
+        })
     }
 
     pub fn get(&self, task_id: &str) -> Option<Arc<StoredTask>> {
@@ -664,32 +836,50 @@ impl Store {
     }
 
     /// The task, created (content file preallocated) if the store does not have it yet.
+    /// Creating it (fallocate, fsyncs) holds only that task id's gate, never the map lock
+    /// that every other task's lookups take.
     pub fn create_or_get(
         &self,
         task_id: &str,
         geometry: Geometry,
     ) -> Result<Arc<StoredTask>, StoreError> {
-        let mut tasks = self.tasks.write().expect("tasks lock");
-        if let Some(task) = tasks.get(task_id) {
-            if task.geometry != geometry {
-                return Err(StoreError::GeometryConflict {
-                    task_id: task_id.into(),
-                    stored_length: task.geometry.content_length(),
-                    stored_piece: task.geometry.piece_length(),
-                    length: geometry.content_length(),
-                    piece: geometry.piece_length(),
-                });
+        if let Some(task) = self.get(task_id) {
+            return same_geometry(task, geometry);
+        }
+        let gate = Arc::clone(
+            self.creating
+                .lock()
+                .expect("creating lock")
+                .entry(task_id.to_owned())
+                .or_default(),
+        );
+        let created = {
+            let _creating = gate.lock().expect("creation gate");
+            match self.get(task_id) {
+                // Created by whoever held the gate before.
+                Some(task) => Ok(task),
+                None => {
+                    let dir = self.tasks_dir.join(task_id);
+                    self.create_task_dir(&dir, task_id, geometry)
+                        .inspect(|task| {
+                            self.tasks
+                                .write()
+                                .expect("tasks lock")
+                                .insert(task_id.to_owned(), Arc::clone(task));
+                        })
+                }
             }
-            return Ok(Arc::clone(task));
+        };
+        {
+            let mut creating = self.creating.lock().expect("creating lock");
+            if creating
+                .get(task_id)
+                .is_some_and(|entry| Arc::ptr_eq(entry, &gate))
+            {
+                creating.remove(task_id);
+            }
         }
-        let dir = self.tasks_dir.join(task_id);
-        let result = self.create_task_dir(&dir, task_id, geometry);
-        if result.is_err() {
-            let _ = fs::remove_dir_all(&dir);
-        }
-        let task = result?;
-        tasks.insert(task_id.to_owned(), Arc::clone(&task));
-        Ok(task)
+        same_geometry(created?, geometry)
     }
 
     fn create_task_dir(
@@ -708,8 +898,28 @@ impl Store {
                 ));
             }
         }
+        if let Some(Fault::StallCreate(stall)) = self
+            .faults
+            .take(task_id, |f| matches!(f, Fault::StallCreate(_)))
+        {
+            std::thread::sleep(stall);
+        }
         fs::create_dir(dir)
             .map_err(|e| StoreError::io(format!("creating {}", dir.display()), e))?;
+        let filled = self.fill_task_dir(dir, task_id, geometry);
+        if filled.is_err() {
+            // Only what this call created just now.
+            let _ = fs::remove_dir_all(dir);
+        }
+        filled
+    }
+
+    fn fill_task_dir(
+        &self,
+        dir: &Path,
+        task_id: &str,
+        geometry: Geometry,
+    ) -> Result<Arc<StoredTask>, StoreError> {
         // The new entry in tasks/ must survive a crash as surely as the files in it.
         sync_dir(&self.tasks_dir).map_err(|e| StoreError::io("syncing the tasks dir", e))?;
         let content = dir.join("content");
@@ -739,12 +949,7 @@ impl Store {
         file.sync_all()
             .map_err(|e| StoreError::io(format!("syncing {}", content.display()), e))?;
         drop(file);
-        let journal = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(dir.join("pieces.log"))
-            .map_err(|e| StoreError::io("creating journal", e))?;
+        File::create(dir.join("pieces.log")).map_err(|e| StoreError::io("creating journal", e))?;
         let meta = TaskMeta {
             format: TASK_FORMAT,
             task_id: task_id.into(),
@@ -762,7 +967,7 @@ impl Store {
             digests: vec![None; geometry.piece_count() as usize],
             held: 0,
         };
-        self.task_handle(dir, task_id.into(), geometry, journal, 0, pieces)
+        Ok(self.task_handle(dir, task_id.into(), geometry, 0, pieces))
     }
 
     fn map_write_error(
@@ -815,6 +1020,13 @@ impl Store {
         if task.held(number).is_some() {
             return (Some(buf), Ok(()));
         }
+        let handles = match task.write_handles() {
+            Ok(handles) => handles,
+            Err(err) => {
+                let doing = format!("opening the files of task {}", task.id);
+                return (Some(buf), Err(StoreError::io(doing, err)));
+            }
+        };
         match self.faults.take(&task.id, |f| {
             matches!(f, Fault::PanicWrite | Fault::StallWrite(_))
         }) {
@@ -822,13 +1034,13 @@ impl Store {
                 "injected fault: writing piece {number} of task {} panics",
                 task.id
             ),
-            Some(Fault::StallWrite(stall)) => task.write_file.stall_next_write(stall),
+            Some(Fault::StallWrite(stall)) => handles.content.stall_next_write(stall),
             _ => {}
         }
-        let len = task.write_file.write_len(buf.len());
+        let len = handles.content.write_len(buf.len());
         buf.zero_tail(len);
         let request = WriteRequest {
-            file: Arc::clone(&task.write_file),
+            file: Arc::clone(&handles.content),
             offset: piece.offset,
             buf,
             len,
@@ -862,7 +1074,7 @@ impl Store {
                 task.content_sync
                     .sync(|| {
                         task.faults
-                            .sync(&task.id, SyncTarget::Content, task.write_file.file())
+                            .sync(&task.id, SyncTarget::Content, handles.content.file())
                     })
                     .map_err(|e| (SyncTarget::Content, e))?;
                 task.append_record(number, crc)
@@ -911,21 +1123,24 @@ impl Store {
         (Some(buf), Ok(()))
     }
 
-    /// A complete task: cut direct-I/O padding off the end and stop registering its file.
+    /// A complete task: cut direct-I/O padding off the end and close its write descriptors.
     fn finish(&self, task: &StoredTask) -> Result<(), StoreError> {
-        let file = task.write_file.file();
+        let path = task.content_path();
         let length = task.geometry.content_length();
-        let actual = file
-            .metadata()
+        let actual = fs::metadata(&path)
             .map_err(|e| StoreError::io("stat content", e))?
             .len();
         if actual != length {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&path)
+                .map_err(|e| StoreError::io("opening content", e))?;
             file.set_len(length)
                 .map_err(|e| StoreError::io("truncating content", e))?;
             file.sync_all()
                 .map_err(|e| StoreError::io("syncing content", e))?;
         }
-        self.io.release_file(&task.write_file);
+        task.close_write(&self.io);
         Ok(())
     }
 
@@ -938,7 +1153,8 @@ impl Store {
             .remove(task_id)
             .ok_or_else(|| StoreError::NotFound(task_id.into()))?;
         task.deleted.store(true, Ordering::Release);
-        self.io.release_file(&task.write_file);
+        task.close_write(&self.io);
+        self.files.forget(&task.id);
         fs::remove_dir_all(&task.dir)
             .map_err(|e| StoreError::io(format!("removing {}", task.dir.display()), e))
     }
@@ -988,18 +1204,19 @@ impl StoredTask {
     /// Appends a held piece's record and makes it durable. Any failure fails the task and cuts
     /// the journal back to what an fdatasync is known to have covered: a record left in the
     /// page cache must not come back as held after a restart.
-    fn append_record(&self, number: u32, crc: u32) -> io::Result<()> {
+    fn append_record(self: &Arc<Self>, number: u32, crc: u32) -> io::Result<()> {
         let mut record = [0u8; RECORD_LEN];
         record[0..4].copy_from_slice(&number.to_le_bytes());
         record[4..8].copy_from_slice(&crc.to_le_bytes());
         let check = crc32fast::hash(&record[..8]) ^ RECORD_MAGIC;
         record[8..12].copy_from_slice(&check.to_le_bytes());
+        let handles = self.write_handles()?;
         let appended = {
-            let mut journal = self.journal.lock().expect("journal lock");
+            let _journal = self.journal_lock.lock().expect("journal lock");
             if let Some(reason) = self.failure() {
                 return Err(io::Error::other(format!("task failed: {reason}")));
             }
-            journal.write_all(&record).map(|()| {
+            (&handles.journal).write_all(&record).map(|()| {
                 self.journal_appended
                     .fetch_add(RECORD_LEN as u64, Ordering::AcqRel);
             })
@@ -1008,20 +1225,20 @@ impl StoredTask {
             self.journal_sync.sync(|| {
                 let upto = self.journal_appended.load(Ordering::Acquire);
                 self.faults
-                    .sync(&self.id, SyncTarget::Journal, &self.journal_file)?;
+                    .sync(&self.id, SyncTarget::Journal, &handles.journal)?;
                 self.journal_durable.fetch_max(upto, Ordering::AcqRel);
                 Ok(())
             })
         });
         if let Err(err) = &result {
             self.fail(format!("the piece journal failed: {err}"));
-            self.cut_journal_to_durable();
+            self.cut_journal_to_durable(&handles.journal);
         }
         result
     }
 
-    fn cut_journal_to_durable(&self) {
-        let journal = self.journal.lock().expect("journal lock");
+    fn cut_journal_to_durable(&self, journal: &File) {
+        let _journal = self.journal_lock.lock().expect("journal lock");
         let durable = self.journal_durable.load(Ordering::Acquire);
         if let Err(err) = journal.set_len(durable).and_then(|()| journal.sync_all()) {
             tracing::error!(task_id = %self.id, error = %err, durable, "could not cut the journal back to its durable length; a restart may recover records whose sync failed");
@@ -1097,6 +1314,21 @@ impl GroupSync {
     }
 }
 
+fn same_geometry(task: Arc<StoredTask>, geometry: Geometry) -> Result<Arc<StoredTask>, StoreError> {
+    if task.geometry != geometry {
+        return Err(StoreError::GeometryConflict {
+            task_id: task.id.clone(),
+            stored_length: task.geometry.content_length(),
+            stored_piece: task.geometry.piece_length(),
+            length: geometry.content_length(),
+            piece: geometry.piece_length(),
+        });
+    }
+    Ok(task)
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename, then syncs the directory: that
+/// covers the rename and every other entry made in it before (the content file, the journal).
 fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let temp = path.with_extension("tmp");
     let mut file = File::create(&temp)?;
@@ -1145,13 +1377,16 @@ impl PieceProvider for StoreProvider {
         let crc = task.held(number).ok_or_else(|| {
             ProviderError::NotFound(format!("piece {number} of task {task_id} is not held here"))
         })?;
+        let file = task.read_file().map_err(|e| {
+            ProviderError::Internal(format!("opening the content of task {task_id}: {e}"))
+        })?;
         // Peers fetch a task's pieces roughly in order: start reading the next pieces from
         // disk now, so a cold seed's disk works ahead of its network instead of each piece's
         // read starting only when that piece is asked for.
         let ahead = range.offset + range.length;
         if ahead < task.geometry.content_length() {
             let _ = nix::fcntl::posix_fadvise(
-                task.read_file.as_ref(),
+                file.as_ref(),
                 ahead as i64,
                 (READ_AHEAD_PIECES * range.length) as i64,
                 nix::fcntl::PosixFadviseAdvice::POSIX_FADV_WILLNEED,
@@ -1168,7 +1403,7 @@ impl PieceProvider for StoreProvider {
                 cost: std::time::Duration::ZERO,
                 created_at: chrono::Utc::now().naive_utc(),
             },
-            file: Arc::clone(&task.read_file),
+            file,
             file_offset: range.offset,
         })
     }
@@ -1232,12 +1467,18 @@ mod tests {
     }
 
     fn open_timed(dir: &Path, io_timeout: Duration) -> Store {
+        open_with(
+            dir,
+            StoreOptions {
+                io_timeout,
+                ..StoreOptions::default()
+            },
+        )
+    }
+
+    fn open_with(dir: &Path, options: StoreOptions) -> Store {
         let pool = BufferPool::new(4 << 20, 16).unwrap();
         let io = IoEngine::start(&pool, IoChoice::Auto, 1).unwrap();
-        let options = StoreOptions {
-            io_timeout,
-            ..StoreOptions::default()
-        };
         Store::open_with(dir, pool, io, options).unwrap()
     }
 
@@ -1670,5 +1911,81 @@ mod tests {
             try_write(&store, &task, 1, 2).await.1,
             Err(StoreError::TaskFailed { .. })
         ));
+    }
+
+    /// Was: create_or_get held the store-wide write lock across mkdir, fallocate and the
+    /// fsyncs, so every lookup of every other task (the serve path) waited for a new task.
+    #[test]
+    fn creating_a_task_does_not_stall_lookups_of_other_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let store = runtime.block_on(async { open(dir.path()) });
+        let geometry = Geometry::new(4 << 20, 4 << 20).unwrap();
+        let (served, created) = ("a".repeat(64), "b".repeat(64));
+        store.create_or_get(&served, geometry).unwrap();
+        store
+            .faults()
+            .arm(&created, Fault::StallCreate(Duration::from_millis(1500)));
+        std::thread::scope(|scope| {
+            let first = scope.spawn(|| store.create_or_get(&created, geometry).unwrap());
+            std::thread::sleep(Duration::from_millis(200));
+            let second = scope.spawn(|| store.create_or_get(&created, geometry).unwrap());
+            let started = std::time::Instant::now();
+            assert!(store.get(&served).is_some());
+            assert_eq!(
+                store.list().len(),
+                1,
+                "the task being created is not listed yet"
+            );
+            assert!(
+                started.elapsed() < Duration::from_millis(500),
+                "lookups waited {:?} for another task's creation",
+                started.elapsed()
+            );
+            let (first, second) = (first.join().unwrap(), second.join().unwrap());
+            assert!(Arc::ptr_eq(&first, &second), "created once");
+        });
+        assert_eq!(store.list().len(), 2);
+        assert!(store.creating.lock().unwrap().is_empty());
+    }
+
+    /// Was: every task kept four descriptors open from start-up on, so a store of many tasks
+    /// ran out of them (EMFILE) before it served anything.
+    #[tokio::test]
+    async fn descriptors_are_opened_on_use_and_bounded_by_max_open_tasks() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = || StoreOptions {
+            max_open_tasks: 4,
+            ..StoreOptions::default()
+        };
+        let geometry = Geometry::new(4 << 20, 4 << 20).unwrap();
+        let ids: Vec<String> = (0..12u8).map(|i| format!("{:064x}", i + 1)).collect();
+        {
+            let store = open_with(dir.path(), options());
+            for (i, id) in ids.iter().enumerate() {
+                let task = store.create_or_get(id, geometry).unwrap();
+                write(&store, &task, 0, i as u8 + 1).await;
+                assert!(store.open_tasks() <= 4, "{} open", store.open_tasks());
+            }
+        }
+        let store = open_with(dir.path(), options());
+        assert_eq!(store.list().len(), 12);
+        assert_eq!(store.open_tasks(), 0, "nothing opened at start-up");
+        // A file handed out stays usable after its task's descriptors are closed by the LRU.
+        let first = store.get(&ids[0]).unwrap().read_file().unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            let file = store.get(id).unwrap().read_file().unwrap();
+            let mut byte = [0u8; 1];
+            file.read_exact_at(&mut byte, 4095).unwrap();
+            assert_eq!(byte[0], i as u8 + 1);
+            assert!(store.open_tasks() <= 5, "{} open", store.open_tasks());
+        }
+        let mut byte = [0u8; 1];
+        first.read_exact_at(&mut byte, 0).unwrap();
+        assert_eq!(byte[0], 1);
+        drop(first);
+        // Reading the next one closes idle ones until the limit holds again.
+        let _ = store.get(&ids[1]).unwrap().read_file().unwrap();
+        assert!(store.open_tasks() <= 4, "{} open", store.open_tasks());
     }
 }
