@@ -75,6 +75,9 @@ pub struct DaemonOptions {
     pub control: Option<String>,
     /// What the harness presents to a `tcp://` control endpoint.
     pub auth: ClientAuth,
+    /// RLIMIT_NOFILE of the daemon (through `prlimit`, which execs it: the pid is the
+    /// daemon's); unset: inherited.
+    pub max_open_files: Option<u64>,
 }
 
 /// A `ferry serve` process. Killed when dropped.
@@ -120,7 +123,18 @@ impl Daemon {
                     .flat_map(|dir| ["--output-dir".into(), dir.into_os_string()]),
             )
             .collect();
-        let child = Command::new(ferry_bin())
+        let mut command = match options.max_open_files {
+            Some(limit) => {
+                let mut command = Command::new("prlimit");
+                command
+                    .arg(format!("--nofile={limit}:{limit}"))
+                    .arg("--")
+                    .arg(ferry_bin());
+                command
+            }
+            None => Command::new(ferry_bin()),
+        };
+        let child = command
             .arg("--control")
             .arg(&control)
             .arg("serve")
