@@ -1988,4 +1988,26 @@ mod tests {
         let _ = store.get(&ids[1]).unwrap().read_file().unwrap();
         assert!(store.open_tasks() <= 4, "{} open", store.open_tasks());
     }
+
+    /// The panic fault (for tests of panic handling above the store) fires once.
+    #[tokio::test]
+    async fn an_armed_panic_fires_once_and_the_task_is_written_after_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(open(dir.path()));
+        let id = "a".repeat(64);
+        let task = store
+            .create_or_get(&id, Geometry::new(4 << 20, 4 << 20).unwrap())
+            .unwrap();
+        store.faults().arm(&id, Fault::PanicWrite);
+        let panicked = tokio::spawn({
+            let (store, task) = (Arc::clone(&store), Arc::clone(&task));
+            async move { try_write(&store, &task, 0, 1).await.1 }
+        })
+        .await
+        .expect_err("the write panicked");
+        assert!(panicked.is_panic());
+        assert_eq!(task.held(0), None);
+        write(&store, &task, 0, 1).await;
+        assert!(task.is_complete());
+    }
 }
