@@ -1339,7 +1339,13 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> io::Result<()> {
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
+    File::open(dir)?.sync_all()?;
+    #[cfg(test)]
+    tests::SYNCED_DIRS
+        .lock()
+        .expect("synced dirs")
+        .push(dir.to_owned());
+    Ok(())
 }
 
 fn copy_synced(from: &Path, to: &Path) -> io::Result<()> {
@@ -1459,6 +1465,9 @@ pub fn read_range_into(file: &File, offset: u64, buf: &mut PieceBuffer) -> io::R
 mod tests {
     use super::*;
     use crate::io::IoChoice;
+
+    /// Every directory `sync_dir` synced, by any test.
+    pub(super) static SYNCED_DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 
     fn open(dir: &Path) -> Store {
         let pool = BufferPool::new(4 << 20, 16).unwrap();
@@ -2009,5 +2018,22 @@ mod tests {
         assert_eq!(task.held(0), None);
         write(&store, &task, 0, 1).await;
         assert!(task.is_complete());
+    }
+
+    /// Was: only the task dir was synced (by task.json's rename), so a crash could lose the
+    /// new dir's entry in tasks/ and with it every piece written into it.
+    #[test]
+    fn a_new_task_dir_is_synced_into_tasks_and_its_files_into_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Runtime::new().unwrap();
+        let store = runtime.block_on(async { open(dir.path()) });
+        let id = "f".repeat(64);
+        store
+            .create_or_get(&id, Geometry::new(4 << 20, 4 << 20).unwrap())
+            .unwrap();
+        let synced = SYNCED_DIRS.lock().unwrap().clone();
+        let tasks = dir.path().join("tasks");
+        assert!(synced.contains(&tasks), "tasks/ not synced: {synced:?}");
+        assert!(synced.contains(&tasks.join(&id)), "task dir not synced");
     }
 }
