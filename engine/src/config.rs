@@ -13,6 +13,7 @@ pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 3600;
 /// size arithmetic, and `Instant::now() + timeout` cannot overflow (it panics if it does).
 const MAX_POOL_MIB: u64 = 1 << 20;
 const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
+const MAX_OPEN_TASKS: usize = 1 << 20;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
@@ -193,6 +194,13 @@ pub struct IoConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreConfig {
+    /// Longest a piece's disk write, or its fdatasync and journal record, may take; past it
+    /// the piece fails and so does its task (its state on disk is unknown). Also bounds the
+    /// wait for pool buffers.
+    pub io_timeout_secs: u64,
+    /// Tasks whose descriptors stay open at once (least recently used closed first); 0:
+    /// derived from the descriptor limit (RLIMIT_NOFILE less 256, 3 per task).
+    pub max_open_tasks: usize,
     /// Largest task a transfer may create, in bytes: a source's word about a task's size
     /// is checked against this (and the data dir's free space) before anything is allocated.
     pub max_task_bytes: u64,
@@ -268,6 +276,8 @@ pub const DEFAULT_MAX_TASK_BYTES: u64 = 16 << 40;
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
+            io_timeout_secs: 60,
+            max_open_tasks: 0,
             max_task_bytes: DEFAULT_MAX_TASK_BYTES,
         }
     }
@@ -441,6 +451,7 @@ impl Config {
             ),
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
             ("server.write_timeout_secs", self.server.write_timeout_secs),
+            ("store.io_timeout_secs", self.store.io_timeout_secs),
         ] {
             if !(1..=MAX_TIMEOUT_SECS).contains(&value) {
                 return invalid(key, value, "1 to 86400 seconds (one day)");
@@ -459,6 +470,13 @@ impl Config {
         }
         if !(1..=16).contains(&self.rdma.queue_pairs) {
             return invalid("rdma.queue_pairs", self.rdma.queue_pairs, "1 to 16");
+        }
+        if self.store.max_open_tasks > MAX_OPEN_TASKS {
+            return invalid(
+                "store.max_open_tasks",
+                self.store.max_open_tasks,
+                "0 (derived from the descriptor limit) to 1048576",
+            );
         }
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", 0, "at least 1");
@@ -679,6 +697,11 @@ mod tests {
         refused(|c| c.advertise = Some(":4100".into()), "advertise");
         refused(|c| c.rdma.port = Some(0), "rdma.port");
         refused(|c| c.rdma.device = Some(String::new()), "rdma.device");
+        refused(|c| c.store.io_timeout_secs = 0, "store.io_timeout_secs");
+        refused(
+            |c| c.store.io_timeout_secs = 86_401,
+            "store.io_timeout_secs",
+        );
         let mut config = Config {
             drain_timeout_secs: 0,
             control: "tcp://localhost:4101".into(),

@@ -106,6 +106,10 @@ fn store_status(err: StoreError) -> Status {
         StoreError::GeometryConflict { .. } => Status::failed_precondition(message),
         StoreError::Geometry(err) => geometry_status(err),
         StoreError::Deleted(_) => Status::aborted(message),
+        StoreError::Busy { .. } => Status::failed_precondition(message),
+        StoreError::TaskFailed { .. } => Status::aborted(message),
+        StoreError::Timeout { .. } => Status::deadline_exceeded(message),
+        StoreError::SyncFailed { .. } => Status::data_loss(message),
         _ => Status::internal(message),
     }
 }
@@ -179,7 +183,7 @@ pub fn task_message(task: &StoredTask, with_pieces: bool) -> proto::Task {
         complete: held == geometry.piece_count(),
         pieces,
         pieces_served: task.pieces_served(),
-        transferring: task.transferring.load(std::sync::atomic::Ordering::Acquire),
+        transferring: task.writer().is_some(),
         content_digest: manifest
             .map(|m| m.content_sha256.to_string())
             .unwrap_or_default(),
@@ -503,9 +507,9 @@ impl Ferry for ControlService {
         request: Request<proto::DeleteTaskRequest>,
     ) -> Result<Response<proto::DeleteTaskResponse>, Status> {
         let task = known_task(&self.engine, &request.into_inner().task_id)?;
-        if task.transferring.load(std::sync::atomic::Ordering::Acquire) {
+        if let Some(writer) = task.writer() {
             return Err(Status::failed_precondition(format!(
-                "task {} has a transfer running; cancel it first",
+                "task {} has {writer} running; cancel it first",
                 task.id()
             )));
         }

@@ -15,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::proto::ferry_server::FerryServer;
 use crate::rdma::{RdmaHost, RdmaSettings};
 use crate::sd_notify;
-use crate::store::{Store, StoreProvider};
+use crate::store::{Store, StoreOptions, StoreProvider};
 use crate::transfer::{Engine, OutputPolicy, TransferSettings};
 use crate::transport::TcpTransport;
 use anyhow::Context;
@@ -78,7 +78,18 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     tracing::info!(backend = io.name(), "I/O engine ready");
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data dir {}", config.data_dir.display()))?;
-    let store = Arc::new(Store::open(&config.data_dir, pool, io, config.io.direct)?);
+    let io_timeout = Duration::from_secs(config.store.io_timeout_secs);
+    // A pool drained by stuck work fails the waiting piece instead of hanging it.
+    pool.set_acquire_timeout(Some(io_timeout));
+    let options = StoreOptions {
+        direct_io: config.io.direct,
+        io_timeout,
+        max_open_tasks: config.store.max_open_tasks,
+    };
+    let store = Arc::new(Store::open_with(&config.data_dir, pool, io, options)?);
+    for set_aside in store.quarantined() {
+        tracing::warn!(task = %set_aside.name, path = %set_aside.path.display(), reason = %set_aside.reason, "task dir quarantined at start-up");
+    }
 
     let listener = TcpListener::bind(&config.listen)
         .await
@@ -455,6 +466,8 @@ fn announce(config: &Config, data_address: &str, store: &Store, started: Instant
         data = %data_address,
         data_dir = %config.data_dir.display(),
         tasks = store.list().len(),
+        quarantined = store.quarantined().len(),
+        max_open_tasks = store.max_open_tasks(),
         io = store.io_backend(),
         startup_ms = started.elapsed().as_millis() as u64,
         "ferry daemon ready"

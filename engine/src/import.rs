@@ -5,7 +5,7 @@
 use crate::geometry::{self, Geometry, GeometryError, TaskIdInputs};
 use crate::io::PieceBuffer;
 use crate::manifest::{self, ContentDigest, ContentHasher, Manifest, ManifestState};
-use crate::store::{self, Store, StoreError, StoredTask};
+use crate::store::{self, Store, StoreError, StoredTask, WriterKind};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -200,6 +200,12 @@ async fn import_opened(
     // costs no extra read. Pieces already held (an import resumed after a crash) are read
     // for the hash only.
     let file = Arc::new(file);
+    // The task's one writer while pieces are copied in (a transfer or import into it refused).
+    let _writing = if task.is_complete() {
+        None
+    } else {
+        Some(task.try_begin_writing(WriterKind::Import)?)
+    };
     let mut hasher = ContentHasher::default();
     let mut running = std::collections::VecDeque::new();
     for piece in task.geometry().pieces() {
@@ -244,7 +250,8 @@ async fn import_opened(
             }
             let (buf, written) = store.write_piece(&task, piece, buf, crc).await;
             written.map_err(ImportError::from)?;
-            Ok(buf)
+            // Only a timed-out write keeps its buffer, and that is an error above.
+            Ok(buf.expect("a written piece's buffer comes back"))
         }));
     }
     while !running.is_empty() {

@@ -368,6 +368,15 @@ impl Metrics {
             .inc();
     }
 
+    /// Failed piece attempts so far for one reason (what `ferry_piece_failures_total` shows).
+    pub fn piece_failures(&self, why: PieceFailure) -> u64 {
+        self.piece_failures
+            .get_or_create(&ReasonLabel {
+                reason: why.label(),
+            })
+            .get()
+    }
+
     pub fn piece_retried(&self) {
         self.piece_retries.inc();
     }

@@ -911,7 +911,7 @@ impl RdmaService {
             .acquire(piece.length)
             .await
             .map_err(|e| RdmaError::verbs("buffer pool", e))?;
-        let file = Arc::clone(task.read_file());
+        let file = task.read_file()?;
         let (buf, read) = tokio::task::spawn_blocking(move || {
             let mut buf = buf;
             let read = crate::store::read_range_into(&file, piece.offset, &mut buf);

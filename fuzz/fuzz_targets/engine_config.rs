@@ -42,6 +42,7 @@ fuzz_target!(|data: &[u8]| {
     for secs in [
         config.transfer.piece_timeout_secs,
         config.transfer.io_timeout_secs,
+        config.store.io_timeout_secs,
         config.transfer.connect_timeout_secs,
         config.server.idle_timeout_secs,
         config.server.write_timeout_secs,

@@ -77,6 +77,9 @@ pub struct DaemonOptions {
     pub auth: ClientAuth,
     /// The daemon's umask, e.g. "0077" as the systemd unit sets [default: the test's].
     pub umask: Option<String>,
+    /// RLIMIT_NOFILE of the daemon (through `prlimit`, which execs it: the pid is the
+    /// daemon's); unset: inherited.
+    pub max_open_files: Option<u64>,
 }
 
 /// A `ferry serve` process. Killed when dropped.
@@ -122,17 +125,27 @@ impl Daemon {
                     .flat_map(|dir| ["--output-dir".into(), dir.into_os_string()]),
             )
             .collect();
-        // A umask is set by a shell that then execs the daemon (the tests stay free of unsafe
-        // pre_exec code).
-        let mut command = match &options.umask {
-            Some(umask) => {
-                let mut sh = Command::new("sh");
-                sh.args(["-c", "umask \"$0\" && exec \"$@\"", umask])
-                    .arg(ferry_bin());
-                sh
-            }
-            None => Command::new(ferry_bin()),
-        };
+        // A descriptor limit (prlimit) and a umask (a shell) are set by programs that then
+        // exec the daemon, so its pid is the child's (the tests stay free of unsafe pre_exec).
+        let mut program: Vec<std::ffi::OsString> = Vec::new();
+        if let Some(limit) = options.max_open_files {
+            program.extend([
+                "prlimit".into(),
+                format!("--nofile={limit}:{limit}").into(),
+                "--".into(),
+            ]);
+        }
+        if let Some(umask) = &options.umask {
+            program.extend([
+                "sh".into(),
+                "-c".into(),
+                "umask \"$0\" && exec \"$@\"".into(),
+                umask.into(),
+            ]);
+        }
+        program.push(ferry_bin().into_os_string());
+        let mut command = Command::new(&program[0]);
+        command.args(&program[1..]);
         let child = command
             .arg("--control")
             .arg(&control)

@@ -514,3 +514,100 @@ async fn without_output_dirs_no_output_is_placed_but_the_store_still_fills() {
     assert_eq!(done.pieces.len(), 3);
     assert!(!output.exists(), "still nothing placed");
 }
+
+/// Writes a complete one-piece task straight in the store's on-disk layout (faster than
+/// creating 20 000 tasks through a daemon): task.json, its content, one journal record.
+fn write_stored_task(tasks: &std::path::Path, task_id: &str, content: &[u8]) {
+    let dir = tasks.join(task_id);
+    std::fs::create_dir(&dir).unwrap();
+    let meta = serde_json::json!({
+        "format": 1,
+        "task_id": task_id,
+        "content_length": content.len(),
+        "piece_length": 4 * MIB,
+    });
+    std::fs::write(dir.join("task.json"), meta.to_string()).unwrap();
+    std::fs::write(dir.join("content"), content).unwrap();
+    let mut record = Vec::with_capacity(12);
+    record.extend_from_slice(&0u32.to_le_bytes());
+    record.extend_from_slice(&crc32fast::hash(content).to_le_bytes());
+    let check = crc32fast::hash(&record) ^ 0x4645_5259;
+    record.extend_from_slice(&check.to_le_bytes());
+    std::fs::write(dir.join("pieces.log"), record).unwrap();
+}
+
+fn small_content(i: u32) -> Vec<u8> {
+    let mut content = format!("task {i} ").into_bytes();
+    content.resize(4096 + (i as usize % 7), (i % 251) as u8);
+    content
+}
+
+/// Was: every task kept four descriptors open from start-up on, so under `ulimit -n 1024` a
+/// store of 20 000 tasks hit EMFILE while recovering (and removed the task dirs it failed
+/// to open). Now descriptors open on use, at most `store.max_open_tasks` tasks at once.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_store_of_20000_tasks_starts_and_serves_under_ulimit_n_1024() {
+    const TASKS: u32 = 20_000;
+    let root = scratch("many-tasks");
+    let data = root.path().join("seed-data");
+    let tasks = data.join("tasks");
+    std::fs::create_dir_all(&tasks).unwrap();
+    let id = |i: u32| format!("{:064x}", u64::from(i) * 0x9E37_79B9 + 1);
+    for i in 0..TASKS {
+        write_stored_task(&tasks, &id(i), &small_content(i));
+    }
+    // A small LRU as well, so serving many tasks closes and reopens their descriptors.
+    let config = root.path().join("seed.toml");
+    std::fs::write(&config, "[store]\nmax_open_tasks = 16\n").unwrap();
+    let started = std::time::Instant::now();
+    let seed = Daemon::start(
+        root.path(),
+        "seed",
+        DaemonOptions {
+            data_dir: Some(data.clone()),
+            max_open_files: Some(1024),
+            extra_args: vec!["--config".into(), config.display().to_string()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let log = seed.log_text();
+    assert!(
+        log.contains(&format!("tasks={TASKS}")) && log.contains("quarantined=0"),
+        "not every task recovered (started in {:?}):\n{}",
+        started.elapsed(),
+        &log[log.len().saturating_sub(3000)..]
+    );
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", seed.pid())).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max open files") && l.contains(" 1024 ")),
+        "{limits}"
+    );
+    let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
+    let mut client = receiver.client().await;
+    // 40 tasks spread over the store: more than the 16 whose descriptors may stay open.
+    for i in (0..TASKS).step_by((TASKS / 40) as usize) {
+        let stat = seed.stat(&id(i)).await;
+        assert!(stat.complete && stat.pieces_held == 1, "{stat:?}");
+        let output = root.path().join(format!("out-{i}.bin"));
+        let pulled = transfer(
+            &mut client,
+            pull_request(&id(i), &[&seed.data_address], &output),
+            |_| {},
+        )
+        .await
+        .unwrap_or_else(|e| panic!("pulling task {i}: {e}"));
+        assert_eq!(pulled.pieces.len(), 1);
+        assert!(
+            std::fs::read(&output).unwrap() == small_content(i),
+            "task {i}"
+        );
+    }
+    let open_fds = std::fs::read_dir(format!("/proc/{}/fd", seed.pid()))
+        .unwrap()
+        .count();
+    assert!(open_fds < 1024, "{open_fds} descriptors open");
+    assert_eq!(seed.stat(&id(0)).await.pieces_served, 1);
+}

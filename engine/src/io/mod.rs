@@ -17,12 +17,16 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 /// A store file open for piece writes, O_DIRECT where the filesystem allows.
 pub struct TaskFile {
     id: u64,
     file: File,
     direct: bool,
+    /// Test fault: the next write on this file stalls this many microseconds on the I/O thread
+    /// first, holding its buffer, like a hung device (0: none).
+    stall_next_write_us: AtomicU64,
 }
 
 static NEXT_FILE_ID: AtomicU64 = AtomicU64::new(1);
@@ -50,6 +54,22 @@ impl TaskFile {
             id: NEXT_FILE_ID.fetch_add(1, Ordering::Relaxed),
             file,
             direct,
+            stall_next_write_us: AtomicU64::new(0),
+        }
+    }
+
+    /// Test fault: the next write of this file blocks for `stall` on the thread doing it
+    /// (an io_uring thread stalls its whole ring, as a hung disk would).
+    pub fn stall_next_write(&self, stall: Duration) {
+        self.stall_next_write_us
+            .store(stall.as_micros().max(1) as u64, Ordering::Release);
+    }
+
+    /// Sleeps out a stall armed by [`TaskFile::stall_next_write`], once.
+    fn take_write_stall(&self) {
+        let us = self.stall_next_write_us.swap(0, Ordering::AcqRel);
+        if us > 0 {
+            std::thread::sleep(Duration::from_micros(us));
         }
     }
 
@@ -73,6 +93,19 @@ impl TaskFile {
             len
         }
     }
+}
+
+/// The soft limit on open descriptors (RLIMIT_NOFILE) of this process.
+pub fn open_file_limit() -> Option<u64> {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit only writes the struct it is given, which lives on this stack frame.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        return None;
+    }
+    Some(limit.rlim_cur)
 }
 
 /// Which backend to use.
@@ -126,7 +159,9 @@ impl IoEngine {
     }
 
     /// Writes the piece; the buffer comes back whatever happened, so it is never freed while
-    /// the kernel may still read it.
+    /// the kernel may still read it. Dropping this future before it resolves (a timeout) is
+    /// safe: the buffer stays with the operation in flight (the I/O thread, or the blocking
+    /// task) and returns to the pool only once the device is done with it.
     pub async fn write(&self, request: WriteRequest) -> (PieceBuffer, io::Result<()>) {
         assert!(request.len <= request.buf.capacity());
         match self {

@@ -5,7 +5,9 @@
 
 use std::io;
 use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Semaphore;
 
 /// Alignment O_DIRECT needs for addresses, offsets and lengths.
@@ -27,6 +29,8 @@ pub struct BufferPool {
     info: PoolInfo,
     free: Mutex<Vec<u32>>,
     permits: Semaphore,
+    /// Longest [`BufferPool::acquire`] waits, in milliseconds (0: unbounded).
+    acquire_timeout_ms: AtomicU64,
 }
 
 // SAFETY: the region is plain memory owned by the pool for its whole life; every byte of it is
@@ -49,6 +53,12 @@ pub enum PoolError {
         bytes: u64,
         needed: usize,
         total: usize,
+    },
+    #[error("no {needed} free slots for a {bytes}-byte piece within {}s: every buffer is held by work that is not finishing", after.as_secs_f64())]
+    Timeout {
+        bytes: u64,
+        needed: usize,
+        after: Duration,
     },
 }
 
@@ -84,6 +94,7 @@ impl BufferPool {
             },
             free: Mutex::new((0..slot_count as u32).rev().collect()),
             permits: Semaphore::new(slot_count),
+            acquire_timeout_ms: AtomicU64::new(0),
         }))
     }
 
@@ -139,15 +150,32 @@ impl BufferPool {
         Ok(needed)
     }
 
-    /// Borrows enough slots for `bytes`, waiting until they are free. Slots are taken all at
-    /// once (never a few now and the rest later), so concurrent callers cannot deadlock.
+    /// Bounds every later [`BufferPool::acquire`] (`None`: waits as long as it takes).
+    pub fn set_acquire_timeout(&self, timeout: Option<Duration>) {
+        let ms = timeout.map_or(0, |t| (t.as_millis() as u64).max(1));
+        self.acquire_timeout_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Borrows enough slots for `bytes`, waiting until they are free (at most the pool's
+    /// acquire timeout, then [`PoolError::Timeout`]). Slots are taken all at once (never a few
+    /// now and the rest later), so concurrent callers cannot deadlock.
     pub async fn acquire(self: &Arc<Self>, bytes: u64) -> Result<PieceBuffer, PoolError> {
         let needed = self.slots_for(bytes)?;
-        let permit = self
-            .permits
-            .acquire_many(needed as u32)
-            .await
-            .expect("pool semaphore is never closed");
+        let waiting = self.permits.acquire_many(needed as u32);
+        let permit = match self.acquire_timeout_ms.load(Ordering::Relaxed) {
+            0 => waiting.await,
+            ms => {
+                let after = Duration::from_millis(ms);
+                tokio::time::timeout(after, waiting)
+                    .await
+                    .map_err(|_| PoolError::Timeout {
+                        bytes,
+                        needed,
+                        after,
+                    })?
+            }
+        }
+        .expect("pool semaphore is never closed");
         permit.forget();
         Ok(self.take(needed, bytes as usize))
     }
@@ -369,5 +397,23 @@ mod tests {
         c.zero_tail(8192);
         assert!(c.chunks_upto_mut(8192)[0][100..].iter().all(|&x| x == 0));
         assert_eq!(c.chunks()[0].len(), 100);
+    }
+
+    /// Was an unbounded wait: a pool drained by stuck work hung every acquirer forever.
+    #[tokio::test]
+    async fn acquire_gives_up_after_the_pool_timeout() {
+        let pool = BufferPool::new(8192, 1).unwrap();
+        let held = pool.acquire(8192).await.unwrap();
+        pool.set_acquire_timeout(Some(Duration::from_millis(100)));
+        let started = std::time::Instant::now();
+        let err = pool.acquire(100).await.err().expect("times out");
+        let waited = started.elapsed();
+        assert!(matches!(err, PoolError::Timeout { needed: 1, .. }), "{err}");
+        assert!(
+            waited >= Duration::from_millis(100) && waited < Duration::from_secs(5),
+            "{waited:?}"
+        );
+        drop(held);
+        pool.acquire(100).await.expect("free again");
     }
 }

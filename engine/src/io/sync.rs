@@ -16,6 +16,7 @@ impl SyncIo {
                 mut buf,
                 len,
             } = request;
+            file.take_write_stall();
             let result = (|| {
                 let mut at = offset;
                 for chunk in buf.chunks_upto_mut(len) {

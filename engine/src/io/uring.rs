@@ -210,6 +210,7 @@ impl Worker {
                 return;
             }
             let (request, reply) = self.backlog.pop_front().expect("front exists");
+            request.file.take_write_stall();
             self.push(request, reply, chunks);
         }
     }

@@ -6,12 +6,11 @@ use crate::geometry::{self, Geometry, GeometryError, PieceRange};
 use crate::manifest::{self, ContentDigest, Manifest, ManifestState};
 use crate::metrics::{Metrics, TransferResult};
 use crate::rdma::RdmaTransport;
-use crate::store::{Store, StoreError, StoredTask};
+use crate::store::{Store, StoreError, StoredTask, WriteGuard, WriterKind};
 use crate::transport::TcpTransport;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
@@ -20,6 +19,8 @@ use tokio_util::sync::CancellationToken;
 mod output;
 mod pin;
 mod schedule;
+#[cfg(test)]
+mod tests;
 mod worker;
 
 pub use output::{
@@ -128,8 +129,9 @@ pub struct PreparedTransfer {
     streams_per_source: u32,
     transport: TransportChoice,
     cancel: CancellationToken,
-    /// Held for the transfer's whole life, dropped with it.
-    _writing: WritingFlag,
+    /// This transfer is the task's one writer until it is dropped (at the end of
+    /// [`Engine::run`], or with an unused preparation).
+    _writing: WriteGuard,
 }
 
 /// What a prepared transfer will do, for its first event.
@@ -425,10 +427,14 @@ impl Engine {
         )
         .map_err(|err| TransferError::ContentConflict(err.to_string()))?;
         let task = self.store.create_or_get(&request.task_id, geometry)?;
-        if task.transferring.swap(true, Ordering::AcqRel) {
-            return Err(TransferError::AlreadyRunning(request.task_id));
-        }
-        let writing = WritingFlag(Arc::clone(&task));
+        let writing = match task.try_begin_writing(WriterKind::Transfer) {
+            Ok(guard) => guard,
+            Err(StoreError::Busy {
+                writer: WriterKind::Transfer,
+                ..
+            }) => return Err(TransferError::AlreadyRunning(request.task_id)),
+            Err(err) => return Err(err.into()),
+        };
         if let (Some(pin), None) = (pinning.pin, held_manifest) {
             // Recorded before any piece arrives: a restart, or this daemon serving the pieces
             // it has so far, keeps to the same version.
@@ -566,6 +572,7 @@ impl Engine {
             Err(TransferError::Cancelled(_)) => TransferResult::Cancelled,
             Err(_) => TransferResult::Failed,
         });
+        drop(prepared);
         self.running.lock().expect("running lock").remove(&task_id);
         // `prepared` (and with it the task's writing flag) drops here.
         result
@@ -841,14 +848,4 @@ fn resolve_geometry(
         request.task_id,
         errors.join("; ")
     )))
-}
-
-/// Clears the task's one-transfer-at-a-time flag when the transfer ends, however it ends
-/// (an error, a panic, a dropped future).
-struct WritingFlag(Arc<StoredTask>);
-
-impl Drop for WritingFlag {
-    fn drop(&mut self) {
-        self.0.transferring.store(false, Ordering::Release);
-    }
 }

@@ -349,6 +349,7 @@ impl Worker {
                             }
                         }
                     }
+                    let panicked = matches!(err, AttemptError::Panicked(_));
                     entry.attempts += 1;
                     entry.tried |= 1 << self.source_index;
                     entry.last_error = err.to_string();
@@ -359,10 +360,17 @@ impl Worker {
                         } else {
                             "too many attempts"
                         };
-                        state.fail(Failure::Exhausted(format!(
+                        let message = format!(
                             "piece {} failed after {} attempts ({why}); last error: {}",
                             entry.number, entry.attempts, entry.last_error
-                        )));
+                        );
+                        // A piece that panicked to the end is a bug of this daemon, not the
+                        // sources' doing: INTERNAL, not UNAVAILABLE.
+                        state.fail(if panicked {
+                            Failure::Internal(message)
+                        } else {
+                            Failure::Exhausted(message)
+                        });
                         self.shared.cancel.cancel();
                     } else {
                         state.retries += 1;
