@@ -30,6 +30,10 @@ use pin::{Pinning, SourceStat};
 use schedule::{Failure, Schedule};
 use worker::{Shared, Worker};
 
+/// Longest a transfer's start waits for its sources' `TaskInfo` when the request gives the
+/// geometry (a source that has not answered by then is asked again by its workers).
+const STAT_AT_START_LIMIT: Duration = Duration::from_secs(3);
+
 /// Most sources one transfer may name (a piece's tried-sources set is a 64-bit mask).
 pub const MAX_SOURCES: usize = 64;
 
@@ -377,7 +381,16 @@ impl Engine {
         let source_names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
         // Every source is asked for its geometry and manifest once, at once: the answers fix
         // the geometry (when the request leaves it open) and which sources may serve.
-        let stats = self.stat_sources(&request.task_id, &sources).await;
+        // Bounded tightly when the geometry is given: a silent source must not hold up the
+        // start (its workers ask it again, cancellably); otherwise the answers are needed.
+        let stat_limit = if request.content_length != 0 && request.piece_length != 0 {
+            self.settings.piece_timeout.min(STAT_AT_START_LIMIT)
+        } else {
+            self.settings.piece_timeout
+        };
+        let stats = self
+            .stat_sources(&request.task_id, &sources, stat_limit)
+            .await;
         let held = self.store.get(&request.task_id);
         let geometry = resolve_geometry(&request, held.as_deref(), &source_names, &stats)?;
         if let Some(task) = &held {
@@ -478,14 +491,15 @@ impl Engine {
     }
 
     /// Asks every source for the task's `TaskInfo` at once, each bounded by the piece timeout.
-    async fn stat_sources(&self, task_id: &str, sources: &[SocketAddr]) -> Vec<SourceStat> {
+    async fn stat_sources(
+        &self,
+        task_id: &str,
+        sources: &[SocketAddr],
+        limit: Duration,
+    ) -> Vec<SourceStat> {
         let mut asking = tokio::task::JoinSet::new();
         for (index, &source) in sources.iter().enumerate() {
-            let (tcp, task_id, limit) = (
-                Arc::clone(&self.tcp),
-                task_id.to_owned(),
-                self.settings.piece_timeout,
-            );
+            let (tcp, task_id) = (Arc::clone(&self.tcp), task_id.to_owned());
             asking.spawn(async move {
                 let stat = match tokio::time::timeout(limit, tcp.stat_task(source, &task_id)).await
                 {
@@ -602,7 +616,7 @@ impl Engine {
             wake: Notify::new(),
             cancel: prepared.cancel.child_token(),
             geometry,
-            pin: prepared.pinning.pin,
+            pin: Mutex::new(prepared.pinning.pin),
             manifest_checks: prepared
                 .pinning
                 .unchecked
@@ -700,7 +714,7 @@ impl Engine {
             )));
         }
         let content_digest = if task.is_complete() {
-            Some(self.verify_content(prepared).await?)
+            Some(self.verify_content(prepared, &shared).await?)
         } else {
             None
         };
@@ -733,6 +747,7 @@ impl Engine {
     async fn verify_content(
         &self,
         prepared: &PreparedTransfer,
+        shared: &Shared,
     ) -> Result<ContentDigest, TransferError> {
         let task = &prepared.task;
         let manifest_error = |source| TransferError::Manifest {
@@ -759,7 +774,8 @@ impl Engine {
                 source,
             })
         })?;
-        match prepared.pinning.pin {
+        let pin = *shared.pin.lock().expect("pin lock");
+        match pin {
             Some(expected) if expected != actual => {
                 let unverified: Vec<&str> = prepared
                     .pinning

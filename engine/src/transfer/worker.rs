@@ -20,8 +20,9 @@ pub(super) struct Shared {
     pub(super) wake: Notify,
     pub(super) cancel: CancellationToken,
     pub(super) geometry: Geometry,
-    /// The content digest the transfer pinned.
-    pub(super) pin: Option<ContentDigest>,
+    /// The content digest the transfer pinned: at its start, or later by the first source
+    /// that states one when none had at the start.
+    pub(super) pin: Mutex<Option<ContentDigest>>,
     /// Per source: whether it may serve this version (set once, by the first of its workers
     /// to ask, for a source whose manifest was not known when the transfer started).
     pub(super) manifest_checks: Vec<tokio::sync::OnceCell<Result<(), String>>>,
@@ -141,25 +142,50 @@ impl Worker {
     }
 
     /// For a source whose manifest was not known when the transfer started: ask it now,
-    /// once for all its workers. A source that states another version is refused; one that
-    /// still cannot say may serve, and the whole-content check vouches for what it sends.
+    /// once for all its workers (cancellably). A source that states another version is
+    /// refused; one that states a digest when none is pinned yet pins it (first wins, and it
+    /// is recorded in the manifest); one that still cannot say may serve, and the
+    /// whole-content check vouches for what it sends.
     async fn check_manifest(&self) -> Result<(), String> {
         let check = &self.shared.manifest_checks[self.source_index];
-        check
-            .get_or_init(|| async {
-                let limit = self.engine.settings.piece_timeout;
-                let stat = tokio::time::timeout(
-                    limit,
-                    self.engine.tcp.stat_task(self.source, self.task.id()),
-                )
-                .await;
-                match stat {
-                    Ok(Ok(info)) => super::pin::judge(self.shared.pin, self.shared.geometry, &info),
-                    _ => Ok(()),
+        let asked = check.get_or_init(|| async {
+            let limit = self.engine.settings.piece_timeout;
+            let stat = tokio::select! {
+                stat = tokio::time::timeout(limit, self.engine.tcp.stat_task(self.source, self.task.id())) => stat,
+                _ = self.shared.cancel.cancelled() => return Ok(()),
+            };
+            let Ok(Ok(info)) = stat else { return Ok(()) };
+            let newly_pinned = {
+                let mut pin = self.shared.pin.lock().expect("pin lock");
+                super::pin::judge(*pin, self.shared.geometry, &info)?;
+                match (*pin, info.content_sha256) {
+                    (None, Some(stated)) => {
+                        *pin = Some(ContentDigest(stated));
+                        *pin
+                    }
+                    _ => None,
                 }
-            })
-            .await
-            .clone()
+            };
+            if let Some(content_sha256) = newly_pinned {
+                let dir = self.task.dir().to_owned();
+                let saved = tokio::task::spawn_blocking(move || {
+                    crate::manifest::save(
+                        &dir,
+                        &crate::manifest::Manifest {
+                            content_sha256,
+                            state: crate::manifest::ManifestState::Pinned,
+                        },
+                    )
+                })
+                .await;
+                if let Ok(Err(err)) | Err(err) = saved.map_err(std::io::Error::other) {
+                    // The pin still holds in memory for this transfer's final check.
+                    tracing::warn!(task_id = %self.task.id(), error = %err, "recording the pin failed");
+                }
+            }
+            Ok(())
+        });
+        asked.await.clone()
     }
 
     /// One transport's fetch, bounded by the piece timeout.
