@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
 
+mod hash;
 mod output;
 mod pin;
 mod schedule;
@@ -611,7 +612,20 @@ impl Engine {
         for (index, _) in &prepared.pinning.refused {
             schedule.dead[*index] = true;
         }
+        let verified = matches!(
+            manifest::load(task.dir()),
+            Ok(Some(m)) if m.state == ManifestState::Verified
+        );
+        let hash = (!verified && !wanted.is_empty()).then(|| {
+            hash::InOrderHash::start(
+                geometry,
+                task.content_path(),
+                self.store.pool(),
+                (0..geometry.piece_count()).filter(|&n| task.held(n).is_some()),
+            )
+        });
         let shared = Arc::new(Shared {
+            hash: Mutex::new(hash),
             state: Mutex::new(schedule),
             wake: Notify::new(),
             cancel: prepared.cancel.child_token(),
@@ -758,10 +772,15 @@ impl Engine {
         if let Some(held) = held.filter(|m| m.state == ManifestState::Verified) {
             return Ok(held.content_sha256);
         }
+        let in_order = shared.hash.lock().expect("hash lock").take();
         let path = task.content_path();
         let length = task.geometry().content_length();
-        let actual = tokio::task::spawn_blocking(move || {
-            manifest::hash_file(&std::fs::File::open(&path)?, length)
+        let hashed = tokio::task::spawn_blocking(move || match in_order {
+            // Fed while the pieces arrived: usually done already.
+            Some(in_order) => in_order
+                .finish()
+                .map(|(digest, counts)| (digest, Some(counts))),
+            None => manifest::hash_file(&std::fs::File::open(&path)?, length).map(|d| (d, None)),
         })
         .await
         .map_err(|err| TransferError::Internal {
@@ -774,6 +793,10 @@ impl Engine {
                 source,
             })
         })?;
+        let (actual, counts) = hashed;
+        if let Some(counts) = counts {
+            tracing::debug!(task_id = %task.id(), from_buffer = counts.from_buffer, read_back = counts.read_back, "content hashed as it arrived");
+        }
         let pin = *shared.pin.lock().expect("pin lock");
         match pin {
             Some(expected) if expected != actual => {

@@ -26,6 +26,9 @@ pub(super) struct Shared {
     /// Per source: whether it may serve this version (set once, by the first of its workers
     /// to ask, for a source whose manifest was not known when the transfer started).
     pub(super) manifest_checks: Vec<tokio::sync::OnceCell<Result<(), String>>>,
+    /// The whole-content SHA-256, fed as pieces are written (none when the task's content
+    /// is verified already).
+    pub(super) hash: Mutex<Option<super::hash::InOrderHash>>,
 }
 
 pub(super) struct Worker {
@@ -306,12 +309,16 @@ impl Worker {
             fetch_time,
         } = verified;
         let write_started = Instant::now();
-        let (_buf, written) = self
+        let (buf, written) = self
             .engine
             .store
             .write_piece(&self.task, piece, buf, crc32)
             .await;
         written.map_err(AttemptError::Store)?;
+        if let (Some(buf), Some(hash)) = (buf, self.shared.hash.lock().expect("hash lock").as_ref())
+        {
+            hash.written(piece.number, buf);
+        }
         let write_time = write_started.elapsed();
         self.engine
             .metrics
