@@ -12,6 +12,7 @@ parameters (they are part of the URL, so each faulty URL is its own task):
   norange=1        ignore Range: always 200 with the whole file
   redirect=1       answer 302 to the same URL without `redirect=1`
   auth=TOKEN       answer 401 unless `Authorization: Bearer TOKEN` was sent
+  delay_ms=N       wait N ms before each body (a slow origin)
 
 GET /_stats answers JSON: per URL, the requests, the ranged requests and the statuses sent.
 Prints `PORT <n>` on stdout once listening.
@@ -119,6 +120,8 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command == "HEAD" or length == 0:
             return
+        if "delay_ms" in query:
+            time.sleep(int(query["delay_ms"]) / 1000.0)
         limit = length
         if "stall" in query:
             limit = min(limit, int(query["stall"]))
@@ -149,6 +152,17 @@ class Handler(BaseHTTPRequestHandler):
             self.close_connection = True
 
 
+class Server(ThreadingHTTPServer):
+    daemon_threads = True
+    request_queue_size = 128
+
+    def handle_error(self, request, client_address):
+        # A client that hung up mid-body (after a stall or a failed check) is expected.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
+
+
 def main():
     global ROOT
     parser = argparse.ArgumentParser()
@@ -157,9 +171,7 @@ def main():
     parser.add_argument("--port", type=int, default=0)
     args = parser.parse_args()
     ROOT = args.root
-    server = ThreadingHTTPServer((args.bind, args.port), Handler)
-    server.daemon_threads = True
-    server.request_queue_size = 128
+    server = Server((args.bind, args.port), Handler)
     print("PORT %d" % server.server_address[1], flush=True)
     try:
         server.serve_forever()
