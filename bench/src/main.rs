@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod baseline;
+mod origin;
 mod plot;
 mod report;
 mod rig;
@@ -64,6 +65,10 @@ enum Bench {
     Sweep(SweepArgs),
     /// SVG plots from sweep results: throughput and ratio against piece size, CPU s/GB.
     Plot(PlotArgs),
+    /// Back to source: a file from a loopback HTTP origin into the store with concurrent
+    /// Range requests, beside `curl -o` and (when installed) `aria2c -x <connections>` of the
+    /// same URL, taking turns; medians compared.
+    Origin(origin::OriginArgs),
     /// A model of distributing one large file from one seed to many hosts over RDMA and
     /// TCP, from the per-host figures measured here (see bench/SCALE.md).
     Scale(scale::ScaleArgs),
@@ -266,6 +271,7 @@ fn main() -> anyhow::Result<()> {
         Bench::E2e(args) => runtime.block_on(bench_e2e(dir, args, false))?,
         Bench::Compare(args) => runtime.block_on(bench_e2e(dir, args, true))?,
         Bench::Sweep(args) => runtime.block_on(bench_sweep(dir, args))?,
+        Bench::Origin(args) => runtime.block_on(origin::bench(dir, args))?,
         Bench::Plot(_) => unreachable!("handled above"),
         Bench::Scale(_) => unreachable!("handled above"),
     };

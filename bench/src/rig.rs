@@ -334,6 +334,8 @@ impl Rig {
                 streams_per_source: in_flight,
                 transport,
                 digest: None,
+                origin: None,
+                origin_connections: 0,
             })
             .await?;
         let (events, mut drain) = tokio::sync::mpsc::channel(64);

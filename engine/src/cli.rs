@@ -252,12 +252,28 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
-    /// Task id (64 hex characters).
-    #[arg(long)]
-    pub task: String,
+    /// Task id (64 hex characters) [default with --url: Dragonfly's id of the URL].
+    #[arg(long, required_unless_present = "url")]
+    pub task: Option<String>,
     /// Source peers' data addresses, HOST:PORT, comma-separated.
-    #[arg(long, value_delimiter = ',', required = true)]
+    #[arg(long, value_delimiter = ',', required_unless_present = "url")]
     pub from: Vec<String>,
+    /// An http:// or https:// origin: with no --from the only source (concurrent Range
+    /// requests), with --from the fallback for pieces no peer could serve (back to source).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// A request header for the origin, `Name: value` (repeatable), e.g. an Authorization.
+    #[arg(long = "header", requires = "url")]
+    pub headers: Vec<String>,
+    /// Task id input with --url, as Dragonfly's tag.
+    #[arg(long, requires = "url")]
+    pub tag: Option<String>,
+    /// Task id input with --url, as Dragonfly's application.
+    #[arg(long, requires = "url")]
+    pub application: Option<String>,
+    /// Range requests in flight to the origin [default: the daemon's origin.connections].
+    #[arg(long, requires = "url")]
+    pub connections: Option<u32>,
     /// Where the content appears once every piece verified (absolute, or relative to here),
     /// inside the daemon's output_dirs [default: none; the task stays in the store, for
     /// `ferry export`].
@@ -706,7 +722,7 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
         .transpose()?;
     let mut stream = client
         .transfer_pieces(proto::TransferPiecesRequest {
-            task_id: args.task.clone(),
+            task_id: args.task.clone().unwrap_or_default(),
             content_length: args.content_length.unwrap_or(0),
             piece_length: args.piece_length.unwrap_or(0),
             pieces: Vec::new(),
@@ -719,6 +735,11 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
             } as i32,
             streams_per_source: args.streams.unwrap_or(0),
             digest: args.digest.clone().unwrap_or_default(),
+            url: args.url.clone().unwrap_or_default(),
+            headers: args.headers.clone(),
+            tag: args.tag.clone().unwrap_or_default(),
+            application: args.application.clone().unwrap_or_default(),
+            origin_connections: args.connections.unwrap_or(0),
         })
         .await?
         .into_inner();
@@ -793,6 +814,13 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
         if !summary.content_digest.is_empty() {
             say!("  content {} (verified)", summary.content_digest);
         }
+        if args.url.is_some() {
+            say!(
+                "  back to source {:>14} bytes  {} origin retries",
+                summary.back_to_source_bytes,
+                summary.origin_retries
+            );
+        }
         for refused in &summary.refused_sources {
             say!("  refused source {refused}");
         }
@@ -830,6 +858,7 @@ fn summary_json(s: &proto::TransferSummary) -> Value {
         "pieces_reused": s.pieces_reused, "retries": s.retries, "bytes_fetched": s.bytes_fetched,
         "elapsed_micros": s.elapsed_micros, "output_path": s.output_path, "placement": s.placement, "rdma_fallbacks": s.rdma_fallbacks,
         "content_digest": s.content_digest, "refused_sources": s.refused_sources,
+        "back_to_source_bytes": s.back_to_source_bytes, "origin_retries": s.origin_retries,
         "bits_per_second": if s.elapsed_micros > 0 { s.bytes_fetched as f64 * 8.0 / (s.elapsed_micros as f64 / 1e6) } else { 0.0 },
         "sources": s.sources.iter().map(|x| json!({"source": x.source, "bytes": x.bytes, "pieces": x.pieces, "failures": x.failures})).collect::<Vec<_>>(),
         "transports": s.transports.iter().map(|x| json!({"transport": x.transport, "bytes": x.bytes, "pieces": x.pieces})).collect::<Vec<_>>(),

@@ -48,6 +48,57 @@ pub struct Config {
     pub server: ServerConfig,
     pub rdma: RdmaConfig,
     pub metrics: MetricsConfig,
+    /// How `http(s)://` origins are downloaded from (back to source, `ferry pull --url`).
+    pub origin: OriginConfig,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OriginConfig {
+    /// Range requests in flight per transfer (one connection each).
+    pub connections: u32,
+    /// Retries of one request after a connect error, 5xx, 408, 429, stall or short body.
+    pub retries: u32,
+    /// First back-off before a retry, doubled each time up to `retry_max_ms`.
+    pub retry_base_ms: u64,
+    pub retry_max_ms: u64,
+    pub connect_timeout_secs: u64,
+    /// Longest wait for a response head or the next body bytes (a stall).
+    pub io_timeout_secs: u64,
+    pub max_redirects: u32,
+    /// Extra CA certificates (PEM) for https origins, besides the system's roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl Default for OriginConfig {
+    fn default() -> Self {
+        OriginConfig {
+            connections: 8,
+            retries: 3,
+            retry_base_ms: 250,
+            retry_max_ms: 8000,
+            connect_timeout_secs: 10,
+            io_timeout_secs: 30,
+            max_redirects: 5,
+            ca_file: None,
+        }
+    }
+}
+
+impl OriginConfig {
+    pub fn settings(&self) -> crate::origin::OriginSettings {
+        use std::time::Duration;
+        crate::origin::OriginSettings {
+            connections: self.connections,
+            retries: self.retries,
+            retry_base: Duration::from_millis(self.retry_base_ms),
+            retry_max: Duration::from_millis(self.retry_max_ms),
+            connect_timeout: Duration::from_secs(self.connect_timeout_secs),
+            io_timeout: Duration::from_secs(self.io_timeout_secs),
+            max_redirects: self.max_redirects,
+            ca_file: self.ca_file.clone(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -247,6 +298,7 @@ impl Default for Config {
             server: ServerConfig::default(),
             rdma: RdmaConfig::default(),
             metrics: MetricsConfig::default(),
+            origin: OriginConfig::default(),
         }
     }
 }
@@ -450,6 +502,11 @@ impl Config {
                 self.transfer.connect_timeout_secs,
             ),
             ("server.idle_timeout_secs", self.server.idle_timeout_secs),
+            (
+                "origin.connect_timeout_secs",
+                self.origin.connect_timeout_secs,
+            ),
+            ("origin.io_timeout_secs", self.origin.io_timeout_secs),
             ("server.write_timeout_secs", self.server.write_timeout_secs),
             ("store.io_timeout_secs", self.store.io_timeout_secs),
         ] {
@@ -463,6 +520,29 @@ impl Config {
                 "rdma.chunk_kib",
                 chunk,
                 "a power of two from 4 to the pool slot size (pool.slot_mib * 1024)",
+            );
+        }
+        if !(1..=64).contains(&self.origin.connections) {
+            return invalid("origin.connections", self.origin.connections, "1 to 64");
+        }
+        if self.origin.retries > 20 {
+            return invalid("origin.retries", self.origin.retries, "0 to 20");
+        }
+        if self.origin.max_redirects > 20 {
+            return invalid("origin.max_redirects", self.origin.max_redirects, "0 to 20");
+        }
+        if !(1..=60_000).contains(&self.origin.retry_base_ms) {
+            return invalid(
+                "origin.retry_base_ms",
+                self.origin.retry_base_ms,
+                "1 to 60000 milliseconds",
+            );
+        }
+        if !(self.origin.retry_base_ms..=600_000).contains(&self.origin.retry_max_ms) {
+            return invalid(
+                "origin.retry_max_ms",
+                self.origin.retry_max_ms,
+                "origin.retry_base_ms to 600000 milliseconds",
             );
         }
         if !(1..=16).contains(&self.rdma.window) {

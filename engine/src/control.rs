@@ -6,6 +6,7 @@ use crate::daemon::{Admission, Drain};
 use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
 use crate::manifest::{ContentDigest, ManifestState};
+use crate::origin::{OriginError, OriginRequest};
 use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
 use crate::store::{StoreError, StoredTask};
 use crate::transfer::{
@@ -87,7 +88,35 @@ impl From<TransferError> for Status {
                 Status::resource_exhausted(message)
             }
             TransferError::Output(_) => Status::internal(message),
+            TransferError::Origin(err) => origin_status(&err, message),
         }
+    }
+}
+
+/// What the origin's failure means to the caller: its 404 is NOT_FOUND, its 401/403
+/// PERMISSION_DENIED, other 4xx and no Range support FAILED_PRECONDITION, a content that
+/// changed mid-download ABORTED, a body or range that lies DATA_LOSS, and whatever retries
+/// could not cure (connect errors, 5xx, stalls) UNAVAILABLE.
+fn origin_status(err: &OriginError, message: String) -> Status {
+    match err {
+        OriginError::InvalidUrl(_) | OriginError::InvalidHeader(_) => {
+            Status::invalid_argument(message)
+        }
+        OriginError::Status { code, .. } => match code {
+            404 | 410 => Status::not_found(message),
+            401 | 403 => Status::permission_denied(message),
+            c if *c >= 500 || *c == 408 || *c == 429 => Status::unavailable(message),
+            _ => Status::failed_precondition(message),
+        },
+        OriginError::TooManyRedirects { .. } | OriginError::NoRangeSupport { .. } => {
+            Status::failed_precondition(message)
+        }
+        OriginError::Changed { .. } => Status::aborted(message),
+        OriginError::ShortBody { .. }
+        | OriginError::LongBody { .. }
+        | OriginError::WrongRange { .. }
+        | OriginError::NoLength { .. } => Status::data_loss(message),
+        _ => Status::unavailable(message),
     }
 }
 
@@ -250,6 +279,8 @@ fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
             .unwrap_or_default(),
         refused_sources: summary.refused_sources,
         rdma_fallbacks: summary.rdma_fallbacks,
+        back_to_source_bytes: summary.back_to_source_bytes,
+        origin_retries: summary.origin_retries,
         placement: summary
             .placement
             .map(|p| p.as_str().to_owned())
@@ -367,6 +398,13 @@ impl Ferry for ControlService {
                 output: non_empty(request.output_path).map(PathBuf::from),
                 streams_per_source: request.streams_per_source,
                 transport,
+                origin: non_empty(request.url).map(|url| OriginRequest {
+                    url,
+                    headers: request.headers,
+                    tag: non_empty(request.tag),
+                    application: non_empty(request.application),
+                }),
+                origin_connections: request.origin_connections,
                 digest: non_empty(request.digest)
                     .map(|d| d.parse::<ContentDigest>())
                     .transpose()

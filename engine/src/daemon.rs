@@ -159,6 +159,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             output_dirs,
         )
         .with_output_policy(output_policy)
+        .with_origin_settings(config.origin.settings())
         .with_metrics(Arc::clone(&metrics)),
     );
 

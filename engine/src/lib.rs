@@ -10,6 +10,7 @@ pub mod import;
 pub mod io;
 pub mod manifest;
 pub mod metrics;
+pub mod origin;
 pub mod rdma;
 pub mod sd_notify;
 pub mod store;

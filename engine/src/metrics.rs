@@ -133,6 +133,10 @@ pub struct Metrics {
     data_connections_accepted: Counter,
     data_connections_rejected: Counter,
     data_bad_frames: Counter,
+    back_to_source_bytes: Counter,
+    back_to_source_pieces: Counter,
+    origin_retries: Counter,
+    origin_failures: Family<ReasonLabel, Counter>,
     /// Read at scrape time: the data-port server's own counters.
     server: OnceLock<Arc<ServerStats>>,
     /// Read at scrape time: free slots.
@@ -174,6 +178,10 @@ impl Metrics {
             data_connections_accepted: Counter::default(),
             data_connections_rejected: Counter::default(),
             data_bad_frames: Counter::default(),
+            back_to_source_bytes: Counter::default(),
+            back_to_source_pieces: Counter::default(),
+            origin_retries: Counter::default(),
+            origin_failures: Family::default(),
             server: OnceLock::new(),
             pool: OnceLock::new(),
         };
@@ -226,6 +234,27 @@ impl Metrics {
             "Time to write and sync one verified piece to the store, by the transport that fetched it",
             Unit::Seconds,
             metrics.piece_write_seconds.clone(),
+        );
+        registry.register_with_unit(
+            "back_to_source",
+            "Piece bytes downloaded from origins (back to source), verified and durably written",
+            Unit::Bytes,
+            metrics.back_to_source_bytes.clone(),
+        );
+        registry.register(
+            "back_to_source_pieces",
+            "Pieces downloaded from origins (back to source), verified and durably written",
+            metrics.back_to_source_pieces.clone(),
+        );
+        registry.register(
+            "origin_retries",
+            "Origin requests tried again after a transient failure (connect error, 5xx, 408, 429, stall, short body)",
+            metrics.origin_retries.clone(),
+        );
+        registry.register(
+            "origin_failures",
+            "Origin requests that failed for good, by reason (connect, status, stall, length, no_ranges, changed, invalid)",
+            metrics.origin_failures.clone(),
         );
         registry.register(
             "transfers_active",
@@ -379,6 +408,22 @@ impl Metrics {
 
     pub fn piece_retried(&self) {
         self.piece_retries.inc();
+    }
+
+    /// A piece from an origin is verified and durable.
+    pub fn back_to_source(&self, bytes: u64) {
+        self.back_to_source_bytes.inc_by(bytes);
+        self.back_to_source_pieces.inc();
+    }
+
+    pub fn origin_retried(&self) {
+        self.origin_retries.inc();
+    }
+
+    pub fn origin_failed(&self, reason: &'static str) {
+        self.origin_failures
+            .get_or_create(&ReasonLabel { reason })
+            .inc();
     }
 
     pub fn rdma_fallback(&self) {

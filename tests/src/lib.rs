@@ -405,3 +405,74 @@ pub fn metric(exposition: &str, series: &str) -> Option<f64> {
         Some(value.parse().expect("a sample value"))
     })
 }
+
+/// The loopback HTTP origin of the back-to-source tests: `tests/origin_server.py` (Python 3,
+/// stdlib only) serving the files under `root`, with the fault modes its docstring lists.
+/// Killed when dropped.
+pub struct OriginServer {
+    child: Child,
+    pub port: u16,
+}
+
+/// Where the origin script lives: next to this crate's manifest, so a clean checkout finds it.
+pub fn origin_script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("origin_server.py")
+}
+
+impl OriginServer {
+    pub fn start(root: &Path) -> OriginServer {
+        use std::io::BufRead;
+        let mut child =
+            Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
+                .arg(origin_script())
+                .arg("--root")
+                .arg(root)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("python3 must be installed to run the origin tests");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("reading the origin's port");
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the origin printed {line:?}, not its port"));
+        OriginServer { child, port }
+    }
+
+    /// `http://127.0.0.1:PORT/<path_and_query>`.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!(
+            "http://127.0.0.1:{}/{}",
+            self.port,
+            path_and_query.trim_start_matches('/')
+        )
+    }
+
+    /// Per URL (path and query): `requests`, `ranged` and `status` counts.
+    pub async fn stats(&self) -> serde_json::Value {
+        let (status, body) = http_get(&format!("127.0.0.1:{}", self.port), "/_stats").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).expect("stats JSON")
+    }
+}
+
+impl Drop for OriginServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A transfer request for `url` alone (no peers), task id left to the daemon.
+pub fn url_request(url: &str, output: Option<&Path>) -> proto::TransferPiecesRequest {
+    proto::TransferPiecesRequest {
+        url: url.into(),
+        output_path: output.map(|p| p.display().to_string()).unwrap_or_default(),
+        ..Default::default()
+    }
+}

@@ -5,6 +5,7 @@
 use crate::geometry::{self, Geometry, GeometryError, PieceRange};
 use crate::manifest::{self, ContentDigest, Manifest, ManifestState};
 use crate::metrics::{Metrics, TransferResult};
+use crate::origin::{Origin, OriginError, OriginRequest, OriginSettings};
 use crate::rdma::RdmaTransport;
 use crate::store::{Store, StoreError, StoredTask, WriteGuard, WriterKind};
 use crate::transport::TcpTransport;
@@ -94,6 +95,9 @@ pub enum TransferError {
     Draining(String),
     #[error(transparent)]
     Output(#[from] OutputError),
+    /// The origin (back to source) failed or lied.
+    #[error(transparent)]
+    Origin(#[from] OriginError),
 }
 
 /// Which transports a transfer may use.
@@ -120,6 +124,12 @@ pub struct TransferRequest {
     pub transport: TransportChoice,
     /// The whole content's SHA-256 the caller expects (`--digest`).
     pub digest: Option<ContentDigest>,
+    /// An `http(s)://` origin: the only source when `sources` is empty, else the fallback
+    /// for pieces no peer could serve (back to source). With an empty `task_id`, the task id
+    /// is Dragonfly's id of its URL.
+    pub origin: Option<OriginRequest>,
+    /// Range requests in flight to the origin; 0 takes `origin.connections`.
+    pub origin_connections: u32,
 }
 
 /// A validated transfer, ready to run.
@@ -133,6 +143,9 @@ pub struct PreparedTransfer {
     output: Option<OutputTarget>,
     streams_per_source: u32,
     transport: TransportChoice,
+    /// The origin, when the request named one; its source index is `sources.len()`.
+    origin: Option<Arc<Origin>>,
+    origin_connections: u32,
     cancel: CancellationToken,
     /// This transfer is the task's one writer until it is dropped (at the end of
     /// [`Engine::run`], or with an unused preparation).
@@ -228,6 +241,10 @@ pub struct TransferSummary {
     pub refused_sources: Vec<String>,
     /// How the output was placed, when there was one.
     pub placement: Option<Placement>,
+    /// Bytes downloaded from the origin (back to source); also in `sources` and `transports`.
+    pub back_to_source_bytes: u64,
+    /// Origin requests retried after a transient failure.
+    pub origin_retries: u32,
 }
 
 /// The daemon's data-plane core: the store and the transports.
@@ -241,6 +258,8 @@ pub struct Engine {
     /// Mode and owner of placed outputs.
     pub output_policy: OutputPolicy,
     pub metrics: Arc<Metrics>,
+    /// How origins are talked to (back to source).
+    pub origin_settings: OriginSettings,
     running: Mutex<HashMap<String, CancellationToken>>,
     /// Set when the daemon drains: transfers take no new pieces.
     draining: CancellationToken,
@@ -262,6 +281,7 @@ impl Engine {
             output_dirs,
             output_policy: OutputPolicy::default(),
             metrics: Arc::default(),
+            origin_settings: OriginSettings::default(),
             running: Mutex::new(HashMap::new()),
             draining: CancellationToken::new(),
         }
@@ -270,6 +290,12 @@ impl Engine {
     /// Records into `metrics` (shared with the daemon's endpoint) instead of a private set.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Engine {
         self.metrics = metrics;
+        self
+    }
+
+    /// Talks to origins with these settings instead of the defaults.
+    pub fn with_origin_settings(mut self, settings: OriginSettings) -> Engine {
+        self.origin_settings = settings;
         self
     }
 
@@ -337,17 +363,35 @@ impl Engine {
     /// the store's state, reported before any byte moves.
     pub async fn prepare(
         &self,
-        request: TransferRequest,
+        mut request: TransferRequest,
     ) -> Result<PreparedTransfer, TransferError> {
+        let origin = request
+            .origin
+            .as_ref()
+            .map(|o| Origin::new(o, self.origin_settings.clone(), Arc::clone(&self.metrics)))
+            .transpose()?
+            .map(Arc::new);
+        if let (Some(wanted), true) = (&request.origin, request.task_id.is_empty()) {
+            let user_piece = (request.piece_length != 0).then_some(request.piece_length);
+            if let Some(piece) = user_piece {
+                geometry::validate_piece_length(piece)?;
+            }
+            request.task_id = crate::origin::task_id(
+                &wanted.url,
+                wanted.tag.as_deref(),
+                wanted.application.as_deref(),
+                user_piece,
+            )?;
+        }
         geometry::validate_task_id(&request.task_id)?;
         if request.transport == TransportChoice::Rdma && self.rdma.is_none() {
             return Err(TransferError::FailedPrecondition(
                 "RDMA was asked for but this daemon has no usable RDMA device (see `ferry devices`)".into(),
             ));
         }
-        if request.sources.is_empty() {
+        if request.sources.is_empty() && origin.is_none() {
             return Err(TransferError::InvalidArgument(
-                "no source peers given".into(),
+                "no source peers and no origin URL given".into(),
             ));
         }
         if request.sources.len() > MAX_SOURCES {
@@ -379,7 +423,7 @@ impl Engine {
         if request.piece_length != 0 {
             geometry::validate_piece_length(request.piece_length)?;
         }
-        let source_names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
+        let mut source_names: Vec<String> = sources.iter().map(|s| s.to_string()).collect();
         // Every source is asked for its geometry and manifest once, at once: the answers fix
         // the geometry (when the request leaves it open) and which sources may serve.
         // Bounded tightly when the geometry is given: a silent source must not hold up the
@@ -393,7 +437,37 @@ impl Engine {
             .stat_sources(&request.task_id, &sources, stat_limit)
             .await;
         let held = self.store.get(&request.task_id);
-        let geometry = resolve_geometry(&request, held.as_deref(), &source_names, &stats)?;
+        let known = |s: &SourceStat| matches!(s, SourceStat::Known(_));
+        let lengths_given = request.content_length != 0 && request.piece_length != 0;
+        let geometry = match &origin {
+            // Nothing else can tell: the origin's answer fixes the geometry.
+            Some(origin) if held.is_none() && !lengths_given && !stats.iter().any(known) => {
+                let probe = origin.probe().await?;
+                if request.content_length != 0 && request.content_length != probe.length {
+                    return Err(TransferError::FailedPrecondition(format!(
+                        "the origin {} has {} bytes, not the {} asked for",
+                        origin.name(),
+                        probe.length,
+                        request.content_length
+                    )));
+                }
+                let piece_length = match request.piece_length {
+                    0 => geometry::default_piece_length(probe.length),
+                    set => set,
+                };
+                let geometry = Geometry::new(probe.length, piece_length)?;
+                if !probe.ranges && geometry.piece_count() > 1 {
+                    return Err(OriginError::NoRangeSupport {
+                        url: origin.name().to_owned(),
+                        length: probe.length,
+                        pieces: geometry.piece_count(),
+                    }
+                    .into());
+                }
+                geometry
+            }
+            _ => resolve_geometry(&request, held.as_deref(), &source_names, &stats)?,
+        };
         if let Some(task) = &held {
             if task.geometry() != geometry {
                 return Err(TransferError::Store(StoreError::GeometryConflict {
@@ -440,6 +514,10 @@ impl Engine {
             &stats,
         )
         .map_err(|err| TransferError::ContentConflict(err.to_string()))?;
+        if let Some(origin) = &origin {
+            // The origin is the last source; it states no manifest.
+            source_names.push(origin.name().to_owned());
+        }
         let task = self.store.create_or_get(&request.task_id, geometry)?;
         let writing = match task.try_begin_writing(WriterKind::Transfer) {
             Ok(guard) => guard,
@@ -486,6 +564,11 @@ impl Engine {
             output,
             streams_per_source,
             transport: request.transport,
+            origin_connections: match request.origin_connections {
+                0 => self.origin_settings.connections,
+                n => n.min(64),
+            },
+            origin,
             cancel,
             _writing: writing,
         })
@@ -608,7 +691,11 @@ impl Engine {
             .filter(|&n| task.held(n).is_none())
             .collect();
         let reused = (prepared.pieces.len() - wanted.len()) as u32;
-        let mut schedule = Schedule::new(&wanted, prepared.sources.len());
+        let peers = prepared.sources.len();
+        let mut schedule = Schedule::new(&wanted, peers + usize::from(prepared.origin.is_some()));
+        if prepared.origin.is_some() {
+            schedule.origin = Some(peers);
+        }
         for (index, _) in &prepared.pinning.refused {
             schedule.dead[*index] = true;
         }
@@ -643,6 +730,8 @@ impl Engine {
                     }
                     cell
                 })
+                // The origin's: nothing to check.
+                .chain(prepared.origin.as_ref().map(|_| Ok(()).into()))
                 .collect(),
         });
         let rdma = match prepared.transport {
@@ -665,6 +754,24 @@ impl Engine {
                         source,
                         source_index: index,
                         source_name: prepared.source_names[index].clone(),
+                        origin: None,
+                        events: events.clone(),
+                    };
+                    workers.spawn(Arc::new(worker).run());
+                }
+            }
+            if let Some(origin) = &prepared.origin {
+                for _ in 0..prepared.origin_connections.max(1) {
+                    let worker = Worker {
+                        engine: Arc::clone(self),
+                        task: Arc::clone(task),
+                        shared: Arc::clone(&shared),
+                        rdma: None,
+                        rdma_only: false,
+                        source: SocketAddr::from(([0, 0, 0, 0], 0)),
+                        source_index: peers,
+                        source_name: origin.name().to_owned(),
+                        origin: Some(Arc::clone(origin)),
                         events: events.clone(),
                     };
                     workers.spawn(Arc::new(worker).run());
@@ -700,6 +807,16 @@ impl Engine {
                         task_id: task.id().to_owned(),
                         what,
                     },
+                    Failure::Origin(err) => {
+                        if matches!(err, OriginError::Changed { .. }) {
+                            // Pieces of two versions must never meet: drop what arrived.
+                            tracing::error!(task_id = %task.id(), error = %err, "the origin changed; dropping the task");
+                            if let Err(err) = self.store.delete(task.id()) {
+                                tracing::error!(task_id = %task.id(), error = %err, "dropping the task failed");
+                            }
+                        }
+                        TransferError::Origin(err)
+                    }
                 });
             }
             (
@@ -711,6 +828,7 @@ impl Engine {
                 state.rdma_fallbacks,
             )
         };
+        let totals_origin_bytes = totals.get(peers).map_or(0, |t| t.bytes);
         if prepared.cancel.is_cancelled() {
             return Err(TransferError::Cancelled(task.id().to_owned()));
         }
@@ -752,6 +870,8 @@ impl Engine {
             placement,
             content_digest,
             refused_sources: prepared.refused(),
+            back_to_source_bytes: prepared.origin.as_ref().map_or(0, |_| totals_origin_bytes),
+            origin_retries: prepared.origin.as_ref().map_or(0, |o| o.retries()),
         })
     }
 

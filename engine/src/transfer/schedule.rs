@@ -20,6 +20,8 @@ pub(super) enum Failure {
     Draining,
     /// A bug: a piece's task panicked twice over, or a worker did.
     Internal(String),
+    /// The origin failed for good (its retries spent) or lied.
+    Origin(crate::origin::OriginError),
 }
 
 pub(super) struct Schedule {
@@ -33,6 +35,9 @@ pub(super) struct Schedule {
     pub(super) transports: Vec<(String, u64, u32)>,
     pub(super) rdma_fallbacks: u32,
     pub(super) retries: u32,
+    /// The origin's source index, when there is one: it takes only pieces every live peer
+    /// has tried (back to source), or any piece once no peer is left.
+    pub(super) origin: Option<usize>,
 }
 
 impl Schedule {
@@ -55,6 +60,7 @@ impl Schedule {
             transports: Vec::new(),
             rdma_fallbacks: 0,
             retries: 0,
+            origin: None,
         }
     }
 
@@ -81,11 +87,15 @@ impl Schedule {
             .filter(|(_, d)| !**d)
             .fold(0, |mask, (i, _)| mask | 1 << i);
         let bit = 1u64 << me;
-        let position = self
-            .queue
-            .iter()
-            .position(|e| e.tried & bit == 0)
-            .or_else(|| self.queue.iter().position(|e| e.tried & alive == alive));
+        let position = if self.origin == Some(me) {
+            let peers = alive & !bit;
+            self.queue.iter().position(|e| e.tried & peers == peers)
+        } else {
+            self.queue
+                .iter()
+                .position(|e| e.tried & bit == 0)
+                .or_else(|| self.queue.iter().position(|e| e.tried & alive == alive))
+        };
         match position {
             Some(at) => {
                 self.in_flight += 1;
@@ -161,6 +171,28 @@ mod tests {
             matches!(s.next_for(1), Next::Done),
             "a dead source takes nothing"
         );
+    }
+
+    #[test]
+    fn the_origin_takes_only_what_every_live_peer_failed() {
+        let mut s = Schedule::new(&[0, 1], 3);
+        s.origin = Some(2);
+        assert!(
+            matches!(s.next_for(2), Next::Wait),
+            "nothing for the origin while peers have pieces untried"
+        );
+        let mut entry = take(&mut s, 0).unwrap();
+        s.in_flight -= 1;
+        entry.tried |= 1;
+        s.queue.push_front(entry);
+        assert!(
+            matches!(s.next_for(2), Next::Wait),
+            "peer 1 has not tried it"
+        );
+        s.dead[1] = true;
+        assert_eq!(take(&mut s, 2).unwrap().number, 0, "back to source");
+        s.dead[0] = true;
+        assert_eq!(take(&mut s, 2).unwrap().number, 1, "no peer left");
     }
 
     #[test]

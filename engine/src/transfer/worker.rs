@@ -6,6 +6,7 @@ use super::{Engine, PieceOutcome};
 use crate::geometry::{self, Geometry, PieceRange};
 use crate::manifest::ContentDigest;
 use crate::metrics::PieceFailure;
+use crate::origin::{Origin, OriginError};
 use crate::rdma::RdmaTransport;
 use crate::store::{StoreError, StoredTask};
 use crate::transport::{FetchedPiece, PieceTransport, TransportError};
@@ -41,6 +42,9 @@ pub(super) struct Worker {
     pub(super) source: SocketAddr,
     pub(super) source_index: usize,
     pub(super) source_name: String,
+    /// Set for the origin's workers (back to source): pieces come over HTTP from it, and
+    /// `source` is unused.
+    pub(super) origin: Option<Arc<Origin>>,
     pub(super) events: mpsc::Sender<PieceOutcome>,
 }
 
@@ -49,7 +53,11 @@ impl Worker {
     /// is fetched (at most one write pending per worker), so the network and the disk work
     /// at the same time instead of taking turns.
     pub(super) async fn run(self: Arc<Self>) {
-        if let Err(why) = self.check_manifest().await {
+        let checked = match self.origin {
+            Some(_) => Ok(()),
+            None => self.check_manifest().await,
+        };
+        if let Err(why) = checked {
             tracing::warn!(task_id = %self.task.id(), source = %self.source_name, reason = %why, "source refused");
             let mut state = self.shared.state.lock().expect("schedule lock");
             state.dead[self.source_index] = true;
@@ -262,6 +270,23 @@ impl Worker {
             .await
             .map_err(|e| AttemptError::Store(StoreError::Pool(e)))?;
         let fetch_started = Instant::now();
+        if let Some(origin) = &self.origin {
+            // No digest to hold the bytes to: the origin's length, range and version are
+            // checked per response, and the whole content against its SHA-256 at the end.
+            let crc32 = origin
+                .fetch(piece, self.shared.geometry.content_length(), &mut buf)
+                .await
+                .map_err(AttemptError::Origin)?;
+            self.engine.metrics.piece_received("origin", piece.length);
+            return Ok(VerifiedPiece {
+                piece,
+                buf,
+                crc32,
+                transport: "origin",
+                fell_back: false,
+                fetch_time: fetch_started.elapsed(),
+            });
+        }
         let (fetched, transport, fell_back) = self.fetch(piece, &mut buf).await?;
         let fetch_time = fetch_started.elapsed();
         self.engine.metrics.piece_received(transport, piece.length);
@@ -323,6 +348,9 @@ impl Worker {
         self.engine
             .metrics
             .piece_fetched(transport, fetch_time, write_time);
+        if self.origin.is_some() {
+            self.engine.metrics.back_to_source(piece.length);
+        }
         Ok(PieceOutcome {
             piece,
             digest: geometry::format_digest(crc32),
@@ -349,6 +377,16 @@ impl Worker {
                     state.count_transport(outcome.transport, outcome.piece.length);
                     state.rdma_fallbacks += u32::from(outcome.fell_back);
                     Some(outcome)
+                }
+                Err(AttemptError::Origin(err)) => {
+                    // The origin already retried what was worth retrying: it is the last
+                    // source, so the transfer stops with its error.
+                    self.engine.metrics.piece_failed(PieceFailure::Transport);
+                    tracing::error!(task_id = %self.task.id(), piece = entry.number, error = %err, "origin failed; stopping transfer");
+                    state.totals[self.source_index].failures += 1;
+                    state.fail(Failure::Origin(err));
+                    self.shared.cancel.cancel();
+                    None
                 }
                 Err(AttemptError::Store(err)) => {
                     self.engine.metrics.piece_failed(PieceFailure::Store);
@@ -387,7 +425,15 @@ impl Worker {
                     entry.tried |= 1 << self.source_index;
                     entry.last_error = err.to_string();
                     let all_dead = state.dead.iter().all(|d| *d);
-                    if entry.attempts >= settings.max_attempts || all_dead {
+                    if let (Some(origin), true) =
+                        (state.origin, entry.attempts >= settings.max_attempts)
+                    {
+                        // The peers had their tries: the piece goes back to source.
+                        entry.tried = !(1u64 << origin);
+                        state.retries += 1;
+                        self.engine.metrics.piece_retried();
+                        state.queue.push_front(entry);
+                    } else if entry.attempts >= settings.max_attempts || all_dead {
                         let why = if all_dead {
                             "every source failed"
                         } else {
@@ -448,4 +494,6 @@ enum AttemptError {
     Store(StoreError),
     #[error("writing the piece panicked: {0}")]
     Panicked(String),
+    #[error(transparent)]
+    Origin(OriginError),
 }
