@@ -83,6 +83,8 @@ fn request(pair: &Pair) -> TransferRequest {
         streams_per_source: 0,
         transport: TransportChoice::Tcp,
         digest: None,
+        origin: None,
+        origin_connections: 0,
     }
 }
 
