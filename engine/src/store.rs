@@ -86,6 +86,10 @@ pub enum StoreError {
     /// no more writes until the daemon restarts and recovers it from its durable journal.
     #[error("task {task_id} has failed and takes no more writes: {reason}")]
     TaskFailed { task_id: String, reason: String },
+    /// [`Store::clone_content`] into a task that holds pieces, a clone whose result is not the
+    /// task's length, or [`Store::record_cloned_piece`] on a task not cloned into.
+    #[error("task {task_id}: {reason}")]
+    NotClonable { task_id: String, reason: String },
     #[error("{step} of piece {piece} of task {task_id} took longer than {}s (store.io_timeout_secs); the task is failed, its state on disk unknown", after.as_secs_f64())]
     Timeout {
         task_id: String,
@@ -299,6 +303,25 @@ impl StoreError {
     }
 }
 
+/// What [`Store::clone_content`] did.
+#[derive(Debug)]
+pub enum Cloned {
+    /// The content is a durable reflink of the source.
+    Yes,
+    /// Reflinks are not possible here (the error the kernel gave); nothing was changed.
+    Unsupported(io::Error),
+}
+
+/// A failed FICLONE that means "not possible here": a filesystem without reflinks
+/// (EOPNOTSUPP, or EINVAL from some), two filesystems (EXDEV), no FICLONE at all (ENOTTY,
+/// ENOSYS). The kernel refuses these before it changes the target.
+fn reflink_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
+    )
+}
+
 fn is_no_space(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
@@ -389,6 +412,9 @@ pub struct StoredTask {
     faults: Arc<Faults>,
     /// Who writes into this task now (one writer at a time; see [`WriteGuard`]).
     writer: Mutex<Option<WriterKind>>,
+    /// Set once [`Store::clone_content`] made the content a durable reflink of a file: its
+    /// pieces may then be recorded with [`Store::record_cloned_piece`].
+    cloned: AtomicBool,
 }
 
 impl StoredTask {
@@ -821,6 +847,7 @@ impl Store {
             journal_durable: AtomicU64::new(journal_len),
             faults: Arc::clone(&self.faults),
             writer: Mutex::new(None),
+            cloned: AtomicBool::new(false),
         })
     }
 
@@ -1050,21 +1077,11 @@ impl Store {
             buf,
             len,
         };
-        let timed_out = |step| {
-            let err = StoreError::Timeout {
-                task_id: task.id.clone(),
-                piece: number,
-                step,
-                after: self.io_timeout,
-            };
-            task.fail(err.to_string());
-            err
-        };
         // On timeout the dropped future leaves the buffer with the operation in flight.
         let Ok((buf, written)) =
             tokio::time::timeout(self.io_timeout, self.io.write(request)).await
         else {
-            return (None, Err(timed_out(IoStep::Write)));
+            return (None, Err(self.timed_out(task, number, IoStep::Write)));
         };
         if let Err(err) = written {
             let doing = format!("writing piece {number} of {}", task.id);
@@ -1075,7 +1092,7 @@ impl Store {
         // pieces finishing beside it), then its journal record (the same, for records).
         let durable = {
             let task = Arc::clone(task);
-            tokio::task::spawn_blocking(move || {
+            move || {
                 task.content_sync
                     .sync(|| {
                         task.faults
@@ -1084,20 +1101,50 @@ impl Store {
                     .map_err(|e| (SyncTarget::Content, e))?;
                 task.append_record(number, crc)
                     .map_err(|e| (SyncTarget::Journal, e))
-            })
+            }
         };
+        (
+            Some(buf),
+            self.hold_when_durable(task, piece, crc, durable).await,
+        )
+    }
+
+    /// The timeout of `step` of piece `number`, which fails the task.
+    fn timed_out(&self, task: &StoredTask, number: u32, step: IoStep) -> StoreError {
+        let err = StoreError::Timeout {
+            task_id: task.id.clone(),
+            piece: number,
+            step,
+            after: self.io_timeout,
+        };
+        task.fail(err.to_string());
+        err
+    }
+
+    /// The last step of every piece the store takes, written or cloned: `durable` makes the
+    /// piece's bytes and then its journal record durable (on a blocking thread, within the
+    /// I/O timeout), and only then is the piece held. A failure, a timeout or a panic of it
+    /// fails the task.
+    async fn hold_when_durable(
+        &self,
+        task: &Arc<StoredTask>,
+        piece: PieceRange,
+        crc: u32,
+        durable: impl FnOnce() -> Result<(), (SyncTarget, io::Error)> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let number = piece.number;
+        let durable = tokio::task::spawn_blocking(durable);
         let durable = match tokio::time::timeout(self.io_timeout, durable).await {
-            Err(_) => return (Some(buf), Err(timed_out(IoStep::Durability))),
+            Err(_) => return Err(self.timed_out(task, number, IoStep::Durability)),
             Ok(Err(join)) => {
                 task.fail(format!("making piece {number} durable panicked: {join}"));
-                let err = task.failed_error().expect("just failed");
-                return (Some(buf), Err(err));
+                return Err(task.failed_error().expect("just failed"));
             }
             Ok(Ok(durable)) => durable,
         };
         if let Err((file, source)) = durable {
             task.fail(format!("fdatasync of its {file} file failed: {source}"));
-            let err = if is_no_space(&source) {
+            return Err(if is_no_space(&source) {
                 StoreError::NoSpace {
                     task_id: task.id.clone(),
                     needed: piece.length,
@@ -1110,8 +1157,7 @@ impl Store {
                     file,
                     source,
                 }
-            };
-            return (Some(buf), Err(err));
+            });
         }
         let complete = {
             let mut state = task.pieces.lock().expect("pieces lock");
@@ -1121,11 +1167,139 @@ impl Store {
             state.held == task.geometry.piece_count()
         };
         if complete {
-            if let Err(err) = self.finish(task) {
-                return (Some(buf), Err(err));
-            }
+            self.finish(task)?;
         }
-        (Some(buf), Ok(()))
+        Ok(())
+    }
+
+    /// Makes the content file of `task`, which holds no piece yet, a copy-on-write clone
+    /// (FICLONE) of all of `source`, which has the task's length, and makes that durable:
+    /// an fdatasync through the same group sync and fault switches as written pieces, whose
+    /// failure fails the task the same way. The preallocated blocks are given back for the
+    /// shared ones. Nothing is held yet: [`Store::record_cloned_piece`] then records each
+    /// piece, once its digest is known. The caller is the task's writer
+    /// ([`StoredTask::try_begin_writing`]).
+    ///
+    /// [`Cloned::Unsupported`] when this filesystem (or this pair of filesystems) cannot
+    /// reflink: the kernel refused before touching the content, and the pieces are to be
+    /// written instead. A crash at any point leaves no piece held, so the content's bytes
+    /// in between do not matter.
+    pub async fn clone_content(
+        &self,
+        task: &Arc<StoredTask>,
+        source: Arc<File>,
+    ) -> Result<Cloned, StoreError> {
+        if task.deleted.load(Ordering::Acquire) {
+            return Err(StoreError::Deleted(task.id.clone()));
+        }
+        if let Some(err) = task.failed_error() {
+            return Err(err);
+        }
+        let refuse = |reason: String| StoreError::NotClonable {
+            task_id: task.id.clone(),
+            reason,
+        };
+        if task.held_count() > 0 {
+            return Err(refuse(format!(
+                "it holds {} pieces: only a task holding none is cloned into",
+                task.held_count()
+            )));
+        }
+        let length = task.geometry.content_length();
+        let path = task.content_path();
+        let cloned = {
+            let task = Arc::clone(task);
+            // The error says whether it was the fdatasync (which fails the task) and what.
+            tokio::task::spawn_blocking(move || -> Result<Cloned, (bool, &str, io::Error)> {
+                let target = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| (false, "opening the content", e))?;
+                match crate::io::reflink(&source, &target) {
+                    Ok(()) => {}
+                    Err(err) if reflink_unsupported(&err) => return Ok(Cloned::Unsupported(err)),
+                    Err(err) => return Err((false, "reflinking the content", err)),
+                }
+                let now = target
+                    .metadata()
+                    .map_err(|e| (false, "stat content", e))?
+                    .len();
+                if now != length {
+                    let err = io::Error::other(format!("{now} bytes, not {length}"));
+                    return Err((false, "the reflinked content (the source changed)", err));
+                }
+                task.content_sync
+                    .sync(|| task.faults.sync(&task.id, SyncTarget::Content, &target))
+                    .map_err(|e| (true, "fdatasync of the reflinked content", e))?;
+                Ok(Cloned::Yes)
+            })
+        };
+        let cloned = match tokio::time::timeout(self.io_timeout, cloned).await {
+            Err(_) => {
+                task.fail(format!(
+                    "reflinking its content took longer than {}s (store.io_timeout_secs); its state on disk is unknown",
+                    self.io_timeout.as_secs_f64()
+                ));
+                return Err(task.failed_error().expect("just failed"));
+            }
+            Ok(Err(join)) => {
+                task.fail(format!("reflinking its content panicked: {join}"));
+                return Err(task.failed_error().expect("just failed"));
+            }
+            Ok(Ok(cloned)) => cloned,
+        };
+        match cloned {
+            Ok(Cloned::Yes) => {
+                task.cloned.store(true, Ordering::Release);
+                Ok(Cloned::Yes)
+            }
+            Ok(unsupported) => Ok(unsupported),
+            // A failed fdatasync is final (see `write_piece`): the task takes no more writes.
+            Err((true, step, err)) => {
+                task.fail(format!("{step} failed: {err}"));
+                Err(task.failed_error().expect("just failed"))
+            }
+            // Nothing is held, so nothing is lost: a later import may clone or copy again.
+            Err((false, step, err)) => Err(self.map_write_error(&task.id, length, step, err)),
+        }
+    }
+
+    /// Records piece `number` of a task cloned into by [`Store::clone_content`] as held with
+    /// digest `crc` (read back from the task's content): the journal step of `write_piece`
+    /// (record appended, group-synced, held only once synced; a failure fails the task), its
+    /// bytes already durable.
+    pub async fn record_cloned_piece(
+        &self,
+        task: &Arc<StoredTask>,
+        number: u32,
+        crc: u32,
+    ) -> Result<(), StoreError> {
+        let piece = task.geometry.piece(number)?;
+        if task.deleted.load(Ordering::Acquire) {
+            return Err(StoreError::Deleted(task.id.clone()));
+        }
+        if let Some(err) = task.failed_error() {
+            return Err(err);
+        }
+        if !task.cloned.load(Ordering::Acquire) {
+            return Err(StoreError::NotClonable {
+                task_id: task.id.clone(),
+                reason: format!(
+                    "piece {number} recorded as cloned, but the content was not cloned into"
+                ),
+            });
+        }
+        if task.held(number).is_some() {
+            return Ok(());
+        }
+        let durable = {
+            let task = Arc::clone(task);
+            move || {
+                task.append_record(number, crc)
+                    .map_err(|e| (SyncTarget::Journal, e))
+            }
+        };
+        self.hold_when_durable(task, piece, crc, durable).await
     }
 
     /// A complete task: cut direct-I/O padding off the end and close its write descriptors.
