@@ -2160,6 +2160,232 @@ mod tests {
         assert!(task.is_complete());
     }
 
+    /// What a reflink leaves behind, made by hand where the test's filesystem has none (the
+    /// real FICLONE is tested on XFS in tests/tests/reflink.rs): the content holds the bytes,
+    /// synced, and the task is marked cloned.
+    fn pretend_cloned(task: &Arc<StoredTask>, fill: impl Fn(u32) -> u8) -> Vec<u32> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(task.content_path())
+            .unwrap();
+        let crcs = task
+            .geometry()
+            .pieces()
+            .map(|p| {
+                let bytes = vec![fill(p.number); p.length as usize];
+                file.write_all_at(&bytes, p.offset).unwrap();
+                crc32fast::hash(&bytes)
+            })
+            .collect();
+        file.sync_all().unwrap();
+        task.cloned.store(true, Ordering::Release);
+        crcs
+    }
+
+    #[tokio::test]
+    async fn cloned_pieces_are_held_once_journaled_and_recovered_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "a".repeat(64);
+        let geometry = Geometry::new(10 << 20, 4 << 20).unwrap();
+        let crcs = {
+            let store = open(dir.path());
+            let task = store.create_or_get(&id, geometry).unwrap();
+            let crcs = pretend_cloned(&task, |n| n as u8 + 1);
+            store.record_cloned_piece(&task, 0, crcs[0]).await.unwrap();
+            store.record_cloned_piece(&task, 2, crcs[2]).await.unwrap();
+            // Recording a held piece again appends nothing.
+            store.record_cloned_piece(&task, 2, crcs[2]).await.unwrap();
+            assert_eq!(task.held(0), Some(crcs[0]));
+            assert_eq!(task.held(1), None);
+            assert_eq!(task.held_count(), 2);
+            let (appended, synced) = *task.journal_sync.counts.lock().unwrap();
+            assert_eq!((appended, synced), (2, 2), "each record covered by a sync");
+            let err = store.record_cloned_piece(&task, 3, 0).await.unwrap_err();
+            assert!(matches!(err, StoreError::Geometry(_)), "{err}");
+            crcs
+        };
+        let journal = dir.path().join("tasks").join(&id).join("pieces.log");
+        assert_eq!(fs::metadata(&journal).unwrap().len(), 2 * RECORD_LEN as u64);
+
+        let store = open(dir.path());
+        let task = store.get(&id).expect("recovered");
+        assert_eq!(task.held(0), Some(crcs[0]));
+        assert_eq!(task.held(1), None);
+        assert_eq!(task.held(2), Some(crcs[2]));
+        // The restarted daemon did not clone this task: the missing piece is not taken as
+        // cloned, it is written.
+        let err = store
+            .record_cloned_piece(&task, 1, crcs[1])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotClonable { .. }), "{err}");
+        assert_eq!(task.held(1), None);
+        assert_eq!(write(&store, &task, 1, 2).await, crcs[1]);
+        assert!(task.is_complete());
+        let bytes = fs::read(task.content_path()).unwrap();
+        assert_eq!(bytes.len(), 10 << 20);
+        assert!(bytes[8 << 20..].iter().all(|&b| b == 3));
+    }
+
+    #[tokio::test]
+    async fn cloning_the_last_piece_completes_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let task = store
+            .create_or_get(&"a".repeat(64), Geometry::new(8 << 20, 4 << 20).unwrap())
+            .unwrap();
+        let crcs = pretend_cloned(&task, |n| n as u8 + 5);
+        for (number, crc) in crcs.iter().enumerate() {
+            store
+                .record_cloned_piece(&task, number as u32, *crc)
+                .await
+                .unwrap();
+        }
+        assert!(task.is_complete());
+        assert!(
+            task.handles.lock().unwrap().write.is_none(),
+            "write descriptors closed"
+        );
+    }
+
+    /// The journal step of a cloned piece follows write_piece's rules: a failed fdatasync
+    /// fails the task, the record is cut back, and nothing it covered is held after a restart.
+    #[tokio::test]
+    async fn a_failed_journal_sync_of_a_cloned_piece_fails_the_task_and_it_is_not_held_after_a_restart(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "a".repeat(64);
+        let geometry = Geometry::new(12 << 20, 4 << 20).unwrap();
+        {
+            let store = open(dir.path());
+            let task = store.create_or_get(&id, geometry).unwrap();
+            let crcs = pretend_cloned(&task, |n| n as u8 + 1);
+            store.record_cloned_piece(&task, 0, crcs[0]).await.unwrap();
+            store
+                .faults()
+                .arm(&id, Fault::FailSync(SyncTarget::Journal));
+            let err = store
+                .record_cloned_piece(&task, 1, crcs[1])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::SyncFailed { piece: 1, file: SyncTarget::Journal, source, .. }
+                    if source.raw_os_error() == Some(libc::EIO)),
+                "{err}"
+            );
+            assert_eq!(task.held(1), None);
+            assert!(task.failure().is_some());
+            // No later record is taken, though the next fdatasync would succeed; no write
+            // either.
+            let err = store
+                .record_cloned_piece(&task, 2, crcs[2])
+                .await
+                .unwrap_err();
+            assert!(matches!(err, StoreError::TaskFailed { .. }), "{err}");
+            assert!(matches!(
+                try_write(&store, &task, 2, 3).await.1,
+                Err(StoreError::TaskFailed { .. })
+            ));
+            assert_eq!(task.held_count(), 1);
+        }
+        let journal = dir.path().join("tasks").join(&id).join("pieces.log");
+        assert_eq!(
+            fs::metadata(&journal).unwrap().len(),
+            RECORD_LEN as u64,
+            "cut back to the synced record"
+        );
+        let store = open(dir.path());
+        let task = store.get(&id).expect("recovered");
+        assert!(task.held(0).is_some());
+        assert_eq!(
+            task.held(1),
+            None,
+            "its sync failed: not held after a restart"
+        );
+        assert!(task.failure().is_none());
+    }
+
+    /// A stalled journal fdatasync fails the cloned piece within the I/O bound, as for a
+    /// written piece.
+    #[tokio::test]
+    async fn a_stalled_journal_sync_of_a_cloned_piece_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = Duration::from_millis(300);
+        let store = open_timed(dir.path(), bound);
+        let id = "a".repeat(64);
+        let task = store
+            .create_or_get(&id, Geometry::new(8 << 20, 4 << 20).unwrap())
+            .unwrap();
+        let crcs = pretend_cloned(&task, |n| n as u8 + 1);
+        store.faults().arm(
+            &id,
+            Fault::StallSync(SyncTarget::Journal, Duration::from_secs(2)),
+        );
+        let started = std::time::Instant::now();
+        let err = store
+            .record_cloned_piece(&task, 0, crcs[0])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Timeout {
+                    piece: 0,
+                    step: IoStep::Durability,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        assert_eq!(task.held(0), None);
+        assert!(matches!(
+            store.record_cloned_piece(&task, 1, crcs[1]).await,
+            Err(StoreError::TaskFailed { .. })
+        ));
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        assert_eq!(task.held(0), None, "the late sync does not make it held");
+    }
+
+    /// Where no reflink is possible (a source on another filesystem: EXDEV; on tmpfs:
+    /// EOPNOTSUPP) nothing changes: the content stays preallocated, no piece may be recorded
+    /// as cloned, and pieces are written as before. A task holding pieces is never cloned.
+    #[tokio::test]
+    async fn clone_content_where_reflinks_are_unsupported_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let geometry = Geometry::new(8 << 20, 4 << 20).unwrap();
+        let task = store.create_or_get(&"a".repeat(64), geometry).unwrap();
+        let source = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        source.as_file().set_len(8 << 20).unwrap();
+        let source = Arc::new(source.reopen().unwrap());
+        let cloned = store
+            .clone_content(&task, Arc::clone(&source))
+            .await
+            .unwrap();
+        let Cloned::Unsupported(err) = cloned else {
+            panic!("a reflink across filesystems succeeded")
+        };
+        assert!(reflink_unsupported(&err), "{err}");
+        assert!(!task.cloned.load(Ordering::Acquire));
+        assert!(task.failure().is_none());
+        let content = fs::metadata(task.content_path()).unwrap();
+        assert_eq!(content.len(), 8 << 20);
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&content) * 512 >= 8 << 20,
+            "still preallocated"
+        );
+        let err = store.record_cloned_piece(&task, 0, 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::NotClonable { .. }), "{err}");
+        write(&store, &task, 0, 1).await;
+        let err = store.clone_content(&task, source).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotClonable { reason, .. } if reason.contains("holds 1 pieces")),
+            "{err}"
+        );
+        assert_eq!(task.held_count(), 1);
+    }
+
     /// Was: only the task dir was synced (by task.json's rename), so a crash could lose the
     /// new dir's entry in tasks/ and with it every piece written into it.
     #[test]

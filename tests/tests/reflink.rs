@@ -167,8 +167,18 @@ async fn an_import_on_xfs_with_reflinks_is_a_clone_and_from_ext4_a_copy() {
     assert_eq!(cloned.content_digest_state, "verified");
 
     // The same bytes from ext4 (another task: another url), into the same XFS data dir.
+    let before_copy = xfs.used();
     let copied = seed.import(&on_ext4).await;
+    let after_copy = xfs.used();
+    eprintln!(
+        "xfs used: {before_copy} bytes before the copy import, {after_copy} after (+{})",
+        after_copy - before_copy
+    );
     assert_eq!(copied.import_method, "copy");
+    assert!(
+        after_copy >= before_copy + SIZE,
+        "a copy takes the file's size"
+    );
     let (text, _) = cli_import(&seed, &on_ext4);
     assert!(text.contains("imported by already held"), "{text}");
     assert_ne!(copied.task_id, task_id);
