@@ -9,6 +9,8 @@ command -v c++ >/dev/null || need+=(g++) # libFuzzer, built by the fuzz targets 
 command -v bc >/dev/null || need+=(bc)
 command -v cmp >/dev/null || need+=(diffutils)
 command -v mount >/dev/null || need+=(mount)
+# tests/tests/reflink.rs imports onto an XFS with reflinks made on a loop device.
+command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 # tests/tests/service.rs checks scripts/ferry.service with systemd-analyze (no running
 # systemd needed).
 command -v systemd-analyze >/dev/null || need+=(systemd)

@@ -871,6 +871,7 @@ fn task_json(t: &proto::Task) -> Value {
         "piece_count": t.piece_count, "pieces_held": t.pieces_held, "complete": t.complete,
         "pieces_served": t.pieces_served, "transferring": t.transferring,
         "content_digest": t.content_digest, "content_digest_state": t.content_digest_state,
+        "import_method": t.import_method,
         "pieces": t.pieces.iter().map(|p| json!({"number": p.number, "offset": p.offset, "length": p.length, "digest": p.digest, "held": p.held})).collect::<Vec<_>>(),
     })
 }
@@ -899,6 +900,9 @@ fn print_task(as_json: bool, task: &proto::Task) {
         return;
     }
     say!("task {}", task.task_id);
+    if !task.import_method.is_empty() {
+        say!("  imported by {}", task.import_method);
+    }
     say!(
         "  content length {} bytes, piece length {}, {}/{} pieces held{}",
         task.content_length,

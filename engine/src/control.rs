@@ -221,6 +221,7 @@ pub fn task_message(task: &StoredTask, with_pieces: bool) -> proto::Task {
             Some(ManifestState::Pinned) => "pinned".into(),
             None => String::new(),
         },
+        import_method: String::new(),
     }
 }
 
@@ -357,7 +358,7 @@ impl Ferry for ControlService {
             revision: non_empty(request.revision),
             piece_length: request.piece_length,
         };
-        let (task, _) = import::import_file_within(
+        let imported = import::import_file_within(
             &self.engine.store,
             &PathBuf::from(&request.path),
             &self.import_dirs,
@@ -365,7 +366,10 @@ impl Ferry for ControlService {
         )
         .await
         .map_err(import_status)?;
-        Ok(Response::new(task_message(&task, true)))
+        Ok(Response::new(proto::Task {
+            import_method: imported.method.as_str().into(),
+            ..task_message(&imported.task, true)
+        }))
     }
 
     type TransferPiecesStream = EventStream;

@@ -1,11 +1,15 @@
-//! Importing a local file as a task: its bytes are read into pool buffers, digested once, and
-//! written into the store through the same path as fetched pieces, and hashed in content
-//! order into the task's manifest (its SHA-256) as they go.
+//! Importing a local file as a task. Where the file and the data dir share a filesystem with
+//! reflinks (XFS with reflink=1, btrfs), the task's content becomes a copy-on-write clone of
+//! the file (no second copy on disk), and its pieces are then read back from the task's own
+//! content to be digested and recorded as held. Elsewhere its bytes are read into pool
+//! buffers, digested once, and written into the store through the same path as fetched
+//! pieces. Either way every piece is hashed in content order into the task's manifest (its
+//! SHA-256) as it goes.
 
 use crate::geometry::{self, Geometry, GeometryError, TaskIdInputs};
 use crate::io::PieceBuffer;
 use crate::manifest::{self, ContentDigest, ContentHasher, Manifest, ManifestState};
-use crate::store::{self, Store, StoreError, StoredTask, WriterKind};
+use crate::store::{self, Cloned, Store, StoreError, StoredTask, WriterKind};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
@@ -66,6 +70,40 @@ pub enum ImportError {
     },
 }
 
+/// How an import got the file's bytes into the store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ImportMethod {
+    /// The task's content is a reflink of the file: it shares the file's extents.
+    Reflink,
+    /// The pieces were read from the file and written into the task's content.
+    Copy,
+    /// The task held every piece already (the same file imported before).
+    AlreadyHeld,
+}
+
+impl ImportMethod {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ImportMethod::Reflink => "reflink",
+            ImportMethod::Copy => "copy",
+            ImportMethod::AlreadyHeld => "already held",
+        }
+    }
+}
+
+impl std::fmt::Display for ImportMethod {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A finished import.
+pub struct Imported {
+    pub task: Arc<StoredTask>,
+    pub content_sha256: ContentDigest,
+    pub method: ImportMethod,
+}
+
 /// What identifies the task besides the file (Dragonfly's task id inputs).
 #[derive(Debug, Clone, Default)]
 pub struct ImportOptions {
@@ -91,7 +129,8 @@ pub async fn import_file(
         path: path.display().to_string(),
         source,
     })?;
-    import_opened(store, file, path, options).await
+    let imported = import_opened(store, file, path, options).await?;
+    Ok((imported.task, imported.content_sha256))
 }
 
 /// Imports `path` for a remote caller: only a regular file whose real path (every symlink
@@ -103,7 +142,7 @@ pub async fn import_file_within(
     path: &Path,
     allowed: &[PathBuf],
     options: &ImportOptions,
-) -> Result<(Arc<StoredTask>, ContentDigest), ImportError> {
+) -> Result<Imported, ImportError> {
     let shown = path.display().to_string();
     if !path.is_absolute() {
         return Err(ImportError::RelativePath(shown));
@@ -160,7 +199,7 @@ async fn import_opened(
     file: File,
     path: &Path,
     options: &ImportOptions,
-) -> Result<(Arc<StoredTask>, ContentDigest), ImportError> {
+) -> Result<Imported, ImportError> {
     let shown = path.display().to_string();
     let meta = file.metadata().map_err(|source| ImportError::Open {
         path: shown.clone(),
@@ -193,7 +232,11 @@ async fn import_opened(
     let manifest = manifest::load(task.dir()).map_err(manifest_error)?;
     if task.is_complete() {
         if let Some(manifest) = manifest.filter(|m| m.state == ManifestState::Verified) {
-            return Ok((task, manifest.content_sha256));
+            return Ok(Imported {
+                task,
+                content_sha256: manifest.content_sha256,
+                method: ImportMethod::AlreadyHeld,
+            });
         }
     }
     // Every piece goes through the hasher in content order, as it is imported: the SHA-256
@@ -205,6 +248,45 @@ async fn import_opened(
         None
     } else {
         Some(task.try_begin_writing(WriterKind::Import)?)
+    };
+    // A task holding no piece yet may become a reflink of the file; one holding some (an
+    // import resumed after a crash) keeps them, and the rest is copied.
+    let method = if task.is_complete() {
+        ImportMethod::AlreadyHeld
+    } else if task.held_count() > 0 {
+        ImportMethod::Copy
+    } else {
+        match store.clone_content(&task, Arc::clone(&file)).await? {
+            Cloned::Yes => ImportMethod::Reflink,
+            Cloned::Unsupported(err) => {
+                tracing::debug!(task_id = %task.id(), path = %shown, error = %err, "no reflink into the data dir: copying");
+                ImportMethod::Copy
+            }
+        }
+    };
+    // A reflinked task's pieces are digested from its own content, a snapshot the file's
+    // later changes do not reach; and the file must still have the length it was cloned at.
+    let (file, shown) = if method == ImportMethod::Reflink {
+        let now = file.metadata().map_err(|source| ImportError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+        if now.len() != content_length {
+            return Err(ImportError::Read {
+                path: shown,
+                source: std::io::Error::other(format!(
+                    "it changed length while it was imported ({content_length} bytes, now {})",
+                    now.len()
+                )),
+            });
+        }
+        let content = task.read_file().map_err(|source| ImportError::Read {
+            path: task.content_path().display().to_string(),
+            source,
+        })?;
+        (content, task.content_path().display().to_string())
+    } else {
+        (file, shown)
     };
     let mut hasher = ContentHasher::default();
     let mut running = std::collections::VecDeque::new();
@@ -236,6 +318,10 @@ async fn import_opened(
                 source,
             })?;
             let crc = buf.crc32();
+            if method == ImportMethod::Reflink {
+                store.record_cloned_piece(&task, piece.number, crc).await?;
+                return Ok(buf);
+            }
             match task.held(piece.number) {
                 Some(held) if held == crc => return Ok(buf),
                 Some(held) => {
@@ -275,8 +361,12 @@ async fn import_opened(
         },
     )
     .map_err(manifest_error)?;
-    tracing::info!(task_id = %task.id(), path = %shown, bytes = content_length, pieces = task.geometry().piece_count(), %content_sha256, "imported");
-    Ok((task, content_sha256))
+    tracing::info!(task_id = %task.id(), path = %path.display(), bytes = content_length, pieces = task.geometry().piece_count(), %content_sha256, %method, "imported");
+    Ok(Imported {
+        task,
+        content_sha256,
+        method,
+    })
 }
 
 type ImportedPiece = tokio::task::JoinHandle<Result<PieceBuffer, ImportError>>;

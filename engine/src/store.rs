@@ -86,6 +86,10 @@ pub enum StoreError {
     /// no more writes until the daemon restarts and recovers it from its durable journal.
     #[error("task {task_id} has failed and takes no more writes: {reason}")]
     TaskFailed { task_id: String, reason: String },
+    /// [`Store::clone_content`] into a task that holds pieces, a clone whose result is not the
+    /// task's length, or [`Store::record_cloned_piece`] on a task not cloned into.
+    #[error("task {task_id}: {reason}")]
+    NotClonable { task_id: String, reason: String },
     #[error("{step} of piece {piece} of task {task_id} took longer than {}s (store.io_timeout_secs); the task is failed, its state on disk unknown", after.as_secs_f64())]
     Timeout {
         task_id: String,
@@ -299,6 +303,25 @@ impl StoreError {
     }
 }
 
+/// What [`Store::clone_content`] did.
+#[derive(Debug)]
+pub enum Cloned {
+    /// The content is a durable reflink of the source.
+    Yes,
+    /// Reflinks are not possible here (the error the kernel gave); nothing was changed.
+    Unsupported(io::Error),
+}
+
+/// A failed FICLONE that means "not possible here": a filesystem without reflinks
+/// (EOPNOTSUPP, or EINVAL from some), two filesystems (EXDEV), no FICLONE at all (ENOTTY,
+/// ENOSYS). The kernel refuses these before it changes the target.
+fn reflink_unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
+    )
+}
+
 fn is_no_space(err: &io::Error) -> bool {
     matches!(err.raw_os_error(), Some(libc::ENOSPC) | Some(libc::EDQUOT))
 }
@@ -389,6 +412,9 @@ pub struct StoredTask {
     faults: Arc<Faults>,
     /// Who writes into this task now (one writer at a time; see [`WriteGuard`]).
     writer: Mutex<Option<WriterKind>>,
+    /// Set once [`Store::clone_content`] made the content a durable reflink of a file: its
+    /// pieces may then be recorded with [`Store::record_cloned_piece`].
+    cloned: AtomicBool,
 }
 
 impl StoredTask {
@@ -821,6 +847,7 @@ impl Store {
             journal_durable: AtomicU64::new(journal_len),
             faults: Arc::clone(&self.faults),
             writer: Mutex::new(None),
+            cloned: AtomicBool::new(false),
         })
     }
 
@@ -1050,21 +1077,11 @@ impl Store {
             buf,
             len,
         };
-        let timed_out = |step| {
-            let err = StoreError::Timeout {
-                task_id: task.id.clone(),
-                piece: number,
-                step,
-                after: self.io_timeout,
-            };
-            task.fail(err.to_string());
-            err
-        };
         // On timeout the dropped future leaves the buffer with the operation in flight.
         let Ok((buf, written)) =
             tokio::time::timeout(self.io_timeout, self.io.write(request)).await
         else {
-            return (None, Err(timed_out(IoStep::Write)));
+            return (None, Err(self.timed_out(task, number, IoStep::Write)));
         };
         if let Err(err) = written {
             let doing = format!("writing piece {number} of {}", task.id);
@@ -1075,7 +1092,7 @@ impl Store {
         // pieces finishing beside it), then its journal record (the same, for records).
         let durable = {
             let task = Arc::clone(task);
-            tokio::task::spawn_blocking(move || {
+            move || {
                 task.content_sync
                     .sync(|| {
                         task.faults
@@ -1084,20 +1101,50 @@ impl Store {
                     .map_err(|e| (SyncTarget::Content, e))?;
                 task.append_record(number, crc)
                     .map_err(|e| (SyncTarget::Journal, e))
-            })
+            }
         };
+        (
+            Some(buf),
+            self.hold_when_durable(task, piece, crc, durable).await,
+        )
+    }
+
+    /// The timeout of `step` of piece `number`, which fails the task.
+    fn timed_out(&self, task: &StoredTask, number: u32, step: IoStep) -> StoreError {
+        let err = StoreError::Timeout {
+            task_id: task.id.clone(),
+            piece: number,
+            step,
+            after: self.io_timeout,
+        };
+        task.fail(err.to_string());
+        err
+    }
+
+    /// The last step of every piece the store takes, written or cloned: `durable` makes the
+    /// piece's bytes and then its journal record durable (on a blocking thread, within the
+    /// I/O timeout), and only then is the piece held. A failure, a timeout or a panic of it
+    /// fails the task.
+    async fn hold_when_durable(
+        &self,
+        task: &Arc<StoredTask>,
+        piece: PieceRange,
+        crc: u32,
+        durable: impl FnOnce() -> Result<(), (SyncTarget, io::Error)> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let number = piece.number;
+        let durable = tokio::task::spawn_blocking(durable);
         let durable = match tokio::time::timeout(self.io_timeout, durable).await {
-            Err(_) => return (Some(buf), Err(timed_out(IoStep::Durability))),
+            Err(_) => return Err(self.timed_out(task, number, IoStep::Durability)),
             Ok(Err(join)) => {
                 task.fail(format!("making piece {number} durable panicked: {join}"));
-                let err = task.failed_error().expect("just failed");
-                return (Some(buf), Err(err));
+                return Err(task.failed_error().expect("just failed"));
             }
             Ok(Ok(durable)) => durable,
         };
         if let Err((file, source)) = durable {
             task.fail(format!("fdatasync of its {file} file failed: {source}"));
-            let err = if is_no_space(&source) {
+            return Err(if is_no_space(&source) {
                 StoreError::NoSpace {
                     task_id: task.id.clone(),
                     needed: piece.length,
@@ -1110,8 +1157,7 @@ impl Store {
                     file,
                     source,
                 }
-            };
-            return (Some(buf), Err(err));
+            });
         }
         let complete = {
             let mut state = task.pieces.lock().expect("pieces lock");
@@ -1121,11 +1167,139 @@ impl Store {
             state.held == task.geometry.piece_count()
         };
         if complete {
-            if let Err(err) = self.finish(task) {
-                return (Some(buf), Err(err));
-            }
+            self.finish(task)?;
         }
-        (Some(buf), Ok(()))
+        Ok(())
+    }
+
+    /// Makes the content file of `task`, which holds no piece yet, a copy-on-write clone
+    /// (FICLONE) of all of `source`, which has the task's length, and makes that durable:
+    /// an fdatasync through the same group sync and fault switches as written pieces, whose
+    /// failure fails the task the same way. The preallocated blocks are given back for the
+    /// shared ones. Nothing is held yet: [`Store::record_cloned_piece`] then records each
+    /// piece, once its digest is known. The caller is the task's writer
+    /// ([`StoredTask::try_begin_writing`]).
+    ///
+    /// [`Cloned::Unsupported`] when this filesystem (or this pair of filesystems) cannot
+    /// reflink: the kernel refused before touching the content, and the pieces are to be
+    /// written instead. A crash at any point leaves no piece held, so the content's bytes
+    /// in between do not matter.
+    pub async fn clone_content(
+        &self,
+        task: &Arc<StoredTask>,
+        source: Arc<File>,
+    ) -> Result<Cloned, StoreError> {
+        if task.deleted.load(Ordering::Acquire) {
+            return Err(StoreError::Deleted(task.id.clone()));
+        }
+        if let Some(err) = task.failed_error() {
+            return Err(err);
+        }
+        let refuse = |reason: String| StoreError::NotClonable {
+            task_id: task.id.clone(),
+            reason,
+        };
+        if task.held_count() > 0 {
+            return Err(refuse(format!(
+                "it holds {} pieces: only a task holding none is cloned into",
+                task.held_count()
+            )));
+        }
+        let length = task.geometry.content_length();
+        let path = task.content_path();
+        let cloned = {
+            let task = Arc::clone(task);
+            // The error says whether it was the fdatasync (which fails the task) and what.
+            tokio::task::spawn_blocking(move || -> Result<Cloned, (bool, &str, io::Error)> {
+                let target = OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .map_err(|e| (false, "opening the content", e))?;
+                match crate::io::reflink(&source, &target) {
+                    Ok(()) => {}
+                    Err(err) if reflink_unsupported(&err) => return Ok(Cloned::Unsupported(err)),
+                    Err(err) => return Err((false, "reflinking the content", err)),
+                }
+                let now = target
+                    .metadata()
+                    .map_err(|e| (false, "stat content", e))?
+                    .len();
+                if now != length {
+                    let err = io::Error::other(format!("{now} bytes, not {length}"));
+                    return Err((false, "the reflinked content (the source changed)", err));
+                }
+                task.content_sync
+                    .sync(|| task.faults.sync(&task.id, SyncTarget::Content, &target))
+                    .map_err(|e| (true, "fdatasync of the reflinked content", e))?;
+                Ok(Cloned::Yes)
+            })
+        };
+        let cloned = match tokio::time::timeout(self.io_timeout, cloned).await {
+            Err(_) => {
+                task.fail(format!(
+                    "reflinking its content took longer than {}s (store.io_timeout_secs); its state on disk is unknown",
+                    self.io_timeout.as_secs_f64()
+                ));
+                return Err(task.failed_error().expect("just failed"));
+            }
+            Ok(Err(join)) => {
+                task.fail(format!("reflinking its content panicked: {join}"));
+                return Err(task.failed_error().expect("just failed"));
+            }
+            Ok(Ok(cloned)) => cloned,
+        };
+        match cloned {
+            Ok(Cloned::Yes) => {
+                task.cloned.store(true, Ordering::Release);
+                Ok(Cloned::Yes)
+            }
+            Ok(unsupported) => Ok(unsupported),
+            // A failed fdatasync is final (see `write_piece`): the task takes no more writes.
+            Err((true, step, err)) => {
+                task.fail(format!("{step} failed: {err}"));
+                Err(task.failed_error().expect("just failed"))
+            }
+            // Nothing is held, so nothing is lost: a later import may clone or copy again.
+            Err((false, step, err)) => Err(self.map_write_error(&task.id, length, step, err)),
+        }
+    }
+
+    /// Records piece `number` of a task cloned into by [`Store::clone_content`] as held with
+    /// digest `crc` (read back from the task's content): the journal step of `write_piece`
+    /// (record appended, group-synced, held only once synced; a failure fails the task), its
+    /// bytes already durable.
+    pub async fn record_cloned_piece(
+        &self,
+        task: &Arc<StoredTask>,
+        number: u32,
+        crc: u32,
+    ) -> Result<(), StoreError> {
+        let piece = task.geometry.piece(number)?;
+        if task.deleted.load(Ordering::Acquire) {
+            return Err(StoreError::Deleted(task.id.clone()));
+        }
+        if let Some(err) = task.failed_error() {
+            return Err(err);
+        }
+        if !task.cloned.load(Ordering::Acquire) {
+            return Err(StoreError::NotClonable {
+                task_id: task.id.clone(),
+                reason: format!(
+                    "piece {number} recorded as cloned, but the content was not cloned into"
+                ),
+            });
+        }
+        if task.held(number).is_some() {
+            return Ok(());
+        }
+        let durable = {
+            let task = Arc::clone(task);
+            move || {
+                task.append_record(number, crc)
+                    .map_err(|e| (SyncTarget::Journal, e))
+            }
+        };
+        self.hold_when_durable(task, piece, crc, durable).await
     }
 
     /// A complete task: cut direct-I/O padding off the end and close its write descriptors.
@@ -1984,6 +2158,232 @@ mod tests {
         assert_eq!(task.held(0), None);
         write(&store, &task, 0, 1).await;
         assert!(task.is_complete());
+    }
+
+    /// What a reflink leaves behind, made by hand where the test's filesystem has none (the
+    /// real FICLONE is tested on XFS in tests/tests/reflink.rs): the content holds the bytes,
+    /// synced, and the task is marked cloned.
+    fn pretend_cloned(task: &Arc<StoredTask>, fill: impl Fn(u32) -> u8) -> Vec<u32> {
+        let file = OpenOptions::new()
+            .write(true)
+            .open(task.content_path())
+            .unwrap();
+        let crcs = task
+            .geometry()
+            .pieces()
+            .map(|p| {
+                let bytes = vec![fill(p.number); p.length as usize];
+                file.write_all_at(&bytes, p.offset).unwrap();
+                crc32fast::hash(&bytes)
+            })
+            .collect();
+        file.sync_all().unwrap();
+        task.cloned.store(true, Ordering::Release);
+        crcs
+    }
+
+    #[tokio::test]
+    async fn cloned_pieces_are_held_once_journaled_and_recovered_after_a_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "a".repeat(64);
+        let geometry = Geometry::new(10 << 20, 4 << 20).unwrap();
+        let crcs = {
+            let store = open(dir.path());
+            let task = store.create_or_get(&id, geometry).unwrap();
+            let crcs = pretend_cloned(&task, |n| n as u8 + 1);
+            store.record_cloned_piece(&task, 0, crcs[0]).await.unwrap();
+            store.record_cloned_piece(&task, 2, crcs[2]).await.unwrap();
+            // Recording a held piece again appends nothing.
+            store.record_cloned_piece(&task, 2, crcs[2]).await.unwrap();
+            assert_eq!(task.held(0), Some(crcs[0]));
+            assert_eq!(task.held(1), None);
+            assert_eq!(task.held_count(), 2);
+            let (appended, synced) = *task.journal_sync.counts.lock().unwrap();
+            assert_eq!((appended, synced), (2, 2), "each record covered by a sync");
+            let err = store.record_cloned_piece(&task, 3, 0).await.unwrap_err();
+            assert!(matches!(err, StoreError::Geometry(_)), "{err}");
+            crcs
+        };
+        let journal = dir.path().join("tasks").join(&id).join("pieces.log");
+        assert_eq!(fs::metadata(&journal).unwrap().len(), 2 * RECORD_LEN as u64);
+
+        let store = open(dir.path());
+        let task = store.get(&id).expect("recovered");
+        assert_eq!(task.held(0), Some(crcs[0]));
+        assert_eq!(task.held(1), None);
+        assert_eq!(task.held(2), Some(crcs[2]));
+        // The restarted daemon did not clone this task: the missing piece is not taken as
+        // cloned, it is written.
+        let err = store
+            .record_cloned_piece(&task, 1, crcs[1])
+            .await
+            .unwrap_err();
+        assert!(matches!(err, StoreError::NotClonable { .. }), "{err}");
+        assert_eq!(task.held(1), None);
+        assert_eq!(write(&store, &task, 1, 2).await, crcs[1]);
+        assert!(task.is_complete());
+        let bytes = fs::read(task.content_path()).unwrap();
+        assert_eq!(bytes.len(), 10 << 20);
+        assert!(bytes[8 << 20..].iter().all(|&b| b == 3));
+    }
+
+    #[tokio::test]
+    async fn cloning_the_last_piece_completes_the_task() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let task = store
+            .create_or_get(&"a".repeat(64), Geometry::new(8 << 20, 4 << 20).unwrap())
+            .unwrap();
+        let crcs = pretend_cloned(&task, |n| n as u8 + 5);
+        for (number, crc) in crcs.iter().enumerate() {
+            store
+                .record_cloned_piece(&task, number as u32, *crc)
+                .await
+                .unwrap();
+        }
+        assert!(task.is_complete());
+        assert!(
+            task.handles.lock().unwrap().write.is_none(),
+            "write descriptors closed"
+        );
+    }
+
+    /// The journal step of a cloned piece follows write_piece's rules: a failed fdatasync
+    /// fails the task, the record is cut back, and nothing it covered is held after a restart.
+    #[tokio::test]
+    async fn a_failed_journal_sync_of_a_cloned_piece_fails_the_task_and_it_is_not_held_after_a_restart(
+    ) {
+        let dir = tempfile::tempdir().unwrap();
+        let id = "a".repeat(64);
+        let geometry = Geometry::new(12 << 20, 4 << 20).unwrap();
+        {
+            let store = open(dir.path());
+            let task = store.create_or_get(&id, geometry).unwrap();
+            let crcs = pretend_cloned(&task, |n| n as u8 + 1);
+            store.record_cloned_piece(&task, 0, crcs[0]).await.unwrap();
+            store
+                .faults()
+                .arm(&id, Fault::FailSync(SyncTarget::Journal));
+            let err = store
+                .record_cloned_piece(&task, 1, crcs[1])
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&err, StoreError::SyncFailed { piece: 1, file: SyncTarget::Journal, source, .. }
+                    if source.raw_os_error() == Some(libc::EIO)),
+                "{err}"
+            );
+            assert_eq!(task.held(1), None);
+            assert!(task.failure().is_some());
+            // No later record is taken, though the next fdatasync would succeed; no write
+            // either.
+            let err = store
+                .record_cloned_piece(&task, 2, crcs[2])
+                .await
+                .unwrap_err();
+            assert!(matches!(err, StoreError::TaskFailed { .. }), "{err}");
+            assert!(matches!(
+                try_write(&store, &task, 2, 3).await.1,
+                Err(StoreError::TaskFailed { .. })
+            ));
+            assert_eq!(task.held_count(), 1);
+        }
+        let journal = dir.path().join("tasks").join(&id).join("pieces.log");
+        assert_eq!(
+            fs::metadata(&journal).unwrap().len(),
+            RECORD_LEN as u64,
+            "cut back to the synced record"
+        );
+        let store = open(dir.path());
+        let task = store.get(&id).expect("recovered");
+        assert!(task.held(0).is_some());
+        assert_eq!(
+            task.held(1),
+            None,
+            "its sync failed: not held after a restart"
+        );
+        assert!(task.failure().is_none());
+    }
+
+    /// A stalled journal fdatasync fails the cloned piece within the I/O bound, as for a
+    /// written piece.
+    #[tokio::test]
+    async fn a_stalled_journal_sync_of_a_cloned_piece_times_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let bound = Duration::from_millis(300);
+        let store = open_timed(dir.path(), bound);
+        let id = "a".repeat(64);
+        let task = store
+            .create_or_get(&id, Geometry::new(8 << 20, 4 << 20).unwrap())
+            .unwrap();
+        let crcs = pretend_cloned(&task, |n| n as u8 + 1);
+        store.faults().arm(
+            &id,
+            Fault::StallSync(SyncTarget::Journal, Duration::from_secs(2)),
+        );
+        let started = std::time::Instant::now();
+        let err = store
+            .record_cloned_piece(&task, 0, crcs[0])
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                &err,
+                StoreError::Timeout {
+                    piece: 0,
+                    step: IoStep::Durability,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_millis(1500));
+        assert_eq!(task.held(0), None);
+        assert!(matches!(
+            store.record_cloned_piece(&task, 1, crcs[1]).await,
+            Err(StoreError::TaskFailed { .. })
+        ));
+        tokio::time::sleep(Duration::from_millis(2200)).await;
+        assert_eq!(task.held(0), None, "the late sync does not make it held");
+    }
+
+    /// Where no reflink is possible (a source on another filesystem: EXDEV; on tmpfs:
+    /// EOPNOTSUPP) nothing changes: the content stays preallocated, no piece may be recorded
+    /// as cloned, and pieces are written as before. A task holding pieces is never cloned.
+    #[tokio::test]
+    async fn clone_content_where_reflinks_are_unsupported_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let geometry = Geometry::new(8 << 20, 4 << 20).unwrap();
+        let task = store.create_or_get(&"a".repeat(64), geometry).unwrap();
+        let source = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        source.as_file().set_len(8 << 20).unwrap();
+        let source = Arc::new(source.reopen().unwrap());
+        let cloned = store
+            .clone_content(&task, Arc::clone(&source))
+            .await
+            .unwrap();
+        let Cloned::Unsupported(err) = cloned else {
+            panic!("a reflink across filesystems succeeded")
+        };
+        assert!(reflink_unsupported(&err), "{err}");
+        assert!(!task.cloned.load(Ordering::Acquire));
+        assert!(task.failure().is_none());
+        let content = fs::metadata(task.content_path()).unwrap();
+        assert_eq!(content.len(), 8 << 20);
+        assert!(
+            std::os::unix::fs::MetadataExt::blocks(&content) * 512 >= 8 << 20,
+            "still preallocated"
+        );
+        let err = store.record_cloned_piece(&task, 0, 1).await.unwrap_err();
+        assert!(matches!(err, StoreError::NotClonable { .. }), "{err}");
+        write(&store, &task, 0, 1).await;
+        let err = store.clone_content(&task, source).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::NotClonable { reason, .. } if reason.contains("holds 1 pieces")),
+            "{err}"
+        );
+        assert_eq!(task.held_count(), 1);
     }
 
     /// Was: only the task dir was synced (by task.json's rename), so a crash could lose the

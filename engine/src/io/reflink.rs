@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 
-/// Makes `target` (open for writing, empty) a copy-on-write clone of all of `source`.
+/// Makes `target` (open for writing) a copy-on-write clone of all of `source`. A `target`
+/// with blocks of its own (preallocated) of the same length is accepted: its blocks are
+/// replaced by the source's shared extents and freed.
 pub fn reflink(source: &File, target: &File) -> io::Result<()> {
     // SAFETY: FICLONE takes the source descriptor as its argument, by value, and reads no
     // memory of ours; both descriptors are open for the duration of the call, borrowed from
