@@ -13,6 +13,7 @@ pub mod metrics;
 pub mod origin;
 pub mod rdma;
 pub mod sd_notify;
+pub mod serve;
 pub mod store;
 pub mod transfer;
 pub mod transport;

@@ -5,7 +5,8 @@
 use super::*;
 use crate::io::{BufferPool, IoChoice, IoEngine};
 use crate::metrics::PieceFailure;
-use crate::store::{Fault, StoreOptions, StoreProvider};
+use crate::serve::StoreProvider;
+use crate::store::{Fault, StoreOptions};
 use ferry_fallback_tcp::{ClientConfig, Server, ServerConfig};
 
 struct Pair {
