@@ -476,3 +476,13 @@ pub fn url_request(url: &str, output: Option<&Path>) -> proto::TransferPiecesReq
         ..Default::default()
     }
 }
+
+/// A process's resident set size (VmRSS), in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS in /proc/<pid>/status")
+}

@@ -232,15 +232,6 @@ async fn fake_source(info: TaskInfo) -> String {
     addr
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 /// Before the caps, a source announcing a 2^53-byte task of 4 MiB pieces made a receiver
 /// build a piece list and a digest table for 2^31 pieces before `fallocate` could fail.
 #[tokio::test(flavor = "multi_thread")]

@@ -40,15 +40,6 @@ fn open_fds(pid: u32) -> usize {
         .count()
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS in /proc/<pid>/status")
-}
-
 /// Waits until the seed's descriptor count is back to `at_most` (idle connections closed).
 async fn wait_for_fds(pid: u32, at_most: usize, within: Duration) -> usize {
     let deadline = Instant::now() + within;
