@@ -113,6 +113,8 @@ impl RdmaHost {
                     ("gid_index", selection.gid.index.to_string()),
                     ("gid", selection.gid.gid.to_string()),
                     ("active_mtu", selection.active_mtu.to_string()),
+                    ("link_layer", selection.link_layer.as_str().to_owned()),
+                    ("lid", selection.lid.to_string()),
                     ("registered_bytes", region.len().to_string()),
                     (
                         "registration_seconds_per_gib",
@@ -144,7 +146,9 @@ impl RdmaHost {
                     .map(|port| proto::RdmaPort {
                         number: u32::from(port.number),
                         state: port.state.clone(),
-                        link_layer: port.link_layer.clone(),
+                        link_layer: port.link_layer.as_str().into(),
+                        lid: u32::from(port.lid),
+                        subnet_prefix: format!("{:016x}", port.subnet_prefix),
                         active_mtu: port.active_mtu,
                         speed_gbps: port.speed_gbps,
                         gids: port
