@@ -200,6 +200,13 @@ impl RegisteredRegion {
     }
 }
 
+/// Send queue entries of a queue pair ([`ConnectionConfig::default`]): on the source, one per
+/// chunk write of a piece (so it refuses a piece of more writes); on the receiver, the window
+/// binds and invalidations of the pieces in flight.
+pub const SEND_QUEUE_DEPTH: u32 = 256;
+/// Receive queue entries of a receiver's queue pair: one per chunk of every piece in flight.
+pub const RECEIVER_RECEIVE_DEPTH: u32 = 1024;
+
 /// Queue depths and retry behaviour of one RC connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
@@ -215,7 +222,7 @@ pub struct ConnectionConfig {
 impl Default for ConnectionConfig {
     fn default() -> Self {
         ConnectionConfig {
-            send_depth: 256,
+            send_depth: SEND_QUEUE_DEPTH,
             receive_depth: 256,
             ack_timeout: 18,
             retry_count: 7,

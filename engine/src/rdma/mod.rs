@@ -1,12 +1,13 @@
 //! Ferry's RDMA side in the engine: the host's devices ([`host`]), the receiving sessions
 //! ([`session`]) and the serving side ([`serve`]).
 
+pub mod breaker;
 mod host;
 mod serve;
 mod session;
 
 pub use host::{RdmaHost, RdmaStatus};
-pub use serve::RdmaService;
+pub use serve::{RdmaService, MAX_WRITES_PER_PIECE};
 pub use session::RdmaTransport;
 
 use crate::metrics::Metrics;
@@ -89,6 +90,7 @@ impl RdmaHost {
             settings: settings.clone(),
             sessions: Mutex::new(HashMap::new()),
             tcp_only: Mutex::new(HashSet::new()),
+            breakers: session::Breakers::new(breaker::BreakerSettings::default(), metrics),
             metrics: Arc::clone(metrics),
         };
         let service = RdmaService {

@@ -11,6 +11,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
 
+/// The most chunk writes the source posts for one piece: all of them are on its send queue at
+/// once. `Config::validate` refuses an `rdma.chunk_kib` that would need more.
+pub const MAX_WRITES_PER_PIECE: u32 = ferry_rdma::verbs::SEND_QUEUE_DEPTH;
+
 /// The serving side: runs a queue pair for each peer that upgrades its connection.
 pub struct RdmaService {
     pub(super) store: Arc<Store>,
@@ -42,8 +46,24 @@ impl RdmaService {
         let Message::Connect { endpoint } = Message::decode(wire::TAG_CONNECT, connect)? else {
             return Err(RdmaError::Handshake("expected Connect".into()));
         };
-        let connection = Connection::new(&self.context, ConnectionConfig::default())?;
-        connection.connect(&endpoint)?;
+        let peer = stream.peer_addr()?;
+        let set_up = ferry_rdma::address::check_peer_gid(&endpoint, peer.ip())
+            .map_err(RdmaError::from)
+            .and_then(|()| Connection::new(&self.context, ConnectionConfig::default()))
+            .and_then(|connection| connection.connect(&endpoint).map(|()| connection));
+        let connection = match set_up {
+            Ok(connection) => connection,
+            Err(err) => {
+                // Say why before hanging up: the receiver logs it and its breaker counts it.
+                let refused = Message::Failed {
+                    request: 0,
+                    not_held: false,
+                    message: err.to_string(),
+                };
+                let _ = wire::write_message(stream, &refused, self.settings.io_timeout).await;
+                return Err(err);
+            }
+        };
         let _counted = self.metrics.rdma_session(true);
         wire::write_message(
             stream,
@@ -144,12 +164,15 @@ impl RdmaService {
             });
         }
         let writes = match credit::plan_writes(request, piece.length, chunk_size, credits) {
-            Ok(writes) if writes.len() <= ConnectionConfig::default().send_depth as usize => writes,
+            Ok(writes) if writes.len() <= MAX_WRITES_PER_PIECE as usize => writes,
             Ok(writes) => {
                 return Ok(Message::Failed {
                     request,
                     not_held: false,
-                    message: format!("{} chunks exceed the send queue", writes.len()),
+                    message: format!(
+                        "{} chunks exceed the {MAX_WRITES_PER_PIECE} writes a piece may take (the send queue)",
+                        writes.len()
+                    ),
                 })
             }
             Err(err) => {

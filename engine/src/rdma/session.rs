@@ -1,5 +1,6 @@
 //! The receiving side: RC queue pairs to sources, each shared by up to `window` fetches.
 
+use super::breaker::{Admission, Breaker, BreakerSettings, Transition};
 use super::{rdma_failure, RdmaSettings, WR_BIND, WR_INVALIDATE, WR_KIND, WR_RECEIVE};
 use crate::geometry::PieceRange;
 use crate::io::PieceBuffer;
@@ -7,12 +8,14 @@ use crate::metrics::{Metrics, RdmaSessionGuard};
 use crate::transport::{FetchedPiece, PieceTransport, TransportError};
 use ferry_rdma::credit::{self, Progress, ReceiveWindow, SlotCredit};
 use ferry_rdma::wire::{self, Message};
-use ferry_rdma::{Connection, ConnectionConfig, MemoryWindow, RdmaContext, RegisteredRegion};
+use ferry_rdma::{
+    Connection, ConnectionConfig, MemoryWindow, RdmaContext, RdmaError, RegisteredRegion,
+};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
-use tokio::net::TcpStream;
+use std::time::{Duration, Instant};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// A fetch's progress, as the completion pump and the control reader see it.
 #[derive(Default)]
@@ -403,23 +406,152 @@ pub struct RdmaTransport {
     pub(super) sessions: Mutex<HashMap<SocketAddr, Vec<Arc<Session>>>>,
     /// Sources that refused the upgrade (no RDMA there): TCP only from now on.
     pub(super) tcp_only: Mutex<HashSet<SocketAddr>>,
+    /// Per source, whether its RDMA path is trusted now (see [`super::breaker`]).
+    pub(super) breakers: Breakers,
     pub(super) metrics: Arc<Metrics>,
 }
 
+/// The circuit breakers of every source, counting trips and probes into the metrics.
+pub(super) struct Breakers {
+    settings: BreakerSettings,
+    by_source: Mutex<HashMap<SocketAddr, Breaker>>,
+    metrics: Arc<Metrics>,
+}
+
+impl Breakers {
+    pub(super) fn new(settings: BreakerSettings, metrics: &Arc<Metrics>) -> Breakers {
+        Breakers {
+            settings,
+            by_source: Mutex::new(HashMap::new()),
+            metrics: Arc::clone(metrics),
+        }
+    }
+
+    fn would_admit(&self, source: SocketAddr, now: Instant) -> bool {
+        self.by_source
+            .lock()
+            .expect("breakers lock")
+            .get(&source)
+            .is_none_or(|b| b.would_admit(now))
+    }
+
+    fn admit(&self, source: SocketAddr, now: Instant) -> Admission {
+        let mut map = self.by_source.lock().expect("breakers lock");
+        let admission = map
+            .entry(source)
+            .or_insert_with(|| Breaker::new(self.settings))
+            .admit(now);
+        if admission == Admission::Probe {
+            tracing::info!(%source, "RDMA back-off over; probing the source's RDMA path with one piece");
+            self.metrics.rdma_breaker_probed();
+        }
+        admission
+    }
+
+    /// Records one RDMA outcome; returns true when it opened the breaker.
+    fn record(&self, source: SocketAddr, probe: bool, ok: bool, now: Instant) -> bool {
+        let mut map = self.by_source.lock().expect("breakers lock");
+        let breaker = map
+            .entry(source)
+            .or_insert_with(|| Breaker::new(self.settings));
+        let transition = if ok {
+            breaker.on_success(probe, now)
+        } else {
+            breaker.on_failure(probe, now)
+        };
+        match transition {
+            Transition::Tripped { backoff, trip } => {
+                tracing::warn!(%source, backoff_secs = backoff.as_secs(), consecutive_trips = trip, "RDMA to this source keeps failing; using TCP with it for a back-off");
+                self.metrics.rdma_breaker_tripped();
+                true
+            }
+            Transition::Closed => {
+                tracing::info!(%source, "RDMA probe succeeded; the source's RDMA path is used again");
+                false
+            }
+            Transition::None => false,
+        }
+    }
+}
+
+/// Reports a fetch's outcome to the breaker, once; a fetch dropped before it decided (a piece
+/// timeout, a cancelled transfer) counts as a failure.
+struct Outcome<'a> {
+    transport: &'a RdmaTransport,
+    source: SocketAddr,
+    probe: bool,
+    reported: bool,
+}
+
+impl Outcome<'_> {
+    fn report(&mut self, ok: bool) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        let tripped = self
+            .transport
+            .breakers
+            .record(self.source, self.probe, ok, Instant::now());
+        if tripped {
+            // The next probe builds a fresh queue pair.
+            self.transport
+                .drop_sessions(self.source, "its RDMA circuit breaker opened");
+        }
+    }
+
+    /// Not a failure of the RDMA path: the source answered cleanly that it does not hold the
+    /// piece (which a probe takes as its queue pair working), or it turned out to have no RDMA.
+    fn neutral(&mut self) {
+        if self.probe {
+            self.report(true);
+        }
+        self.reported = true;
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        self.report(false);
+    }
+}
+
 impl RdmaTransport {
+    /// Whether pieces from `source` should go over RDMA now: it has RDMA, and its circuit
+    /// breaker is closed or its back-off ran out (one probe).
     pub fn supports(&self, source: SocketAddr) -> bool {
         !self
             .tcp_only
             .lock()
             .expect("tcp_only lock")
             .contains(&source)
+            && self.breakers.would_admit(source, Instant::now())
     }
 
     /// Drops the sessions to a source (after it failed).
     pub fn forget(&self, source: SocketAddr) {
+        self.drop_sessions(source, "it was given up on");
+    }
+
+    fn drop_sessions(&self, source: SocketAddr, why: &str) {
         let dropped = self.sessions.lock().expect("sessions lock").remove(&source);
         for session in dropped.into_iter().flatten() {
-            session.break_with(format!("rdma: source {source} was given up on"));
+            session.break_with(format!("rdma: source {source}: {why}"));
+        }
+    }
+
+    /// The TCP connection of a new queue pair. With a RoCE v2 IPv4 GID it leaves from that
+    /// GID's address, which the source checks against the GID this side sends.
+    async fn dial(&self, source: SocketAddr) -> std::io::Result<TcpStream> {
+        let selection = self.context.selection();
+        match (selection.gid.ipv4(), source) {
+            (Some(local), SocketAddr::V4(_))
+                if selection.link_layer == ferry_rdma::LinkLayer::Ethernet =>
+            {
+                let socket = TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(local.into(), 0))?;
+                socket.connect(source).await
+            }
+            _ => TcpStream::connect(source).await,
         }
     }
 
@@ -452,7 +584,7 @@ impl RdmaTransport {
 
     async fn connect(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
         let limit = self.settings.connect_timeout;
-        let mut control = tokio::time::timeout(limit, TcpStream::connect(source))
+        let mut control = tokio::time::timeout(limit, self.dial(source))
             .await
             .map_err(|_| {
                 TransportError::Unreachable(format!(
@@ -462,7 +594,7 @@ impl RdmaTransport {
             .map_err(|e| TransportError::Unreachable(format!("connecting to {source}: {e}")))?;
         let _ = control.set_nodelay(true);
         let config = ConnectionConfig {
-            receive_depth: 1024,
+            receive_depth: ferry_rdma::verbs::RECEIVER_RECEIVE_DEPTH,
             ..ConnectionConfig::default()
         };
         let connection = Connection::new(&self.context, config).map_err(rdma_failure)?;
@@ -474,6 +606,8 @@ impl RdmaTransport {
             .map_err(rdma_failure)?;
         match wire::read_message(&mut control, self.settings.io_timeout).await {
             Ok(Message::Accept { endpoint }) => {
+                ferry_rdma::address::check_peer_gid(&endpoint, source.ip())
+                    .map_err(|e| rdma_failure(e.into()))?;
                 connection.connect(&endpoint).map_err(rdma_failure)?;
                 tracing::debug!(%source, qpn = endpoint.qp_number, "RDMA queue pair connected");
                 let (read, write) = control.into_split();
@@ -506,16 +640,23 @@ impl RdmaTransport {
                 self.tcp_only.lock().expect("tcp_only lock").insert(source);
                 Err(TransportError::Unsupported(message))
             }
+            Ok(Message::Failed { message, .. }) => Err(TransportError::Failed(format!(
+                "rdma: source refused the queue pair: {message}"
+            ))),
             Ok(other) => Err(TransportError::Failed(format!(
                 "source answered the RDMA upgrade with {:#04x}",
                 other.tag()
             ))),
-            Err(err) => {
-                // A stock Vortex peer closes or answers something else: treat it as no RDMA.
-                tracing::info!(%source, error = %err, "RDMA upgrade failed; using TCP with this source");
+            Err(RdmaError::Channel(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // A stock Vortex peer (or a Ferry speaking another handshake version) hangs
+                // up on the upgrade: treat it as no RDMA.
+                tracing::info!(%source, error = %err, "source closed the RDMA upgrade; using TCP with it");
                 self.tcp_only.lock().expect("tcp_only lock").insert(source);
                 Err(TransportError::Unsupported(err.to_string()))
             }
+            // Anything else (a timeout, a reset, a garbled answer) may pass: the circuit
+            // breaker decides when to stop trying.
+            Err(err) => Err(rdma_failure(err)),
         }
     }
 }
@@ -533,9 +674,47 @@ impl PieceTransport for RdmaTransport {
         piece: PieceRange,
         buf: &mut PieceBuffer,
     ) -> Result<FetchedPiece, TransportError> {
-        if !self.supports(source) {
+        if self
+            .tcp_only
+            .lock()
+            .expect("tcp_only lock")
+            .contains(&source)
+        {
             return Err(TransportError::Unsupported(format!("{source} has no RDMA")));
         }
+        let probe = match self.breakers.admit(source, Instant::now()) {
+            Admission::Rdma => false,
+            Admission::Probe => true,
+            Admission::Tcp => {
+                return Err(TransportError::Unsupported(format!(
+                    "{source}: RDMA circuit breaker open (recent RDMA failures); TCP for now"
+                )))
+            }
+        };
+        let mut outcome = Outcome {
+            transport: self,
+            source,
+            probe,
+            reported: false,
+        };
+        let result = self.fetch_admitted(source, task_id, piece, buf).await;
+        match &result {
+            Ok(_) => outcome.report(true),
+            Err(TransportError::NotHeld(_) | TransportError::Unsupported(_)) => outcome.neutral(),
+            Err(_) => outcome.report(false),
+        }
+        result
+    }
+}
+
+impl RdmaTransport {
+    async fn fetch_admitted(
+        &self,
+        source: SocketAddr,
+        task_id: &str,
+        piece: PieceRange,
+        buf: &mut PieceBuffer,
+    ) -> Result<FetchedPiece, TransportError> {
         loop {
             let session = self.session(source).await?;
             let progressed = session.progress.notified();
@@ -548,5 +727,56 @@ impl PieceTransport for RdmaTransport {
                 result => return result,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The value of one sample line of the metrics text.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().expect("a number"))
+    }
+
+    #[test]
+    fn breakers_are_per_source_and_count_trips_and_probes() {
+        let metrics = Arc::new(Metrics::new());
+        let breakers = Breakers::new(BreakerSettings::default(), &metrics);
+        let (bad, good): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:4100".parse().unwrap(),
+            "10.0.0.2:4100".parse().unwrap(),
+        );
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert_eq!(breakers.admit(bad, t0), Admission::Rdma);
+            let tripped = breakers.record(bad, false, false, t0 + Duration::from_secs(i));
+            assert_eq!(tripped, i == 2, "the third failure trips it");
+        }
+        // Only the failing source is affected.
+        assert!(!breakers.would_admit(bad, t0 + Duration::from_secs(3)));
+        assert!(breakers.would_admit(good, t0 + Duration::from_secs(3)));
+        assert_eq!(breakers.admit(good, t0), Admission::Rdma);
+        let text = metrics.render();
+        assert_eq!(sample(&text, "ferry_rdma_breaker_trips_total"), Some(1.0));
+        assert_eq!(sample(&text, "ferry_rdma_breaker_probes_total"), Some(0.0));
+        // 30 s after the trip: one probe; it fails, so 60 s more of TCP.
+        let probe_at = t0 + Duration::from_secs(32);
+        assert_eq!(breakers.admit(bad, probe_at), Admission::Probe);
+        assert_eq!(breakers.admit(bad, probe_at), Admission::Tcp);
+        assert!(breakers.record(bad, true, false, probe_at));
+        assert!(!breakers.would_admit(bad, probe_at + Duration::from_secs(59)));
+        let again = probe_at + Duration::from_secs(60);
+        assert_eq!(breakers.admit(bad, again), Admission::Probe);
+        assert!(
+            !breakers.record(bad, true, true, again),
+            "success closes it"
+        );
+        assert_eq!(breakers.admit(bad, again), Admission::Rdma);
+        let text = metrics.render();
+        assert_eq!(sample(&text, "ferry_rdma_breaker_trips_total"), Some(2.0));
+        assert_eq!(sample(&text, "ferry_rdma_breaker_probes_total"), Some(2.0));
     }
 }
