@@ -58,7 +58,13 @@ async fn pieces_move_over_rdma_between_two_daemons() {
     let source = root.path().join("model.bin");
     random_file(&source, SIZE, 21);
     let metrics = ["--metrics", "127.0.0.1:0"];
-    let seed = rdma_daemon(root.path(), "seed", 0, &metrics).await;
+    // The receiver checks the whole content's SHA-256 after the last piece, which takes
+    // minutes under emulation: longer than the seed's default 60 s idle timeout, after which
+    // it closes the (then idle) queue pairs that the metrics below expect to see up.
+    let config = root.path().join("seed.toml");
+    std::fs::write(&config, "[server]\nidle_timeout_secs = 3600\n").unwrap();
+    let seed_args = [&metrics[..], &["--config", config.to_str().unwrap()]].concat();
+    let seed = rdma_daemon(root.path(), "seed", 0, &seed_args).await;
     let receiver = rdma_daemon(root.path(), "receiver", 1, &metrics).await;
     assert!(rdma_available(&seed).await && rdma_available(&receiver).await);
     assert!(
@@ -109,7 +115,12 @@ async fn pieces_move_over_rdma_between_two_daemons() {
         metric(&served, r#"ferry_pieces_served_total{transport="rdma"}"#),
         Some(64.0)
     );
-    assert!(metric(&fetched, r#"ferry_rdma_sessions{side="fetching"}"#) >= Some(1.0));
+    assert!(
+        metric(&fetched, r#"ferry_rdma_sessions{side="fetching"}"#) >= Some(1.0),
+        "{fetched}\n{}\n{}",
+        receiver.log_text(),
+        seed.log_text()
+    );
     assert!(metric(&served, r#"ferry_rdma_sessions{side="serving"}"#) >= Some(1.0));
     assert_eq!(
         metric(&served, "ferry_rdma_registered_bytes"),
@@ -250,10 +261,14 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
     let rogue_address = listener.local_addr().unwrap().to_string();
     let limit = Duration::from_secs(30);
     let rogue = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let Message::Connect { endpoint } = wire::read_message(&mut stream, limit).await.unwrap()
-        else {
-            panic!("expected Connect")
+        // The receiver first asks every source for the task's manifest over plain TCP (a
+        // Vortex StatTask, which this rogue does not answer: it hangs up); then it upgrades.
+        let (mut stream, endpoint) = loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            if let Ok(Message::Connect { endpoint }) = wire::read_message(&mut stream, limit).await
+            {
+                break (stream, endpoint);
+            }
         };
         let connection = Connection::new(
             &context,
