@@ -78,6 +78,8 @@ fn rdma(c: &mut Criterion) {
         gid: "::ffff:10.77.0.1".parse().unwrap(),
         lid: 0,
         mtu: 1024,
+        link_layer: ferry_rdma::LinkLayer::Ethernet,
+        subnet_prefix: 0xfe80 << 48,
     };
     let fetch = Message::Fetch {
         request: 7,

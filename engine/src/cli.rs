@@ -684,6 +684,9 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
                         props.join(" ")
                     );
                 }
+                for line in device_lines(&caps.rdma_devices) {
+                    say!("{line}");
+                }
             }
         }
         Command::Cancel { task_id } => {
@@ -887,11 +890,41 @@ fn capabilities_json(c: &proto::Capabilities) -> Value {
         "rdma_devices": c.rdma_devices.iter().map(|d| json!({
             "name": d.name, "node_guid": d.node_guid,
             "ports": d.ports.iter().map(|p| json!({
-                "number": p.number, "state": p.state, "link_layer": p.link_layer, "active_mtu": p.active_mtu, "speed_gbps": p.speed_gbps,
+                "number": p.number, "state": p.state, "link_layer": p.link_layer, "lid": p.lid, "subnet_prefix": p.subnet_prefix,
+                "active_mtu": p.active_mtu, "speed_gbps": p.speed_gbps,
                 "gids": p.gids.iter().map(|g| json!({"index": g.index, "gid": g.gid, "type": g.r#type, "netdev": g.netdev, "ipv4": g.ipv4})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
+}
+
+/// `ferry devices` in text: per device, each port (state, link layer, LID, MTU, speed,
+/// subnet prefix) and its GIDs.
+fn device_lines(devices: &[proto::RdmaDevice]) -> Vec<String> {
+    let mut lines = Vec::new();
+    for d in devices {
+        lines.push(format!("device {} (node GUID {})", d.name, d.node_guid));
+        for p in &d.ports {
+            lines.push(format!(
+                "  port {} {} link layer {} LID {} MTU {} {} Gbit/s subnet prefix {}",
+                p.number, p.state, p.link_layer, p.lid, p.active_mtu, p.speed_gbps, p.subnet_prefix
+            ));
+            for g in &p.gids {
+                lines.push(format!(
+                    "    GID {:>3} {:<7} {}{}",
+                    g.index,
+                    g.r#type,
+                    g.gid,
+                    if g.netdev.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", g.netdev)
+                    }
+                ));
+            }
+        }
+    }
+    lines
 }
 
 fn print_task(as_json: bool, task: &proto::Task) {
@@ -930,6 +963,43 @@ fn print_task(as_json: bool, task: &proto::Task) {
             } else {
                 "(missing)"
             }
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_text_shows_lid_and_link_layer_per_port() {
+        let devices = [proto::RdmaDevice {
+            name: "mlx5_0".into(),
+            node_guid: "0002c90300010203".into(),
+            ports: vec![proto::RdmaPort {
+                number: 1,
+                state: "Active".into(),
+                link_layer: "InfiniBand".into(),
+                active_mtu: 4096,
+                speed_gbps: 400.0,
+                gids: vec![proto::RdmaGid {
+                    index: 0,
+                    gid: "fe80::2:c903:1:203".into(),
+                    r#type: "IB".into(),
+                    netdev: String::new(),
+                    ipv4: String::new(),
+                }],
+                lid: 17,
+                subnet_prefix: "fe80000000000000".into(),
+            }],
+        }];
+        assert_eq!(
+            device_lines(&devices),
+            [
+                "device mlx5_0 (node GUID 0002c90300010203)",
+                "  port 1 Active link layer InfiniBand LID 17 MTU 4096 400 Gbit/s subnet prefix fe80000000000000",
+                "    GID   0 IB      fe80::2:c903:1:203",
+            ]
         );
     }
 }

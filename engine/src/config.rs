@@ -1,6 +1,9 @@
 //! The daemon's configuration: a TOML file, then command-line flags on top.
 
+use crate::geometry::MAX_PIECE_LENGTH;
 use crate::io::IoChoice;
+use crate::rdma::MAX_WRITES_PER_PIECE;
+use ferry_rdma::verbs::{RECEIVER_RECEIVE_DEPTH, SEND_QUEUE_DEPTH};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -375,6 +378,13 @@ pub enum ConfigError {
         value: String,
         allowed: &'static str,
     },
+    /// A value in range on its own that cannot work with the others (a queue-depth limit).
+    #[error("invalid config value {key} = {value}: {why}")]
+    Unworkable {
+        key: &'static str,
+        value: String,
+        why: String,
+    },
 }
 
 impl Config {
@@ -558,6 +568,7 @@ impl Config {
                 "0 (derived from the descriptor limit) to 1048576",
             );
         }
+        self.validate_rdma_queues()?;
         if self.server.max_connections == 0 {
             return invalid("server.max_connections", 0, "at least 1");
         }
@@ -586,6 +597,56 @@ impl Config {
         }
         if self.server.max_connections_per_peer == 0 {
             return invalid("server.max_connections_per_peer", 0, "at least 1");
+        }
+        Ok(())
+    }
+
+    /// What the RDMA queue pairs can hold, for the largest piece ([`MAX_PIECE_LENGTH`]) in
+    /// `pool.slot_mib` slots and `rdma.chunk_kib` chunks: the source posts every chunk write of
+    /// a piece at once (at most [`MAX_WRITES_PER_PIECE`]); the receiver posts one receive per
+    /// chunk of every piece in its window ([`RECEIVER_RECEIVE_DEPTH`]) and one window bind, later
+    /// one invalidation, per slot of every such piece ([`SEND_QUEUE_DEPTH`]; a piece's binds
+    /// complete before its request goes out and its invalidations are posted after its last
+    /// chunk, so the two are never on the queue together). A setting past these would validate
+    /// and then fail every large piece over RDMA.
+    fn validate_rdma_queues(&self) -> Result<(), ConfigError> {
+        let q = rdma_queue_use(
+            MAX_PIECE_LENGTH,
+            self.pool.slot_mib << 20,
+            u64::from(self.rdma.chunk_kib) << 10,
+            self.rdma.window,
+        );
+        let piece_mib = MAX_PIECE_LENGTH >> 20;
+        if q.writes_per_piece > u64::from(MAX_WRITES_PER_PIECE) {
+            return Err(ConfigError::Unworkable {
+                key: "rdma.chunk_kib",
+                value: self.rdma.chunk_kib.to_string(),
+                why: format!(
+                    "a {piece_mib} MiB piece would take {} chunk writes, more than the {MAX_WRITES_PER_PIECE} a source accepts per piece (its send queue): use at least {} KiB",
+                    q.writes_per_piece,
+                    (MAX_PIECE_LENGTH / u64::from(MAX_WRITES_PER_PIECE)) >> 10
+                ),
+            });
+        }
+        if q.receives > u64::from(RECEIVER_RECEIVE_DEPTH) {
+            return Err(ConfigError::Unworkable {
+                key: "rdma.window",
+                value: self.rdma.window.to_string(),
+                why: format!(
+                    "{} pieces of {piece_mib} MiB in {} KiB chunks need {} receives, more than the receive queue's {RECEIVER_RECEIVE_DEPTH} entries: lower rdma.window or raise rdma.chunk_kib",
+                    self.rdma.window, self.rdma.chunk_kib, q.receives
+                ),
+            });
+        }
+        if q.send_wqes > u64::from(SEND_QUEUE_DEPTH) {
+            return Err(ConfigError::Unworkable {
+                key: "rdma.window",
+                value: self.rdma.window.to_string(),
+                why: format!(
+                    "{} pieces of {piece_mib} MiB in {} MiB slots need {} memory-window binds (later as many invalidations) at once, more than the send queue's {SEND_QUEUE_DEPTH} entries: lower rdma.window or raise pool.slot_mib",
+                    self.rdma.window, self.pool.slot_mib, q.send_wqes
+                ),
+            });
         }
         Ok(())
     }
@@ -642,6 +703,33 @@ impl Config {
             });
         }
         Ok(())
+    }
+}
+
+/// What pieces of `piece` bytes, in `slot`-byte pool slots and `chunk`-byte writes, take of the
+/// RDMA queues with `window` of them in flight on one queue pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RdmaQueueUse {
+    /// Chunk writes the source posts for one piece.
+    pub writes_per_piece: u64,
+    /// Receives the receiver posts for the whole window.
+    pub receives: u64,
+    /// Window binds (or, later, invalidations) on the receiver's send queue at once for the
+    /// whole window: one per slot of each piece.
+    pub send_wqes: u64,
+}
+
+pub fn rdma_queue_use(piece: u64, slot: u64, chunk: u64, window: u32) -> RdmaQueueUse {
+    let slots = piece.div_ceil(slot.max(1)).max(1);
+    let lens: Vec<u32> = (0..slots)
+        .map(|i| slot.min(piece - i * slot).min(u64::from(u32::MAX)) as u32)
+        .collect();
+    let chunk = u32::try_from(chunk.max(1)).unwrap_or(u32::MAX);
+    let writes_per_piece = ferry_rdma::credit::chunk_count(piece, chunk, &lens);
+    RdmaQueueUse {
+        writes_per_piece,
+        receives: writes_per_piece * u64::from(window),
+        send_wqes: slots * u64::from(window),
     }
 }
 
@@ -794,6 +882,69 @@ mod tests {
         config.validate().unwrap();
         config.control = "unix:///run/ferry/other.sock".into();
         config.validate().unwrap();
+    }
+
+    #[test]
+    fn rdma_settings_past_the_queue_depths_are_refused() {
+        let refused = |change: fn(&mut Config), key: &str, says: &str| {
+            let mut config = Config::default();
+            change(&mut config);
+            let err = config.validate().unwrap_err();
+            assert!(matches!(err, ConfigError::Unworkable { .. }), "{err:?}");
+            let text = err.to_string();
+            assert!(text.contains(&format!("value {key} = ")), "{text}");
+            assert!(text.contains(says), "{text}");
+        };
+        // 64 MiB in 128 KiB chunks: 512 writes, the source takes 256.
+        refused(
+            |c| c.rdma.chunk_kib = 128,
+            "rdma.chunk_kib",
+            "512 chunk writes, more than the 256 a source accepts per piece (its send queue): use at least 256 KiB",
+        );
+        // 256 KiB chunks: 256 writes per piece is the limit, and fits a window of 4.
+        let mut config = Config::default();
+        config.rdma.chunk_kib = 256;
+        config.rdma.window = 4;
+        config.validate().unwrap();
+        // A window of 5 needs 1280 receives.
+        refused(
+            |c| {
+                c.rdma.chunk_kib = 256;
+                c.rdma.window = 5;
+            },
+            "rdma.window",
+            "need 1280 receives, more than the receive queue's 1024 entries",
+        );
+        // 1 MiB slots: 64 binds per piece; a window of 5 needs 320 on a 256-entry queue.
+        refused(
+            |c| {
+                c.pool.slot_mib = 1;
+                c.rdma.window = 5;
+            },
+            "rdma.window",
+            "need 320 memory-window binds (later as many invalidations) at once, more than the send queue's 256 entries",
+        );
+        let mut config = Config::default();
+        config.pool.slot_mib = 1;
+        config.rdma.window = 4;
+        config.validate().unwrap();
+        // The defaults and the largest window with default slots and chunks fit.
+        let mut config = Config::default();
+        config.rdma.window = 16;
+        config.validate().unwrap();
+        assert_eq!(
+            rdma_queue_use(MAX_PIECE_LENGTH, 4 << 20, 1 << 20, 16),
+            RdmaQueueUse {
+                writes_per_piece: 64,
+                receives: 1024,
+                send_wqes: 256
+            }
+        );
+        // Slots that do not divide the piece: chunks never straddle two slots.
+        assert_eq!(
+            rdma_queue_use(MAX_PIECE_LENGTH, 3 << 20, 2 << 20, 1).writes_per_piece,
+            22 * 2 - 1
+        );
     }
 
     #[test]

@@ -121,6 +121,8 @@ pub struct Metrics {
     piece_failures: Family<ReasonLabel, Counter>,
     piece_retries: Counter,
     rdma_fallbacks: Counter,
+    rdma_breaker_trips: Counter,
+    rdma_breaker_probes: Counter,
     piece_fetch_seconds: Family<TransportLabel, Histogram, LatencyBuckets>,
     piece_write_seconds: Family<TransportLabel, Histogram, LatencyBuckets>,
     transfers_active: Gauge,
@@ -166,6 +168,8 @@ impl Metrics {
             piece_failures: Family::default(),
             piece_retries: Counter::default(),
             rdma_fallbacks: Counter::default(),
+            rdma_breaker_trips: Counter::default(),
+            rdma_breaker_probes: Counter::default(),
             piece_fetch_seconds: Family::new_with_constructor(LatencyBuckets),
             piece_write_seconds: Family::new_with_constructor(LatencyBuckets),
             transfers_active: Gauge::default(),
@@ -222,6 +226,16 @@ impl Metrics {
             "rdma_fallbacks",
             "Pieces that failed over RDMA and were fetched again over TCP",
             metrics.rdma_fallbacks.clone(),
+        );
+        registry.register(
+            "rdma_breaker_trips",
+            "Times a source's RDMA circuit breaker opened (its pieces then go over TCP for a back-off)",
+            metrics.rdma_breaker_trips.clone(),
+        );
+        registry.register(
+            "rdma_breaker_probes",
+            "Pieces sent over RDMA to a source whose back-off ended, to test its RDMA path again",
+            metrics.rdma_breaker_probes.clone(),
         );
         registry.register_with_unit(
             "piece_fetch",
@@ -428,6 +442,14 @@ impl Metrics {
 
     pub fn rdma_fallback(&self) {
         self.rdma_fallbacks.inc();
+    }
+
+    pub fn rdma_breaker_tripped(&self) {
+        self.rdma_breaker_trips.inc();
+    }
+
+    pub fn rdma_breaker_probed(&self) {
+        self.rdma_breaker_probes.inc();
     }
 
     /// A piece was written whole to a peer over RDMA (the TCP side counts in the server).
@@ -637,6 +659,8 @@ mod tests {
             r#"ferry_transfers_total{result="completed"}"#,
             r#"ferry_rdma_sessions{side="fetching"}"#,
             "ferry_rdma_fallbacks_total",
+            "ferry_rdma_breaker_trips_total",
+            "ferry_rdma_breaker_probes_total",
             "ferry_transfers_active",
             r#"ferry_piece_fetch_seconds_count{transport="rdma"}"#,
             r#"ferry_piece_write_seconds_count{transport="tcp"}"#,

@@ -1,9 +1,10 @@
 //! Device discovery: every device, port and GID, as plain data.
 
+use crate::address::{subnet_prefix, LinkLayer};
 use crate::error::RdmaError;
 use sideway::ibverbs::address::GidType;
 use sideway::ibverbs::device::{DeviceInfo as _, DeviceList};
-use sideway::ibverbs::device_context::{LinkLayer, PortState};
+use sideway::ibverbs::device_context::{LinkLayer as VerbsLinkLayer, PortAttr, PortState};
 use std::net::{IpAddr, Ipv6Addr};
 
 /// What a GID is for.
@@ -53,8 +54,12 @@ pub struct PortInfo {
     pub number: u8,
     pub active: bool,
     pub state: String,
-    /// "Ethernet" (RoCE) or "InfiniBand".
-    pub link_layer: String,
+    /// Ethernet (RoCE) or InfiniBand.
+    pub link_layer: LinkLayer,
+    /// The port's LID (InfiniBand; 0 on Ethernet).
+    pub lid: u16,
+    /// The top 64 bits of the port's GID 0 (its subnet on InfiniBand).
+    pub subnet_prefix: u64,
     pub active_mtu: u32,
     /// Signalling rate, Gbit/s.
     pub speed_gbps: f64,
@@ -66,6 +71,28 @@ pub struct DeviceInfo {
     pub name: String,
     pub node_guid: String,
     pub ports: Vec<PortInfo>,
+}
+
+/// The link layer of a port; "unspecified" is what old InfiniBand drivers report.
+pub(crate) fn link_layer(port: &PortAttr) -> LinkLayer {
+    match port.link_layer() {
+        VerbsLinkLayer::Ethernet => LinkLayer::Ethernet,
+        VerbsLinkLayer::InfiniBand | VerbsLinkLayer::Unspecified => LinkLayer::InfiniBand,
+    }
+}
+
+fn port_info(number: u8, port: &PortAttr, subnet_prefix: u64, gids: Vec<GidInfo>) -> PortInfo {
+    PortInfo {
+        number,
+        active: port.port_state() == PortState::Active,
+        state: format!("{:?}", port.port_state()),
+        link_layer: link_layer(port),
+        lid: port.lid(),
+        subnet_prefix,
+        active_mtu: 128 << (port.active_mtu() as u32),
+        speed_gbps: port.active_speed().to_signaling_rate() * f64::from(port.active_width() as u8),
+        gids,
+    }
 }
 
 /// Lists every RDMA device with its ports and GID tables. A host without libibverbs or
@@ -92,7 +119,7 @@ pub fn discover() -> Result<Vec<DeviceInfo>, RdmaError> {
             let port = context
                 .query_port(number)
                 .map_err(|e| RdmaError::verbs("ibv_query_port", e))?;
-            let gids = table
+            let gids: Vec<GidInfo> = table
                 .iter()
                 .filter(|entry| entry.port_num() == u32::from(number) && !entry.gid().is_zero())
                 .map(|entry| GidInfo {
@@ -106,20 +133,12 @@ pub fn discover() -> Result<Vec<DeviceInfo>, RdmaError> {
                     netdev: entry.netdev_name().ok(),
                 })
                 .collect();
-            ports.push(PortInfo {
-                number,
-                active: port.port_state() == PortState::Active,
-                state: format!("{:?}", port.port_state()),
-                link_layer: match port.link_layer() {
-                    LinkLayer::Ethernet => "Ethernet".into(),
-                    LinkLayer::InfiniBand => "InfiniBand".into(),
-                    other => format!("{other:?}"),
-                },
-                active_mtu: 128 << (port.active_mtu() as u32),
-                speed_gbps: port.active_speed().to_signaling_rate()
-                    * f64::from(port.active_width() as u8),
-                gids,
-            });
+            let prefix = gids
+                .iter()
+                .find(|g| g.index == 0)
+                .map(|g| subnet_prefix(&g.gid))
+                .unwrap_or(0);
+            ports.push(port_info(number, &port, prefix, gids));
         }
         devices.push(DeviceInfo {
             name,

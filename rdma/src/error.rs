@@ -12,6 +12,8 @@ pub enum RdmaError {
     Verbs { step: &'static str, message: String },
     #[error("queue pair handshake: {0}")]
     Handshake(String),
+    #[error("queue pair address: {0}")]
+    Address(#[from] crate::address::AddressError),
     #[error("work request {wr_id} completed with {status}")]
     Completion { wr_id: u64, status: String },
     #[error("completion channel: {0}")]

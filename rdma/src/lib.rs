@@ -5,6 +5,7 @@
 //! Pure parts (device selection, the queue-pair handshake codec) are plain data and tested
 //! without a device; [`verbs`] holds every `unsafe` call, behind safe types.
 
+pub mod address;
 pub mod credit;
 pub mod device;
 pub mod error;
@@ -13,6 +14,7 @@ pub mod select;
 pub mod verbs;
 pub mod wire;
 
+pub use address::{AddressError, AddressVector, LinkLayer, LocalPort};
 pub use device::{discover, DeviceInfo, GidInfo, GidKind, PortInfo};
 pub use error::RdmaError;
 pub use handshake::Endpoint;

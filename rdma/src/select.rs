@@ -1,5 +1,6 @@
 //! Choosing the device, port and GID to use: pure, so it is tested without a device.
 
+use crate::address::{LinkLayer, LocalPort};
 use crate::device::{DeviceInfo, GidInfo, GidKind};
 use crate::error::RdmaError;
 
@@ -17,6 +18,27 @@ pub struct Selection {
     pub port: u8,
     pub gid: GidInfo,
     pub active_mtu: u32,
+    pub link_layer: LinkLayer,
+    /// The port's LID when it was discovered (a queue pair queries it again when it is made).
+    pub lid: u16,
+    pub subnet_prefix: u64,
+    /// Signalling rate, Gbit/s.
+    pub speed_gbps: f64,
+}
+
+impl Selection {
+    /// What the address choice needs, with `lid` as the port reports it now.
+    pub fn local_port(&self, lid: u16) -> LocalPort {
+        LocalPort {
+            port: self.port,
+            link_layer: self.link_layer,
+            lid,
+            subnet_prefix: self.subnet_prefix,
+            gid_index: self.gid.index,
+            gid: self.gid.gid,
+            gid_kind: self.gid.kind,
+        }
+    }
 }
 
 /// By default: the first active port with a RoCE v2 GID carrying an IPv4 address (never a
@@ -56,7 +78,7 @@ pub fn choose(devices: &[DeviceInfo], request: &SelectionRequest) -> Result<Sele
             }
             let gid = match request.gid_index {
                 Some(index) => port.gids.iter().find(|g| g.index == index),
-                None if port.link_layer == "Ethernet" => port
+                None if port.link_layer == LinkLayer::Ethernet => port
                     .gids
                     .iter()
                     .find(|g| g.kind == GidKind::RoceV2 && g.ipv4().is_some()),
@@ -73,6 +95,10 @@ pub fn choose(devices: &[DeviceInfo], request: &SelectionRequest) -> Result<Sele
                         port: port.number,
                         gid: gid.clone(),
                         active_mtu: port.active_mtu,
+                        link_layer: port.link_layer,
+                        lid: port.lid,
+                        subnet_prefix: port.subnet_prefix,
+                        speed_gbps: port.speed_gbps,
                     });
                 }
                 None => reasons.push(format!(
@@ -119,7 +145,9 @@ mod tests {
                 } else {
                     "Down".into()
                 },
-                link_layer: "Ethernet".into(),
+                link_layer: LinkLayer::Ethernet,
+                lid: 0,
+                subnet_prefix: 0xfe80 << 48,
                 active_mtu: 1024,
                 speed_gbps: 2.5,
                 gids: vec![
@@ -176,5 +204,37 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("RoCE v2 GID with an IPv4 address"), "{err}");
+    }
+
+    #[test]
+    fn an_infiniband_port_carries_its_lid_and_subnet_into_the_selection() {
+        let device = DeviceInfo {
+            name: "mlx5_0".into(),
+            node_guid: "0".into(),
+            ports: vec![PortInfo {
+                number: 1,
+                active: true,
+                state: "Active".into(),
+                link_layer: LinkLayer::InfiniBand,
+                lid: 0x2a,
+                subnet_prefix: 0xfe80 << 48,
+                active_mtu: 4096,
+                speed_gbps: 400.0,
+                gids: vec![GidInfo {
+                    index: 0,
+                    gid: "fe80::2:c903:1:203".parse().unwrap(),
+                    kind: GidKind::InfiniBand,
+                    netdev: None,
+                }],
+            }],
+        };
+        let chosen = choose(&[device], &SelectionRequest::default()).unwrap();
+        assert_eq!(chosen.gid.index, 0, "only a link-local GID: index 0");
+        assert_eq!(
+            (chosen.link_layer, chosen.lid, chosen.subnet_prefix),
+            (LinkLayer::InfiniBand, 0x2a, 0xfe80 << 48)
+        );
+        let port = chosen.local_port(0x2b);
+        assert_eq!((port.lid, port.gid_index, port.port), (0x2b, 0, 1));
     }
 }

@@ -2,6 +2,7 @@
 //! and RC connections whose completions wake tokio through the completion channel's file
 //! descriptor (no busy polling). Every `unsafe` call of the crate is here.
 
+use crate::address::{self, AddressVector, LocalPort};
 use crate::error::RdmaError;
 use crate::handshake::Endpoint;
 use crate::select::Selection;
@@ -59,6 +60,26 @@ impl RdmaContext {
 
     pub fn selection(&self) -> &Selection {
         &self.selection
+    }
+
+    /// The selected port's LID as the port reports it now (a subnet manager may have assigned
+    /// or changed it since discovery), with the link layer it reports.
+    pub fn query_lid(&self) -> Result<u16, RdmaError> {
+        let port = self
+            .context
+            .query_port(self.selection.port)
+            .map_err(|e| RdmaError::verbs("ibv_query_port", e))?;
+        let link_layer = crate::device::link_layer(&port);
+        if link_layer != self.selection.link_layer {
+            return Err(RdmaError::verbs(
+                "ibv_query_port",
+                format!(
+                    "port {} is now {link_layer}, was {} at discovery",
+                    self.selection.port, self.selection.link_layer
+                ),
+            ));
+        }
+        Ok(port.lid())
     }
 
     /// Allocates a type-2 memory window: remote access to exactly one bound range, through one
@@ -179,6 +200,13 @@ impl RegisteredRegion {
     }
 }
 
+/// Send queue entries of a queue pair ([`ConnectionConfig::default`]): on the source, one per
+/// chunk write of a piece (so it refuses a piece of more writes); on the receiver, the window
+/// binds and invalidations of the pieces in flight.
+pub const SEND_QUEUE_DEPTH: u32 = 256;
+/// Receive queue entries of a receiver's queue pair: one per chunk of every piece in flight.
+pub const RECEIVER_RECEIVE_DEPTH: u32 = 1024;
+
 /// Queue depths and retry behaviour of one RC connection.
 #[derive(Debug, Clone)]
 pub struct ConnectionConfig {
@@ -194,7 +222,7 @@ pub struct ConnectionConfig {
 impl Default for ConnectionConfig {
     fn default() -> Self {
         ConnectionConfig {
-            send_depth: 256,
+            send_depth: SEND_QUEUE_DEPTH,
             receive_depth: 256,
             ack_timeout: 18,
             retry_count: 7,
@@ -245,7 +273,9 @@ pub struct Connection {
     /// request still in flight when its caller gave up never touches unregistered memory.
     regions: Mutex<Vec<Arc<RegisteredRegion>>>,
     local: Endpoint,
-    context: Arc<RdmaContext>,
+    local_port: LocalPort,
+    // Keeps the device context (and its protection domain) alive as long as the queue pair.
+    _context: Arc<RdmaContext>,
     config: ConnectionConfig,
 }
 
@@ -293,12 +323,15 @@ impl Connection {
             .setup_access_flags(AccessFlags::LocalWrite | AccessFlags::RemoteWrite);
         qp.modify(&attr)
             .map_err(|e| RdmaError::verbs("modify QP to INIT", e))?;
+        let local_port = selection.local_port(context.query_lid()?);
         let local = Endpoint {
             qp_number: qp.qp_number(),
-            packet_sequence: rand_psn(),
+            packet_sequence: random_psn()?,
             gid: selection.gid.gid,
-            lid: 0,
+            lid: local_port.lid,
             mtu: selection.active_mtu,
+            link_layer: local_port.link_layer,
+            subnet_prefix: local_port.subnet_prefix,
         };
         // SAFETY: the fd belongs to `channel`, which the connection owns and drops only after
         // `wakeups` (field order), so it stays open for the AsyncFd's whole life.
@@ -311,7 +344,8 @@ impl Connection {
             channel,
             regions: Mutex::new(Vec::new()),
             local,
-            context: Arc::clone(context),
+            local_port,
+            _context: Arc::clone(context),
             config,
         })
     }
@@ -320,8 +354,16 @@ impl Connection {
         self.local
     }
 
-    /// Moves the queue pair to RTR then RTS towards `remote`.
+    /// The address vector [`Connection::connect`] would use towards `remote` (see
+    /// [`address::address_vector`]).
+    pub fn address_vector(&self, remote: &Endpoint) -> Result<AddressVector, RdmaError> {
+        Ok(address::address_vector(&self.local_port, remote)?)
+    }
+
+    /// Moves the queue pair to RTR then RTS towards `remote`: LID routed on one InfiniBand
+    /// subnet, with a GRH across subnets and always on RoCE.
     pub fn connect(&self, remote: &Endpoint) -> Result<(), RdmaError> {
+        let vector = self.address_vector(remote)?;
         let mtu = match remote.mtu.min(self.local.mtu) {
             256 => Mtu::Mtu256,
             512 => Mtu::Mtu512,
@@ -339,12 +381,18 @@ impl Connection {
             .setup_min_rnr_timer(12);
         let mut address = AddressHandleAttribute::new();
         address
-            .setup_dest_lid(remote.lid)
-            .setup_port(self.context.selection.port)
-            .setup_service_level(0)
-            .setup_grh_src_gid_index(self.context.selection.gid.index as u8)
-            .setup_grh_dest_gid(&Gid::from(remote.gid))
-            .setup_grh_hop_limit(64);
+            .setup_dest_lid(vector.dest_lid)
+            .setup_port(vector.port)
+            .setup_service_level(vector.service_level);
+        if let Some(grh) = vector.grh {
+            address.setup_grh(
+                &Gid::from(grh.dest_gid),
+                grh.flow_label,
+                grh.src_gid_index,
+                grh.hop_limit,
+                grh.traffic_class,
+            );
+        }
         attr.setup_address_vector(&address);
         qp.modify(&attr)
             .map_err(|e| RdmaError::verbs("modify QP to RTR", e))?;
@@ -567,10 +615,38 @@ impl Connection {
     }
 }
 
-fn rand_psn() -> u32 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.subsec_nanos())
-        .unwrap_or(0);
-    (nanos ^ std::process::id().rotate_left(8)) & 0xff_ffff
+/// A queue pair's first packet sequence number (24 bits), from the OS's random source
+/// (`getrandom(2)`): a peer or an off-path host cannot predict it.
+pub fn random_psn() -> Result<u32, RdmaError> {
+    let mut bytes = [0u8; 4];
+    let mut filled = 0;
+    while filled < bytes.len() {
+        // SAFETY: the pointer and length name the unfilled tail of a live local array.
+        let n = unsafe {
+            libc::getrandom(bytes[filled..].as_mut_ptr().cast(), bytes.len() - filled, 0)
+        };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(RdmaError::verbs("getrandom for the queue pair's PSN", err));
+        }
+        filled += n as usize;
+    }
+    Ok(u32::from_ne_bytes(bytes) & 0xff_ffff)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn psns_are_24_bit_and_not_repeated() {
+        let psns: Vec<u32> = (0..64).map(|_| super::random_psn().unwrap()).collect();
+        assert!(psns.iter().all(|&p| p <= 0xff_ffff));
+        let mut unique = psns.clone();
+        unique.sort_unstable();
+        unique.dedup();
+        // 64 draws from 2^24 values: a repeat has probability about 1e-4.
+        assert!(unique.len() >= 63, "{psns:?}");
+    }
 }

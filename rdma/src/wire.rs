@@ -318,6 +318,8 @@ mod tests {
             gid: "::ffff:10.77.0.1".parse().unwrap(),
             lid: 0,
             mtu: 1024,
+            link_layer: crate::address::LinkLayer::Ethernet,
+            subnet_prefix: 0xfe80 << 48,
         }
     }
 

@@ -332,3 +332,64 @@ async fn the_pool_key_itself_grants_no_remote_write() {
     );
     assert!(target.bytes.iter().all(|&b| b == 2));
 }
+
+/// On soft-RoCE the port is Ethernet with LID 0: the handshake says so (queried from the port,
+/// not assumed), and the address vector is a GRH from the chosen GID to the peer's, never LID
+/// routing. Every queue pair starts at its own random PSN.
+#[tokio::test]
+#[ignore = "needs two RDMA devices: scripts/rxe-vm.sh runs it"]
+async fn the_handshake_carries_the_queried_port_and_roce_takes_a_grh() {
+    let devices = discover().unwrap();
+    let name = device("FERRY_RXE_DEV0");
+    let port = &devices.iter().find(|d| d.name == name).unwrap().ports[0];
+    assert_eq!(port.link_layer, ferry_rdma::LinkLayer::Ethernet, "{port:?}");
+    assert_eq!(port.lid, 0, "rxe has no LID");
+    assert_eq!(
+        port.subnet_prefix,
+        0xfe80 << 48,
+        "GID 0 of a RoCE port is link-local"
+    );
+    let (a, qa, b, qb) = connected_pair(ConnectionConfig::default()).await;
+    let (ea, eb) = (qa.local_endpoint(), qb.local_endpoint());
+    for (context, endpoint) in [(&a, ea), (&b, eb)] {
+        let selection = context.selection();
+        assert_eq!(endpoint.lid, 0);
+        assert_eq!(endpoint.link_layer, ferry_rdma::LinkLayer::Ethernet);
+        assert_eq!(endpoint.gid, selection.gid.gid);
+        assert_eq!(endpoint.subnet_prefix, selection.subnet_prefix);
+        // The handshake bytes carry exactly this.
+        assert_eq!(
+            ferry_rdma::Endpoint::decode(&endpoint.encode()).unwrap(),
+            endpoint
+        );
+    }
+    let vector = qa.address_vector(&eb).unwrap();
+    let grh = vector.grh.expect("RoCE always has a GRH");
+    assert_eq!(grh.dest_gid, eb.gid);
+    assert_eq!(u32::from(grh.src_gid_index), a.selection().gid.index);
+    assert_eq!(vector.dest_lid, 0);
+    // A peer claiming InfiniBand is refused before the queue pair is touched.
+    let ib = ferry_rdma::Endpoint {
+        link_layer: ferry_rdma::LinkLayer::InfiniBand,
+        lid: 5,
+        ..eb
+    };
+    let err = qa.address_vector(&ib).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            RdmaError::Address(ferry_rdma::AddressError::LinkLayerMismatch { .. })
+        ),
+        "{err}"
+    );
+    let third = Connection::new(&a, ConnectionConfig::default()).unwrap();
+    let psns = [
+        ea.packet_sequence,
+        eb.packet_sequence,
+        third.local_endpoint().packet_sequence,
+    ];
+    assert!(
+        psns[0] != psns[1] && psns[1] != psns[2] && psns[0] != psns[2],
+        "{psns:?}"
+    );
+}

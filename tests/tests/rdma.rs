@@ -58,7 +58,13 @@ async fn pieces_move_over_rdma_between_two_daemons() {
     let source = root.path().join("model.bin");
     random_file(&source, SIZE, 21);
     let metrics = ["--metrics", "127.0.0.1:0"];
-    let seed = rdma_daemon(root.path(), "seed", 0, &metrics).await;
+    // The receiver checks the whole content's SHA-256 after the last piece, which takes
+    // minutes under emulation: longer than the seed's default 60 s idle timeout, after which
+    // it closes the (then idle) queue pairs that the metrics below expect to see up.
+    let config = root.path().join("seed.toml");
+    std::fs::write(&config, "[server]\nidle_timeout_secs = 3600\n").unwrap();
+    let seed_args = [&metrics[..], &["--config", config.to_str().unwrap()]].concat();
+    let seed = rdma_daemon(root.path(), "seed", 0, &seed_args).await;
     let receiver = rdma_daemon(root.path(), "receiver", 1, &metrics).await;
     assert!(rdma_available(&seed).await && rdma_available(&receiver).await);
     assert!(
@@ -109,7 +115,12 @@ async fn pieces_move_over_rdma_between_two_daemons() {
         metric(&served, r#"ferry_pieces_served_total{transport="rdma"}"#),
         Some(64.0)
     );
-    assert!(metric(&fetched, r#"ferry_rdma_sessions{side="fetching"}"#) >= Some(1.0));
+    assert!(
+        metric(&fetched, r#"ferry_rdma_sessions{side="fetching"}"#) >= Some(1.0),
+        "{fetched}\n{}\n{}",
+        receiver.log_text(),
+        seed.log_text()
+    );
     assert!(metric(&served, r#"ferry_rdma_sessions{side="serving"}"#) >= Some(1.0));
     assert_eq!(
         metric(&served, "ferry_rdma_registered_bytes"),
@@ -250,10 +261,14 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
     let rogue_address = listener.local_addr().unwrap().to_string();
     let limit = Duration::from_secs(30);
     let rogue = tokio::spawn(async move {
-        let (mut stream, _) = listener.accept().await.unwrap();
-        let Message::Connect { endpoint } = wire::read_message(&mut stream, limit).await.unwrap()
-        else {
-            panic!("expected Connect")
+        // The receiver first asks every source for the task's manifest over plain TCP (a
+        // Vortex StatTask, which this rogue does not answer: it hangs up); then it upgrades.
+        let (mut stream, endpoint) = loop {
+            let (mut stream, _) = listener.accept().await.unwrap();
+            if let Ok(Message::Connect { endpoint }) = wire::read_message(&mut stream, limit).await
+            {
+                break (stream, endpoint);
+            }
         };
         let connection = Connection::new(
             &context,
@@ -375,4 +390,173 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
     .unwrap();
     assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
     assert!(same_contents(&source, &next));
+}
+
+/// `ferry devices` shows each port's link layer and LID (Ethernet and 0 on soft-RoCE), in text
+/// and in JSON.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn ferry_devices_shows_link_layer_and_lid() {
+    let root = scratch("rdma-devices");
+    let daemon = rdma_daemon(root.path(), "d", 0, &[]).await;
+    let run = |json: bool| {
+        let mut command = std::process::Command::new(ferry_bin());
+        command.arg("--control").arg(&daemon.control);
+        if json {
+            command.arg("--json");
+        }
+        let out = command.arg("devices").output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let text = run(false);
+    let dev = env("FERRY_RXE_DEV0");
+    assert!(text.contains(&format!("device {dev} ")), "{text}");
+    assert!(
+        text.contains("port 1 Active link layer Ethernet LID 0 "),
+        "{text}"
+    );
+    assert!(text.contains("RoCE v2 ::ffff:"), "{text}");
+    let json: serde_json::Value = serde_json::from_str(&run(true)).unwrap();
+    let port = json["rdma_devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == dev.as_str())
+        .unwrap()["ports"][0]
+        .clone();
+    assert_eq!(port["link_layer"], "Ethernet");
+    assert_eq!(port["lid"], 0);
+    assert_eq!(port["subnet_prefix"], "fe80000000000000");
+    let rdma = json["transports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["name"] == "rdma")
+        .unwrap()
+        .clone();
+    assert_eq!(rdma["properties"]["link_layer"], "Ethernet");
+    assert_eq!(rdma["properties"]["lid"], "0");
+}
+
+/// Peer checks and the circuit breaker. A peer whose Connect carries a GID that is not the
+/// address its TCP connection comes from is refused with a precise Failed answer, and the
+/// source keeps serving. A source whose Accept GID is not the address the receiver dialled
+/// (here: it is reached on 127.0.0.1, its GID is 10.77.0.1) fails every RDMA set-up: after 3
+/// failures the breaker opens and the rest of the transfer goes over TCP with no more RDMA
+/// attempts (no queue-pair rebuild per piece), counted in the metrics.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() {
+    use ferry_rdma::wire::{self, Message};
+    let root = scratch("rdma-peer-check");
+    let source = root.path().join("model.bin");
+    random_file(&source, 64 * MIB, 25);
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let args = vec![
+        "--rdma-device".to_owned(),
+        env("FERRY_RXE_DEV0"),
+        "--metrics".to_owned(),
+        "127.0.0.1:0".to_owned(),
+    ];
+    let seed = Daemon::start(
+        root.path(),
+        "seed",
+        DaemonOptions {
+            listen: Some("127.0.0.1:0".into()),
+            extra_args: args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &metrics).await;
+    assert!(rdma_available(&seed).await && rdma_available(&receiver).await);
+
+    // A Connect claiming 10.77.0.9 from 10.77.0.2.
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket
+        .bind(format!("{}:0", env("FERRY_RXE_ADDR1")).parse().unwrap())
+        .unwrap();
+    let mut stream = socket
+        .connect(seed.data_address.parse().unwrap())
+        .await
+        .unwrap();
+    let liar = ferry_rdma::Endpoint {
+        qp_number: 0x42,
+        packet_sequence: 7,
+        gid: "::ffff:10.77.0.9".parse().unwrap(),
+        lid: 0,
+        mtu: 1024,
+        link_layer: ferry_rdma::LinkLayer::Ethernet,
+        subnet_prefix: 0xfe80 << 48,
+    };
+    wire::write_message(
+        &mut stream,
+        &Message::Connect { endpoint: liar },
+        Duration::from_secs(10),
+    )
+    .await
+    .unwrap();
+    let answer = wire::read_message(&mut stream, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let Message::Failed { message, .. } = answer else {
+        panic!("expected Failed, got {answer:?}")
+    };
+    let addr1 = env("FERRY_RXE_ADDR1");
+    assert!(
+        message.contains(&format!(
+            "names 10.77.0.9, but its TCP connection comes from {addr1}"
+        )),
+        "{message}"
+    );
+    drop(stream);
+
+    // The seed is still up; the receiver reaches it on 127.0.0.1, which is not its GID.
+    let task = seed.import(&source).await;
+    let output = root.path().join("copy.bin");
+    let started = Instant::now();
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let summary = result.summary.unwrap();
+    eprintln!(
+        "64 MiB with a refusing RDMA path in {:?}, {} RDMA fallbacks",
+        started.elapsed(),
+        summary.rdma_fallbacks
+    );
+    assert_eq!(summary.pieces_fetched, 16);
+    assert!(result.pieces.iter().all(|p| p.transport == "tcp"));
+    assert!(same_contents(&source, &output));
+    // At least the 3 failures that trip it; at most those plus the other streams that were
+    // already trying (4 streams per source): never one failure per piece.
+    assert!(
+        (3..=3 + 3).contains(&summary.rdma_fallbacks),
+        "{} fallbacks",
+        summary.rdma_fallbacks
+    );
+    let scraped = receiver.scrape().await;
+    assert_eq!(
+        metric(&scraped, "ferry_rdma_breaker_trips_total"),
+        Some(1.0),
+        "{scraped}"
+    );
+    assert_eq!(
+        metric(&scraped, "ferry_rdma_breaker_probes_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&scraped, "ferry_rdma_fallbacks_total"),
+        Some(f64::from(summary.rdma_fallbacks))
+    );
+    let log = receiver.log_text();
+    assert!(
+        log.contains("names 10.77.0.1, but its TCP connection comes from 127.0.0.1"),
+        "{log}"
+    );
+    assert!(log.contains("RDMA to this source keeps failing"), "{log}");
 }

@@ -53,6 +53,8 @@ fn main() {
         gid: "::ffff:10.77.0.1".parse().unwrap(),
         lid: 0,
         mtu: 1024,
+        link_layer: ferry_rdma::LinkLayer::Ethernet,
+        subnet_prefix: 0xfe80 << 48,
     };
     let upgrade = Request::Upgrade {
         tag: ferry_rdma::wire::TAG_CONNECT,
@@ -132,6 +134,8 @@ fn main() {
         gid: "fe80::1:2ff:fe03:405".parse().unwrap(),
         lid: 7,
         mtu: 4096,
+        link_layer: ferry_rdma::LinkLayer::InfiniBand,
+        subnet_prefix: 0xfe80 << 48,
         ..endpoint
     };
     write(root, "rdma_handshake", "endpoint_ib", &v6.encode());

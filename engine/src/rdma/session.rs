@@ -1,225 +1,21 @@
-//! The host's RDMA side: which devices exist and, when RDMA is enabled and usable, the chosen
-//! device opened with the buffer pool registered on it (once, at start-up).
+//! The receiving side: RC queue pairs to sources, each shared by up to `window` fetches.
 
-use crate::config::RdmaConfig;
-use crate::io::BufferPool;
-use crate::proto;
-use ferry_rdma::{DeviceInfo, RdmaContext, RegisteredRegion, Selection, SelectionRequest};
-use std::sync::Arc;
-
-pub enum RdmaStatus {
-    /// Turned off by configuration (`--no-rdma`).
-    Disabled,
-    /// No library, no device, no usable GID, or opening it failed: the reason.
-    Unavailable(String),
-    /// The device is open and the pool registered.
-    Ready {
-        selection: Selection,
-        region: Arc<RegisteredRegion>,
-        _pool: Arc<BufferPool>,
-    },
-}
-
-pub struct RdmaHost {
-    pub devices: Vec<DeviceInfo>,
-    pub status: RdmaStatus,
-}
-
-impl RdmaHost {
-    /// Discovers devices and, if enabled, opens the chosen one and registers `pool`. Never
-    /// fails: whatever goes wrong leaves RDMA unavailable (logged) and TCP carries everything.
-    pub fn start(config: &RdmaConfig, pool: &Arc<BufferPool>) -> RdmaHost {
-        let devices = match ferry_rdma::discover() {
-            Ok(devices) => devices,
-            Err(err) => {
-                tracing::info!(reason = %err, "RDMA unavailable; pieces move over TCP");
-                return RdmaHost {
-                    devices: Vec::new(),
-                    status: RdmaStatus::Unavailable(err.to_string()),
-                };
-            }
-        };
-        if !config.enabled {
-            tracing::info!(devices = devices.len(), "RDMA disabled by configuration");
-            return RdmaHost {
-                devices,
-                status: RdmaStatus::Disabled,
-            };
-        }
-        let request = SelectionRequest {
-            device: config.device.clone(),
-            port: config.port,
-            gid_index: config.gid_index,
-        };
-        let opened = ferry_rdma::choose(&devices, &request).and_then(|selection| {
-            let context = RdmaContext::open(selection.clone())?;
-            let region = pool.register_rdma(&context)?;
-            Ok((selection, region))
-        });
-        let status = match opened {
-            Ok((selection, region)) => {
-                tracing::info!(
-                    device = %selection.device,
-                    port = selection.port,
-                    gid_index = selection.gid.index,
-                    gid = %selection.gid.gid,
-                    seconds_per_gib = region.seconds_per_gib(),
-                    "RDMA device ready, buffer pool registered"
-                );
-                RdmaStatus::Ready {
-                    selection,
-                    region: Arc::new(region),
-                    _pool: Arc::clone(pool),
-                }
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "RDMA device unusable; pieces move over TCP");
-                RdmaStatus::Unavailable(err.to_string())
-            }
-        };
-        RdmaHost { devices, status }
-    }
-
-    /// Bytes registered with the device: the whole buffer pool when RDMA is ready, else 0.
-    pub fn registered_bytes(&self) -> u64 {
-        match &self.status {
-            RdmaStatus::Ready { region, .. } => region.len() as u64,
-            _ => 0,
-        }
-    }
-
-    /// The `rdma` entry of `GetCapabilities`.
-    pub fn transport_info(&self) -> proto::TransportInfo {
-        let (detail, properties) = match &self.status {
-            RdmaStatus::Disabled => (
-                "disabled by configuration (--no-rdma)".to_owned(),
-                Vec::new(),
-            ),
-            RdmaStatus::Unavailable(reason) => (reason.clone(), Vec::new()),
-            RdmaStatus::Ready {
-                selection, region, ..
-            } => (
-                format!(
-                    "{} port {} GID {} ({} {})",
-                    selection.device,
-                    selection.port,
-                    selection.gid.index,
-                    selection.gid.kind.as_str(),
-                    selection.gid.address()
-                ),
-                vec![
-                    ("device", selection.device.clone()),
-                    ("port", selection.port.to_string()),
-                    ("gid_index", selection.gid.index.to_string()),
-                    ("gid", selection.gid.gid.to_string()),
-                    ("active_mtu", selection.active_mtu.to_string()),
-                    ("registered_bytes", region.len().to_string()),
-                    (
-                        "registration_seconds_per_gib",
-                        format!("{:.4}", region.seconds_per_gib()),
-                    ),
-                ],
-            ),
-        };
-        proto::TransportInfo {
-            name: "rdma".into(),
-            available: matches!(self.status, RdmaStatus::Ready { .. }),
-            detail,
-            properties: properties
-                .into_iter()
-                .map(|(k, v)| (k.to_owned(), v))
-                .collect(),
-        }
-    }
-
-    pub fn devices_message(&self) -> Vec<proto::RdmaDevice> {
-        self.devices
-            .iter()
-            .map(|device| proto::RdmaDevice {
-                name: device.name.clone(),
-                node_guid: device.node_guid.clone(),
-                ports: device
-                    .ports
-                    .iter()
-                    .map(|port| proto::RdmaPort {
-                        number: u32::from(port.number),
-                        state: port.state.clone(),
-                        link_layer: port.link_layer.clone(),
-                        active_mtu: port.active_mtu,
-                        speed_gbps: port.speed_gbps,
-                        gids: port
-                            .gids
-                            .iter()
-                            .map(|gid| proto::RdmaGid {
-                                index: gid.index,
-                                gid: gid.gid.to_string(),
-                                r#type: gid.kind.as_str().into(),
-                                netdev: gid.netdev.clone().unwrap_or_default(),
-                                ipv4: gid.ipv4().map(|ip| ip.to_string()).unwrap_or_default(),
-                            })
-                            .collect(),
-                    })
-                    .collect(),
-            })
-            .collect()
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The piece exchange. The receiver opens a TCP connection to the source's data port, upgrades
-// it with a Connect message carrying its queue pair, and from then on uses it as the control
-// channel of one RC queue pair: per piece it binds one memory window per pool slot of the
-// piece buffer (remote write, this QP only), posts one receive per chunk, and sends a Fetch
-// granting those slots. The source reads the piece from its store into its own registered
-// buffer (never remotely accessible), RDMA-WRITEs it in chunks with immediates naming
-// (request, chunk), and answers Done with the digest once every write was acknowledged. The
-// receiver checks every immediate against its credit window, invalidates the windows (the
-// credit returns: later writes fail on the sender's side), and hands the buffer, unchanged,
-// to the engine, which verifies the digest and writes it with io_uring.
-//
-// Up to `window` pieces are in flight on one queue pair (their requests pipelined on the
-// control channel), over up to `queue_pairs` queue pairs per peer. A fetch that fails or is
-// dropped while its windows are bound moves the queue pair to the error state at once, before
-// the buffer can be reused, so a late write can never land in someone else's piece.
-
-use crate::geometry::{format_digest, PieceRange};
+use super::breaker::{Admission, Breaker, BreakerSettings, Transition};
+use super::{rdma_failure, RdmaSettings, WR_BIND, WR_INVALIDATE, WR_KIND, WR_RECEIVE};
+use crate::geometry::PieceRange;
 use crate::io::PieceBuffer;
 use crate::metrics::{Metrics, RdmaSessionGuard};
-use crate::store::Store;
 use crate::transport::{FetchedPiece, PieceTransport, TransportError};
 use ferry_rdma::credit::{self, Progress, ReceiveWindow, SlotCredit};
 use ferry_rdma::wire::{self, Message};
-use ferry_rdma::{Connection, ConnectionConfig, MemoryWindow, RdmaError};
+use ferry_rdma::{
+    Connection, ConnectionConfig, MemoryWindow, RdmaContext, RdmaError, RegisteredRegion,
+};
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
-use std::sync::Mutex;
-use std::time::Duration;
-use tokio::net::TcpStream;
-
-/// Tunables of the RDMA piece exchange.
-#[derive(Debug, Clone)]
-pub struct RdmaSettings {
-    /// Bytes per RDMA WRITE (a power of two, at most the pool slot size).
-    pub chunk_size: u32,
-    pub connect_timeout: Duration,
-    /// Longest wait for any message or completion.
-    pub io_timeout: Duration,
-    /// Pieces in flight on one queue pair (the credit window).
-    pub window: usize,
-    /// Queue pairs per source peer.
-    pub queue_pairs: usize,
-}
-
-/// Work request ids: the kind in the top byte, so completions sort themselves.
-const WR_BIND: u64 = 1 << 56;
-const WR_INVALIDATE: u64 = 2 << 56;
-const WR_RECEIVE: u64 = 3 << 56;
-const WR_WRITE: u64 = 4 << 56;
-const WR_KIND: u64 = 0xff << 56;
-
-fn rdma_failure(err: RdmaError) -> TransportError {
-    TransportError::Failed(format!("rdma: {err}"))
-}
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::net::{TcpSocket, TcpStream};
 
 /// A fetch's progress, as the completion pump and the control reader see it.
 #[derive(Default)]
@@ -246,7 +42,7 @@ struct SessionState {
 /// One RC queue pair to a source with its control channel, shared by up to `window` fetches
 /// at once. A completion pump and a control reader run beside it and route what arrives to
 /// the fetch it belongs to (by request id); the session lives until it breaks.
-struct Session {
+pub(super) struct Session {
     // The queue pair is dropped before the memory windows it may still have bound.
     connection: Connection,
     control: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
@@ -604,29 +400,158 @@ impl Drop for AbandonGuard<'_> {
 
 /// The receiving side: fetches pieces from sources over RDMA.
 pub struct RdmaTransport {
-    context: Arc<RdmaContext>,
-    region: Arc<RegisteredRegion>,
-    settings: RdmaSettings,
-    sessions: Mutex<HashMap<SocketAddr, Vec<Arc<Session>>>>,
+    pub(super) context: Arc<RdmaContext>,
+    pub(super) region: Arc<RegisteredRegion>,
+    pub(super) settings: RdmaSettings,
+    pub(super) sessions: Mutex<HashMap<SocketAddr, Vec<Arc<Session>>>>,
     /// Sources that refused the upgrade (no RDMA there): TCP only from now on.
-    tcp_only: Mutex<HashSet<SocketAddr>>,
+    pub(super) tcp_only: Mutex<HashSet<SocketAddr>>,
+    /// Per source, whether its RDMA path is trusted now (see [`super::breaker`]).
+    pub(super) breakers: Breakers,
+    pub(super) metrics: Arc<Metrics>,
+}
+
+/// The circuit breakers of every source, counting trips and probes into the metrics.
+pub(super) struct Breakers {
+    settings: BreakerSettings,
+    by_source: Mutex<HashMap<SocketAddr, Breaker>>,
     metrics: Arc<Metrics>,
 }
 
+impl Breakers {
+    pub(super) fn new(settings: BreakerSettings, metrics: &Arc<Metrics>) -> Breakers {
+        Breakers {
+            settings,
+            by_source: Mutex::new(HashMap::new()),
+            metrics: Arc::clone(metrics),
+        }
+    }
+
+    fn would_admit(&self, source: SocketAddr, now: Instant) -> bool {
+        self.by_source
+            .lock()
+            .expect("breakers lock")
+            .get(&source)
+            .is_none_or(|b| b.would_admit(now))
+    }
+
+    fn admit(&self, source: SocketAddr, now: Instant) -> Admission {
+        let mut map = self.by_source.lock().expect("breakers lock");
+        let admission = map
+            .entry(source)
+            .or_insert_with(|| Breaker::new(self.settings))
+            .admit(now);
+        if admission == Admission::Probe {
+            tracing::info!(%source, "RDMA back-off over; probing the source's RDMA path with one piece");
+            self.metrics.rdma_breaker_probed();
+        }
+        admission
+    }
+
+    /// Records one RDMA outcome; returns true when it opened the breaker.
+    fn record(&self, source: SocketAddr, probe: bool, ok: bool, now: Instant) -> bool {
+        let mut map = self.by_source.lock().expect("breakers lock");
+        let breaker = map
+            .entry(source)
+            .or_insert_with(|| Breaker::new(self.settings));
+        let transition = if ok {
+            breaker.on_success(probe, now)
+        } else {
+            breaker.on_failure(probe, now)
+        };
+        match transition {
+            Transition::Tripped { backoff, trip } => {
+                tracing::warn!(%source, backoff_secs = backoff.as_secs(), consecutive_trips = trip, "RDMA to this source keeps failing; using TCP with it for a back-off");
+                self.metrics.rdma_breaker_tripped();
+                true
+            }
+            Transition::Closed => {
+                tracing::info!(%source, "RDMA probe succeeded; the source's RDMA path is used again");
+                false
+            }
+            Transition::None => false,
+        }
+    }
+}
+
+/// Reports a fetch's outcome to the breaker, once; a fetch dropped before it decided (a piece
+/// timeout, a cancelled transfer) counts as a failure.
+struct Outcome<'a> {
+    transport: &'a RdmaTransport,
+    source: SocketAddr,
+    probe: bool,
+    reported: bool,
+}
+
+impl Outcome<'_> {
+    fn report(&mut self, ok: bool) {
+        if std::mem::replace(&mut self.reported, true) {
+            return;
+        }
+        let tripped = self
+            .transport
+            .breakers
+            .record(self.source, self.probe, ok, Instant::now());
+        if tripped {
+            // The next probe builds a fresh queue pair.
+            self.transport
+                .drop_sessions(self.source, "its RDMA circuit breaker opened");
+        }
+    }
+
+    /// Not a failure of the RDMA path: the source answered cleanly that it does not hold the
+    /// piece (which a probe takes as its queue pair working), or it turned out to have no RDMA.
+    fn neutral(&mut self) {
+        if self.probe {
+            self.report(true);
+        }
+        self.reported = true;
+    }
+}
+
+impl Drop for Outcome<'_> {
+    fn drop(&mut self) {
+        self.report(false);
+    }
+}
+
 impl RdmaTransport {
+    /// Whether pieces from `source` should go over RDMA now: it has RDMA, and its circuit
+    /// breaker is closed or its back-off ran out (one probe).
     pub fn supports(&self, source: SocketAddr) -> bool {
         !self
             .tcp_only
             .lock()
             .expect("tcp_only lock")
             .contains(&source)
+            && self.breakers.would_admit(source, Instant::now())
     }
 
     /// Drops the sessions to a source (after it failed).
     pub fn forget(&self, source: SocketAddr) {
+        self.drop_sessions(source, "it was given up on");
+    }
+
+    fn drop_sessions(&self, source: SocketAddr, why: &str) {
         let dropped = self.sessions.lock().expect("sessions lock").remove(&source);
         for session in dropped.into_iter().flatten() {
-            session.break_with(format!("rdma: source {source} was given up on"));
+            session.break_with(format!("rdma: source {source}: {why}"));
+        }
+    }
+
+    /// The TCP connection of a new queue pair. With a RoCE v2 IPv4 GID it leaves from that
+    /// GID's address, which the source checks against the GID this side sends.
+    async fn dial(&self, source: SocketAddr) -> std::io::Result<TcpStream> {
+        let selection = self.context.selection();
+        match (selection.gid.ipv4(), source) {
+            (Some(local), SocketAddr::V4(_))
+                if selection.link_layer == ferry_rdma::LinkLayer::Ethernet =>
+            {
+                let socket = TcpSocket::new_v4()?;
+                socket.bind(SocketAddr::new(local.into(), 0))?;
+                socket.connect(source).await
+            }
+            _ => TcpStream::connect(source).await,
         }
     }
 
@@ -659,7 +584,7 @@ impl RdmaTransport {
 
     async fn connect(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
         let limit = self.settings.connect_timeout;
-        let mut control = tokio::time::timeout(limit, TcpStream::connect(source))
+        let mut control = tokio::time::timeout(limit, self.dial(source))
             .await
             .map_err(|_| {
                 TransportError::Unreachable(format!(
@@ -669,7 +594,7 @@ impl RdmaTransport {
             .map_err(|e| TransportError::Unreachable(format!("connecting to {source}: {e}")))?;
         let _ = control.set_nodelay(true);
         let config = ConnectionConfig {
-            receive_depth: 1024,
+            receive_depth: ferry_rdma::verbs::RECEIVER_RECEIVE_DEPTH,
             ..ConnectionConfig::default()
         };
         let connection = Connection::new(&self.context, config).map_err(rdma_failure)?;
@@ -681,6 +606,8 @@ impl RdmaTransport {
             .map_err(rdma_failure)?;
         match wire::read_message(&mut control, self.settings.io_timeout).await {
             Ok(Message::Accept { endpoint }) => {
+                ferry_rdma::address::check_peer_gid(&endpoint, source.ip())
+                    .map_err(|e| rdma_failure(e.into()))?;
                 connection.connect(&endpoint).map_err(rdma_failure)?;
                 tracing::debug!(%source, qpn = endpoint.qp_number, "RDMA queue pair connected");
                 let (read, write) = control.into_split();
@@ -713,16 +640,23 @@ impl RdmaTransport {
                 self.tcp_only.lock().expect("tcp_only lock").insert(source);
                 Err(TransportError::Unsupported(message))
             }
+            Ok(Message::Failed { message, .. }) => Err(TransportError::Failed(format!(
+                "rdma: source refused the queue pair: {message}"
+            ))),
             Ok(other) => Err(TransportError::Failed(format!(
                 "source answered the RDMA upgrade with {:#04x}",
                 other.tag()
             ))),
-            Err(err) => {
-                // A stock Vortex peer closes or answers something else: treat it as no RDMA.
-                tracing::info!(%source, error = %err, "RDMA upgrade failed; using TCP with this source");
+            Err(RdmaError::Channel(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
+                // A stock Vortex peer (or a Ferry speaking another handshake version) hangs
+                // up on the upgrade: treat it as no RDMA.
+                tracing::info!(%source, error = %err, "source closed the RDMA upgrade; using TCP with it");
                 self.tcp_only.lock().expect("tcp_only lock").insert(source);
                 Err(TransportError::Unsupported(err.to_string()))
             }
+            // Anything else (a timeout, a reset, a garbled answer) may pass: the circuit
+            // breaker decides when to stop trying.
+            Err(err) => Err(rdma_failure(err)),
         }
     }
 }
@@ -740,9 +674,47 @@ impl PieceTransport for RdmaTransport {
         piece: PieceRange,
         buf: &mut PieceBuffer,
     ) -> Result<FetchedPiece, TransportError> {
-        if !self.supports(source) {
+        if self
+            .tcp_only
+            .lock()
+            .expect("tcp_only lock")
+            .contains(&source)
+        {
             return Err(TransportError::Unsupported(format!("{source} has no RDMA")));
         }
+        let probe = match self.breakers.admit(source, Instant::now()) {
+            Admission::Rdma => false,
+            Admission::Probe => true,
+            Admission::Tcp => {
+                return Err(TransportError::Unsupported(format!(
+                    "{source}: RDMA circuit breaker open (recent RDMA failures); TCP for now"
+                )))
+            }
+        };
+        let mut outcome = Outcome {
+            transport: self,
+            source,
+            probe,
+            reported: false,
+        };
+        let result = self.fetch_admitted(source, task_id, piece, buf).await;
+        match &result {
+            Ok(_) => outcome.report(true),
+            Err(TransportError::NotHeld(_) | TransportError::Unsupported(_)) => outcome.neutral(),
+            Err(_) => outcome.report(false),
+        }
+        result
+    }
+}
+
+impl RdmaTransport {
+    async fn fetch_admitted(
+        &self,
+        source: SocketAddr,
+        task_id: &str,
+        piece: PieceRange,
+        buf: &mut PieceBuffer,
+    ) -> Result<FetchedPiece, TransportError> {
         loop {
             let session = self.session(source).await?;
             let progressed = session.progress.notified();
@@ -758,248 +730,53 @@ impl PieceTransport for RdmaTransport {
     }
 }
 
-/// The serving side: runs a queue pair for each peer that upgrades its connection.
-pub struct RdmaService {
-    store: Arc<Store>,
-    context: Arc<RdmaContext>,
-    region: Arc<RegisteredRegion>,
-    settings: RdmaSettings,
-    idle_timeout: Duration,
-    metrics: Arc<Metrics>,
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-impl RdmaService {
-    /// Runs the control channel of one peer's queue pair until the peer closes it.
-    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, connect: Vec<u8>) {
-        let peer = stream
-            .peer_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        match self.serve_connection(&mut stream, &connect).await {
-            Ok(()) => tracing::debug!(%peer, "RDMA control channel closed"),
-            Err(err) => tracing::warn!(%peer, error = %err, "RDMA connection closed on error"),
-        }
+    /// The value of one sample line of the metrics text.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
+            .map(|v| v.parse().expect("a number"))
     }
 
-    async fn serve_connection(
-        &self,
-        stream: &mut TcpStream,
-        connect: &[u8],
-    ) -> Result<(), RdmaError> {
-        let Message::Connect { endpoint } = Message::decode(wire::TAG_CONNECT, connect)? else {
-            return Err(RdmaError::Handshake("expected Connect".into()));
-        };
-        let connection = Connection::new(&self.context, ConnectionConfig::default())?;
-        connection.connect(&endpoint)?;
-        let _counted = self.metrics.rdma_session(true);
-        wire::write_message(
-            stream,
-            &Message::Accept {
-                endpoint: connection.local_endpoint(),
-            },
-            self.settings.io_timeout,
-        )
-        .await?;
-        let mut next_wr = 0u64;
-        loop {
-            let message = match wire::read_message(stream, self.idle_timeout).await {
-                Ok(message) => message,
-                // The peer hung up or went quiet: the connection ends here.
-                Err(RdmaError::Channel(_)) => return Ok(()),
-                Err(err) => return Err(err),
-            };
-            let Message::Fetch {
-                request,
-                task_id,
-                number,
-                chunk_size,
-                credits,
-            } = message
-            else {
-                return Err(RdmaError::Handshake(format!(
-                    "expected Fetch, got {:#04x}",
-                    message.tag()
-                )));
-            };
-            let answer = match self
-                .write_piece(
-                    &connection,
-                    &mut next_wr,
-                    request,
-                    &task_id,
-                    number,
-                    chunk_size,
-                    &credits,
-                )
-                .await
-            {
-                Ok(answer) => answer,
-                // The queue pair is unusable after a failed write: say so, then close.
-                Err(err) => {
-                    let failed = Message::Failed {
-                        request,
-                        not_held: false,
-                        message: err.to_string(),
-                    };
-                    let _ = wire::write_message(stream, &failed, self.settings.io_timeout).await;
-                    return Err(err);
-                }
-            };
-            wire::write_message(stream, &answer, self.settings.io_timeout).await?;
+    #[test]
+    fn breakers_are_per_source_and_count_trips_and_probes() {
+        let metrics = Arc::new(Metrics::new());
+        let breakers = Breakers::new(BreakerSettings::default(), &metrics);
+        let (bad, good): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:4100".parse().unwrap(),
+            "10.0.0.2:4100".parse().unwrap(),
+        );
+        let t0 = Instant::now();
+        for i in 0..3 {
+            assert_eq!(breakers.admit(bad, t0), Admission::Rdma);
+            let tripped = breakers.record(bad, false, false, t0 + Duration::from_secs(i));
+            assert_eq!(tripped, i == 2, "the third failure trips it");
         }
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    async fn write_piece(
-        &self,
-        connection: &Connection,
-        next_wr: &mut u64,
-        request: u16,
-        task_id: &str,
-        number: u32,
-        chunk_size: u32,
-        credits: &[SlotCredit],
-    ) -> Result<Message, RdmaError> {
-        let not_held = |message: String| {
-            Ok(Message::Failed {
-                request,
-                not_held: true,
-                message,
-            })
-        };
-        let Some(task) = self.store.get(task_id) else {
-            return not_held(format!("task {task_id} is not held here"));
-        };
-        let Ok(piece) = task.geometry().piece(number) else {
-            return not_held(format!("piece {number} is out of range"));
-        };
-        let Some(crc) = task.held(number) else {
-            return not_held(format!("piece {number} of task {task_id} is not held here"));
-        };
-        let pool = self.store.pool();
-        if !chunk_size.is_power_of_two()
-            || chunk_size < 4096
-            || chunk_size as usize > pool.info().slot_size
-        {
-            return Ok(Message::Failed {
-                request,
-                not_held: false,
-                message: format!(
-                    "chunk size {chunk_size} must be a power of two from 4096 to {}",
-                    pool.info().slot_size
-                ),
-            });
-        }
-        let writes = match credit::plan_writes(request, piece.length, chunk_size, credits) {
-            Ok(writes) if writes.len() <= ConnectionConfig::default().send_depth as usize => writes,
-            Ok(writes) => {
-                return Ok(Message::Failed {
-                    request,
-                    not_held: false,
-                    message: format!("{} chunks exceed the send queue", writes.len()),
-                })
-            }
-            Err(err) => {
-                return Ok(Message::Failed {
-                    request,
-                    not_held: false,
-                    message: err.to_string(),
-                })
-            }
-        };
-        let buf = pool
-            .acquire(piece.length)
-            .await
-            .map_err(|e| RdmaError::verbs("buffer pool", e))?;
-        let file = task.read_file()?;
-        let (buf, read) = tokio::task::spawn_blocking(move || {
-            let mut buf = buf;
-            let read = crate::store::read_range_into(&file, piece.offset, &mut buf);
-            (buf, read)
-        })
-        .await
-        .expect("read task panicked");
-        read?;
-        for write in &writes {
-            *next_wr += 1;
-            let local = buf.address_of(write.piece_offset as usize);
-            connection.post_write_with_immediate(
-                WR_WRITE | *next_wr,
-                &self.region,
-                local,
-                write.len,
-                write.rkey,
-                write.remote_addr,
-                write.immediate,
-            )?;
-        }
-        let mut acknowledged = 0;
-        while acknowledged < writes.len() {
-            let batch = tokio::time::timeout(self.settings.io_timeout, connection.completions())
-                .await
-                .map_err(|_| {
-                    RdmaError::Handshake(format!(
-                        "writes not acknowledged within {:?}",
-                        self.settings.io_timeout
-                    ))
-                })??;
-            for completion in batch {
-                completion.ok()?;
-                acknowledged += 1;
-            }
-        }
-        drop(buf);
-        task.count_served();
-        self.metrics.rdma_piece_served(piece.length);
-        Ok(Message::Done {
-            request,
-            number,
-            length: piece.length,
-            digest: format_digest(crc),
-        })
-    }
-}
-
-impl RdmaHost {
-    /// The receiving transport and the serving service, when the device is ready.
-    pub fn exchange(
-        &self,
-        store: &Arc<Store>,
-        settings: RdmaSettings,
-        idle_timeout: Duration,
-    ) -> Option<(Arc<RdmaTransport>, Arc<RdmaService>)> {
-        self.exchange_observed(store, settings, idle_timeout, &Arc::default())
-    }
-
-    /// [`RdmaHost::exchange`], counting sessions and bytes served into `metrics`.
-    pub fn exchange_observed(
-        &self,
-        store: &Arc<Store>,
-        settings: RdmaSettings,
-        idle_timeout: Duration,
-        metrics: &Arc<Metrics>,
-    ) -> Option<(Arc<RdmaTransport>, Arc<RdmaService>)> {
-        let RdmaStatus::Ready { region, .. } = &self.status else {
-            return None;
-        };
-        let context = Arc::clone(region.context());
-        let region = Arc::clone(region);
-        let transport = RdmaTransport {
-            context: Arc::clone(&context),
-            region: Arc::clone(&region),
-            settings: settings.clone(),
-            sessions: Mutex::new(HashMap::new()),
-            tcp_only: Mutex::new(HashSet::new()),
-            metrics: Arc::clone(metrics),
-        };
-        let service = RdmaService {
-            store: Arc::clone(store),
-            context,
-            region,
-            settings,
-            idle_timeout,
-            metrics: Arc::clone(metrics),
-        };
-        Some((Arc::new(transport), Arc::new(service)))
+        // Only the failing source is affected.
+        assert!(!breakers.would_admit(bad, t0 + Duration::from_secs(3)));
+        assert!(breakers.would_admit(good, t0 + Duration::from_secs(3)));
+        assert_eq!(breakers.admit(good, t0), Admission::Rdma);
+        let text = metrics.render();
+        assert_eq!(sample(&text, "ferry_rdma_breaker_trips_total"), Some(1.0));
+        assert_eq!(sample(&text, "ferry_rdma_breaker_probes_total"), Some(0.0));
+        // 30 s after the trip: one probe; it fails, so 60 s more of TCP.
+        let probe_at = t0 + Duration::from_secs(32);
+        assert_eq!(breakers.admit(bad, probe_at), Admission::Probe);
+        assert_eq!(breakers.admit(bad, probe_at), Admission::Tcp);
+        assert!(breakers.record(bad, true, false, probe_at));
+        assert!(!breakers.would_admit(bad, probe_at + Duration::from_secs(59)));
+        let again = probe_at + Duration::from_secs(60);
+        assert_eq!(breakers.admit(bad, again), Admission::Probe);
+        assert!(
+            !breakers.record(bad, true, true, again),
+            "success closes it"
+        );
+        assert_eq!(breakers.admit(bad, again), Admission::Rdma);
+        let text = metrics.render();
+        assert_eq!(sample(&text, "ferry_rdma_breaker_trips_total"), Some(2.0));
+        assert_eq!(sample(&text, "ferry_rdma_breaker_probes_total"), Some(2.0));
     }
 }

@@ -1,0 +1,106 @@
+//! Ferry's RDMA side in the engine: the host's devices ([`host`]), the receiving sessions
+//! ([`session`]) and the serving side ([`serve`]).
+
+pub mod breaker;
+mod host;
+mod serve;
+mod session;
+
+pub use host::{RdmaHost, RdmaStatus};
+pub use serve::{RdmaService, MAX_WRITES_PER_PIECE};
+pub use session::RdmaTransport;
+
+use crate::metrics::Metrics;
+use crate::store::Store;
+use crate::transport::TransportError;
+use ferry_rdma::RdmaError;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+// ---------------------------------------------------------------------------------------------
+// The piece exchange. The receiver opens a TCP connection to the source's data port, upgrades
+// it with a Connect message carrying its queue pair, and from then on uses it as the control
+// channel of one RC queue pair: per piece it binds one memory window per pool slot of the
+// piece buffer (remote write, this QP only), posts one receive per chunk, and sends a Fetch
+// granting those slots. The source reads the piece from its store into its own registered
+// buffer (never remotely accessible), RDMA-WRITEs it in chunks with immediates naming
+// (request, chunk), and answers Done with the digest once every write was acknowledged. The
+// receiver checks every immediate against its credit window, invalidates the windows (the
+// credit returns: later writes fail on the sender's side), and hands the buffer, unchanged,
+// to the engine, which verifies the digest and writes it with io_uring.
+//
+// Up to `window` pieces are in flight on one queue pair (their requests pipelined on the
+// control channel), over up to `queue_pairs` queue pairs per peer. A fetch that fails or is
+// dropped while its windows are bound moves the queue pair to the error state at once, before
+// the buffer can be reused, so a late write can never land in someone else's piece.
+
+/// Tunables of the RDMA piece exchange.
+#[derive(Debug, Clone)]
+pub struct RdmaSettings {
+    /// Bytes per RDMA WRITE (a power of two, at most the pool slot size).
+    pub chunk_size: u32,
+    pub connect_timeout: Duration,
+    /// Longest wait for any message or completion.
+    pub io_timeout: Duration,
+    /// Pieces in flight on one queue pair (the credit window).
+    pub window: usize,
+    /// Queue pairs per source peer.
+    pub queue_pairs: usize,
+}
+
+/// Work request ids: the kind in the top byte, so completions sort themselves.
+pub(super) const WR_BIND: u64 = 1 << 56;
+pub(super) const WR_INVALIDATE: u64 = 2 << 56;
+pub(super) const WR_RECEIVE: u64 = 3 << 56;
+pub(super) const WR_WRITE: u64 = 4 << 56;
+pub(super) const WR_KIND: u64 = 0xff << 56;
+
+pub(super) fn rdma_failure(err: RdmaError) -> TransportError {
+    TransportError::Failed(format!("rdma: {err}"))
+}
+
+impl RdmaHost {
+    /// The receiving transport and the serving service, when the device is ready.
+    pub fn exchange(
+        &self,
+        store: &Arc<Store>,
+        settings: RdmaSettings,
+        idle_timeout: Duration,
+    ) -> Option<(Arc<RdmaTransport>, Arc<RdmaService>)> {
+        self.exchange_observed(store, settings, idle_timeout, &Arc::default())
+    }
+
+    /// [`RdmaHost::exchange`], counting sessions and bytes served into `metrics`.
+    pub fn exchange_observed(
+        &self,
+        store: &Arc<Store>,
+        settings: RdmaSettings,
+        idle_timeout: Duration,
+        metrics: &Arc<Metrics>,
+    ) -> Option<(Arc<RdmaTransport>, Arc<RdmaService>)> {
+        let RdmaStatus::Ready { region, .. } = &self.status else {
+            return None;
+        };
+        let context = Arc::clone(region.context());
+        let region = Arc::clone(region);
+        let transport = RdmaTransport {
+            context: Arc::clone(&context),
+            region: Arc::clone(&region),
+            settings: settings.clone(),
+            sessions: Mutex::new(HashMap::new()),
+            tcp_only: Mutex::new(HashSet::new()),
+            breakers: session::Breakers::new(breaker::BreakerSettings::default(), metrics),
+            metrics: Arc::clone(metrics),
+        };
+        let service = RdmaService {
+            store: Arc::clone(store),
+            context,
+            region,
+            settings,
+            idle_timeout,
+            metrics: Arc::clone(metrics),
+        };
+        Some((Arc::new(transport), Arc::new(service)))
+    }
+}
