@@ -69,6 +69,9 @@ pub struct DragonflyConfig {
     /// IDC and location higher).
     pub idc: Option<String>,
     pub location: Option<String>,
+    /// The hostname announced (and in the host id, `<ip>-<hostname>`) [default: the
+    /// system's]; like dfdaemon's `host.hostname`, for several peers on one machine.
+    pub hostname: Option<String>,
     /// Seconds between AnnounceHost calls [default: 300 when 0, dfdaemon's default].
     pub announce_interval_secs: u64,
     /// The host's `max_tx_bandwidth`/`max_rx_bandwidth`, bits per second; 0: from the RDMA
@@ -83,6 +86,7 @@ impl Default for DragonflyConfig {
             upload_listen: DEFAULT_UPLOAD_LISTEN.into(),
             idc: None,
             location: None,
+            hostname: None,
             announce_interval_secs: 0,
             max_bandwidth_bps: 0,
         }

@@ -313,6 +313,11 @@ async fn start_dragonfly(
         .with_context(|| format!("binding dragonfly.upload_listen {listen}"))?;
     let upload = listener.local_addr()?;
     let ip = dragonfly_ip(data_address, upload).await;
+    let hostname = config
+        .dragonfly
+        .hostname
+        .clone()
+        .unwrap_or_else(|| host.hostname.clone());
     let speed = if rdma_available {
         rdma.devices_message()
             .iter()
@@ -333,8 +338,8 @@ async fn start_dragonfly(
     let peer = Arc::new(Peer {
         config: config.dragonfly.clone(),
         host: HostFacts {
-            id: format!("{ip}-{}", host.hostname),
-            hostname: host.hostname.clone(),
+            id: format!("{ip}-{hostname}"),
+            hostname,
             ip: ip.clone(),
             upload_port: upload.port(),
             data_port,
