@@ -263,18 +263,18 @@ impl SchedulerDouble {
                 }
                 let peer = task.peers.iter_mut().find(|p| p.id == peer_id)?;
                 match other {
-                    PeerRequest::DownloadPeerStartedRequest(_) => {
-                        if peer.state != PeerState::MetadataOnly {
-                            peer.state = PeerState::Running;
-                        }
+                    PeerRequest::DownloadPeerStartedRequest(_)
+                        if peer.state != PeerState::MetadataOnly =>
+                    {
+                        peer.state = PeerState::Running
                     }
                     PeerRequest::DownloadPeerBackToSourceStartedRequest(_) => {
                         peer.state = PeerState::BackToSource
                     }
-                    PeerRequest::DownloadPeerFinishedRequest(_) => {
-                        if peer.state != PeerState::MetadataOnly {
-                            peer.state = PeerState::Finished;
-                        }
+                    PeerRequest::DownloadPeerFinishedRequest(_)
+                        if peer.state != PeerState::MetadataOnly =>
+                    {
+                        peer.state = PeerState::Finished
                     }
                     PeerRequest::DownloadPeerBackToSourceFinishedRequest(_) => {
                         peer.state = PeerState::BackToSourceFinished

@@ -335,14 +335,12 @@ async fn a_scheduled_child_fetches_from_a_seed_that_the_scheduler_sent_back_to_s
             .any(|p| p.id != seed_peer.id && p.state == PeerState::Finished)
     })
     .await;
-    let state = double.state.lock().unwrap();
-    let child_peer = state.tasks[&task_id]
+    let child_peer = double.state.lock().unwrap().tasks[&task_id]
         .peers
         .iter()
         .find(|p| p.id != seed_peer.id)
         .unwrap()
         .clone();
-    drop(state);
     assert_eq!(child_peer.answers, ["normal(1)"]);
     assert_eq!(
         child_peer.pieces_from.get(&seed_peer.id),

@@ -417,7 +417,8 @@ impl Scheduler {
             return Err("no candidate parents".into());
         }
         let mut probes = tokio::task::JoinSet::new();
-        for candidate in candidates.iter().cloned() {
+        for candidate in candidates {
+            let candidate = candidate.clone();
             let (host_id, task_id) = (self.peer.host.id.clone(), spec.task_id.clone());
             let piece_length = spec.piece_length;
             probes.spawn(async move { probe(&host_id, &task_id, piece_length, &candidate).await });
@@ -447,7 +448,7 @@ impl Scheduler {
         }
         match agreed {
             Some(geometry) if !parents.is_empty() => {
-                parents.sort_by(|a, b| b.weight.cmp(&a.weight));
+                parents.sort_by_key(|p| std::cmp::Reverse(p.weight));
                 Ok((parents, geometry))
             }
             _ => Err(errors.join("; ")),
