@@ -931,6 +931,40 @@ mod tests {
     }
 
     #[test]
+    fn dragonfly_keys_are_checked() {
+        let config = Config::parse(
+            "[dragonfly]\nscheduler = [\"10.0.0.2:8002\", \"sched:8002\"]\nupload_listen = \"0.0.0.0:4000\"\nidc = \"a\"\nlocation = \"r|z\"\nannounce_interval_secs = 30\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert!(config.dragonfly.enabled());
+        assert_eq!(config.dragonfly.announce_interval().as_secs(), 30);
+        assert_eq!(
+            Config::default().dragonfly.announce_interval().as_secs(),
+            300
+        );
+        assert!(!Config::default().dragonfly.enabled());
+        let refused = |text: &str, key: &str| {
+            let config = Config::parse(text, Path::new("t")).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("value {key} = ")), "{err}");
+        };
+        refused(
+            "[dragonfly]\nscheduler = [\"nope\"]\n",
+            "dragonfly.scheduler",
+        );
+        refused(
+            "[dragonfly]\nscheduler = [\"s:1\"]\nupload_listen = \"host:4000\"\n",
+            "dragonfly.upload_listen",
+        );
+        refused(
+            "[dragonfly]\nannounce_interval_secs = 86401\n",
+            "dragonfly.announce_interval_secs",
+        );
+    }
+
+    #[test]
     fn the_example_config_is_the_defaults() {
         let example: Config = toml::from_str(include_str!("../ferry.example.toml")).unwrap();
         example.validate().unwrap();
