@@ -373,3 +373,58 @@ async fn a_scheduled_child_fetches_from_a_seed_that_the_scheduler_sent_back_to_s
         Some(5.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_whose_only_parent_is_gone_reschedules_then_goes_back_to_source() {
+    let root = scratch("df-reschedule");
+    let files = root.path().join("www");
+    std::fs::create_dir_all(&files).unwrap();
+    let size = 9 * MIB;
+    random_file(&files.join("w.bin"), size, 5);
+    let origin = OriginServer::start(&files);
+    let double = SchedulerDouble::start().await;
+    let scheduler = double.addr.to_string();
+    let mut seed = peer(root.path(), "seed", &scheduler).await;
+    let child = peer(root.path(), "child", &scheduler).await;
+    let url = origin.url("w.bin");
+    let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
+    pull_cli(&seed, &["--url", &url]);
+    // The scheduler still lists the seed as a parent, but it is gone.
+    seed.kill();
+
+    let output = root.path().join("w.out");
+    let printed = pull_cli(
+        &child,
+        &["--url", &url, "--output", output.to_str().unwrap()],
+    );
+    assert!(same_contents(&files.join("w.bin"), &output));
+    let pieces = printed["pieces"].as_array().unwrap();
+    assert!(
+        pieces.iter().all(|p| p["transport"] == "origin"),
+        "{pieces:?}"
+    );
+    assert_eq!(printed["summary"]["back_to_source_bytes"], size);
+    wait_for("the child's peer finished back to source", || {
+        let state = double.state.lock().unwrap();
+        state.tasks[&task_id]
+            .peers
+            .iter()
+            .filter(|p| p.state == PeerState::BackToSourceFinished)
+            .count()
+            == 2
+    })
+    .await;
+    let child_peer = double.state.lock().unwrap().tasks[&task_id].peers[1].clone();
+    assert_eq!(child_peer.answers, ["normal(1)", "need_back_to_source"]);
+    assert_eq!(child_peer.reschedules, 1);
+    assert_eq!(child_peer.back_to_source_pieces, 3);
+    let exposition = child.scrape().await;
+    assert_eq!(
+        metric(&exposition, "ferry_dragonfly_reschedules_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&exposition, "ferry_dragonfly_back_to_source_total"),
+        Some(1.0)
+    );
+}
