@@ -16,6 +16,8 @@ command -v mkfs.xfs >/dev/null || need+=(xfsprogs)
 command -v systemd-analyze >/dev/null || need+=(systemd)
 # rdma-mummy-sys builds its libibverbs shim with cmake and generates bindings with libclang.
 command -v cmake >/dev/null || need+=(cmake)
+# dragonfly-api (the Dragonfly peer, engine/src/dragonfly/) compiles its protos with protoc.
+command -v protoc >/dev/null || need+=(protobuf-compiler)
 dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "ok installed" || need+=(libclang-dev)
 for pkg in ${EXTRA_PACKAGES:-}; do
     command -v "$pkg" >/dev/null || need+=("$pkg")

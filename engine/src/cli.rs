@@ -230,6 +230,13 @@ pub struct ServeArgs {
     /// GID index [default: a RoCE v2 GID carrying an IPv4 address].
     #[arg(long)]
     pub rdma_gid_index: Option<u32>,
+    /// A Dragonfly scheduler, HOST:PORT (repeatable): makes this daemon a Dragonfly peer
+    /// (`[dragonfly] scheduler`; replaces the file's list).
+    #[arg(long = "dragonfly-scheduler", value_name = "ADDR")]
+    pub dragonfly_schedulers: Vec<String>,
+    /// Where to serve dfdaemon.v2.DfdaemonUpload, IP:PORT [default: 0.0.0.0:4000].
+    #[arg(long = "dragonfly-upload", value_name = "ADDR")]
+    pub dragonfly_upload: Option<String>,
 }
 
 #[derive(Debug, Args)]
@@ -454,6 +461,12 @@ pub fn effective_config(args: &ServeArgs, control: Option<&str>) -> anyhow::Resu
     }
     if let Some(v) = args.drain_timeout {
         config.drain_timeout_secs = v;
+    }
+    if !args.dragonfly_schedulers.is_empty() {
+        config.dragonfly.scheduler = args.dragonfly_schedulers.clone();
+    }
+    if let Some(v) = &args.dragonfly_upload {
+        config.dragonfly.upload_listen = v.clone();
     }
     Ok(config)
 }

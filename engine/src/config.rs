@@ -53,6 +53,66 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// How `http(s)://` origins are downloaded from (back to source, `ferry pull --url`).
     pub origin: OriginConfig,
+    /// Being a Dragonfly peer: the schedulers to announce to, the DfdaemonUpload port.
+    pub dragonfly: DragonflyConfig,
+}
+
+/// `[dragonfly]`: Ferry as a peer of a Dragonfly cluster (engine/src/dragonfly/). Off while
+/// `scheduler` is empty.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DragonflyConfig {
+    /// The Dragonfly schedulers, host:port (their gRPC port, 8002 by default); empty: not a
+    /// Dragonfly peer.
+    pub scheduler: Vec<String>,
+    /// Where `dfdaemon.v2.DfdaemonUpload` (SyncPieces, SyncHost) is served, IP:PORT; the port
+    /// is announced as the host's `port` (dfdaemon's default is 4000).
+    pub upload_listen: String,
+    /// Announced in the host's network figures (the scheduler scores parents in the same
+    /// IDC and location higher).
+    pub idc: Option<String>,
+    pub location: Option<String>,
+    /// The hostname announced (and in the host id, `<ip>-<hostname>`) [default: the
+    /// system's]; like dfdaemon's `host.hostname`, for several peers on one machine.
+    pub hostname: Option<String>,
+    /// Seconds between AnnounceHost calls [default: 300 when 0, dfdaemon's default].
+    pub announce_interval_secs: u64,
+    /// The host's `max_tx_bandwidth`/`max_rx_bandwidth`, bits per second; 0: from the RDMA
+    /// ports' speed, else the fastest NIC's /sys/class/net/*/speed, else 10 Gbit/s.
+    pub max_bandwidth_bps: u64,
+}
+
+impl Default for DragonflyConfig {
+    fn default() -> Self {
+        DragonflyConfig {
+            scheduler: Vec::new(),
+            upload_listen: DEFAULT_UPLOAD_LISTEN.into(),
+            idc: None,
+            location: None,
+            hostname: None,
+            announce_interval_secs: 0,
+            max_bandwidth_bps: 0,
+        }
+    }
+}
+
+/// dfdaemon's upload port.
+pub const DEFAULT_UPLOAD_LISTEN: &str = "0.0.0.0:4000";
+
+/// AnnounceHost interval when `announce_interval_secs` is 0.
+pub const DEFAULT_ANNOUNCE_INTERVAL_SECS: u64 = 300;
+
+impl DragonflyConfig {
+    pub fn enabled(&self) -> bool {
+        !self.scheduler.is_empty()
+    }
+
+    pub fn announce_interval(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(match self.announce_interval_secs {
+            0 => DEFAULT_ANNOUNCE_INTERVAL_SECS,
+            secs => secs,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -302,6 +362,7 @@ impl Default for Config {
             rdma: RdmaConfig::default(),
             metrics: MetricsConfig::default(),
             origin: OriginConfig::default(),
+            dragonfly: DragonflyConfig::default(),
         }
     }
 }
@@ -530,6 +591,35 @@ impl Config {
                 "rdma.chunk_kib",
                 chunk,
                 "a power of two from 4 to the pool slot size (pool.slot_mib * 1024)",
+            );
+        }
+        for scheduler in &self.dragonfly.scheduler {
+            if !is_host_port(scheduler) {
+                return invalid(
+                    "dragonfly.scheduler",
+                    scheduler,
+                    "host:port entries (a Dragonfly scheduler's gRPC address)",
+                );
+            }
+        }
+        if self.dragonfly.enabled()
+            && self
+                .dragonfly
+                .upload_listen
+                .parse::<std::net::SocketAddr>()
+                .is_err()
+        {
+            return invalid(
+                "dragonfly.upload_listen",
+                format!("{:?}", self.dragonfly.upload_listen),
+                "an IP:PORT to serve DfdaemonUpload on",
+            );
+        }
+        if self.dragonfly.announce_interval_secs > MAX_TIMEOUT_SECS {
+            return invalid(
+                "dragonfly.announce_interval_secs",
+                self.dragonfly.announce_interval_secs,
+                "0 (300) to 86400 seconds",
             );
         }
         if !(1..=64).contains(&self.origin.connections) {
@@ -989,6 +1079,40 @@ mod tests {
         .unwrap();
         config.validate().unwrap();
         assert_eq!(Config::default().output.mode_bits().unwrap(), 0o644);
+    }
+
+    #[test]
+    fn dragonfly_keys_are_checked() {
+        let config = Config::parse(
+            "[dragonfly]\nscheduler = [\"10.0.0.2:8002\", \"sched:8002\"]\nupload_listen = \"0.0.0.0:4000\"\nidc = \"a\"\nlocation = \"r|z\"\nannounce_interval_secs = 30\n",
+            Path::new("t"),
+        )
+        .unwrap();
+        config.validate().unwrap();
+        assert!(config.dragonfly.enabled());
+        assert_eq!(config.dragonfly.announce_interval().as_secs(), 30);
+        assert_eq!(
+            Config::default().dragonfly.announce_interval().as_secs(),
+            300
+        );
+        assert!(!Config::default().dragonfly.enabled());
+        let refused = |text: &str, key: &str| {
+            let config = Config::parse(text, Path::new("t")).unwrap();
+            let err = config.validate().unwrap_err().to_string();
+            assert!(err.contains(&format!("value {key} = ")), "{err}");
+        };
+        refused(
+            "[dragonfly]\nscheduler = [\"nope\"]\n",
+            "dragonfly.scheduler",
+        );
+        refused(
+            "[dragonfly]\nscheduler = [\"s:1\"]\nupload_listen = \"host:4000\"\n",
+            "dragonfly.upload_listen",
+        );
+        refused(
+            "[dragonfly]\nannounce_interval_secs = 86401\n",
+            "dragonfly.announce_interval_secs",
+        );
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use crate::config::ControlTcpConfig;
 use crate::daemon::{Admission, Drain};
+use crate::dragonfly::scheduler::{Plan, PullSpec, Scheduler, Session};
 use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
 use crate::manifest::{ContentDigest, ManifestState};
@@ -41,6 +42,8 @@ pub struct ControlService {
     pub import_dirs: Vec<PathBuf>,
     /// Admits transfers and imports until the daemon drains.
     pub drain: Arc<Drain>,
+    /// The Dragonfly scheduler client, with `[dragonfly] scheduler` set.
+    pub dragonfly: Option<Arc<Scheduler>>,
 }
 
 /// New work is refused while the daemon drains: UNAVAILABLE, which callers retry elsewhere.
@@ -289,6 +292,17 @@ fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
     }
 }
 
+/// Announces a complete task to the Dragonfly scheduler as a candidate parent, in the
+/// background (a slow scheduler must not hold the caller up).
+fn announce_held(scheduler: &Arc<Scheduler>, spec: PullSpec) {
+    let scheduler = Arc::clone(scheduler);
+    tokio::spawn(async move {
+        if let Err(status) = scheduler.announce_held(&spec).await {
+            tracing::warn!(task_id = %spec.task_id, code = ?status.code(), message = status.message(), "announcing the task to the Dragonfly scheduler failed");
+        }
+    });
+}
+
 fn non_empty(text: String) -> Option<String> {
     (!text.is_empty()).then_some(text)
 }
@@ -318,11 +332,20 @@ impl Ferry for ControlService {
             .collect(),
         };
         let rdma = self.rdma.transport_info();
+        let mut transports = vec![tcp, rdma];
+        if let Some(scheduler) = &self.dragonfly {
+            transports.push(proto::TransportInfo {
+                name: "dragonfly".into(),
+                available: true,
+                detail: "Dragonfly peer: AnnounceHost to the schedulers, DfdaemonUpload (SyncPieces, SyncHost) served".into(),
+                properties: scheduler.peer().info().into_iter().collect(),
+            });
+        }
         Ok(Response::new(proto::Capabilities {
             host_id: self.host.host_id.clone(),
             hostname: self.host.hostname.clone(),
             data_address: self.host.data_address.clone(),
-            transports: vec![tcp, rdma],
+            transports,
             store: Some(proto::StoreInfo {
                 data_dir: store.data_dir().display().to_string(),
                 io_backend: store.io_backend().into(),
@@ -366,6 +389,18 @@ impl Ferry for ControlService {
         )
         .await
         .map_err(import_status)?;
+        if let (Some(scheduler), Some(url)) = (&self.dragonfly, &options.url) {
+            announce_held(
+                scheduler,
+                PullSpec {
+                    task_id: imported.task.id().to_owned(),
+                    url: url.clone(),
+                    tag: options.tag.clone(),
+                    application: options.application.clone(),
+                    ..Default::default()
+                },
+            );
+        }
         Ok(Response::new(proto::Task {
             import_method: imported.method.as_str().into(),
             ..task_message(&imported.task, true)
@@ -379,7 +414,7 @@ impl Ferry for ControlService {
         request: Request<proto::TransferPiecesRequest>,
     ) -> Result<Response<Self::TransferPiecesStream>, Status> {
         let admission = admit(&self.drain, "transfers")?;
-        let request = request.into_inner();
+        let mut request = request.into_inner();
         let transport = match proto::TransportPreference::try_from(request.transport) {
             Ok(proto::TransportPreference::Auto) => TransportChoice::Auto,
             Ok(proto::TransportPreference::Tcp) => TransportChoice::Tcp,
@@ -391,6 +426,54 @@ impl Ferry for ControlService {
                 )))
             }
         };
+        // A URL with a Dragonfly scheduler: with no peers named, the scheduler places this
+        // pull (candidate parents, or back to source); with peers named, the task is announced
+        // as a candidate parent once complete.
+        let mut session: Option<Session> = None;
+        let mut announce_after = None;
+        if let (Some(scheduler), false) = (&self.dragonfly, request.url.is_empty()) {
+            let user_piece = (request.piece_length != 0).then_some(request.piece_length);
+            let tag = non_empty(request.tag.clone());
+            let application = non_empty(request.application.clone());
+            let task_id = if request.task_id.is_empty() {
+                crate::origin::task_id(
+                    &request.url,
+                    tag.as_deref(),
+                    application.as_deref(),
+                    user_piece,
+                )
+                .map_err(|e| Status::invalid_argument(e.to_string()))?
+            } else {
+                request.task_id.clone()
+            };
+            let spec = PullSpec {
+                task_id: task_id.clone(),
+                url: request.url.clone(),
+                tag,
+                application,
+                piece_length: user_piece,
+                headers: request.headers.clone(),
+                digest: non_empty(request.digest.clone()),
+            };
+            if request.sources.is_empty() {
+                let (plan, opened) = scheduler.schedule(&spec).await;
+                match plan {
+                    Plan::Parents { parents, geometry } => {
+                        tracing::info!(task_id, parents = ?parents.iter().map(|p| (&p.peer_id, &p.vortex, p.weight)).collect::<Vec<_>>(), "scheduled: fetching from candidate parents");
+                        request.sources = parents.into_iter().map(|p| p.vortex).collect();
+                        request.content_length = geometry.content_length();
+                        request.piece_length = geometry.piece_length();
+                    }
+                    Plan::BackToSource { reason } => {
+                        tracing::info!(task_id, reason, "scheduled: back to source");
+                    }
+                }
+                request.task_id = task_id;
+                session = opened;
+            } else {
+                announce_after = Some((Arc::clone(scheduler), spec));
+            }
+        }
         let prepared = self
             .engine
             .prepare(TransferRequest {
@@ -414,7 +497,16 @@ impl Ferry for ControlService {
                     .transpose()
                     .map_err(|e| Status::invalid_argument(e.to_string()))?,
             })
-            .await?;
+            .await;
+        let prepared = match prepared {
+            Ok(prepared) => prepared,
+            Err(err) => {
+                if let Some(session) = session {
+                    session.finish(Err(err.to_string())).await;
+                }
+                return Err(err.into());
+            }
+        };
         let started = prepared.started();
         let started_task_id = started.task_id.clone();
         let (events_tx, mut events_rx) = mpsc::channel(64);
@@ -439,16 +531,20 @@ impl Ferry for ControlService {
         };
         let _ = stream_tx.send(Ok(started_event)).await;
         let forward = stream_tx.clone();
-        tokio::spawn(async move {
+        let forwarder = tokio::spawn(async move {
             while let Some(outcome) = events_rx.recv().await {
+                if let Some(session) = &session {
+                    session.piece(&outcome).await;
+                }
                 let event = proto::TransferEvent {
                     event: Some(Event::Piece(piece_message(outcome))),
                 };
                 if forward.send(Ok(event)).await.is_err() {
                     // The caller hung up: dropping the receiver stops the transfer's workers.
-                    return;
+                    return session;
                 }
             }
+            session
         });
         tokio::spawn(async move {
             let task_id = started_task_id;
@@ -462,6 +558,14 @@ impl Ferry for ControlService {
                         what: format!("the transfer panicked: {}", panic_message(err)),
                     })
                 });
+            if let Ok(Some(session)) = forwarder.await {
+                session
+                    .finish(result.as_ref().map_err(|e| e.to_string()))
+                    .await;
+            }
+            if let (Ok(_), Some((scheduler, spec))) = (&result, announce_after) {
+                announce_held(&scheduler, spec);
+            }
             let last = match result {
                 Ok(summary) => Ok(proto::TransferEvent {
                     event: Some(Event::Summary(summary_message(summary))),

@@ -151,6 +151,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let (rdma_transport, rdma_service) = rdma
         .exchange_observed(&store, rdma_settings, idle_timeout, &metrics)
         .unzip();
+    let rdma_available = rdma_service.is_some();
     let engine = Arc::new(
         Engine::new(
             Arc::clone(&store),
@@ -186,7 +187,30 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding metrics address {}", config.metrics.listen))?;
         // Tests and operators that ask for port 0 learn the real one from this line.
         tracing::info!(metrics_address = %listener.local_addr()?, "metrics endpoint listening (GET /metrics)");
-        Some(tokio::spawn(crate::metrics::serve(listener, metrics)))
+        Some(tokio::spawn(crate::metrics::serve(
+            listener,
+            Arc::clone(&metrics),
+        )))
+    };
+
+    let dragonfly_stop = CancellationToken::new();
+    let dragonfly = if config.dragonfly.enabled() {
+        Some(
+            start_dragonfly(
+                &config,
+                &data_address,
+                bound.port(),
+                &host,
+                &rdma,
+                rdma_available,
+                &store,
+                &metrics,
+                &dragonfly_stop,
+            )
+            .await?,
+        )
+    } else {
+        None
     };
 
     let drain = Drain::new(Duration::from_secs(config.drain_timeout_secs));
@@ -198,6 +222,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         rdma,
         import_dirs,
         drain: Arc::clone(&drain),
+        dragonfly,
     });
     let endpoint = ControlEndpoint::parse(&config.control);
     let mut builder = tonic::transport::Server::builder();
@@ -258,6 +283,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
             .await
         }
     };
+    dragonfly_stop.cancel();
     data_plane.abort();
     if let Some(endpoint) = metrics_endpoint {
         endpoint.abort();
@@ -265,6 +291,125 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     result.context("control API server failed")?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Starts the Dragonfly peer: the DfdaemonUpload server on `upload_listen` (with
+/// grpc.health.v1), the tx/rx rate sampler and the AnnounceHost loop.
+#[allow(clippy::too_many_arguments)]
+async fn start_dragonfly(
+    config: &Config,
+    data_address: &str,
+    data_port: u16,
+    host: &HostInfo,
+    rdma: &RdmaHost,
+    rdma_available: bool,
+    store: &Arc<Store>,
+    metrics: &Arc<Metrics>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Arc<crate::dragonfly::scheduler::Scheduler>> {
+    use crate::dragonfly::{self, HostFacts, Peer, Rates};
+    let listen = &config.dragonfly.upload_listen;
+    let listener = TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("binding dragonfly.upload_listen {listen}"))?;
+    let upload = listener.local_addr()?;
+    let ip = dragonfly_ip(data_address, upload).await;
+    let hostname = config
+        .dragonfly
+        .hostname
+        .clone()
+        .unwrap_or_else(|| host.hostname.clone());
+    let speed = if rdma_available {
+        rdma.devices_message()
+            .iter()
+            .flat_map(|d| d.ports.iter())
+            .filter(|p| p.state.eq_ignore_ascii_case("active"))
+            .map(|p| p.speed_gbps)
+            .fold(0.0, f64::max)
+    } else {
+        0.0
+    };
+    let max_bandwidth = dragonfly::max_bandwidth(
+        config.dragonfly.max_bandwidth_bps,
+        speed,
+        std::path::Path::new("/sys/class/net"),
+    );
+    let rates = Arc::new(Rates::default());
+    rates.spawn_sampler(Arc::clone(metrics));
+    let peer = Arc::new(Peer {
+        config: config.dragonfly.clone(),
+        host: HostFacts {
+            id: format!("{ip}-{hostname}"),
+            hostname,
+            ip: ip.clone(),
+            upload_port: upload.port(),
+            data_port,
+            data_dir: config.data_dir.clone(),
+        },
+        max_bandwidth,
+        rates,
+        store: Arc::clone(store),
+        metrics: Arc::clone(metrics),
+        rdma: rdma_available,
+    });
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<dragonfly_api::dfdaemon::v2::dfdaemon_upload_server::DfdaemonUploadServer<
+            dragonfly::upload::UploadService,
+        >>()
+        .await;
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(dragonfly::upload::server(Arc::clone(&peer)));
+    let serving_stop = stop.clone();
+    tokio::spawn(async move {
+        let _health = health;
+        if let Err(err) = router
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                serving_stop.cancelled(),
+            )
+            .await
+        {
+            tracing::error!(error = %err, "the DfdaemonUpload server failed");
+        }
+    });
+    // Tests and operators that ask for port 0 learn the real one from this line.
+    tracing::info!(upload_address = %upload, ip, max_tx_bandwidth = peer.max_bandwidth.bps, bandwidth_from = %peer.max_bandwidth.from, schedulers = ?config.dragonfly.scheduler, "Dragonfly peer: DfdaemonUpload listening");
+    let scheduler = crate::dragonfly::scheduler::Scheduler::new(peer)
+        .map_err(|s| anyhow::anyhow!("dragonfly.scheduler: {}", s.message()))?;
+    scheduler.spawn_announcer(stop.clone());
+    Ok(scheduler)
+}
+
+/// The IP announced to Dragonfly: the data address's when it is one, else the upload
+/// listener's when it is specific, else the first non-loopback address the hostname
+/// resolves to, else 127.0.0.1.
+async fn dragonfly_ip(data_address: &str, upload: SocketAddr) -> String {
+    let host = data_address
+        .rsplit_once(':')
+        .map_or(data_address, |(h, _)| h)
+        .trim_matches(['[', ']']);
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        if !ip.is_unspecified() {
+            return ip.to_string();
+        }
+    }
+    if !upload.ip().is_unspecified() {
+        return upload.ip().to_string();
+    }
+    if let Ok(addrs) = tokio::net::lookup_host((host, 0)).await {
+        let addrs: Vec<_> = addrs.collect();
+        if let Some(addr) = addrs
+            .iter()
+            .find(|a| !a.ip().is_loopback())
+            .or(addrs.first())
+        {
+            return addr.ip().to_string();
+        }
+    }
+    tracing::warn!(host, "cannot tell this host's IP for Dragonfly; announcing 127.0.0.1 (set advertise = \"IP:PORT\")");
+    "127.0.0.1".into()
 }
 
 /// How long control connections may stay open once the drain is over.

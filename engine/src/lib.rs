@@ -5,6 +5,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod daemon;
+pub mod dragonfly;
 pub mod geometry;
 pub mod import;
 pub mod io;

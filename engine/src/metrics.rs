@@ -55,6 +55,14 @@ struct ReasonLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AnnounceLabel {
+    /// `host` (AnnounceHost) or `peer` (an AnnouncePeer registration).
+    kind: &'static str,
+    /// `ok` or `error`.
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
 }
@@ -139,6 +147,10 @@ pub struct Metrics {
     back_to_source_pieces: Counter,
     origin_retries: Counter,
     origin_failures: Family<ReasonLabel, Counter>,
+    dragonfly_announces: Family<AnnounceLabel, Counter>,
+    dragonfly_reschedules: Counter,
+    dragonfly_back_to_source: Counter,
+    dragonfly_pieces_reported: Counter,
     /// Read at scrape time: the data-port server's own counters.
     server: OnceLock<Arc<ServerStats>>,
     /// Read at scrape time: free slots.
@@ -185,6 +197,10 @@ impl Metrics {
             back_to_source_bytes: Counter::default(),
             back_to_source_pieces: Counter::default(),
             origin_retries: Counter::default(),
+            dragonfly_announces: Family::default(),
+            dragonfly_reschedules: Counter::default(),
+            dragonfly_back_to_source: Counter::default(),
+            dragonfly_pieces_reported: Counter::default(),
             origin_failures: Family::default(),
             server: OnceLock::new(),
             pool: OnceLock::new(),
@@ -271,6 +287,26 @@ impl Metrics {
             metrics.origin_failures.clone(),
         );
         registry.register(
+            "dragonfly_announces",
+            "Calls to the Dragonfly scheduler, by kind (host: AnnounceHost; peer: an AnnouncePeer registration) and result (ok, error)",
+            metrics.dragonfly_announces.clone(),
+        );
+        registry.register(
+            "dragonfly_reschedules",
+            "ReschedulePeerRequests sent to the Dragonfly scheduler (no candidate parent was usable)",
+            metrics.dragonfly_reschedules.clone(),
+        );
+        registry.register(
+            "dragonfly_back_to_source",
+            "Scheduled pulls the Dragonfly scheduler sent back to source (NeedBackToSourceResponse, or reschedules spent)",
+            metrics.dragonfly_back_to_source.clone(),
+        );
+        registry.register(
+            "dragonfly_pieces_reported",
+            "Pieces reported to the Dragonfly scheduler as downloaded (from a parent or back to source)",
+            metrics.dragonfly_pieces_reported.clone(),
+        );
+        registry.register(
             "transfers_active",
             "Transfers running now",
             metrics.transfers_active.clone(),
@@ -354,6 +390,13 @@ impl Metrics {
                 reason: reason.label(),
             });
         }
+        for kind in ["host", "peer"] {
+            for result in ["ok", "error"] {
+                let _ = metrics
+                    .dragonfly_announces
+                    .get_or_create(&AnnounceLabel { kind, result });
+            }
+        }
         for result in ["completed", "failed", "cancelled"] {
             let _ = metrics.transfers.get_or_create(&ResultLabel { result });
         }
@@ -364,6 +407,53 @@ impl Metrics {
             registry,
             ..metrics
         }
+    }
+
+    /// A call to the Dragonfly scheduler: `kind` is "host" or "peer".
+    pub fn dragonfly_announced(&self, kind: &'static str, ok: bool) {
+        let result = if ok { "ok" } else { "error" };
+        self.dragonfly_announces
+            .get_or_create(&AnnounceLabel { kind, result })
+            .inc();
+    }
+
+    pub fn dragonfly_announces(&self, kind: &'static str, ok: bool) -> u64 {
+        let result = if ok { "ok" } else { "error" };
+        self.dragonfly_announces
+            .get_or_create(&AnnounceLabel { kind, result })
+            .get()
+    }
+
+    pub fn dragonfly_rescheduled(&self) {
+        self.dragonfly_reschedules.inc();
+    }
+
+    pub fn dragonfly_sent_back_to_source(&self) {
+        self.dragonfly_back_to_source.inc();
+    }
+
+    pub fn dragonfly_piece_reported(&self) {
+        self.dragonfly_pieces_reported.inc();
+    }
+
+    /// Piece bytes this daemon has sent (`.0`) and received (`.1`) over every transport and
+    /// from origins, since start: what its announced tx/rx rates are computed from.
+    pub fn bytes_moved(&self) -> (u64, u64) {
+        let get = |transport, direction| {
+            self.transport_bytes
+                .get_or_create(&TransportDirection {
+                    transport,
+                    direction,
+                })
+                .get()
+        };
+        let tcp_out = match self.server.get() {
+            Some(server) => server.snapshot().content_bytes_sent,
+            None => get("tcp", "out"),
+        };
+        let sent = tcp_out + get("rdma", "out");
+        let received = get("tcp", "in") + get("rdma", "in") + self.back_to_source_bytes.get();
+        (sent, received)
     }
 
     /// Reads the data-port server's counters at every scrape.

@@ -2,6 +2,8 @@
 //! talks to them over their real control sockets.
 
 pub use ferry_engine::cli::{ClientAuth, ControlClient};
+pub mod dragonfly;
+
 use ferry_engine::proto::{self, transfer_event::Event};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
