@@ -141,9 +141,10 @@ pub enum Command {
     /// Defaults, then the config file, then the flags, printed as TOML (`--json`: JSON). An
     /// invalid value exits non-zero naming the key and what is allowed.
     Config(ServeArgs),
-    /// Make a local file a task held by the daemon (its bytes are copied into the store).
+    /// Make a local file a task held by the daemon (its bytes are copied into the store, or
+    /// reflinked where the file and the store share a filesystem that has reflinks).
     Import(ImportArgs),
-    /// Fetch a task from source peers into the daemon's store and, with --output, place it at a path.
+    /// Fetch a task from source peers (or an HTTP origin, --url) into the daemon's store and, with --output, place it at a path.
     ///
     /// Without --output the task stays held in the store (and is served to peers from
     /// there); `ferry export` places it later. An output must be inside the daemon's
