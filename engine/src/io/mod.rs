@@ -9,7 +9,7 @@ mod sync;
 mod uring;
 
 pub use pool::{BufferPool, PieceBuffer, PoolError, PoolInfo, DIRECT_IO_ALIGN};
-pub use reflink::reflink;
+pub use reflink::{reflink, unsupported as reflink_unsupported};
 
 use std::fs::{File, OpenOptions};
 use std::io;

@@ -19,3 +19,20 @@ pub fn reflink(source: &File, target: &File) -> io::Result<()> {
     }
     Ok(())
 }
+
+/// Errors from [`reflink`] (or an in-kernel copy) that mean "not on this filesystem, kernel or
+/// seccomp filter": the caller copies instead. Anything else is a real failure.
+pub fn unsupported(err: &io::Error) -> bool {
+    matches!(
+        err.raw_os_error(),
+        Some(
+            libc::EOPNOTSUPP
+                | libc::ENOTTY
+                | libc::EXDEV
+                | libc::EINVAL
+                | libc::ENOSYS
+                | libc::EPERM
+                | libc::EBADF
+        )
+    )
+}

@@ -1,7 +1,7 @@
 //! The store's tests: durability, recovery, faults, descriptors, clones.
 
-use super::write::reflink_unsupported;
 use super::*;
+use crate::io::reflink_unsupported;
 use crate::io::IoChoice;
 
 /// Every directory `sync_dir` synced, by any test.

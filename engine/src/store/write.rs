@@ -12,16 +12,6 @@ pub enum Cloned {
     Unsupported(io::Error),
 }
 
-/// A failed FICLONE that means "not possible here": a filesystem without reflinks
-/// (EOPNOTSUPP, or EINVAL from some), two filesystems (EXDEV), no FICLONE at all (ENOTTY,
-/// ENOSYS). The kernel refuses these before it changes the target.
-pub(super) fn reflink_unsupported(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(libc::EOPNOTSUPP | libc::EXDEV | libc::EINVAL | libc::ENOTTY | libc::ENOSYS)
-    )
-}
-
 impl Store {
     pub(super) fn map_write_error(
         &self,
@@ -238,7 +228,9 @@ impl Store {
                     .map_err(|e| (false, "opening the content", e))?;
                 match crate::io::reflink(&source, &target) {
                     Ok(()) => {}
-                    Err(err) if reflink_unsupported(&err) => return Ok(Cloned::Unsupported(err)),
+                    Err(err) if crate::io::reflink_unsupported(&err) => {
+                        return Ok(Cloned::Unsupported(err))
+                    }
                     Err(err) => return Err((false, "reflinking the content", err)),
                 }
                 let now = target

@@ -526,7 +526,7 @@ fn copy_into(source: &File, target: &File, length: u64, methods: Methods) -> io:
     if methods.reflink && source.metadata()?.len() == length {
         match crate::io::reflink(source, target) {
             Ok(()) => return Ok(Placement::Reflink),
-            Err(err) if unsupported(&err) => {}
+            Err(err) if crate::io::reflink_unsupported(&err) => {}
             Err(err) => return Err(err),
         }
     }
@@ -546,7 +546,7 @@ fn copy_into(source: &File, target: &File, length: u64, methods: Methods) -> io:
                 Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
                 Ok(n) => copied += n as u64,
                 Err(Errno::EINTR) => {}
-                Err(err) if copied == 0 && unsupported(&err.into()) => break,
+                Err(err) if copied == 0 && crate::io::reflink_unsupported(&err.into()) => break,
                 Err(err) => return Err(err.into()),
             }
         }
@@ -565,22 +565,6 @@ fn copy_into(source: &File, target: &File, length: u64, methods: Methods) -> io:
         copied += n as u64;
     }
     Ok(Placement::Copy)
-}
-
-/// Errors meaning "not here" (filesystem, kernel or seccomp filter), not "failed".
-fn unsupported(err: &io::Error) -> bool {
-    matches!(
-        err.raw_os_error(),
-        Some(
-            libc::EOPNOTSUPP
-                | libc::ENOTTY
-                | libc::EXDEV
-                | libc::EINVAL
-                | libc::ENOSYS
-                | libc::EPERM
-                | libc::EBADF
-        )
-    )
 }
 
 #[cfg(test)]
