@@ -202,7 +202,7 @@ pub fn task_message(task: &StoredTask, with_pieces: bool) -> proto::Task {
         Vec::new()
     };
     let held = digests.iter().filter(|d| d.is_some()).count() as u32;
-    let manifest = crate::manifest::load(task.dir()).unwrap_or_else(|err| {
+    let manifest = task.manifest().unwrap_or_else(|err| {
         tracing::warn!(task_id = %task.id(), error = %err, "unreadable manifest");
         None
     });

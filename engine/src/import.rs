@@ -8,7 +8,7 @@
 
 use crate::geometry::{self, Geometry, GeometryError, TaskIdInputs};
 use crate::io::PieceBuffer;
-use crate::manifest::{self, ContentDigest, ContentHasher, Manifest, ManifestState};
+use crate::manifest::{ContentDigest, ContentHasher, Manifest, ManifestState};
 use crate::store::{self, Cloned, Store, StoreError, StoredTask, WriterKind};
 use std::fs::{File, OpenOptions};
 use std::os::fd::AsRawFd;
@@ -229,7 +229,7 @@ async fn import_opened(
         task_id: task_id.clone(),
         source,
     };
-    let manifest = manifest::load(task.dir()).map_err(manifest_error)?;
+    let manifest = task.manifest().map_err(manifest_error)?;
     if task.is_complete() {
         if let Some(manifest) = manifest.filter(|m| m.state == ManifestState::Verified) {
             return Ok(Imported {
@@ -353,13 +353,10 @@ async fn import_opened(
             pinned: pinned.content_sha256,
         });
     }
-    manifest::save(
-        task.dir(),
-        &Manifest {
-            content_sha256,
-            state: ManifestState::Verified,
-        },
-    )
+    task.set_manifest(Manifest {
+        content_sha256,
+        state: ManifestState::Verified,
+    })
     .map_err(manifest_error)?;
     tracing::info!(task_id = %task.id(), path = %path.display(), bytes = content_length, pieces = task.geometry().piece_count(), %content_sha256, %method, "imported");
     Ok(Imported {

@@ -75,7 +75,8 @@ impl PieceProvider for StoreProvider {
             complete: task.is_complete(),
             // A manifest that cannot be read is stated as none: the receiver then verifies
             // the content it gets against its own pin.
-            content_sha256: crate::manifest::load(task.dir())
+            content_sha256: task
+                .manifest()
                 .unwrap_or_else(|err| {
                     tracing::warn!(task_id, error = %err, "unreadable manifest");
                     None

@@ -167,6 +167,9 @@ async fn content_that_does_not_hash_to_its_pin_is_dropped_and_never_placed() {
     let lie = format!("sha256:{}", "ab".repeat(32));
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(&manifest, text.replace(&task.content_digest, &lie)).unwrap();
+    // The daemon keeps a task's manifest once read: restart it to make it read the edit.
+    drop(seed);
+    let seed = Daemon::start(root.path(), "seed", DaemonOptions::default()).await;
 
     let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
     let output = root.path().join("out.bin");

@@ -15,6 +15,7 @@
 
 use crate::geometry::{Geometry, GeometryError, PieceRange};
 use crate::io::{BufferPool, IoEngine, PieceBuffer, TaskFile, WriteRequest};
+use crate::manifest::Manifest;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
@@ -268,6 +269,9 @@ pub struct StoredTask {
     /// Set once [`Store::clone_content`] made the content a durable reflink of a file: its
     /// pieces may then be recorded with [`Store::record_cloned_piece`].
     cloned: AtomicBool,
+    /// The task's manifest, read from `manifest.json` on first use (outer `None`: not read
+    /// yet) and kept: stats, listings and transfers ask for it often, it changes rarely.
+    manifest: Mutex<Option<Option<Manifest>>>,
 }
 
 impl StoredTask {
@@ -389,6 +393,26 @@ impl StoredTask {
     /// The task's directory (its manifest lives there).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// The task's manifest, if it has one (read once, then kept). A manifest that cannot be
+    /// read is an error every time, never "none".
+    pub fn manifest(&self) -> io::Result<Option<Manifest>> {
+        let mut cached = self.manifest.lock().expect("manifest lock");
+        if let Some(known) = *cached {
+            return Ok(known);
+        }
+        let loaded = crate::manifest::load(&self.dir)?;
+        *cached = Some(loaded);
+        Ok(loaded)
+    }
+
+    /// Records a new manifest durably, then keeps it.
+    pub fn set_manifest(&self, manifest: Manifest) -> io::Result<()> {
+        let mut cached = self.manifest.lock().expect("manifest lock");
+        crate::manifest::save(&self.dir, &manifest)?;
+        *cached = Some(Some(manifest));
+        Ok(())
     }
 
     /// Becomes the task's one writer, or says who already is.

@@ -150,6 +150,7 @@ impl Store {
             faults: Arc::clone(&self.faults),
             writer: Mutex::new(None),
             cloned: AtomicBool::new(false),
+            manifest: Mutex::new(None),
         })
     }
 }

@@ -430,7 +430,7 @@ impl Engine {
             schedule.dead[*index] = true;
         }
         let verified = matches!(
-            manifest::load(task.dir()),
+            task.manifest(),
             Ok(Some(m)) if m.state == ManifestState::Verified
         );
         let hash = (!verified && !wanted.is_empty()).then(|| {

@@ -144,7 +144,7 @@ impl Engine {
             ));
         }
         let held_manifest = match &held {
-            Some(task) => manifest::load(task.dir()).map_err(|source| TransferError::Manifest {
+            Some(task) => task.manifest().map_err(|source| TransferError::Manifest {
                 task_id: request.task_id.clone(),
                 source,
             })?,
@@ -175,13 +175,10 @@ impl Engine {
         if let (Some(pin), None) = (pinning.pin, held_manifest) {
             // Recorded before any piece arrives: a restart, or this daemon serving the pieces
             // it has so far, keeps to the same version.
-            manifest::save(
-                task.dir(),
-                &Manifest {
-                    content_sha256: pin,
-                    state: ManifestState::Pinned,
-                },
-            )
+            task.set_manifest(Manifest {
+                content_sha256: pin,
+                state: ManifestState::Pinned,
+            })
             .map_err(|source| TransferError::Manifest {
                 task_id: request.task_id.clone(),
                 source,

@@ -16,7 +16,7 @@ impl Engine {
             task_id: task.id().to_owned(),
             source,
         };
-        let held = manifest::load(task.dir()).map_err(manifest_error)?;
+        let held = task.manifest().map_err(manifest_error)?;
         if let Some(held) = held.filter(|m| m.state == ManifestState::Verified) {
             return Ok(held.content_sha256);
         }
@@ -70,13 +70,10 @@ impl Engine {
                 })
             }
             _ => {
-                manifest::save(
-                    task.dir(),
-                    &Manifest {
-                        content_sha256: actual,
-                        state: ManifestState::Verified,
-                    },
-                )
+                task.set_manifest(Manifest {
+                    content_sha256: actual,
+                    state: ManifestState::Verified,
+                })
                 .map_err(manifest_error)?;
                 Ok(actual)
             }

@@ -178,15 +178,12 @@ impl Worker {
                 }
             };
             if let Some(content_sha256) = newly_pinned {
-                let dir = self.task.dir().to_owned();
+                let task = Arc::clone(&self.task);
                 let saved = tokio::task::spawn_blocking(move || {
-                    crate::manifest::save(
-                        &dir,
-                        &crate::manifest::Manifest {
-                            content_sha256,
-                            state: crate::manifest::ManifestState::Pinned,
-                        },
-                    )
+                    task.set_manifest(crate::manifest::Manifest {
+                        content_sha256,
+                        state: crate::manifest::ManifestState::Pinned,
+                    })
                 })
                 .await;
                 if let Ok(Err(err)) | Err(err) = saved.map_err(std::io::Error::other) {
