@@ -723,11 +723,11 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    /// The value of one sample line, `name{labels} value`.
-    fn sample(text: &str, series: &str) -> Option<f64> {
+    /// The value of one sample line, `name{labels} value` (also for other modules' tests).
+    pub(crate) fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
             .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
             .map(|v| v.parse().expect("a number"))

@@ -734,12 +734,7 @@ impl RdmaTransport {
 mod tests {
     use super::*;
 
-    /// The value of one sample line of the metrics text.
-    fn sample(text: &str, series: &str) -> Option<f64> {
-        text.lines()
-            .find_map(|line| line.strip_prefix(series)?.strip_prefix(' '))
-            .map(|v| v.parse().expect("a number"))
-    }
+    use crate::metrics::tests::sample;
 
     #[test]
     fn breakers_are_per_source_and_count_trips_and_probes() {
