@@ -5,11 +5,15 @@
 # initramfs, which mounts this host's root filesystem read-only over 9p and chroots into it,
 # so host-built binaries run there with the host's libraries.
 #
-#   scripts/rxe-vm.sh [--mem MiB] [--timeout SECS] [--rw DIR]... [--verbose] -- COMMAND [ARGS...]
+#   scripts/rxe-vm.sh [--mem MiB] [--timeout SECS] [--rails N] [--rw DIR]... [--verbose] -- COMMAND [ARGS...]
 #
 # Inside the VM the command runs as root in the current directory, with this environment
 # plus FERRY_RXE_ADDR0=10.77.0.1 FERRY_RXE_ADDR1=10.77.0.2 FERRY_RXE_DEV0=rxe0
 # FERRY_RXE_DEV1=rxe1 and FERRY_RXE_GID_INDEX (the RoCE v2 IPv4 GID index on both devices).
+# --rails N (1-4, default 1) makes N veth pairs, rail k joining "host A" (rxe<2k> on
+# veth<2k>, 10.77.k.1) to "host B" (rxe<2k+1> on veth<2k+1>, 10.77.k.2); rails do not reach
+# each other. FERRY_RXE_RAILS=N, FERRY_RXE_A_DEVS/FERRY_RXE_B_DEVS (comma-separated devices)
+# and FERRY_RXE_A_ADDRS/FERRY_RXE_B_ADDRS (their addresses, same order) describe them.
 # The host filesystem is read-only there; /tmp, /run and /dev/shm are fresh tmpfs (lost at
 # power-off); each --rw DIR (or FERRY_VM_RW=DIR:DIR...) is shared read-write at its own path.
 # The command's stdout and stderr both arrive on this script's stdout; its exit status is
@@ -29,6 +33,7 @@ usage() {
 mem=${FERRY_VM_MEM:-2048}
 timeout_s=${FERRY_VM_TIMEOUT:-1800}
 verbose=${FERRY_VM_VERBOSE:-0}
+rails=${FERRY_VM_RAILS:-1}
 rw_dirs=()
 if [ -n "${FERRY_VM_RW:-}" ]; then
     IFS=: read -r -a rw_dirs <<<"$FERRY_VM_RW"
@@ -37,6 +42,7 @@ while [ $# -gt 0 ]; do
     case "$1" in
         --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
         --timeout) timeout_s=${2:?--timeout needs seconds}; shift 2 ;;
+        --rails) rails=${2:?--rails needs a count}; shift 2 ;;
         --rw) rw_dirs+=("${2:?--rw needs a directory}"); shift 2 ;;
         --verbose) verbose=1; shift ;;
         --) shift; break ;;
@@ -45,7 +51,9 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ $# -gt 0 ] || usage
-case "$mem$timeout_s" in *[!0-9]*) echo "rxe-vm: --mem and --timeout take integers" >&2; exit 2 ;; esac
+case "$mem$timeout_s$rails" in *[!0-9]*) echo "rxe-vm: --mem, --timeout and --rails take integers" >&2; exit 2 ;; esac
+# Four rails are eight emulated devices on two emulated CPUs: more would only measure qemu.
+[ "$rails" -ge 1 ] && [ "$rails" -le 4 ] || { echo "rxe-vm: --rails takes 1 to 4" >&2; exit 2; }
 
 cache=${FERRY_VM_CACHE:-/var/tmp/ferry-vm}
 mkdir -p "$cache"
@@ -171,7 +179,7 @@ while read -r tag path; do
     mkdir -p "/host$path"
     mount -t 9p -o "$opts,cache=mmap" "$tag" "/host$path" || die "cannot mount $path"
 done </ctl/rw
-cp /ferry/setup.sh /ferry/run.sh /ctl/args /ctl/env /ctl/cwd /ctl/interactive /host/run/ferry-vm/
+cp /ferry/setup.sh /ferry/run.sh /ctl/args /ctl/env /ctl/cwd /ctl/interactive /ctl/rails /host/run/ferry-vm/
 say "setting up veth and rxe"
 chroot /host /bin/bash /run/ferry-vm/setup.sh || die "network/rxe setup failed"
 echo # the firmware leaves escape sequences on the line; the host matches the nonce anyway
@@ -196,37 +204,49 @@ INIT
 read -r -d '' guest_setup <<'SETUP' || true
 set -euo pipefail
 # Each exec of a host binary costs ~0.1 s under emulation: batch `ip`, use builtins elsewhere.
-a0=10.77.0.1 a1=10.77.0.2
+# Rail k: veth<2k> (10.77.k.1, host A's rxe<2k>) to veth<2k+1> (10.77.k.2, host B's rxe<2k+1>).
+read -r rails </run/ferry-vm/rails
 conf=/proc/sys/net/ipv4/conf
-ip -batch - <<EOF
-link set lo up
-link add veth0 type veth peer name veth1
-EOF
-for c in all default veth0 veth1; do
+links="link set lo up"
+for ((k = 0; k < rails; k++)); do
+    links+=$'\n'"link add veth$((2 * k)) type veth peer name veth$((2 * k + 1))"
+done
+ip -batch - <<<"$links"
+for c in all default; do
     echo 0 >"$conf/$c/rp_filter"
     echo 1 >"$conf/$c/accept_local"
 done
-read -r mac0 </sys/class/net/veth0/address
-read -r mac1 </sys/class/net/veth1/address
-# Rules 100/101 sit before the local table (moved from 0 to 1000) and match only packets
-# sent from this machine (iif lo); arriving packets still meet the local table and are
-# taken in. Static neighbours: no ARP between two local addresses to go wrong.
-ip -batch - <<EOF
-addr add $a0/32 dev veth0
-addr add $a1/32 dev veth1
-link set veth0 up
-link set veth1 up
-rule add pref 1000 lookup local
-rule del pref 0 lookup local
-rule add pref 100 iif lo from $a0 to $a1 lookup 100
-rule add pref 101 iif lo from $a1 to $a0 lookup 101
-route add $a1/32 dev veth0 src $a0 table 100
-route add $a0/32 dev veth1 src $a1 table 101
-neigh replace $a1 lladdr $mac1 dev veth0 nud permanent
-neigh replace $a0 lladdr $mac0 dev veth1 nud permanent
-EOF
-rdma link add rxe0 type rxe netdev veth0
-rdma link add rxe1 type rxe netdev veth1
+# Rules 100+ sit before the local table (moved from 0 to 1000) and match only packets sent
+# from this machine (iif lo); arriving packets still meet the local table and are taken in.
+# Static neighbours: no ARP between two local addresses to go wrong. No rule joins two
+# rails, so a packet from one rail to another's address goes to `lo` and rxe drops it, as
+# on separate rail subnets.
+routes=$'rule add pref 1000 lookup local\nrule del pref 0 lookup local'
+for ((k = 0; k < rails; k++)); do
+    a=veth$((2 * k)) b=veth$((2 * k + 1)) aa=10.77.$k.1 ba=10.77.$k.2
+    for c in $a $b; do
+        echo 0 >"$conf/$c/rp_filter"
+        echo 1 >"$conf/$c/accept_local"
+    done
+    read -r mac_a </sys/class/net/$a/address
+    read -r mac_b </sys/class/net/$b/address
+    ta=$((100 + 2 * k)) tb=$((101 + 2 * k))
+    routes+="
+addr add $aa/32 dev $a
+addr add $ba/32 dev $b
+link set $a up
+link set $b up
+rule add pref $ta iif lo from $aa to $ba lookup $ta
+rule add pref $tb iif lo from $ba to $aa lookup $tb
+route add $ba/32 dev $a src $aa table $ta
+route add $aa/32 dev $b src $ba table $tb
+neigh replace $ba lladdr $mac_b dev $a nud permanent
+neigh replace $aa lladdr $mac_a dev $b nud permanent"
+done
+ip -batch - <<<"$routes"
+for ((i = 0; i < 2 * rails; i++)); do
+    rdma link add rxe$i type rxe netdev veth$i
+done
 # The GID table fills in asynchronously: wait for each device's RoCE v2 IPv4 GID.
 gid_index() { # DEV ADDR -> lowest index holding ::ffff:ADDR with type RoCE v2
     local want p i=0 g t
@@ -242,20 +262,23 @@ gid_index() { # DEV ADDR -> lowest index holding ::ffff:ADDR with type RoCE v2
     done
     return 1
 }
-g0="" g1=""
+gids=()
 for _ in {1..100}; do
-    g0=$(gid_index rxe0 "$a0" || true)
-    g1=$(gid_index rxe1 "$a1" || true)
-    [ -n "$g0" ] && [ -n "$g1" ] && break
+    gids=()
+    for ((i = 0; i < 2 * rails; i++)); do
+        g=$(gid_index rxe$i "10.77.$((i / 2)).$((i % 2 + 1))" || true)
+        [ -n "$g" ] || break
+        gids+=("$g")
+    done
+    [ ${#gids[@]} = $((2 * rails)) ] && break
     sleep 0.1
 done
-if [ -z "$g0" ] || [ -z "$g1" ]; then
-    echo "ferry-vm: no RoCE v2 IPv4 GID on rxe0/rxe1"
+if [ ${#gids[@]} != $((2 * rails)) ]; then
+    echo "ferry-vm: no RoCE v2 IPv4 GID on every rxe device (have ${#gids[@]} of $((2 * rails)))"
     exit 1
 fi
-echo "$g0 $g1" >/run/ferry-vm/gids
+echo "${gids[*]}" >/run/ferry-vm/gids
 SETUP
-
 # Runs in the chroot: the caller's environment, directory and command, exactly as given.
 read -r -d '' guest_run <<'RUN' || true
 d=/run/ferry-vm
@@ -263,10 +286,18 @@ while IFS= read -r -d '' kv; do
     case "${kv%%=*}" in PWD | OLDPWD | SHLVL | _ | TMPDIR) continue ;; esac
     export "$kv" 2>/dev/null || true # skips readonly names and exported functions
 done <"$d/env"
-read -r g0 g1 <"$d/gids"
+read -r -a gids <"$d/gids"
+read -r rails <"$d/rails"
 export FERRY_RXE_ADDR0=10.77.0.1 FERRY_RXE_ADDR1=10.77.0.2
 export FERRY_RXE_DEV0=rxe0 FERRY_RXE_DEV1=rxe1
-export FERRY_RXE_GID_INDEX=$g0 FERRY_RXE_GID_INDEX0=$g0 FERRY_RXE_GID_INDEX1=$g1
+export FERRY_RXE_GID_INDEX=${gids[0]} FERRY_RXE_GID_INDEX0=${gids[0]} FERRY_RXE_GID_INDEX1=${gids[1]}
+a_devs="" b_devs="" a_addrs="" b_addrs=""
+for ((k = 0; k < rails; k++)); do
+    a_devs+=${a_devs:+,}rxe$((2 * k)) b_devs+=${b_devs:+,}rxe$((2 * k + 1))
+    a_addrs+=${a_addrs:+,}10.77.$k.1 b_addrs+=${b_addrs:+,}10.77.$k.2
+done
+export FERRY_RXE_RAILS=$rails FERRY_RXE_A_DEVS=$a_devs FERRY_RXE_B_DEVS=$b_devs
+export FERRY_RXE_A_ADDRS=$a_addrs FERRY_RXE_B_ADDRS=$b_addrs
 cd "$(<"$d/cwd")" || exit 125
 mapfile -d '' -t args <"$d/args"
 exec "${args[@]}"
@@ -330,6 +361,7 @@ echo "$nonce" >"$ctl/nonce"
 interactive=0
 [ -t 0 ] && interactive=1
 echo "$interactive" >"$ctl/interactive"
+echo "$rails" >"$ctl/rails"
 shares=(
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
     -virtfs "local,path=$ctl,mount_tag=ferryctl,security_model=none,multidevs=remap"
