@@ -10,6 +10,7 @@ pub mod credit;
 pub mod device;
 pub mod error;
 pub mod handshake;
+pub mod rails;
 pub mod select;
 pub mod verbs;
 pub mod wire;
