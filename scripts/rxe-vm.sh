@@ -216,6 +216,7 @@ for c in all default; do
     echo 0 >"$conf/$c/rp_filter"
     echo 1 >"$conf/$c/accept_local"
 done
+# Each rail is its own /24 (what rail matching keys on, as on a rail-optimised fabric).
 # Rules 100+ sit before the local table (moved from 0 to 1000) and match only packets sent
 # from this machine (iif lo); arriving packets still meet the local table and are taken in.
 # Static neighbours: no ARP between two local addresses to go wrong. No rule joins two
@@ -232,8 +233,8 @@ for ((k = 0; k < rails; k++)); do
     read -r mac_b </sys/class/net/$b/address
     ta=$((100 + 2 * k)) tb=$((101 + 2 * k))
     routes+="
-addr add $aa/32 dev $a
-addr add $ba/32 dev $b
+addr add $aa/24 dev $a
+addr add $ba/24 dev $b
 link set $a up
 link set $b up
 rule add pref $ta iif lo from $aa to $ba lookup $ta

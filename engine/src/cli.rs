@@ -222,10 +222,15 @@ pub struct ServeArgs {
     /// Do not use RDMA even if the host has it.
     #[arg(long)]
     pub no_rdma: bool,
-    /// RDMA device to use (e.g. mlx5_0, rxe0) [default: the first with a usable GID].
-    #[arg(long)]
-    pub rdma_device: Option<String>,
-    /// Port of the RDMA device [default: the first active one].
+    /// A rail to use: DEVICE or DEVICE:PORT (e.g. mlx5_0, mlx5_1:1, rxe0); repeat for more
+    /// [default: every active port; config rdma.devices].
+    #[arg(long, value_name = "DEVICE[:PORT]")]
+    pub rdma_device: Vec<String>,
+    /// A rail never to use (a front-end or management NIC), DEVICE or DEVICE:PORT; repeatable
+    /// [config rdma.exclude].
+    #[arg(long, value_name = "DEVICE[:PORT]")]
+    pub rdma_exclude: Vec<String>,
+    /// Only this port of each RDMA device [default: every active one].
     #[arg(long)]
     pub rdma_port: Option<u8>,
     /// GID index [default: a RoCE v2 GID carrying an IPv4 address].
@@ -442,8 +447,12 @@ pub fn effective_config(args: &ServeArgs, control: Option<&str>) -> anyhow::Resu
     if args.no_rdma {
         config.rdma.enabled = false;
     }
-    if let Some(v) = &args.rdma_device {
-        config.rdma.device = Some(v.clone());
+    if !args.rdma_device.is_empty() {
+        config.rdma.device = None;
+        config.rdma.devices = args.rdma_device.clone();
+    }
+    if !args.rdma_exclude.is_empty() {
+        config.rdma.exclude = args.rdma_exclude.clone();
     }
     if let Some(v) = args.rdma_port {
         config.rdma.port = Some(v);
@@ -701,6 +710,9 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
                 for line in device_lines(&caps.rdma_devices) {
                     say!("{line}");
                 }
+                for line in rail_lines(&caps.rdma_rails) {
+                    say!("{line}");
+                }
             }
         }
         Command::Cancel { task_id } => {
@@ -909,7 +921,45 @@ fn capabilities_json(c: &proto::Capabilities) -> Value {
                 "gids": p.gids.iter().map(|g| json!({"index": g.index, "gid": g.gid, "type": g.r#type, "netdev": g.netdev, "ipv4": g.ipv4})).collect::<Vec<_>>(),
             })).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
+        "rdma_rails": c.rdma_rails.iter().map(|r| json!({
+            "name": r.name, "used": r.used, "reason": r.reason, "carrying": r.carrying,
+            "link_layer": r.link_layer, "lid": r.lid, "gid_index": r.gid_index, "gid": r.gid, "fabric": r.fabric,
+            "speed_gbps": r.speed_gbps, "numa_node": (r.numa_node >= 0).then_some(r.numa_node), "pci_address": r.pci_address,
+        })).collect::<Vec<_>>(),
     })
+}
+
+/// `ferry devices` in text: the rails (in use, and the ports that are not, with why).
+fn rail_lines(rails: &[proto::RdmaRail]) -> Vec<String> {
+    rails
+        .iter()
+        .map(|r| {
+            if !r.used {
+                return format!("rail {:<12} not used: {}", r.name, r.reason);
+            }
+            format!(
+                "rail {:<12} {} LID {} GID {} {} fabric {} {} Gbit/s NUMA {} PCI {}{}",
+                r.name,
+                r.link_layer,
+                r.lid,
+                r.gid_index,
+                r.gid,
+                r.fabric,
+                r.speed_gbps,
+                if r.numa_node >= 0 {
+                    r.numa_node.to_string()
+                } else {
+                    "-".into()
+                },
+                if r.pci_address.is_empty() {
+                    "-"
+                } else {
+                    &r.pci_address
+                },
+                if r.carrying { " (carrying pieces)" } else { "" }
+            )
+        })
+        .collect()
 }
 
 /// `ferry devices` in text: per device, each port (state, link layer, LID, MTU, speed,
@@ -1015,5 +1065,57 @@ mod tests {
                 "    GID   0 IB      fe80::2:c903:1:203",
             ]
         );
+    }
+
+    #[test]
+    fn rails_text_shows_placement_and_why_a_port_is_not_a_rail() {
+        let rails = [
+            proto::RdmaRail {
+                name: "mlx5_0:1".into(),
+                used: true,
+                link_layer: "Ethernet".into(),
+                gid_index: 3,
+                gid: "::ffff:10.0.0.1".into(),
+                fabric: "10.0.0.0/24".into(),
+                speed_gbps: 400.0,
+                numa_node: 1,
+                pci_address: "0000:17:00.0".into(),
+                carrying: true,
+                ..Default::default()
+            },
+            proto::RdmaRail {
+                name: "mlx5_bond:1".into(),
+                reason: "excluded by rdma.exclude mlx5_bond".into(),
+                numa_node: -1,
+                ..Default::default()
+            },
+        ];
+        assert_eq!(
+            rail_lines(&rails),
+            [
+                "rail mlx5_0:1     Ethernet LID 0 GID 3 ::ffff:10.0.0.1 fabric 10.0.0.0/24 400 Gbit/s NUMA 1 PCI 0000:17:00.0 (carrying pieces)",
+                "rail mlx5_bond:1  not used: excluded by rdma.exclude mlx5_bond",
+            ]
+        );
+    }
+
+    #[test]
+    fn rdma_device_flags_are_rails_and_exclusions() {
+        let cli = Cli::try_parse_from([
+            "ferry",
+            "serve",
+            "--rdma-device",
+            "mlx5_0",
+            "--rdma-device",
+            "mlx5_1:1",
+            "--rdma-exclude",
+            "mlx5_bond",
+        ])
+        .unwrap();
+        let Command::Serve(args) = cli.command else {
+            panic!("a serve command");
+        };
+        assert_eq!(args.rdma_device, ["mlx5_0", "mlx5_1:1"]);
+        assert_eq!(args.rdma_exclude, ["mlx5_bond"]);
     }
 }

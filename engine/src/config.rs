@@ -258,9 +258,14 @@ pub struct ControlTcpConfig {
 pub struct RdmaConfig {
     /// Use RDMA when the host has it (`--no-rdma` turns it off).
     pub enabled: bool,
-    /// Device to use, e.g. "mlx5_0" or "rxe0"; unset: the first with a usable GID.
+    /// The rails (NICs) to use: "DEVICE" (every port) or "DEVICE:PORT", e.g.
+    /// ["mlx5_0", "mlx5_1:1"]; empty: every active port of every device.
+    pub devices: Vec<String>,
+    /// Rails never to use (front-end or management NICs), in the same form.
+    pub exclude: Vec<String>,
+    /// One device, the older spelling of `devices = ["DEVICE"]`; not with `devices`.
     pub device: Option<String>,
-    /// Port of that device; unset: the first active one.
+    /// The port for entries of `device`/`devices` that name none; unset: every active one.
     pub port: Option<u8>,
     /// GID index; unset: a RoCE v2 GID carrying an IPv4 address (never link-local).
     pub gid_index: Option<u32>,
@@ -272,10 +277,38 @@ pub struct RdmaConfig {
     pub queue_pairs: u32,
 }
 
+impl RdmaConfig {
+    /// The rails asked for, as [`ferry_rdma::rails::enumerate`] takes them (the entries were
+    /// checked by [`Config::validate`]; one that does not parse is left out).
+    pub fn rail_request(&self) -> ferry_rdma::rails::RailRequest {
+        use ferry_rdma::rails::RailSpec;
+        let specs = |list: &mut dyn Iterator<Item = &String>| -> Vec<RailSpec> {
+            list.filter_map(|s| RailSpec::parse(s).ok())
+                .map(|mut spec| {
+                    spec.port = spec.port.or(self.port);
+                    spec
+                })
+                .collect()
+        };
+        ferry_rdma::rails::RailRequest {
+            include: specs(&mut self.devices.iter().chain(&self.device)),
+            port: self.port,
+            exclude: self
+                .exclude
+                .iter()
+                .filter_map(|s| RailSpec::parse(s).ok())
+                .collect(),
+            gid_index: self.gid_index,
+        }
+    }
+}
+
 impl Default for RdmaConfig {
     fn default() -> Self {
         RdmaConfig {
             enabled: true,
+            devices: Vec::new(),
+            exclude: Vec::new(),
             device: None,
             port: None,
             gid_index: None,
@@ -678,6 +711,28 @@ impl Config {
                 "a device name such as mlx5_0, or unset",
             );
         }
+        if self.rdma.device.is_some() && !self.rdma.devices.is_empty() {
+            return invalid(
+                "rdma.device",
+                self.rdma.device.as_deref().unwrap_or_default(),
+                "unset when rdma.devices is set (list every rail in rdma.devices)",
+            );
+        }
+        for (key, list) in [
+            ("rdma.devices", &self.rdma.devices),
+            ("rdma.exclude", &self.rdma.exclude),
+        ] {
+            if let Some(bad) = list
+                .iter()
+                .find(|s| ferry_rdma::rails::RailSpec::parse(s).is_err())
+            {
+                return invalid(
+                    key,
+                    bad,
+                    "entries DEVICE or DEVICE:PORT, such as mlx5_0 or mlx5_1:1",
+                );
+            }
+        }
         if self.rdma.port == Some(0) {
             return invalid(
                 "rdma.port",
@@ -955,6 +1010,15 @@ mod tests {
         refused(|c| c.advertise = Some(":4100".into()), "advertise");
         refused(|c| c.rdma.port = Some(0), "rdma.port");
         refused(|c| c.rdma.device = Some(String::new()), "rdma.device");
+        refused(
+            |c| {
+                c.rdma.device = Some("mlx5_0".into());
+                c.rdma.devices = vec!["mlx5_1".into()];
+            },
+            "rdma.device",
+        );
+        refused(|c| c.rdma.devices = vec!["mlx5_0:0".into()], "rdma.devices");
+        refused(|c| c.rdma.exclude = vec!["a b".into()], "rdma.exclude");
         refused(|c| c.store.io_timeout_secs = 0, "store.io_timeout_secs");
         refused(
             |c| c.store.io_timeout_secs = 86_401,

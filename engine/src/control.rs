@@ -362,6 +362,7 @@ impl Ferry for ControlService {
             }),
             version: env!("CARGO_PKG_VERSION").into(),
             rdma_devices: self.rdma.devices_message(),
+            rdma_rails: self.rdma.rails_message(),
         }))
     }
 

@@ -560,3 +560,73 @@ async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() 
     );
     assert!(log.contains("RDMA to this source keeps failing"), "{log}");
 }
+
+/// `ferry devices` lists every port as a rail or with the reason it is not one: in the VM run
+/// with `--rails 2`, a daemon excluding host B's devices has host A's two rails, each on its
+/// own /24 fabric, and names the excluded ports.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE with two rails: scripts/rxe-vm.sh --rails 2 runs it"]
+async fn ferry_devices_lists_every_rail_and_why_a_port_is_not_one() {
+    let rails: usize = env("FERRY_RXE_RAILS").parse().unwrap();
+    assert!(rails >= 2, "run inside scripts/rxe-vm.sh --rails 2");
+    let a_devs = env("FERRY_RXE_A_DEVS");
+    let b_devs = env("FERRY_RXE_B_DEVS");
+    let mut extra_args = Vec::new();
+    for dev in b_devs.split(',') {
+        extra_args.extend(["--rdma-exclude".to_owned(), dev.to_owned()]);
+    }
+    let root = scratch("rdma-rails");
+    let daemon = Daemon::start(
+        root.path(),
+        "d",
+        DaemonOptions {
+            listen: Some(format!("{}:0", env("FERRY_RXE_ADDR0"))),
+            extra_args,
+            ..Default::default()
+        },
+    )
+    .await;
+    let out = std::process::Command::new(ferry_bin())
+        .arg("--control")
+        .arg(&daemon.control)
+        .args(["--json", "devices"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let listed = json["rdma_rails"].as_array().unwrap();
+    let used: Vec<&serde_json::Value> = listed.iter().filter(|r| r["used"] == true).collect();
+    let names: Vec<&str> = used.iter().map(|r| r["name"].as_str().unwrap()).collect();
+    let want: Vec<String> = a_devs.split(',').map(|d| format!("{d}:1")).collect();
+    assert_eq!(names, want, "{json}");
+    for (k, rail) in used.iter().enumerate() {
+        assert_eq!(rail["fabric"], format!("10.77.{k}.0/24"), "{rail}");
+        assert_eq!(rail["link_layer"], "Ethernet");
+        assert_eq!(
+            rail["carrying"],
+            k == 0,
+            "the first rail carries pieces: {rail}"
+        );
+    }
+    for dev in b_devs.split(',') {
+        let skipped = listed
+            .iter()
+            .find(|r| r["name"] == format!("{dev}:1"))
+            .unwrap_or_else(|| panic!("{dev} listed: {json}"));
+        assert_eq!(skipped["used"], false);
+        assert_eq!(
+            skipped["reason"],
+            format!("excluded by rdma.exclude {dev}"),
+            "{skipped}"
+        );
+    }
+    let text = std::process::Command::new(ferry_bin())
+        .arg("--control")
+        .arg(&daemon.control)
+        .arg("devices")
+        .output()
+        .unwrap();
+    let text = String::from_utf8(text.stdout).unwrap();
+    assert!(text.contains("fabric 10.77.1.0/24"), "{text}");
+    assert!(text.contains("(carrying pieces)"), "{text}");
+}

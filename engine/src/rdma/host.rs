@@ -4,6 +4,7 @@
 use crate::config::RdmaConfig;
 use crate::io::BufferPool;
 use crate::proto;
+use ferry_rdma::rails::{RailPlan, SkippedPort};
 use ferry_rdma::{DeviceInfo, RdmaContext, RegisteredRegion, Selection, SelectionRequest};
 use std::sync::Arc;
 
@@ -22,6 +23,8 @@ pub enum RdmaStatus {
 
 pub struct RdmaHost {
     pub devices: Vec<DeviceInfo>,
+    /// The host's rails as configured (`rdma.devices`, `rdma.exclude`), or why there are none.
+    pub rails: Result<RailPlan, String>,
     pub status: RdmaStatus,
 }
 
@@ -35,21 +38,52 @@ impl RdmaHost {
                 tracing::info!(reason = %err, "RDMA unavailable; pieces move over TCP");
                 return RdmaHost {
                     devices: Vec::new(),
+                    rails: Err(err.to_string()),
                     status: RdmaStatus::Unavailable(err.to_string()),
                 };
             }
         };
+        let rails = ferry_rdma::rails::enumerate(
+            &devices,
+            &config.rail_request(),
+            &ferry_rdma::rails::host_facts(),
+        )
+        .map_err(|e| e.to_string());
         if !config.enabled {
             tracing::info!(devices = devices.len(), "RDMA disabled by configuration");
             return RdmaHost {
                 devices,
+                rails,
                 status: RdmaStatus::Disabled,
             };
         }
+        let first = match &rails {
+            Ok(plan) => {
+                for rail in &plan.rails {
+                    tracing::info!(
+                        rail = %rail.name(),
+                        fabric = %rail.fabric,
+                        numa_node = ?rail.placement.numa_node,
+                        pci = ?rail.placement.pci_address,
+                        "RDMA rail found"
+                    );
+                }
+                &plan.rails[0]
+            }
+            Err(reason) => {
+                tracing::warn!(%reason, "no usable RDMA rail; pieces move over TCP");
+                return RdmaHost {
+                    devices,
+                    status: RdmaStatus::Unavailable(reason.clone()),
+                    rails,
+                };
+            }
+        };
+        // One rail carries pieces until striping lands: the first of the plan.
         let request = SelectionRequest {
-            device: config.device.clone(),
-            port: config.port,
-            gid_index: config.gid_index,
+            device: Some(first.device.clone()),
+            port: Some(first.port),
+            gid_index: Some(first.gid.index),
         };
         let opened = ferry_rdma::choose(&devices, &request).and_then(|selection| {
             let context = RdmaContext::open(selection.clone())?;
@@ -77,7 +111,47 @@ impl RdmaHost {
                 RdmaStatus::Unavailable(err.to_string())
             }
         };
-        RdmaHost { devices, status }
+        RdmaHost {
+            devices,
+            rails,
+            status,
+        }
+    }
+
+    /// The `rdma_rails` entry of `GetCapabilities`: every rail, then every port that is not
+    /// one, with its reason.
+    pub fn rails_message(&self) -> Vec<proto::RdmaRail> {
+        let Ok(plan) = &self.rails else {
+            return Vec::new();
+        };
+        let carrying = match &self.status {
+            RdmaStatus::Ready { selection, .. } => {
+                Some((selection.device.as_str(), selection.port))
+            }
+            _ => None,
+        };
+        let rails = plan.rails.iter().map(|rail| proto::RdmaRail {
+            name: rail.name(),
+            used: true,
+            reason: String::new(),
+            link_layer: rail.link_layer.as_str().into(),
+            lid: u32::from(rail.lid),
+            gid_index: rail.gid.index,
+            gid: rail.gid.gid.to_string(),
+            fabric: rail.fabric.to_string(),
+            speed_gbps: rail.speed_gbps,
+            numa_node: rail.placement.numa_node.map_or(-1, |n| n as i32),
+            pci_address: rail.placement.pci_address.clone().unwrap_or_default(),
+            carrying: carrying == Some((rail.device.as_str(), rail.port)),
+        });
+        let skipped = plan.skipped.iter().map(|s: &SkippedPort| proto::RdmaRail {
+            name: format!("{}:{}", s.device, s.port),
+            used: false,
+            reason: s.reason.clone(),
+            numa_node: -1,
+            ..Default::default()
+        });
+        rails.chain(skipped).collect()
     }
 
     /// Bytes registered with the device: the whole buffer pool when RDMA is ready, else 0.

@@ -171,6 +171,8 @@ pub struct SkippedPort {
 pub struct RailRequest {
     pub include: Vec<RailSpec>,
     pub exclude: Vec<RailSpec>,
+    /// Only this port number on every device (`rdma.port`).
+    pub port: Option<u8>,
     /// A GID index to use on every rail (default: each port's RoCE v2 IPv4 GID, or on IB the
     /// first non-link-local GID, else index 0).
     pub gid_index: Option<u32>,
@@ -236,6 +238,13 @@ pub fn enumerate(
                     .any(|s| s.matches(&device.name, port.number))
             {
                 plan.skipped.push(skip("not in rdma.devices".into()));
+                continue;
+            }
+            if request.port.is_some_and(|p| p != port.number) {
+                plan.skipped.push(skip(format!(
+                    "not rdma.port {}",
+                    request.port.unwrap_or_default()
+                )));
                 continue;
             }
             if let Some(spec) = request
