@@ -96,7 +96,10 @@ fn transport(arg: TransportArg) -> i32 {
     }) as i32
 }
 
-fn registry_request(reference: &Reference, args: &RegistryArgs) -> anyhow::Result<(String, String)> {
+fn registry_request(
+    reference: &Reference,
+    args: &RegistryArgs,
+) -> anyhow::Result<(String, String)> {
     Ok(args
         .credentials(&reference.registry)?
         .map(|c| (c.username, c.password))
@@ -223,7 +226,11 @@ async fn run_pull(
         );
         return Ok(());
     }
-    let rate = if secs > 0.0 { s.bytes_fetched as f64 / secs } else { 0.0 };
+    let rate = if secs > 0.0 {
+        s.bytes_fetched as f64 / secs
+    } else {
+        0.0
+    };
     let place = if s.output_dir.is_empty() {
         "into the store (preheated)".to_owned()
     } else {
@@ -243,10 +250,18 @@ async fn run_pull(
         s.bytes_fetched,
         rate / (1 << 20) as f64
     );
-    say!("  manifest {} (every layer's sha256 verified)", s.manifest_digest);
+    say!(
+        "  manifest {} (every layer's sha256 verified)",
+        s.manifest_digest
+    );
     say!("  back to source {:>14} bytes", s.back_to_source_bytes);
     for t in &s.transports {
-        say!("  transport {:<6} {:>14} bytes  {:>5} pieces", t.transport, t.bytes, t.pieces);
+        say!(
+            "  transport {:<6} {:>14} bytes  {:>5} pieces",
+            t.transport,
+            t.bytes,
+            t.pieces
+        );
     }
     for x in &s.sources {
         say!(
@@ -350,14 +365,19 @@ pub async fn models(
             })
             .await?
             .into_inner()],
-        None => client
-            .list_models(proto::ListModelsRequest {})
-            .await?
-            .into_inner()
-            .models,
+        None => {
+            client
+                .list_models(proto::ListModelsRequest {})
+                .await?
+                .into_inner()
+                .models
+        }
     };
     if as_json {
-        say!("{}", serde_json::Value::from(list.iter().map(model_json).collect::<Vec<_>>()));
+        say!(
+            "{}",
+            serde_json::Value::from(list.iter().map(model_json).collect::<Vec<_>>())
+        );
         return Ok(());
     }
     for m in &list {
@@ -366,7 +386,11 @@ pub async fn models(
             m.manifest_digest,
             m.total_bytes,
             m.layers.len(),
-            if m.complete { " (complete)" } else { " (incomplete)" },
+            if m.complete {
+                " (complete)"
+            } else {
+                " (incomplete)"
+            },
             m.references.join(" ")
         );
         if model.is_some() {
@@ -427,7 +451,11 @@ pub async fn import_dir(
             .await
             .with_context(|| format!("importing {}", path.display()))?
             .into_inner();
-        let relative = path.strip_prefix(&root).unwrap_or(path).display().to_string();
+        let relative = path
+            .strip_prefix(&root)
+            .unwrap_or(path)
+            .display()
+            .to_string();
         set.push(json!({
             "path": relative, "task_id": task.task_id, "content_length": task.content_length,
             "content_digest": task.content_digest, "import_method": task.import_method,

@@ -278,7 +278,9 @@ fn unpack_tar(root: &Path, held: &HeldContent) -> Result<(u32, u64), ModelError>
             continue;
         };
         if under_link(&path, &links) {
-            return Err(unsafe_path("it lies under a link an earlier entry made".into()));
+            return Err(unsafe_path(
+                "it lies under a link an earlier entry made".into(),
+            ));
         }
         let kind = entry.header().entry_type();
         use tar::EntryType;
@@ -345,7 +347,11 @@ mod tests {
             let mut header = tar::Header::new_gnu();
             header.set_entry_type(*kind);
             header.set_mode(0o644);
-            let data: &[u8] = if *kind == tar::EntryType::Regular { b"data" } else { b"" };
+            let data: &[u8] = if *kind == tar::EntryType::Regular {
+                b"data"
+            } else {
+                b""
+            };
             header.set_size(data.len() as u64);
             // Bypass the builder's own path checks: the point is what a hostile tar holds.
             let name = header.as_old_mut().name.as_mut();
@@ -389,14 +395,21 @@ mod tests {
             ("code/link", Symlink, "run.py"),
         ]));
         assert_eq!(ok.unwrap(), (2, 4));
-        assert_eq!(std::fs::read(dir.path().join("root/code/run.py")).unwrap(), b"data");
+        assert_eq!(
+            std::fs::read(dir.path().join("root/code/run.py")).unwrap(),
+            b"data"
+        );
         for hostile in [
             vec![("../evil", Regular, "")],
             vec![("/abs", Regular, "")],
             vec![("a/../../evil", Regular, "")],
             vec![("l", Symlink, "/etc")],
             vec![("l", Symlink, "..")],
-            vec![("d/", Directory, ""), ("d/l", Symlink, "."), ("d/l/x", Regular, "")],
+            vec![
+                ("d/", Directory, ""),
+                ("d/l", Symlink, "."),
+                ("d/l/x", Regular, ""),
+            ],
             vec![("h", Link, "../x")],
             vec![("fifo", Fifo, "")],
         ] {

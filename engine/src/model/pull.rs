@@ -54,7 +54,9 @@ pub fn layer_message(engine: &Engine, layer: &Layer, task_id: &str) -> proto::Mo
 pub type Events = mpsc::Sender<Result<proto::ModelEvent, tonic::Status>>;
 
 async fn send(events: &Events, event: Event) {
-    let _ = events.send(Ok(proto::ModelEvent { event: Some(event) })).await;
+    let _ = events
+        .send(Ok(proto::ModelEvent { event: Some(event) }))
+        .await;
 }
 
 /// Runs a pull, sending its events; the summary is the caller's last event.
@@ -139,13 +141,16 @@ pub async fn pull_model(
         if first_of[layer.digest.as_str()] != i || layer.size == 0 {
             continue;
         }
-        let digest: ContentDigest = layer
-            .digest
-            .parse()
-            .map_err(|e: crate::manifest::DigestParseError| ModelError::BadLayer {
-                digest: layer.digest.clone(),
-                why: e.to_string(),
-            })?;
+        let digest: ContentDigest =
+            layer
+                .digest
+                .parse()
+                .map_err(
+                    |e: crate::manifest::DigestParseError| ModelError::BadLayer {
+                        digest: layer.digest.clone(),
+                        why: e.to_string(),
+                    },
+                )?;
         let transfer = TransferRequest {
             task_id: task_ids[i].clone(),
             content_length: layer.size,
@@ -210,10 +215,12 @@ pub async fn pull_model(
                     entry.failures += t.failures;
                 }
                 for (name, bytes, pieces) in &done.transports {
-                    let entry = transports.entry(name.clone()).or_insert(proto::TransportStats {
-                        transport: name.clone(),
-                        ..Default::default()
-                    });
+                    let entry = transports
+                        .entry(name.clone())
+                        .or_insert(proto::TransportStats {
+                            transport: name.clone(),
+                            ..Default::default()
+                        });
                     entry.bytes += bytes;
                     entry.pieces += pieces;
                 }

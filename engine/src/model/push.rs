@@ -61,10 +61,23 @@ pub fn file_media_type(name: &str) -> &'static str {
     let lower = name.to_ascii_lowercase();
     let ext = lower.rsplit_once('.').map_or("", |(_, e)| e);
     const WEIGHTS: &[&str] = &[
-        "safetensors", "bin", "pt", "pth", "ckpt", "gguf", "onnx", "h5", "msgpack", "npz",
-        "pdparams", "tflite", "ggml",
+        "safetensors",
+        "bin",
+        "pt",
+        "pth",
+        "ckpt",
+        "gguf",
+        "onnx",
+        "h5",
+        "msgpack",
+        "npz",
+        "pdparams",
+        "tflite",
+        "ggml",
     ];
-    const CODE: &[&str] = &["py", "sh", "ipynb", "js", "rs", "go", "c", "cc", "cpp", "cu"];
+    const CODE: &[&str] = &[
+        "py", "sh", "ipynb", "js", "rs", "go", "c", "cc", "cpp", "cu",
+    ];
     if WEIGHTS.contains(&ext) {
         spec::WEIGHT_RAW
     } else if CODE.contains(&ext) {
@@ -107,10 +120,16 @@ fn sorted_entries(dir: &Path) -> Result<Vec<(String, std::fs::Metadata)>, ModelE
     let mut entries = Vec::new();
     for entry in std::fs::read_dir(dir).map_err(read_err(dir))? {
         let entry = entry.map_err(read_err(dir))?;
-        let name = entry.file_name().into_string().map_err(|n| ModelError::Read {
-            path: dir.join(n),
-            source: std::io::Error::new(std::io::ErrorKind::InvalidData, "a name that is not UTF-8"),
-        })?;
+        let name = entry
+            .file_name()
+            .into_string()
+            .map_err(|n| ModelError::Read {
+                path: dir.join(n),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "a name that is not UTF-8",
+                ),
+            })?;
         if name == META_DIR || name == ".git" {
             continue;
         }
@@ -143,7 +162,8 @@ fn tar_dir(root: &Path, name: &str, out: &Path) -> Result<bool, ModelError> {
             let child_rel = format!("{relative}/{child}");
             let child_path = root.join(&child_rel);
             let ft = meta.file_type();
-            let link_meta = std::fs::symlink_metadata(&child_path).map_err(read_err(&child_path))?;
+            let link_meta =
+                std::fs::symlink_metadata(&child_path).map_err(read_err(&child_path))?;
             if link_meta.file_type().is_symlink() {
                 let target = std::fs::read_link(&child_path).map_err(read_err(&child_path))?;
                 let mut header = tar::Header::new_ustar();
@@ -161,7 +181,11 @@ fn tar_dir(root: &Path, name: &str, out: &Path) -> Result<bool, ModelError> {
                 has_weights |= file_media_type(&child) == spec::WEIGHT_RAW;
                 let mut header = tar::Header::new_ustar();
                 header.set_entry_type(tar::EntryType::Regular);
-                header.set_mode(if meta.permissions().mode() & 0o111 != 0 { 0o755 } else { 0o644 });
+                header.set_mode(if meta.permissions().mode() & 0o111 != 0 {
+                    0o755
+                } else {
+                    0o644
+                });
                 header.set_size(meta.len());
                 header.set_mtime(0);
                 let file = std::fs::File::open(&child_path).map_err(read_err(&child_path))?;
@@ -280,7 +304,11 @@ pub fn plan(dir: &Path, given: &ModelMeta) -> Result<Plan, ModelError> {
                 .map_err(read_err(&std::env::temp_dir()))?
                 .into_temp_path();
             let weights = tar_dir(dir, &name, &temp)?;
-            let media_type = if weights { spec::WEIGHT_TAR } else { spec::CODE_TAR };
+            let media_type = if weights {
+                spec::WEIGHT_TAR
+            } else {
+                spec::CODE_TAR
+            };
             (media_type, temp.to_path_buf(), Some(temp))
         } else {
             continue;

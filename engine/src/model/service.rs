@@ -125,13 +125,15 @@ pub async fn pull_model(
         let result = tokio::spawn(pull::pull_model(engine, pull, events_tx))
             .await
             .unwrap_or_else(|err| {
-                Err(ModelError::Transfer(crate::transfer::TransferError::Internal {
-                    task_id: String::new(),
-                    what: format!(
-                        "the model pull panicked: {}",
-                        crate::transfer::panic_message(err)
-                    ),
-                }))
+                Err(ModelError::Transfer(
+                    crate::transfer::TransferError::Internal {
+                        task_id: String::new(),
+                        what: format!(
+                            "the model pull panicked: {}",
+                            crate::transfer::panic_message(err)
+                        ),
+                    },
+                ))
             });
         let last = match result {
             Ok(summary) => Ok(proto::ModelEvent {
@@ -166,7 +168,10 @@ pub fn model_message(engine: &Engine, record: &ModelRecord) -> proto::Model {
     }
 }
 
-pub fn stat_model(engine: &Engine, request: proto::StatModelRequest) -> Result<proto::Model, Status> {
+pub fn stat_model(
+    engine: &Engine,
+    request: proto::StatModelRequest,
+) -> Result<proto::Model, Status> {
     if request.model.is_empty() {
         return Err(Status::invalid_argument(
             "model is empty: give a reference (oci://...) or a manifest digest (sha256:...)",

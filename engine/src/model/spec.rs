@@ -192,7 +192,10 @@ pub fn check_relative_path(path: &str) -> Result<(), String> {
     if path.starts_with('/') {
         return Err("an absolute path".into());
     }
-    if path.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+    if path
+        .split('/')
+        .any(|c| c.is_empty() || c == "." || c == "..")
+    {
         return Err("an empty, '.' or '..' component".into());
     }
     if Path::new(path)

@@ -71,9 +71,8 @@ pub fn docker_config_credentials(
         #[serde(default)]
         auths: BTreeMap<String, Entry>,
     }
-    let config_bad = |why: String| {
-        ModelError::InvalidCredentials(format!("{}: {why}", config.display()))
-    };
+    let config_bad =
+        |why: String| ModelError::InvalidCredentials(format!("{}: {why}", config.display()));
     let parsed: Config = serde_json::from_str(&text).map_err(|e| config_bad(e.to_string()))?;
     let key = |k: &str| {
         k.trim_start_matches("https://")
@@ -204,7 +203,9 @@ mod tests {
     #[test]
     fn parses_challenges() {
         assert_eq!(
-            Challenge::parse(r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#),
+            Challenge::parse(
+                r#"Bearer realm="https://auth.example/token",service="registry.example",scope="repository:a/b:pull,push""#
+            ),
             Some(Challenge::Bearer {
                 realm: "https://auth.example/token".into(),
                 service: Some("registry.example".into()),
@@ -217,8 +218,14 @@ mod tests {
         );
         assert_eq!(Challenge::parse("Bearer service=x"), None);
         assert_eq!(Challenge::parse("Negotiate"), None);
-        assert_eq!(token_from_answer(br#"{"access_token":"t1"}"#).as_deref(), Some("t1"));
-        assert_eq!(token_from_answer(br#"{"token":"t2","access_token":"t1"}"#).as_deref(), Some("t2"));
+        assert_eq!(
+            token_from_answer(br#"{"access_token":"t1"}"#).as_deref(),
+            Some("t1")
+        );
+        assert_eq!(
+            token_from_answer(br#"{"token":"t2","access_token":"t1"}"#).as_deref(),
+            Some("t2")
+        );
         assert_eq!(token_from_answer(b"{}"), None);
     }
 
@@ -232,18 +239,31 @@ mod tests {
             format!(r#"{{"auths":{{"https://127.0.0.1:5000/v1/":{{"auth":"{auth}"}},"other:1":{{"username":"bob","password":"pw"}}}}}}"#),
         )
         .unwrap();
-        let c = docker_config_credentials(&path, "127.0.0.1:5000").unwrap().unwrap();
-        assert_eq!((c.username.as_str(), c.password.as_str()), ("alice", "s3:cret"));
-        let c = docker_config_credentials(&path, "other:1").unwrap().unwrap();
+        let c = docker_config_credentials(&path, "127.0.0.1:5000")
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.username.as_str(), c.password.as_str()),
+            ("alice", "s3:cret")
+        );
+        let c = docker_config_credentials(&path, "other:1")
+            .unwrap()
+            .unwrap();
         assert_eq!(c.username, "bob");
         assert_eq!(docker_config_credentials(&path, "nope").unwrap(), None);
-        assert_eq!(docker_config_credentials(&dir.path().join("x"), "a").unwrap(), None);
+        assert_eq!(
+            docker_config_credentials(&dir.path().join("x"), "a").unwrap(),
+            None
+        );
         std::fs::write(&path, "{").unwrap();
         assert!(matches!(
             docker_config_credentials(&path, "a"),
             Err(ModelError::InvalidCredentials(_))
         ));
         assert!(Credentials::parse("nopass").is_err());
-        assert_eq!(Credentials::parse("u:").unwrap().basic_header(), "Basic dTo=");
+        assert_eq!(
+            Credentials::parse("u:").unwrap().basic_header(),
+            "Basic dTo="
+        );
     }
 }

@@ -15,7 +15,9 @@ use tokio::net::TcpStream;
 pub type Body = BoxBody<Bytes, std::io::Error>;
 
 pub fn bytes_body(bytes: impl Into<Bytes>) -> Body {
-    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed()
 }
 
 /// A whole response: status, headers, and the body read up to a limit.
@@ -83,7 +85,12 @@ impl Transport {
             TcpStream::connect((host.as_str(), port)),
         )
         .await
-        .map_err(|_| self.connect_error(format!("connect timed out after {:?}", self.connect_timeout)))?
+        .map_err(|_| {
+            self.connect_error(format!(
+                "connect timed out after {:?}",
+                self.connect_timeout
+            ))
+        })?
         .map_err(|e| self.connect_error(e))?;
         let _ = tcp.set_nodelay(true);
         let mut request = Request::builder()

@@ -201,7 +201,13 @@ impl Registry {
                 }
                 let answer = self
                     .transport
-                    .exchange(Method::GET, &uri, &headers, bytes_body(Bytes::new()), API_LIMIT)
+                    .exchange(
+                        Method::GET,
+                        &uri,
+                        &headers,
+                        bytes_body(Bytes::new()),
+                        API_LIMIT,
+                    )
                     .await?;
                 if matches!(answer.status.as_u16(), 401 | 403) {
                     return Err(ModelError::Unauthorized {
@@ -211,7 +217,9 @@ impl Registry {
                     });
                 }
                 if !answer.status.is_success() {
-                    return Err(self.status_error(&answer, format!("the token request for {scope}")));
+                    return Err(
+                        self.status_error(&answer, format!("the token request for {scope}"))
+                    );
                 }
                 let token = auth::token_from_answer(&answer.body)
                     .ok_or_else(|| self.protocol("the token endpoint's answer has no token"))?;
@@ -247,12 +255,13 @@ impl Registry {
     async fn manifest(&self, reference: &str) -> Result<(String, Answer), ModelError> {
         let url = format!("{}/v2/{}/manifests/{reference}", self.base, self.repository);
         let accept = HeaderValue::from_static(MANIFEST_ACCEPT);
-        let answer = self.call(Method::GET, &url, &[(ACCEPT, accept)], None).await?;
+        let answer = self
+            .call(Method::GET, &url, &[(ACCEPT, accept)], None)
+            .await?;
         if !answer.status.is_success() {
-            return Err(self.status_error(
-                &answer,
-                format!("manifest {}:{reference}", self.repository),
-            ));
+            return Err(
+                self.status_error(&answer, format!("manifest {}:{reference}", self.repository))
+            );
         }
         let digest = sha256_digest(&answer.body);
         let expected = if reference.starts_with("sha256:") {
@@ -309,8 +318,9 @@ impl Registry {
             })?;
             (digest, answer) = self.manifest(&chosen.digest.clone()).await?;
         }
-        let manifest: ImageManifest = serde_json::from_slice(&answer.body)
-            .map_err(|e| self.protocol(format!("manifest {digest} is not an image manifest: {e}")))?;
+        let manifest: ImageManifest = serde_json::from_slice(&answer.body).map_err(|e| {
+            self.protocol(format!("manifest {digest} is not an image manifest: {e}"))
+        })?;
         Ok(Resolved {
             digest,
             bytes: answer.body,
@@ -397,7 +407,10 @@ impl Registry {
             BlobContent::File(path) => file_body(path)?,
         };
         let mut headers = vec![
-            (CONTENT_TYPE, HeaderValue::from_static("application/octet-stream")),
+            (
+                CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            ),
             (CONTENT_LENGTH, HeaderValue::from(size)),
         ];
         if let Some(value) = self.authorization() {
@@ -446,7 +459,8 @@ fn file_body(path: &Path) -> Result<Body, ModelError> {
         path: path.to_owned(),
         source,
     })?;
-    let (tx, rx) = tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(4);
+    let (tx, rx) =
+        tokio::sync::mpsc::channel::<Result<hyper::body::Frame<Bytes>, std::io::Error>>(4);
     std::thread::spawn(move || loop {
         let mut chunk = vec![0u8; 1 << 20];
         match file.read(&mut chunk) {
