@@ -149,3 +149,56 @@ pub fn python_push(
     );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
+
+/// `tests/token_proxy.py`: the distribution spec's token flow (401 + `WWW-Authenticate:
+/// Bearer realm=...`, a token endpoint taking Basic credentials) in front of a registry.
+/// Killed when dropped.
+pub struct TokenProxy {
+    child: Child,
+    pub port: u16,
+}
+
+impl TokenProxy {
+    pub fn start(upstream: &Registry, user: &str, password: &str) -> TokenProxy {
+        use std::io::BufRead;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("token_proxy.py");
+        let mut child =
+            Command::new(std::env::var_os("PYTHON").unwrap_or_else(|| "python3".into()))
+                .arg(script)
+                .arg(upstream.port.to_string())
+                .args([user, password])
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("python3");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stdout.take().expect("piped"))
+            .read_line(&mut line)
+            .expect("reading the proxy's port");
+        let port = line
+            .trim()
+            .strip_prefix("PORT ")
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("the token proxy printed {line:?}"));
+        TokenProxy { child, port }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// `{"tokens", "unauthorized", "forwarded", "scopes"}`.
+    pub async fn stats(&self) -> serde_json::Value {
+        let (status, body) = crate::http_get(&self.host(), "/_stats").await;
+        assert_eq!(status, 200, "{body}");
+        serde_json::from_str(&body).unwrap()
+    }
+}
+
+impl Drop for TokenProxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -748,3 +748,52 @@ async fn import_dir_imports_every_file() {
         );
     }
 }
+
+#[tokio::test]
+async fn the_token_flow_in_front_of_a_registry() {
+    let root = scratch("model-token");
+    let registry = Registry::start(&root.path().join("registry"), None);
+    let proxy = ferry_tests::registry::TokenProxy::start(&registry, "bob", "pw");
+    let src = model_dir(root.path(), &[4 * MIB, MIB]);
+    let reference = format!("oci://{}/models/tok:v1", proxy.host());
+    ferry_push(&src, &reference, &["--registry-auth", "bob:pw"]);
+    let after_push = proxy.stats().await;
+    assert!(
+        after_push["scopes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s == "repository:models/tok:pull,push"),
+        "{after_push}"
+    );
+
+    let daemon = Daemon::start(root.path(), "d", DaemonOptions::default()).await;
+    let mut client = daemon.client().await;
+    let out = root.path().join("out");
+    let err = pull_model(&mut client, model_request(&reference, Some(&out)))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    let mut request = model_request(&reference, Some(&out));
+    request.registry_username = "bob".into();
+    request.registry_password = "pw".into();
+    let pulled = pull_model(&mut client, request).await.unwrap();
+    assert_eq!(
+        pulled.summary.back_to_source_bytes,
+        pulled.summary.total_bytes
+    );
+    assert_eq!(tree(&out), tree(&src));
+    let stats = proxy.stats().await;
+    // One token for the pull: the layers' Range requests carried it (the proxy forwards
+    // nothing without one).
+    assert_eq!(
+        stats["tokens"].as_u64().unwrap(),
+        after_push["tokens"].as_u64().unwrap() + 1,
+        "{stats}"
+    );
+    assert!(stats["scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|s| s == "repository:models/tok:pull"));
+}
