@@ -93,13 +93,19 @@ pub enum ModelError {
     UnknownModel(String),
     /// The output path or the engine refused the request.
     #[error(transparent)]
-    Transfer(#[from] crate::transfer::TransferError),
+    Transfer(Box<crate::transfer::TransferError>),
     /// A layer's transfer failed (its status is the transfer's).
     #[error("layer {digest} ({filepath}): {source}")]
     Layer {
         digest: String,
         filepath: String,
         #[source]
-        source: crate::transfer::TransferError,
+        source: Box<crate::transfer::TransferError>,
     },
+}
+
+impl From<crate::transfer::TransferError> for ModelError {
+    fn from(err: crate::transfer::TransferError) -> ModelError {
+        ModelError::Transfer(Box::new(err))
+    }
 }

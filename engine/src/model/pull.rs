@@ -75,7 +75,7 @@ pub async fn pull_model(
     if !options.plain_http && options.tls.is_none() {
         options.tls = Some(
             crate::origin::tls_client_config(&engine.origin_settings)
-                .map_err(|e| TransferError::Origin(e))?,
+                .map_err(TransferError::Origin)?,
         );
     }
     let registry = Registry::new(&request.reference, false, options);
@@ -183,6 +183,7 @@ pub async fn pull_model(
         });
     }
     let mut failures: Vec<(usize, TransferError)> = Vec::new();
+    let blob_prefix = format!("{}/v2/", registry.base());
     let mut sources: BTreeMap<String, proto::SourceStats> = BTreeMap::new();
     let mut transports: BTreeMap<String, proto::TransportStats> = BTreeMap::new();
     while let Some(joined) = running.join_next().await {
@@ -206,8 +207,17 @@ pub async fn pull_model(
                 summary.bytes_fetched += done.bytes_fetched;
                 summary.back_to_source_bytes += done.back_to_source_bytes;
                 for (name, t) in &done.sources {
+                    if t.bytes == 0 && t.pieces == 0 && t.failures == 0 {
+                        continue;
+                    }
+                    // Every blob URL of the registry is one source: the registry.
+                    let name = if name.starts_with(&blob_prefix) {
+                        registry.base().to_owned()
+                    } else {
+                        name.clone()
+                    };
                     let entry = sources.entry(name.clone()).or_insert(proto::SourceStats {
-                        source: name.clone(),
+                        source: name,
                         ..Default::default()
                     });
                     entry.bytes += t.bytes;
@@ -245,7 +255,7 @@ pub async fn pull_model(
         return Err(ModelError::Layer {
             digest,
             filepath,
-            source: err,
+            source: Box::new(err),
         });
     }
     summary.sources = sources.into_values().collect();

@@ -50,9 +50,9 @@ pub fn model_status(err: ModelError) -> Status {
         ModelError::Place { .. } | ModelError::Read { .. } | ModelError::Record { .. } => {
             Status::internal(message)
         }
-        ModelError::Transfer(err) => Status::from(err),
+        ModelError::Transfer(err) => Status::from(*err),
         ModelError::Layer { source, .. } => {
-            let code = Status::from(source).code();
+            let code = Status::from(*source).code();
             Status::new(code, message)
         }
     }
@@ -125,15 +125,13 @@ pub async fn pull_model(
         let result = tokio::spawn(pull::pull_model(engine, pull, events_tx))
             .await
             .unwrap_or_else(|err| {
-                Err(ModelError::Transfer(
-                    crate::transfer::TransferError::Internal {
-                        task_id: String::new(),
-                        what: format!(
-                            "the model pull panicked: {}",
-                            crate::transfer::panic_message(err)
-                        ),
-                    },
-                ))
+                Err(ModelError::from(crate::transfer::TransferError::Internal {
+                    task_id: String::new(),
+                    what: format!(
+                        "the model pull panicked: {}",
+                        crate::transfer::panic_message(err)
+                    ),
+                }))
             });
         let last = match result {
             Ok(summary) => Ok(proto::ModelEvent {

@@ -93,6 +93,11 @@ impl Registry {
         format!("{}/v2/{}/blobs/{digest}", self.base, self.repository)
     }
 
+    /// `http(s)://HOST[:PORT]`
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     /// The `Authorization` value settled so far (none while anonymous access works).
     pub fn authorization(&self) -> Option<String> {
         match &*self.auth.lock().expect("auth lock") {
