@@ -30,6 +30,21 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     std::fs::File::open(dir)?.sync_all()
 }
 
+/// Syncs every directory of the tree (their entries), following no symlink.
+fn sync_dirs(root: &Path) -> Result<(), ModelError> {
+    let mut stack = vec![root.to_owned()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).map_err(place_err(&dir, "listing"))? {
+            let entry = entry.map_err(place_err(&dir, "listing"))?;
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(entry.path());
+            }
+        }
+        sync_dir(&dir).map_err(place_err(&dir, "syncing"))?;
+    }
+    Ok(())
+}
+
 /// A layer whose content the store holds completely.
 #[derive(Debug, Clone)]
 pub struct HeldContent {
@@ -90,7 +105,7 @@ pub fn place_model(
     ));
     std::fs::create_dir(&tmp).map_err(place_err(&tmp, "creating the temporary directory"))?;
     let built = build(&tmp, layers, manifest, config, policy).and_then(|mut outcome| {
-        sync_dir(&tmp).map_err(place_err(&tmp, "syncing"))?;
+        sync_dirs(&tmp)?;
         let flags = if replaced {
             RenameFlags::RENAME_EXCHANGE
         } else {
@@ -310,6 +325,13 @@ fn unpack_tar(root: &Path, held: &HeldContent) -> Result<(u32, u64), ModelError>
             .map_err(place_err(&root.join(&path), "unpacking"))?;
         if !unpacked {
             return Err(unsafe_path("the tar reader refused it".into()));
+        }
+        if matches!(kind, EntryType::Regular | EntryType::Continuous) {
+            // Durable before the rename publishes the directory, as raw layers are.
+            let placed = root.join(&path);
+            std::fs::File::open(&placed)
+                .and_then(|f| f.sync_all())
+                .map_err(place_err(&placed, "syncing"))?;
         }
         if kind != EntryType::Directory {
             files += 1;

@@ -319,10 +319,11 @@ pub fn plan(dir: &Path, given: &ModelMeta) -> Result<Plan, ModelError> {
                 media_type: media_type.to_owned(),
                 digest,
                 size,
-                annotations: Some(BTreeMap::from([(
-                    spec::ANNOTATION_FILEPATH.to_owned(),
-                    name,
-                )])),
+                // The OCI title too, so generic clients (oras) name the files the same.
+                annotations: Some(BTreeMap::from([
+                    (spec::ANNOTATION_FILEPATH.to_owned(), name.clone()),
+                    (spec::ANNOTATION_TITLE.to_owned(), name),
+                ])),
                 artifact_type: None,
                 platform: None,
             },

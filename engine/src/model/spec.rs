@@ -10,6 +10,7 @@ use std::path::{Component, Path};
 pub const ARTIFACT_TYPE: &str = "application/vnd.cncf.model.manifest.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.cncf.model.config.v1+json";
 pub const ANNOTATION_FILEPATH: &str = "org.cncf.model.filepath";
+pub const ANNOTATION_TITLE: &str = "org.opencontainers.image.title";
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
