@@ -18,6 +18,10 @@ command -v systemd-analyze >/dev/null || need+=(systemd)
 command -v cmake >/dev/null || need+=(cmake)
 # dragonfly-api (the Dragonfly peer, engine/src/dragonfly/) compiles its protos with protoc.
 command -v protoc >/dev/null || need+=(protobuf-compiler)
+# tests/tests/model.rs runs a real OCI registry (CNCF distribution 2.8) on loopback, one
+# instance with htpasswd (bcrypt) basic auth.
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v htpasswd >/dev/null || need+=(apache2-utils)
 dpkg-query -W -f='${Status}' libclang-dev 2>/dev/null | grep -q "ok installed" || need+=(libclang-dev)
 for pkg in ${EXTRA_PACKAGES:-}; do
     command -v "$pkg" >/dev/null || need+=("$pkg")
@@ -29,6 +33,11 @@ if [ ${#need[@]} -gt 0 ]; then
     export DEBIAN_FRONTEND=noninteractive
     $sudo apt-get update -qq
     $sudo apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+
+# The package enables a system registry on :5000; the tests start their own on loopback.
+if command -v systemctl >/dev/null && systemctl is-enabled docker-registry >/dev/null 2>&1; then
+    ${sudo:-} systemctl disable --now docker-registry >/dev/null 2>&1 || true
 fi
 
 if ! command -v cargo >/dev/null; then

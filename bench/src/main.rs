@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod baseline;
+mod model;
 mod origin;
 mod plot;
 mod report;
@@ -69,6 +70,10 @@ enum Bench {
     /// Range requests, beside `curl -o` and (when installed) `aria2c -x <connections>` of the
     /// same URL, taking turns; medians compared.
     Origin(origin::OriginArgs),
+    /// A multi-layer ModelPack artifact from docker-registry on loopback into a directory
+    /// (`ferry pull oci://... --output DIR`), beside `oras pull` (oras Python SDK) and, when
+    /// installed, `skopeo copy` of the same artifact, taking turns; medians compared.
+    Model(model::ModelArgs),
     /// A model of distributing one large file from one seed to many hosts over RDMA and
     /// TCP, from the per-host figures measured here (see bench/SCALE.md).
     Scale(scale::ScaleArgs),
@@ -272,6 +277,7 @@ fn main() -> anyhow::Result<()> {
         Bench::Compare(args) => runtime.block_on(bench_e2e(dir, args, true))?,
         Bench::Sweep(args) => runtime.block_on(bench_sweep(dir, args))?,
         Bench::Origin(args) => runtime.block_on(origin::bench(dir, args))?,
+        Bench::Model(args) => runtime.block_on(model::bench(dir, args))?,
         Bench::Plot(_) => unreachable!("handled above"),
         Bench::Scale(_) => unreachable!("handled above"),
     };

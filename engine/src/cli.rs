@@ -145,6 +145,7 @@ pub enum Command {
     /// reflinked where the file and the store share a filesystem that has reflinks).
     Import(ImportArgs),
     /// Fetch a task from source peers (or an HTTP origin, --url) into the daemon's store and, with --output, place it at a path.
+    /// `ferry pull oci://REGISTRY/REPO:TAG --output DIR` pulls a whole model (every layer a task).
     ///
     /// Without --output the task stays held in the store (and is served to peers from
     /// there); `ferry export` places it later. An output must be inside the daemon's
@@ -168,6 +169,12 @@ pub enum Command {
     Cancel { task_id: String },
     /// Delete a task and its bytes from the daemon's store.
     Delete { task_id: String },
+    /// Fill the store with a model's layers (oci://...) without placing a directory, so a later pull is local.
+    Preheat(crate::model::cli::PreheatArgs),
+    /// Build a ModelPack artifact from a model directory and push it to an OCI registry (no daemon needed).
+    Push(crate::model::cli::PushArgs),
+    /// List the models the daemon holds, or show one (a reference or its manifest digest).
+    Models { model: Option<String> },
 }
 
 /// The flags that set the daemon's configuration, shared by `serve` and `config`.
@@ -247,7 +254,7 @@ pub struct ServeArgs {
 
 #[derive(Debug, Args)]
 pub struct ImportArgs {
-    /// The file to import.
+    /// The file to import (a directory: every file under it, one task each, and the set printed).
     pub file: PathBuf,
     /// URL used for the task id [default: file://<absolute path>].
     #[arg(long)]
@@ -265,11 +272,17 @@ pub struct ImportArgs {
 
 #[derive(Debug, Args)]
 pub struct PullArgs {
+    /// A model, oci://REGISTRY/REPOSITORY[:TAG][@sha256:HEX]: every layer pulled (from --from
+    /// peers, else the registry) and, with --output DIR, the model laid out there atomically.
+    #[arg(conflicts_with_all = ["task", "url"])]
+    pub reference: Option<String>,
+    #[command(flatten)]
+    pub registry: crate::model::cli::RegistryArgs,
     /// Task id (64 hex characters) [default with --url: Dragonfly's id of the URL].
-    #[arg(long, required_unless_present = "url")]
+    #[arg(long, required_unless_present_any = ["url", "reference"])]
     pub task: Option<String>,
     /// Source peers' data addresses, HOST:PORT, comma-separated.
-    #[arg(long, value_delimiter = ',', required_unless_present = "url")]
+    #[arg(long, value_delimiter = ',', required_unless_present_any = ["url", "reference"])]
     pub from: Vec<String>,
     /// An http:// or https:// origin: with no --from the only source (concurrent Range
     /// requests), with --from the fallback for pieces no peer could serve (back to source).
@@ -337,6 +350,9 @@ pub fn main(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         };
+    }
+    if let Command::Push(args) = &cli.command {
+        return crate::model::cli::push_main(cli.json, args);
     }
     if let Command::Config(args) = &cli.command {
         return match show_config(args, cli.json, cli.control.as_deref()) {
@@ -576,6 +592,14 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
     let mut client = connect_with(control, &auth).await?;
     match &cli.command {
         Command::Serve(_) | Command::Config(_) => unreachable!("handled in main"),
+        Command::Import(args) if args.file.is_dir() => {
+            crate::model::cli::import_dir(cli.json, &mut client, &args.file).await?
+        }
+        Command::Preheat(args) => crate::model::cli::preheat(cli.json, &mut client, args).await?,
+        Command::Models { model } => {
+            crate::model::cli::models(cli.json, &mut client, model.as_deref()).await?
+        }
+        Command::Push(_) => unreachable!("handled in main"),
         Command::Import(args) => {
             let path = std::path::absolute(&args.file)?;
             let task = client
@@ -744,6 +768,9 @@ async fn run_client(cli: &Cli) -> anyhow::Result<()> {
 }
 
 async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> anyhow::Result<()> {
+    if let Some(reference) = &args.reference {
+        return crate::model::cli::pull(as_json, client, reference, args).await;
+    }
     let output = args
         .output
         .as_deref()

@@ -243,7 +243,7 @@ fn piece_message(outcome: PieceOutcome) -> proto::PieceResult {
     }
 }
 
-fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
+pub(crate) fn summary_message(summary: TransferSummary) -> proto::TransferSummary {
     proto::TransferSummary {
         task_id: summary.task_id,
         content_length: summary.geometry.content_length(),
@@ -581,6 +581,36 @@ impl Ferry for ControlService {
             drop(admission);
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(stream_rx))))
+    }
+
+    type PullModelStream = crate::model::service::ModelEventStream;
+
+    async fn pull_model(
+        &self,
+        request: Request<proto::PullModelRequest>,
+    ) -> Result<Response<Self::PullModelStream>, Status> {
+        let admission = admit(&self.drain, "model pulls")?;
+        let stream = crate::model::service::pull_model(
+            Arc::clone(&self.engine),
+            admission,
+            request.into_inner(),
+        )
+        .await?;
+        Ok(Response::new(stream))
+    }
+
+    async fn stat_model(
+        &self,
+        request: Request<proto::StatModelRequest>,
+    ) -> Result<Response<proto::Model>, Status> {
+        crate::model::service::stat_model(&self.engine, request.into_inner()).map(Response::new)
+    }
+
+    async fn list_models(
+        &self,
+        _: Request<proto::ListModelsRequest>,
+    ) -> Result<Response<proto::ListModelsResponse>, Status> {
+        crate::model::service::list_models(&self.engine).map(Response::new)
     }
 
     async fn export_task(

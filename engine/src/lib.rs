@@ -11,6 +11,7 @@ pub mod import;
 pub mod io;
 pub mod manifest;
 pub mod metrics;
+pub mod model;
 pub mod origin;
 pub mod rdma;
 pub mod sd_notify;

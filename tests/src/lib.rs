@@ -3,6 +3,7 @@
 
 pub use ferry_engine::cli::{ClientAuth, ControlClient};
 pub mod dragonfly;
+pub mod registry;
 
 use ferry_engine::proto::{self, transfer_event::Event};
 use std::path::{Path, PathBuf};

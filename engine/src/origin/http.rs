@@ -247,7 +247,7 @@ where
     Ok(sender)
 }
 
-fn build_tls(settings: &OriginSettings) -> Result<Arc<rustls::ClientConfig>, String> {
+pub(super) fn build_tls(settings: &OriginSettings) -> Result<Arc<rustls::ClientConfig>, String> {
     let mut roots = rustls::RootCertStore::empty();
     let native = rustls_native_certs::load_native_certs();
     for cert in native.certs {

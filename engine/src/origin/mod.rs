@@ -183,6 +183,14 @@ impl OriginError {
     }
 }
 
+/// The TLS client configuration origins are reached with (the system's roots plus
+/// `origin.ca_file`), for other clients of the same servers (the OCI registry client).
+pub fn tls_client_config(
+    settings: &OriginSettings,
+) -> Result<Arc<rustls::ClientConfig>, OriginError> {
+    http::build_tls(settings).map_err(OriginError::Tls)
+}
+
 /// A URL as shown in logs and errors: scheme, host, port and path; no credentials, no query.
 pub fn redact(uri: &Uri) -> String {
     format!(

@@ -28,7 +28,7 @@ mod verify;
 mod worker;
 
 pub use output::{
-    check_output_path, OutputConfigError, OutputError, OutputPolicy, OutputTarget, Placement,
+    check_output_path, place, OutputConfigError, OutputError, OutputPolicy, OutputTarget, Placement,
 };
 use pin::{Pinning, SourceStat};
 use schedule::{Failure, Schedule};
