@@ -575,6 +575,16 @@ impl PieceBuffer {
     }
 }
 
+impl std::fmt::Debug for PieceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PieceBuffer")
+            .field("len", &self.len)
+            .field("slots", &self.slots)
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
 impl Drop for PieceBuffer {
     fn drop(&mut self) {
         if self.device_owned() {
@@ -642,7 +652,7 @@ mod tests {
         let held = pool.acquire(8192).await.unwrap();
         pool.set_acquire_timeout(Some(Duration::from_millis(100)));
         let started = std::time::Instant::now();
-        let err = pool.acquire(100).await.err().expect("times out");
+        let err = pool.acquire(100).await.expect_err("times out");
         let waited = started.elapsed();
         assert!(
             matches!(
@@ -661,5 +671,101 @@ mod tests {
         );
         drop(held);
         pool.acquire(100).await.expect("free again");
+    }
+
+    #[tokio::test]
+    async fn budgets_take_their_reserve_first_and_borrow_the_common_part() {
+        let shares = Shares {
+            receive: 2,
+            serve: 2,
+            import: 1,
+        };
+        let pool = BufferPool::with_shares(8192, 8, shares).unwrap();
+        assert_eq!(pool.budget_limit(Budget::Receive), 5);
+        assert_eq!(pool.budget_limit(Budget::Import), 4);
+        // Receive: its 2 reserved, then the 3 common ones.
+        let a = pool.try_acquire(3 * 8192).unwrap().unwrap();
+        let b = pool.try_acquire(2 * 8192).unwrap().unwrap();
+        assert!(pool.try_acquire(8192).unwrap().is_none());
+        assert_eq!(pool.available(Budget::Receive), 0);
+        // The others still have their reserves, and nothing more.
+        assert_eq!(pool.available(Budget::Serve), 2);
+        assert!(pool
+            .try_acquire_for(Budget::Serve, 3 * 8192)
+            .unwrap()
+            .is_none());
+        let s = pool
+            .try_acquire_for(Budget::Serve, 2 * 8192)
+            .unwrap()
+            .unwrap();
+        let i = pool.try_acquire_for(Budget::Import, 8192).unwrap().unwrap();
+        assert_eq!(pool.free_slots(), 0);
+        // `a` took receive's reserve and one common slot: that one is anyone's again.
+        drop(a);
+        assert_eq!(pool.available(Budget::Serve), 1);
+        assert_eq!(pool.available(Budget::Import), 1);
+        assert_eq!(pool.available(Budget::Receive), 3);
+        drop((b, s, i));
+        assert_eq!(pool.free_slots(), 8);
+        assert!(matches!(
+            pool.try_acquire_for(Budget::Import, 5 * 8192),
+            Err(PoolError::PieceTooLarge {
+                budget: Budget::Import,
+                total: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            BufferPool::with_shares(8192, 5, shares),
+            Err(PoolError::BadShares { .. })
+        ));
+    }
+
+    /// A waiter is woken by a return from another budget when that frees what it needs.
+    #[tokio::test]
+    async fn a_waiting_budget_is_woken_when_the_common_part_frees() {
+        let pool = BufferPool::with_shares(
+            8192,
+            3,
+            Shares {
+                receive: 1,
+                serve: 1,
+                import: 0,
+            },
+        )
+        .unwrap();
+        pool.set_acquire_timeout(Some(Duration::from_secs(5)));
+        let serve = pool.acquire_for(Budget::Serve, 2 * 8192).await.unwrap();
+        let own = pool.acquire(8192).await.unwrap();
+        let waiting = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { pool.acquire(8192).await.map(|b| b.slots().len()) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the common slot is the serve side's"
+        );
+        drop(serve);
+        assert_eq!(waiting.await.unwrap().unwrap(), 1);
+        drop(own);
+        assert_eq!(pool.free_slots(), 3);
+    }
+
+    /// The safety net: a buffer dropped while a device may still use it never goes back.
+    #[tokio::test]
+    async fn a_buffer_dropped_while_device_owned_stays_out_of_the_pool() {
+        let pool = BufferPool::new(8192, 2).unwrap();
+        let buf = pool.acquire(8192).await.unwrap();
+        buf.lend_to_device();
+        drop(buf);
+        assert_eq!(pool.returned_while_device_owned(), 1);
+        assert_eq!(pool.free_slots(), 1);
+        let buf = pool.acquire(8192).await.unwrap();
+        buf.lend_to_device();
+        buf.device_done();
+        drop(buf);
+        assert_eq!(pool.free_slots(), 1);
+        assert_eq!(pool.returned_while_device_owned(), 1);
     }
 }

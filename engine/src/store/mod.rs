@@ -29,6 +29,8 @@ use std::time::Duration;
 mod create;
 mod faults;
 mod files;
+#[cfg(test)]
+mod io_tests;
 mod read;
 mod recovery;
 #[cfg(test)]
