@@ -72,6 +72,14 @@ pub struct Shares {
 }
 
 impl Shares {
+    /// Nothing reserved: the whole pool is common, for a tool with one user of it (a
+    /// benchmark of the disk path alone).
+    pub const NONE: Shares = Shares {
+        receive: 0,
+        serve: 0,
+        import: 0,
+    };
+
     /// The rule the daemon uses: a quarter of the slots reserved for receiving, a quarter for
     /// serving, an eighth for imports, the remaining three eighths common.
     pub fn default_for(slot_count: usize) -> Shares {

@@ -120,15 +120,13 @@ async fn a_held_task_is_served_from_disk(direct_io: bool) {
     assert!(task.is_complete());
     // Cold: the pages leave the cache, so a read goes to the device.
     let content = File::open(task.content_path()).unwrap();
-    // SAFETY: advice on a descriptor this test owns; no memory is passed.
-    unsafe {
-        libc::posix_fadvise(
-            std::os::fd::AsRawFd::as_raw_fd(&content),
-            0,
-            0,
-            libc::POSIX_FADV_DONTNEED,
-        )
-    };
+    nix::fcntl::posix_fadvise(
+        &content,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
     for number in [2, 0, 1] {
         let piece = task.geometry().piece(number).unwrap();
         assert!(

@@ -416,7 +416,15 @@ impl Ring {
             Some(timeout) => {
                 let timespec = types::Timespec::from(timeout);
                 let args = types::SubmitArgs::new().timespec(&timespec);
-                self.ring.submitter().submit_with_args(1, &args)
+                match self.ring.submitter().submit_with_args(1, &args) {
+                    // A kernel before 5.11 has no timed wait: submit, then poll.
+                    Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                        let submitted = self.ring.submit();
+                        std::thread::sleep(timeout);
+                        submitted
+                    }
+                    other => other,
+                }
             }
         };
         self.note_consumed();

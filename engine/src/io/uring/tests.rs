@@ -6,7 +6,6 @@ use crate::io::{
     BufferPool, IoChoice, IoCounters, IoEngine, IoFault, PieceBuffer, ReadRequest, TaskFile,
     WriteRequest, POISON,
 };
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -181,7 +180,6 @@ async fn an_operation_the_kernel_never_finishes_keeps_its_buffer_quarantined() {
     result.unwrap();
     drop(buf);
     // The kernel answers at last: the slot comes back.
-    // SAFETY-free: a plain write to the FIFO the read waits on.
     nix::unistd::write(&writer, b"late").unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     while pool.free_slots() != 4 {
@@ -193,7 +191,6 @@ async fn an_operation_the_kernel_never_finishes_keeps_its_buffer_quarantined() {
     }
     assert_eq!(IoCounters::get(&io.counters().quarantined_ops), 0);
     assert_eq!(pool.returned_while_device_owned(), 0);
-    let _ = writer.as_raw_fd();
 }
 
 /// More files than the ring has fixed-file slots, written at once: slots are reused only
@@ -258,8 +255,13 @@ async fn read_back(
 fn make_cold(path: &Path) {
     let file = std::fs::File::open(path).unwrap();
     file.sync_all().unwrap();
-    // SAFETY: advice on a descriptor this function owns; no memory is passed.
-    unsafe { libc::posix_fadvise(file.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    nix::fcntl::posix_fadvise(
+        &file,
+        0,
+        0,
+        nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+    )
+    .unwrap();
 }
 
 async fn reads_land_in_the_slots(choice: IoChoice, direct: bool) {
