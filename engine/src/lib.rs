@@ -16,7 +16,6 @@ pub mod origin;
 pub mod rdma;
 pub mod sd_notify;
 pub mod serve;
-pub mod sizing;
 pub mod store;
 pub mod transfer;
 pub mod transport;
