@@ -41,6 +41,24 @@ impl Selection {
     }
 }
 
+/// The GID a port is used with: the one at `gid_index` when pinned; else on Ethernet the
+/// first RoCE v2 GID carrying an IPv4 address (never link-local), on InfiniBand the first
+/// non-link-local GID, else index 0.
+pub fn port_gid(port: &crate::device::PortInfo, gid_index: Option<u32>) -> Option<&GidInfo> {
+    match gid_index {
+        Some(index) => port.gids.iter().find(|g| g.index == index),
+        None if port.link_layer == LinkLayer::Ethernet => port
+            .gids
+            .iter()
+            .find(|g| g.kind == GidKind::RoceV2 && g.ipv4().is_some()),
+        None => port
+            .gids
+            .iter()
+            .find(|g| !g.is_link_local())
+            .or(port.gids.first()),
+    }
+}
+
 /// By default: the first active port with a RoCE v2 GID carrying an IPv4 address (never a
 /// link-local `fe80::` GID); on InfiniBand ports, the first non-link-local GID, else index 0.
 /// Whatever the operator pinned narrows the search and must exist.
@@ -76,19 +94,7 @@ pub fn choose(devices: &[DeviceInfo], request: &SelectionRequest) -> Result<Sele
                 ));
                 continue;
             }
-            let gid = match request.gid_index {
-                Some(index) => port.gids.iter().find(|g| g.index == index),
-                None if port.link_layer == LinkLayer::Ethernet => port
-                    .gids
-                    .iter()
-                    .find(|g| g.kind == GidKind::RoceV2 && g.ipv4().is_some()),
-                None => port
-                    .gids
-                    .iter()
-                    .find(|g| !g.is_link_local())
-                    .or(port.gids.first()),
-            };
-            match gid {
+            match port_gid(port, request.gid_index) {
                 Some(gid) => {
                     return Ok(Selection {
                         device: device.name.clone(),

@@ -13,7 +13,7 @@ pub mod topology;
 pub mod wire;
 
 use crate::address::LinkLayer;
-use crate::device::{DeviceInfo, GidInfo, GidKind};
+use crate::device::{DeviceInfo, GidInfo};
 use std::net::{IpAddr, Ipv6Addr};
 
 /// `mlx5_0` (every port of the device) or `mlx5_0:1` (one port), as `rdma.devices`,
@@ -260,19 +260,7 @@ pub fn enumerate(
                 plan.skipped.push(skip(format!("port is {}", port.state)));
                 continue;
             }
-            let gid = match request.gid_index {
-                Some(index) => port.gids.iter().find(|g| g.index == index),
-                None if port.link_layer == LinkLayer::Ethernet => port
-                    .gids
-                    .iter()
-                    .find(|g| g.kind == GidKind::RoceV2 && g.ipv4().is_some()),
-                None => port
-                    .gids
-                    .iter()
-                    .find(|g| !g.is_link_local())
-                    .or(port.gids.first()),
-            };
-            let Some(gid) = gid else {
+            let Some(gid) = crate::select::port_gid(port, request.gid_index) else {
                 plan.skipped.push(skip(match request.gid_index {
                     Some(index) => format!("no GID at index {index}"),
                     None => "no RoCE v2 GID with an IPv4 address".into(),
@@ -401,7 +389,7 @@ fn interface_prefix_len(addr: IpAddr) -> Option<u8> {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::device::PortInfo;
+    use crate::device::{GidKind, PortInfo};
     use std::collections::HashMap;
 
     #[derive(Default)]
