@@ -100,6 +100,24 @@ pub fn fio(
     depth: usize,
     fdatasync_each: bool,
 ) -> anyhow::Result<Option<Row>> {
+    fio_job(dir, size, block, depth, fdatasync_each, false)
+}
+
+/// fio's io_uring engine with O_DIRECT and fixed buffers reading `size` bytes in `block`
+/// blocks at `depth` (the file laid out by fio first; direct reads are cold by design):
+/// `baseline.fio_read`, what serving a piece from disk into registered memory costs.
+pub fn fio_read(dir: &Path, size: u64, block: u64, depth: usize) -> anyhow::Result<Option<Row>> {
+    fio_job(dir, size, block, depth, false, true)
+}
+
+fn fio_job(
+    dir: &Path,
+    size: u64,
+    block: u64,
+    depth: usize,
+    fdatasync_each: bool,
+    read: bool,
+) -> anyhow::Result<Option<Row>> {
     if !installed("fio") {
         println!("fio is not installed: EXTRA_PACKAGES=fio ./scripts/setup.sh");
         return Ok(None);
@@ -110,8 +128,12 @@ pub fn fio(
         "--name=ferry-baseline",
         "--ioengine=io_uring",
         "--direct=1",
-        "--rw=write",
-        "--end_fsync=1",
+        if read { "--rw=read" } else { "--rw=write" },
+        if read {
+            "--end_fsync=0"
+        } else {
+            "--end_fsync=1"
+        },
         "--fixedbufs=1",
         "--output-format=json",
     ]);
@@ -140,7 +162,7 @@ pub fn fio(
         )
     })?;
     let job = &report["jobs"][0];
-    let bytes_per_second = job["write"]["bw_bytes"]
+    let bytes_per_second = job[if read { "read" } else { "write" }]["bw_bytes"]
         .as_f64()
         .context("fio reported no bandwidth")?;
     // fio's usr_cpu/sys_cpu are percentages of one CPU over the job's run time.
@@ -153,7 +175,15 @@ pub fn fio(
         seconds,
         cpu_seconds: (runtime > 0.0).then(|| cpu_percent / 100.0 * runtime),
     };
-    let (id, label) = if fdatasync_each {
+    let (id, label) = if read {
+        (
+            "baseline.fio_read",
+            format!(
+                "fio io_uring direct reads bs={}M depth={depth}",
+                block / MIB
+            ),
+        )
+    } else if fdatasync_each {
         (
             "baseline.fio_fdatasync",
             format!(
@@ -169,7 +199,7 @@ pub fn fio(
     };
     Ok(Some(
         Row::new(id, &label, "fio", "disk", measured).with_parameters(
-            json!({ "block_bytes": block, "depth": depth, "fdatasync_each": fdatasync_each }),
+            json!({ "block_bytes": block, "depth": depth, "fdatasync_each": fdatasync_each, "read": read }),
         ),
     ))
 }

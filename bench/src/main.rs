@@ -9,6 +9,7 @@ mod plot;
 mod report;
 mod rig;
 mod scale;
+mod serve_reads;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -377,7 +378,10 @@ async fn disk_rows(
     // A virtual disk's speed drifts from minute to minute: Ferry and fio take turns, `repeat`
     // times, and the median of each is compared (every sample is kept in the JSON).
     let (mut raw, mut durable, mut fio, mut fio_synced) = (vec![], vec![], vec![], vec![]);
+    let (mut served, mut preads, mut fio_read) = (vec![], vec![], vec![]);
     let mut direct = true;
+    let mut copies_per_piece = 0.0f64;
+    let seeded = serve_reads::Seeded::new(dir, size, block, depth).await?;
     for round in 0..repeat.max(1) {
         if repeat > 1 {
             println!("-- round {} of {repeat}", round + 1);
@@ -388,7 +392,15 @@ async fn disk_rows(
         durable.push(pieces);
         direct &= piece_direct;
         fio_synced.extend(baseline::fio(dir, size, block, depth, true)?);
+        let pass = seeded.engine_reads().await?;
+        copies_per_piece = copies_per_piece.max(pass.copies_per_piece);
+        direct &= pass.direct;
+        served.push(pass.measured);
+        preads.push(seeded.pread_reads().await?.measured);
+        fio_read.extend(baseline::fio_read(dir, size, block, depth)?);
     }
+    seeded.remove()?;
+    let fio_read = median_row(fio_read);
     let fio = median_row(fio);
     let fio_synced = median_row(fio_synced);
     let ferry = |id: &str, label: &str, samples: Vec<report::Measured>| {
@@ -415,9 +427,25 @@ async fn disk_rows(
             durable,
         )
         .against(fio_synced.as_ref(), Some(0.9)),
+        ferry(
+            "disk.serve_reads",
+            "ferry serving reads, cold (Store::read_piece: io_uring ReadFixed, O_DIRECT)",
+            served,
+        )
+        .against(fio_read.as_ref(), Some(0.9)),
+        ferry(
+            "disk.serve_preads",
+            "the serving reads before: pread via the page cache, cold (1 CPU copy)",
+            preads,
+        )
+        .against(fio_read.as_ref(), None),
     ];
+    // Counted, not timed: the serving read's CPU copies of payload per piece.
+    rows[2].parameters["payload_copies_per_piece"] = json!(copies_per_piece);
+    rows[3].parameters["payload_copies_per_piece"] = json!(1.0);
     rows.extend(fio);
     rows.extend(fio_synced);
+    rows.extend(fio_read);
     Ok((rows, direct))
 }
 

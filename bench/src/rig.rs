@@ -7,7 +7,9 @@ use anyhow::{bail, Context};
 use ferry_engine::config::RdmaConfig;
 use ferry_engine::geometry::{self, Geometry};
 use ferry_engine::import::{import_file, ImportOptions};
-use ferry_engine::io::{BufferPool, IoChoice, IoEngine, PieceBuffer, TaskFile, WriteRequest};
+use ferry_engine::io::{
+    BufferPool, IoChoice, IoEngine, PieceBuffer, Shares, TaskFile, WriteRequest,
+};
 use ferry_engine::rdma::{RdmaHost, RdmaSettings, RdmaStatus, RdmaTransport};
 use ferry_engine::serve::StoreProvider;
 use ferry_engine::store::Store;
@@ -388,7 +390,8 @@ pub async fn engine_writes(
     depth: usize,
 ) -> anyhow::Result<Measured> {
     use futures::stream::{FuturesUnordered, StreamExt};
-    let pool = BufferPool::new(block as usize, depth)?;
+    // One user of the whole pool: no budgets (the receiving budget alone cannot hold it).
+    let pool = BufferPool::with_shares(block as usize, depth, Shares::NONE)?;
     let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
     let path = dir.join("engine.dat");
     let file = Arc::new(TaskFile::open(&path, true)?);
@@ -440,7 +443,8 @@ pub async fn store_pieces(
     block: u64,
     depth: usize,
 ) -> anyhow::Result<(Measured, bool)> {
-    let pool = BufferPool::new(block as usize, depth)?;
+    // One user of the whole pool: no budgets (the receiving budget alone cannot hold it).
+    let pool = BufferPool::with_shares(block as usize, depth, Shares::NONE)?;
     let io = IoEngine::start(&pool, IoChoice::Auto, 1)?;
     let store = Arc::new(Store::open(
         &dir.join("store"),

@@ -201,7 +201,7 @@ pub struct ServeArgs {
     /// Without any, every import is refused.
     #[arg(long = "import-dir")]
     pub import_dirs: Vec<PathBuf>,
-    /// Buffer pool size in MiB, pinned at start-up [default: 256].
+    /// Buffer pool size in MiB, pinned at start-up [default: 0, sized from the NICs].
     #[arg(long)]
     pub pool_mib: Option<u64>,
     /// Disk I/O backend [default: auto].
@@ -401,10 +401,22 @@ fn show_config(args: &ServeArgs, as_json: bool, control: Option<&str>) -> anyhow
     config.validate()?;
     // Names are looked up as `serve` would (this host's users and groups).
     crate::transfer::OutputPolicy::resolve(&config.output)?;
+    let sizing = config.pool_sizing();
+    let pool = format!(
+        "the buffer pool is {} MiB ({})",
+        sizing.size_mib,
+        if sizing.derived {
+            format!("pool.size_mib = 0: sized from the NICs: {}", sizing.why)
+        } else {
+            sizing.why
+        }
+    );
     if as_json {
         say!("{}", serde_json::to_string_pretty(&config)?);
+        eprintln!("ferry config: {pool}");
     } else {
         say!("{}", toml::to_string(&config)?.trim_end());
+        say!("\n# {pool}");
     }
     Ok(())
 }

@@ -15,6 +15,9 @@ pub const MAX_DRAIN_TIMEOUT_SECS: u64 = 3600;
 /// Upper bounds that keep derived values in range: the pool's byte size fits any 64-bit
 /// size arithmetic, and `Instant::now() + timeout` cannot overflow (it panics if it does).
 const MAX_POOL_MIB: u64 = 1 << 20;
+/// The smallest pool set by hand: each budget (receive, serve, import) then holds one
+/// 64 MiB piece.
+const MIN_POOL_MIB: u64 = 128;
 const MAX_TIMEOUT_SECS: u64 = 24 * 3600;
 const MAX_OPEN_TASKS: usize = 1 << 20;
 
@@ -324,7 +327,8 @@ impl Default for RdmaConfig {
 pub struct PoolConfig {
     /// Size of one buffer slot in MiB; a piece takes ceil(piece / slot) slots.
     pub slot_mib: u64,
-    /// Total pool size in MiB (pinned at start-up).
+    /// Total pool size in MiB (pinned at start-up); 0: sized from the bandwidth-delay
+    /// product of the host's NICs (`crate::sizing`; `ferry config` shows the value and why).
     pub size_mib: u64,
 }
 
@@ -404,7 +408,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             slot_mib: 4,
-            size_mib: 256,
+            size_mib: 0,
         }
     }
 }
@@ -567,15 +571,17 @@ impl Config {
         if !(1..=64).contains(&self.pool.slot_mib) {
             return invalid("pool.slot_mib", self.pool.slot_mib, "1 to 64");
         }
-        if !(64..=MAX_POOL_MIB).contains(&self.pool.size_mib)
-            || !self.pool.size_mib.is_multiple_of(self.pool.slot_mib)
+        if self.pool.size_mib != 0
+            && (!(MIN_POOL_MIB..=MAX_POOL_MIB).contains(&self.pool.size_mib)
+                || !self.pool.size_mib.is_multiple_of(self.pool.slot_mib))
         {
             return invalid(
                 "pool.size_mib",
                 self.pool.size_mib,
-                "64 (one 64 MiB piece) to 1048576 (1 TiB), a multiple of pool.slot_mib",
+                "0 (sized from the NICs) or 128 (each budget holds one 64 MiB piece) to 1048576 (1 TiB), a multiple of pool.slot_mib",
             );
         }
+        self.validate_pool_budgets()?;
         if !(1..=16).contains(&self.io.threads) {
             return invalid("io.threads", self.io.threads, "1 to 16");
         }
@@ -792,6 +798,44 @@ impl Config {
                     self.rdma.window, self.pool.slot_mib, q.send_wqes
                 ),
             });
+        }
+        Ok(())
+    }
+
+    /// The pool size the daemon runs with (`pool.size_mib`, or derived from the NICs when
+    /// 0), and why.
+    pub fn pool_sizing(&self) -> crate::sizing::PoolSizing {
+        crate::sizing::pool_sizing(self)
+    }
+
+    /// Receiving, serving and importing each draw from their own budget of the pool (a
+    /// reserve, and the common part: `crate::io::Shares::default_for`); a budget that cannot
+    /// hold one piece of [`MAX_PIECE_LENGTH`] would fail every such piece.
+    fn validate_pool_budgets(&self) -> Result<(), ConfigError> {
+        if self.pool.size_mib == 0 {
+            return Ok(()); // derived: at least 256 MiB, in whole slots
+        }
+        let slots = (self.pool.size_mib / self.pool.slot_mib) as usize;
+        let shares = crate::io::Shares::default_for(slots);
+        let reserved = shares.receive + shares.serve + shares.import;
+        let common = slots - reserved;
+        let piece_mib = MAX_PIECE_LENGTH >> 20;
+        for (budget, reserve) in [
+            ("receive", shares.receive),
+            ("serve", shares.serve),
+            ("import", shares.import),
+        ] {
+            let limit_mib = (reserve + common) as u64 * self.pool.slot_mib;
+            if limit_mib < piece_mib {
+                return Err(ConfigError::Unworkable {
+                    key: "pool.size_mib",
+                    value: self.pool.size_mib.to_string(),
+                    why: format!(
+                        "the {budget} budget ({reserve} reserved + {common} common slots of {} MiB = {limit_mib} MiB) cannot hold one {piece_mib} MiB piece: use at least {MIN_POOL_MIB} MiB, or 0 to size the pool from the NICs",
+                        self.pool.slot_mib
+                    ),
+                });
+            }
         }
         Ok(())
     }
@@ -1099,6 +1143,33 @@ mod tests {
             rdma_queue_use(MAX_PIECE_LENGTH, 3 << 20, 2 << 20, 1).writes_per_piece,
             22 * 2 - 1
         );
+    }
+
+    #[test]
+    fn pool_sizes_whose_budgets_cannot_hold_a_piece_are_refused() {
+        let mut config = Config::default();
+        assert_eq!(config.pool.size_mib, 0, "derived by default");
+        config.validate().unwrap();
+        let sizing = config.pool_sizing();
+        assert!(sizing.derived && sizing.size_mib >= 256, "{sizing:?}");
+        assert!(sizing.size_mib.is_multiple_of(config.pool.slot_mib));
+        config.pool.size_mib = 128;
+        config.validate().unwrap();
+        assert_eq!(config.pool_sizing().size_mib, 128);
+        assert!(!config.pool_sizing().derived);
+        config.pool.size_mib = 64;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("value pool.size_mib = 64"), "{err}");
+        // 64 MiB slots, 128 MiB: two common slots, every budget holds a piece.
+        config.pool.slot_mib = 64;
+        config.pool.size_mib = 128;
+        config.validate().unwrap();
+        config.pool.size_mib = 192;
+        config.validate().unwrap();
+        // 8 MiB slots, 136 MiB (17 slots): reserves 4+4+2, 7 common: import gets 72 MiB.
+        config.pool.slot_mib = 8;
+        config.pool.size_mib = 136;
+        config.validate().unwrap();
     }
 
     #[test]

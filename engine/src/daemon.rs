@@ -63,14 +63,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let mut signals = Signals::install().context("installing the SIGTERM and SIGINT handlers")?;
     let started = Instant::now();
     let slot = (config.pool.slot_mib * MIB) as usize;
-    let slots = (config.pool.size_mib / config.pool.slot_mib) as usize;
+    let sizing = config.pool_sizing();
+    let slots = (sizing.size_mib / config.pool.slot_mib) as usize;
     let pool = BufferPool::new(slot, slots).context("allocating the buffer pool")?;
     let info = pool.info();
+    let shares = pool.shares();
     tracing::info!(
         bytes = pool.total_bytes(),
         slot_bytes = info.slot_size,
         huge_pages = info.huge_pages,
         locked = info.locked,
+        sized = %sizing.why,
+        receive_reserved_slots = shares.receive,
+        serve_reserved_slots = shares.serve,
+        import_reserved_slots = shares.import,
         "buffer pool ready"
     );
     let rdma = Arc::new(RdmaHost::start(&config.rdma, &pool));
@@ -147,6 +153,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let idle_timeout = Duration::from_secs(config.server.idle_timeout_secs);
     let metrics = Arc::new(Metrics::new());
     metrics.observe_pool(Arc::clone(store.pool()));
+    metrics.observe_io(Arc::clone(store.io_counters()));
     metrics.set_rdma_registered_bytes(rdma.registered_bytes());
     let (rdma_transport, rdma_service) = rdma
         .exchange_observed(&store, rdma_settings, idle_timeout, &metrics)

@@ -296,7 +296,7 @@ async fn import_opened(
         }
         let buf = store
             .pool()
-            .acquire(piece.length)
+            .acquire_for(crate::io::Budget::Import, piece.length)
             .await
             .map_err(StoreError::Pool)?;
         let (store, task, file, shown) = (

@@ -16,6 +16,7 @@ pub mod origin;
 pub mod rdma;
 pub mod sd_notify;
 pub mod serve;
+pub mod sizing;
 pub mod store;
 pub mod transfer;
 pub mod transport;

@@ -155,6 +155,14 @@ pub struct Metrics {
     server: OnceLock<Arc<ServerStats>>,
     /// Read at scrape time: free slots.
     pool: OnceLock<Arc<BufferPool>>,
+    serve_reads: Counter,
+    serve_direct_reads: Counter,
+    serve_payload_copies: Counter,
+    io_ring_rebuilds: Counter,
+    io_quarantined_operations: Gauge,
+    buffer_pool_device_owned_drops: Counter,
+    /// Read at scrape time: the I/O engine's counters.
+    io: OnceLock<Arc<crate::io::IoCounters>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -204,6 +212,13 @@ impl Metrics {
             origin_failures: Family::default(),
             server: OnceLock::new(),
             pool: OnceLock::new(),
+            serve_reads: Counter::default(),
+            serve_direct_reads: Counter::default(),
+            serve_payload_copies: Counter::default(),
+            io_ring_rebuilds: Counter::default(),
+            io_quarantined_operations: Gauge::default(),
+            buffer_pool_device_owned_drops: Counter::default(),
+            io: OnceLock::new(),
         };
         registry.register(
             "build",
@@ -340,6 +355,36 @@ impl Metrics {
             metrics.buffer_pool_free_bytes.clone(),
         );
         registry.register(
+            "serve_reads",
+            "Pieces read from the store into the pool for serving (by the I/O engine)",
+            metrics.serve_reads.clone(),
+        );
+        registry.register(
+            "serve_direct_reads",
+            "Of those, reads with O_DIRECT: the device wrote the pool slots, no CPU copied the payload",
+            metrics.serve_direct_reads.clone(),
+        );
+        registry.register(
+            "serve_payload_copies",
+            "CPU copies of payload those reads cost (one per buffered read: the kernel's copy out of the page cache)",
+            metrics.serve_payload_copies.clone(),
+        );
+        registry.register(
+            "io_ring_rebuilds",
+            "io_uring rings that failed (a submit error), were drained and replaced",
+            metrics.io_ring_rebuilds.clone(),
+        );
+        registry.register(
+            "io_quarantined_operations",
+            "Operations of failed io_uring rings not completed within the drain deadline: their buffers stay out of the pool",
+            metrics.io_quarantined_operations.clone(),
+        );
+        registry.register(
+            "buffer_pool_device_owned_drops",
+            "Buffers dropped while a device could still use them, kept out of the pool (always 0 unless there is a bug)",
+            metrics.buffer_pool_device_owned_drops.clone(),
+        );
+        registry.register(
             "data_connections_open",
             "Connections open on the data port (an RDMA control channel counts while its queue pair is up)",
             metrics.data_connections_open.clone(),
@@ -459,6 +504,11 @@ impl Metrics {
     /// Reads the data-port server's counters at every scrape.
     pub fn observe_server(&self, stats: Arc<ServerStats>) {
         let _ = self.server.set(stats);
+    }
+
+    /// Reads the I/O engine's counters at every scrape.
+    pub fn observe_io(&self, counters: Arc<crate::io::IoCounters>) {
+        let _ = self.io.set(counters);
     }
 
     /// Reports the pool's size, and its free bytes at every scrape.
@@ -604,6 +654,21 @@ impl Metrics {
         if let Some(pool) = self.pool.get() {
             let free = pool.free_slots() * pool.info().slot_size;
             self.buffer_pool_free_bytes.set(free as i64);
+            self.buffer_pool_device_owned_drops
+                .inner()
+                .store(pool.returned_while_device_owned(), Ordering::Relaxed);
+        }
+        if let Some(io) = self.io.get() {
+            let get = crate::io::IoCounters::get;
+            let set = |counter: &Counter, value: u64| {
+                counter.inner().store(value, Ordering::Relaxed);
+            };
+            set(&self.serve_reads, get(&io.reads));
+            set(&self.serve_direct_reads, get(&io.direct_reads));
+            set(&self.serve_payload_copies, get(&io.read_payload_copies));
+            set(&self.io_ring_rebuilds, get(&io.ring_rebuilds));
+            self.io_quarantined_operations
+                .set(get(&io.quarantined_ops) as i64);
         }
         let mut out = String::with_capacity(8 * 1024);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)

@@ -311,7 +311,7 @@ fn a_bad_metrics_address_is_refused_naming_the_key() {
             "--listen",
             "127.0.0.1:0",
             "--pool-mib",
-            "64",
+            "128",
             "--metrics",
             "not-an-address",
         ])

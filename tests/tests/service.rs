@@ -371,7 +371,7 @@ async fn systemd_hears_ready_once_the_listeners_are_bound_and_stopping_on_sigter
             .arg("serve")
             .arg("--data-dir")
             .arg(dir.join("data"))
-            .args(["--listen", "127.0.0.1:0", "--pool-mib", "64"])
+            .args(["--listen", "127.0.0.1:0", "--pool-mib", "128"])
             .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -484,7 +484,7 @@ fn ferry_config_prints_defaults_then_the_file_then_the_flags() {
         "relative to where ferry ran"
     );
     assert_eq!(config.metrics.listen, "127.0.0.1:9100", "from a flag");
-    assert_eq!(config.pool.size_mib, 256, "a default");
+    assert_eq!(config.pool.size_mib, 0, "a default (sized from the NICs)");
     assert_eq!(config.transfer.max_attempts, 4, "a default");
 
     let json = ferry(&["--json", "config", "--config", file.to_str().unwrap()]);

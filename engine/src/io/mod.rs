@@ -1,14 +1,22 @@
-//! Writing pieces to disk: io_uring (O_DIRECT, the pool's slots registered as fixed buffers,
-//! store files registered as fixed files) on dedicated threads, with a synchronous fallback
-//! chosen at run time when io_uring is unavailable. This module and `rdma/` are the only
-//! places with `unsafe`; everything they expose is safe.
+//! Moving pieces between the pool and disk: io_uring (O_DIRECT, the pool's slots registered
+//! as fixed buffers, store files registered as fixed files) on dedicated threads, with a
+//! synchronous fallback chosen at run time when io_uring is unavailable. Pieces are written
+//! by the store and read by the serving side, straight into or out of pool slots. This
+//! module and `rdma/` are the only places with `unsafe`; everything they expose is safe.
+//!
+//! Ownership rule: a buffer handed to the kernel comes back only after the completion that
+//! proves the kernel is done with it (see `uring` for what happens when a ring fails).
 
+mod faults;
 pub mod pool;
 mod reflink;
 mod sync;
 mod uring;
 
-pub use pool::{BufferPool, PieceBuffer, PoolError, PoolInfo, DIRECT_IO_ALIGN};
+pub use faults::{IoCounters, IoFault, IoFaults};
+pub use pool::{
+    Budget, BufferPool, PieceBuffer, PoolError, PoolInfo, Shares, DIRECT_IO_ALIGN, POISON,
+};
 pub use reflink::{reflink, unsupported as reflink_unsupported};
 
 use std::fs::{File, OpenOptions};
@@ -42,6 +50,23 @@ impl TaskFile {
                 Ok(file) => return Ok(TaskFile::wrap(file, true)),
                 Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
                     tracing::debug!(path = %path.display(), "O_DIRECT not supported here; buffered writes");
+                }
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(TaskFile::wrap(options.open(path)?, false))
+    }
+
+    /// Opens `path` read-only for serving pieces, O_DIRECT where the filesystem allows and
+    /// `want_direct` asks (reads then go from the device straight into pool slots).
+    pub fn open_read(path: &Path, want_direct: bool) -> io::Result<TaskFile> {
+        let mut options = OpenOptions::new();
+        options.read(true);
+        if want_direct {
+            match options.clone().custom_flags(libc::O_DIRECT).open(path) {
+                Ok(file) => return Ok(TaskFile::wrap(file, true)),
+                Err(err) if err.raw_os_error() == Some(libc::EINVAL) => {
+                    tracing::debug!(path = %path.display(), "O_DIRECT not supported here; buffered reads");
                 }
                 Err(err) => return Err(err),
             }
@@ -87,6 +112,12 @@ impl TaskFile {
 
     /// How many bytes a write of `len` must cover: direct I/O writes whole aligned blocks.
     pub fn write_len(&self, len: usize) -> usize {
+        self.io_len(len)
+    }
+
+    /// How many bytes a read or write of `len` must ask for: direct I/O moves whole aligned
+    /// blocks (a read past the end of the file returns what there is).
+    pub fn io_len(&self, len: usize) -> usize {
         if self.direct {
             len.next_multiple_of(DIRECT_IO_ALIGN)
         } else {
@@ -130,32 +161,85 @@ pub struct WriteRequest {
     pub len: usize,
 }
 
+/// A read of one piece into `buf`: its `buf.len()` bytes start at `offset`; `len` bytes are
+/// asked for (at least `buf.len()`, rounded up to whole blocks for direct I/O, at most the
+/// buffer's capacity).
+pub struct ReadRequest {
+    pub file: Arc<TaskFile>,
+    pub offset: u64,
+    pub buf: PieceBuffer,
+    pub len: usize,
+}
+
 /// The store's disk backend, chosen once at start-up.
-pub enum IoEngine {
+pub struct IoEngine {
+    backend: Backend,
+    faults: Arc<IoFaults>,
+    counters: Arc<IoCounters>,
+}
+
+enum Backend {
     Uring(uring::UringIo),
     Sync(sync::SyncIo),
 }
 
 impl IoEngine {
     pub fn start(pool: &Arc<BufferPool>, choice: IoChoice, threads: usize) -> io::Result<IoEngine> {
-        match choice {
-            IoChoice::Sync => Ok(IoEngine::Sync(sync::SyncIo)),
-            IoChoice::Uring => Ok(IoEngine::Uring(uring::UringIo::start(pool, threads)?)),
-            IoChoice::Auto => match uring::UringIo::start(pool, threads) {
-                Ok(io) => Ok(IoEngine::Uring(io)),
+        let faults = Arc::new(IoFaults::default());
+        let counters = Arc::new(IoCounters::default());
+        let uring = || uring::UringIo::start(pool, threads, &faults, &counters);
+        let backend = match choice {
+            IoChoice::Sync => Backend::Sync(sync::SyncIo),
+            IoChoice::Uring => Backend::Uring(uring()?),
+            IoChoice::Auto => match uring() {
+                Ok(io) => Backend::Uring(io),
                 Err(err) => {
-                    tracing::warn!(error = %err, "io_uring unavailable; using synchronous writes");
-                    Ok(IoEngine::Sync(sync::SyncIo))
+                    tracing::warn!(error = %err, "io_uring unavailable; using synchronous reads and writes");
+                    Backend::Sync(sync::SyncIo)
                 }
             },
-        }
+        };
+        Ok(IoEngine {
+            backend,
+            faults,
+            counters,
+        })
     }
 
     pub fn name(&self) -> &'static str {
-        match self {
-            IoEngine::Uring(_) => "io_uring",
-            IoEngine::Sync(_) => "sync",
+        match self.backend {
+            Backend::Uring(_) => "io_uring",
+            Backend::Sync(_) => "sync",
         }
+    }
+
+    /// The test-only fault switches of the io_uring backend (armed in-process).
+    pub fn faults(&self) -> &Arc<IoFaults> {
+        &self.faults
+    }
+
+    /// What this engine has done: reads and their payload copies, ring rebuilds.
+    pub fn counters(&self) -> &Arc<IoCounters> {
+        &self.counters
+    }
+
+    /// Reads a piece straight into `buf` (a pool buffer, registered with io_uring): with a
+    /// direct-I/O file the device writes the slots and the CPU copies nothing; a buffered one
+    /// costs the kernel's copy out of the page cache. Gives the buffer back with how many of
+    /// the piece's `buf.len()` bytes were read (fewer: the file ends early). As with
+    /// [`IoEngine::write`], the buffer stays with the operation until it has completed, and
+    /// the caller bounds the wait (dropping the future is safe).
+    pub async fn read(&self, request: ReadRequest) -> (PieceBuffer, io::Result<usize>) {
+        assert!(request.len >= request.buf.len() && request.len <= request.buf.capacity());
+        let direct = request.file.is_direct();
+        let (buf, result) = match &self.backend {
+            Backend::Uring(io) => io.read(request).await,
+            Backend::Sync(io) => io.read(request).await,
+        };
+        if let Ok(read) = &result {
+            self.counters.count_read(*read as u64, direct);
+        }
+        (buf, result)
     }
 
     /// Writes the piece; the buffer comes back whatever happened, so it is never freed while
@@ -164,15 +248,16 @@ impl IoEngine {
     /// task) and returns to the pool only once the device is done with it.
     pub async fn write(&self, request: WriteRequest) -> (PieceBuffer, io::Result<()>) {
         assert!(request.len <= request.buf.capacity());
-        match self {
-            IoEngine::Uring(io) => io.write(request).await,
-            IoEngine::Sync(io) => io.write(request).await,
+        match &self.backend {
+            Backend::Uring(io) => io.write(request).await,
+            Backend::Sync(io) => io.write(request).await,
         }
     }
 
-    /// Drops any registration of the file (call when it will not be written again).
+    /// Drops any registration of the file (call when it will not be used again). A slot a
+    /// queued operation still uses is repointed only after that operation's completion.
     pub fn release_file(&self, file: &TaskFile) {
-        if let IoEngine::Uring(io) = self {
+        if let Backend::Uring(io) = &self.backend {
             io.release_file(file.id());
         }
     }

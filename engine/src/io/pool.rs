@@ -5,14 +5,17 @@
 
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::Semaphore;
+use tokio::sync::Notify;
 
 /// Alignment O_DIRECT needs for addresses, offsets and lengths.
 pub const DIRECT_IO_ALIGN: usize = 4096;
 const HUGE_PAGE: usize = 2 * 1024 * 1024;
+/// The byte a returned slot is filled with when poisoning is on (tests): a late device
+/// write from a slot given back too early then writes this, which a test sees on disk.
+pub const POISON: u8 = 0xA5;
 
 /// What the pool was able to get from the kernel.
 #[derive(Debug, Clone, Copy)]
@@ -23,14 +26,108 @@ pub struct PoolInfo {
     pub locked: bool,
 }
 
+/// Who a buffer is for. Each has a reserved minimum of the pool and borrows from a common
+/// part beyond it, so no one of them can take every slot: a host saturated by receiving still
+/// serves (its peers' receives, which its own may be waiting for, keep moving) and imports
+/// still progress, and the other way round. That is what keeps a P2P mesh, where every host
+/// receives and serves at once, free of pool deadlocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Budget {
+    /// Pieces being fetched (and kept for the in-order hash).
+    Receive,
+    /// Pieces being read from the store for a peer.
+    Serve,
+    /// Pieces being copied in by an import.
+    Import,
+}
+
+impl Budget {
+    pub const ALL: [Budget; 3] = [Budget::Receive, Budget::Serve, Budget::Import];
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Budget::Receive => "receive",
+            Budget::Serve => "serve",
+            Budget::Import => "import",
+        }
+    }
+}
+
+impl std::fmt::Display for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Slots reserved for each budget; the rest of the pool is the common part all borrow from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shares {
+    pub receive: usize,
+    pub serve: usize,
+    pub import: usize,
+}
+
+impl Shares {
+    /// Nothing reserved: the whole pool is common, for a tool with one user of it (a
+    /// benchmark of the disk path alone).
+    pub const NONE: Shares = Shares {
+        receive: 0,
+        serve: 0,
+        import: 0,
+    };
+
+    /// The rule the daemon uses: a quarter of the slots reserved for receiving, a quarter for
+    /// serving, an eighth for imports, the remaining three eighths common.
+    pub fn default_for(slot_count: usize) -> Shares {
+        Shares {
+            receive: slot_count / 4,
+            serve: slot_count / 4,
+            import: slot_count / 8,
+        }
+    }
+
+    fn get(&self, budget: Budget) -> usize {
+        match budget {
+            Budget::Receive => self.receive,
+            Budget::Serve => self.serve,
+            Budget::Import => self.import,
+        }
+    }
+
+    fn total(&self) -> usize {
+        self.receive + self.serve + self.import
+    }
+}
+
+/// The slots not lent out, and how many of each budget's reserve and of the common part are.
+struct Accounts {
+    free: Vec<u32>,
+    reserve_used: [usize; 3],
+    common_used: usize,
+}
+
 pub struct BufferPool {
     base: NonNull<u8>,
     len: usize,
     info: PoolInfo,
-    free: Mutex<Vec<u32>>,
-    permits: Semaphore,
+    shares: Shares,
+    common: usize,
+    accounts: Mutex<Accounts>,
+    /// Woken whenever slots come back.
+    returned: Notify,
     /// Longest [`BufferPool::acquire`] waits, in milliseconds (0: unbounded).
     acquire_timeout_ms: AtomicU64,
+    /// Per slot: device operations (an io_uring SQE, later an RDMA work request) that may
+    /// still touch it. A buffer dropped while any is set is never given back (see `Drop`).
+    device_holds: Box<[AtomicU32]>,
+    /// Buffers dropped while a device could still touch them, and so kept out of the pool.
+    returned_while_device_owned: AtomicU64,
+    /// Fill returned slots with [`POISON`] (tests).
+    poison_on_release: AtomicBool,
 }
 
 // SAFETY: the region is plain memory owned by the pool for its whole life; every byte of it is
@@ -46,31 +143,51 @@ pub enum PoolError {
     BadSlotSize(usize),
     #[error("a pool needs at least one slot")]
     NoSlots,
+    #[error("reserving {reserved} slots for the budgets leaves none common in a pool of {total}")]
+    BadShares { reserved: usize, total: usize },
     #[error("mapping {bytes} bytes for the buffer pool failed: {source}")]
     Map { bytes: usize, source: io::Error },
-    #[error("a {bytes}-byte piece needs {needed} slots but the pool has {total}")]
+    #[error("a {bytes}-byte piece needs {needed} slots but the {budget} budget of the pool can hold at most {total}")]
     PieceTooLarge {
         bytes: u64,
         needed: usize,
         total: usize,
+        budget: Budget,
     },
-    #[error("no {needed} free slots for a {bytes}-byte piece within {}s: every buffer is held by work that is not finishing", after.as_secs_f64())]
+    #[error("no {needed} free slots in the {budget} budget for a {bytes}-byte piece within {}s: every buffer it may use is held by work that is not finishing", after.as_secs_f64())]
     Timeout {
         bytes: u64,
         needed: usize,
+        budget: Budget,
         after: Duration,
     },
 }
 
 impl BufferPool {
     /// Maps `slot_size * slot_count` bytes, with 2 MiB huge pages when the kernel has them,
-    /// faulted in and locked (pinned) where the memlock limit allows.
+    /// faulted in and locked (pinned) where the memlock limit allows; the budgets get
+    /// [`Shares::default_for`].
     pub fn new(slot_size: usize, slot_count: usize) -> Result<Arc<BufferPool>, PoolError> {
+        BufferPool::with_shares(slot_size, slot_count, Shares::default_for(slot_count))
+    }
+
+    /// [`BufferPool::new`] with the budgets' reserves given.
+    pub fn with_shares(
+        slot_size: usize,
+        slot_count: usize,
+        shares: Shares,
+    ) -> Result<Arc<BufferPool>, PoolError> {
         if slot_size == 0 || !slot_size.is_multiple_of(DIRECT_IO_ALIGN) {
             return Err(PoolError::BadSlotSize(slot_size));
         }
         if slot_count == 0 {
             return Err(PoolError::NoSlots);
+        }
+        if shares.total() >= slot_count {
+            return Err(PoolError::BadShares {
+                reserved: shares.total(),
+                total: slot_count,
+            });
         }
         let len = slot_size * slot_count;
         let (base, huge_pages) = map_region(len)?;
@@ -92,9 +209,18 @@ impl BufferPool {
                 huge_pages,
                 locked,
             },
-            free: Mutex::new((0..slot_count as u32).rev().collect()),
-            permits: Semaphore::new(slot_count),
+            shares,
+            common: slot_count - shares.total(),
+            accounts: Mutex::new(Accounts {
+                free: (0..slot_count as u32).rev().collect(),
+                reserve_used: [0; 3],
+                common_used: 0,
+            }),
+            returned: Notify::new(),
             acquire_timeout_ms: AtomicU64::new(0),
+            device_holds: (0..slot_count).map(|_| AtomicU32::new(0)).collect(),
+            returned_while_device_owned: AtomicU64::new(0),
+            poison_on_release: AtomicBool::new(false),
         }))
     }
 
@@ -104,6 +230,16 @@ impl BufferPool {
 
     pub fn total_bytes(&self) -> usize {
         self.len
+    }
+
+    /// The slots reserved for each budget.
+    pub fn shares(&self) -> Shares {
+        self.shares
+    }
+
+    /// The slots `budget` may hold at most: its reserve and all of the common part.
+    pub fn budget_limit(&self, budget: Budget) -> usize {
+        self.shares.get(budget) + self.common
     }
 
     /// The whole region, for registering it with a device (io_uring, an RDMA NIC).
@@ -138,13 +274,15 @@ impl BufferPool {
         unsafe { self.base.as_ptr().add(slot as usize * self.info.slot_size) }
     }
 
-    fn slots_for(&self, bytes: u64) -> Result<usize, PoolError> {
+    fn slots_for(&self, budget: Budget, bytes: u64) -> Result<usize, PoolError> {
         let needed = (bytes.max(1)).div_ceil(self.info.slot_size as u64) as usize;
-        if needed > self.info.slot_count {
+        let total = self.budget_limit(budget);
+        if needed > total {
             return Err(PoolError::PieceTooLarge {
                 bytes,
                 needed,
-                total: self.info.slot_count,
+                total,
+                budget,
             });
         }
         Ok(needed)
@@ -156,14 +294,35 @@ impl BufferPool {
         self.acquire_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
-    /// Borrows enough slots for `bytes`, waiting until they are free (at most the pool's
-    /// acquire timeout, then [`PoolError::Timeout`]). Slots are taken all at once (never a few
-    /// now and the rest later), so concurrent callers cannot deadlock.
+    /// [`BufferPool::acquire_for`] the receiving side.
     pub async fn acquire(self: &Arc<Self>, bytes: u64) -> Result<PieceBuffer, PoolError> {
-        let needed = self.slots_for(bytes)?;
-        let waiting = self.permits.acquire_many(needed as u32);
-        let permit = match self.acquire_timeout_ms.load(Ordering::Relaxed) {
-            0 => waiting.await,
+        self.acquire_for(Budget::Receive, bytes).await
+    }
+
+    /// Borrows enough slots of `budget` for `bytes`, waiting until they are free (at most
+    /// the pool's acquire timeout, then [`PoolError::Timeout`]). Slots are taken all at once
+    /// (never a few now and the rest later), so concurrent callers cannot deadlock, and a
+    /// budget waits only while its own reserve and the common part are both spent.
+    pub async fn acquire_for(
+        self: &Arc<Self>,
+        budget: Budget,
+        bytes: u64,
+    ) -> Result<PieceBuffer, PoolError> {
+        let needed = self.slots_for(budget, bytes)?;
+        let waiting = async {
+            loop {
+                let returned = self.returned.notified();
+                tokio::pin!(returned);
+                // Registered before looking, so a return in between is not missed.
+                returned.as_mut().enable();
+                if let Some(buf) = self.take(budget, needed, bytes as usize) {
+                    return buf;
+                }
+                returned.await;
+            }
+        };
+        match self.acquire_timeout_ms.load(Ordering::Relaxed) {
+            0 => Ok(waiting.await),
             ms => {
                 let after = Duration::from_millis(ms);
                 tokio::time::timeout(after, waiting)
@@ -171,40 +330,73 @@ impl BufferPool {
                     .map_err(|_| PoolError::Timeout {
                         bytes,
                         needed,
+                        budget,
                         after,
-                    })?
+                    })
             }
         }
-        .expect("pool semaphore is never closed");
-        permit.forget();
-        Ok(self.take(needed, bytes as usize))
     }
 
     /// Like [`BufferPool::acquire`] but returns `None` instead of waiting.
     pub fn try_acquire(self: &Arc<Self>, bytes: u64) -> Result<Option<PieceBuffer>, PoolError> {
-        let needed = self.slots_for(bytes)?;
-        match self.permits.try_acquire_many(needed as u32) {
-            Ok(permit) => {
-                permit.forget();
-                Ok(Some(self.take(needed, bytes as usize)))
-            }
-            Err(_) => Ok(None),
-        }
+        self.try_acquire_for(Budget::Receive, bytes)
     }
 
-    fn take(self: &Arc<Self>, needed: usize, len: usize) -> PieceBuffer {
-        let mut free = self.free.lock().expect("pool lock");
-        let at = free.len() - needed;
-        let slots = free.split_off(at);
-        PieceBuffer {
+    /// Like [`BufferPool::acquire_for`] but returns `None` instead of waiting.
+    pub fn try_acquire_for(
+        self: &Arc<Self>,
+        budget: Budget,
+        bytes: u64,
+    ) -> Result<Option<PieceBuffer>, PoolError> {
+        let needed = self.slots_for(budget, bytes)?;
+        Ok(self.take(budget, needed, bytes as usize))
+    }
+
+    /// Takes `needed` slots for `budget` if its reserve and the common part have them,
+    /// its own reserve first (leaving the common part to the others).
+    fn take(self: &Arc<Self>, budget: Budget, needed: usize, len: usize) -> Option<PieceBuffer> {
+        let mut accounts = self.accounts.lock().expect("pool lock");
+        let at = budget.index();
+        let reserve_free = self.shares.get(budget) - accounts.reserve_used[at];
+        let from_reserve = needed.min(reserve_free);
+        let from_common = needed - from_reserve;
+        if self.common - accounts.common_used < from_common {
+            return None;
+        }
+        accounts.reserve_used[at] += from_reserve;
+        accounts.common_used += from_common;
+        let split = accounts.free.len() - needed;
+        let slots = accounts.free.split_off(split);
+        Some(PieceBuffer {
             pool: Arc::clone(self),
             slots,
             len,
-        }
+            budget,
+            from_reserve,
+        })
     }
 
     pub fn free_slots(&self) -> usize {
-        self.permits.available_permits()
+        self.accounts.lock().expect("pool lock").free.len()
+    }
+
+    /// Slots `budget` could take now without waiting.
+    pub fn available(&self, budget: Budget) -> usize {
+        let accounts = self.accounts.lock().expect("pool lock");
+        self.shares.get(budget) - accounts.reserve_used[budget.index()] + self.common
+            - accounts.common_used
+    }
+
+    /// Buffers dropped while a device could still touch them (kept out of the pool for
+    /// good): always 0 unless an I/O path has a bug.
+    pub fn returned_while_device_owned(&self) -> u64 {
+        self.returned_while_device_owned.load(Ordering::Relaxed)
+    }
+
+    /// Fills every slot given back with [`POISON`], so bytes read from a slot after it was
+    /// returned are recognisable (tests).
+    pub fn set_poison_on_release(&self, on: bool) {
+        self.poison_on_release.store(on, Ordering::Relaxed);
     }
 }
 
@@ -256,6 +448,9 @@ pub struct PieceBuffer {
     pool: Arc<BufferPool>,
     slots: Vec<u32>,
     len: usize,
+    budget: Budget,
+    /// How many of the slots count against the budget's reserve (the rest: the common part).
+    from_reserve: usize,
 }
 
 impl PieceBuffer {
@@ -275,6 +470,35 @@ impl PieceBuffer {
 
     pub fn slot_size(&self) -> usize {
         self.pool.info.slot_size
+    }
+
+    /// The budget the slots were taken from.
+    pub fn budget(&self) -> Budget {
+        self.budget
+    }
+
+    /// Marks every slot as reachable by a device operation about to be started (an SQE, a
+    /// work request): until [`PieceBuffer::device_done`], dropping the buffer keeps its slots
+    /// out of the pool instead of handing them to the next piece.
+    pub(crate) fn lend_to_device(&self) {
+        for &slot in &self.slots {
+            self.pool.device_holds[slot as usize].fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    /// The completion of an operation marked with [`PieceBuffer::lend_to_device`] was seen.
+    pub(crate) fn device_done(&self) {
+        for &slot in &self.slots {
+            let before = self.pool.device_holds[slot as usize].fetch_sub(1, Ordering::AcqRel);
+            assert!(before > 0, "device_done without lend_to_device");
+        }
+    }
+
+    /// Whether a device operation may still touch one of the slots.
+    pub fn device_owned(&self) -> bool {
+        self.slots
+            .iter()
+            .any(|&slot| self.pool.device_holds[slot as usize].load(Ordering::Acquire) > 0)
     }
 
     /// The slot numbers, in content order.
@@ -359,15 +583,45 @@ impl PieceBuffer {
     }
 }
 
+impl std::fmt::Debug for PieceBuffer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PieceBuffer")
+            .field("len", &self.len)
+            .field("slots", &self.slots)
+            .field("budget", &self.budget)
+            .finish()
+    }
+}
+
 impl Drop for PieceBuffer {
     fn drop(&mut self) {
+        if self.device_owned() {
+            // A bug upstream: a device may still read or write these slots. Handing them to
+            // the next piece could send its bytes to the wrong place or let late bytes land
+            // in it, so they stay out of the pool for good.
+            self.pool
+                .returned_while_device_owned
+                .fetch_add(1, Ordering::Relaxed);
+            tracing::error!(
+                slots = ?self.slots,
+                "a buffer was dropped while a device may still use it; its slots are kept out of the pool"
+            );
+            return;
+        }
+        if self.pool.poison_on_release.load(Ordering::Relaxed) {
+            let capacity = self.capacity();
+            for chunk in self.chunks_upto_mut(capacity) {
+                chunk.fill(POISON);
+            }
+        }
         let count = self.slots.len();
-        self.pool
-            .free
-            .lock()
-            .expect("pool lock")
-            .append(&mut self.slots);
-        self.pool.permits.add_permits(count);
+        {
+            let mut accounts = self.pool.accounts.lock().expect("pool lock");
+            accounts.reserve_used[self.budget.index()] -= self.from_reserve;
+            accounts.common_used -= count - self.from_reserve;
+            accounts.free.append(&mut self.slots);
+        }
+        self.pool.returned.notify_waiters();
     }
 }
 
@@ -406,14 +660,120 @@ mod tests {
         let held = pool.acquire(8192).await.unwrap();
         pool.set_acquire_timeout(Some(Duration::from_millis(100)));
         let started = std::time::Instant::now();
-        let err = pool.acquire(100).await.err().expect("times out");
+        let err = pool.acquire(100).await.expect_err("times out");
         let waited = started.elapsed();
-        assert!(matches!(err, PoolError::Timeout { needed: 1, .. }), "{err}");
+        assert!(
+            matches!(
+                err,
+                PoolError::Timeout {
+                    needed: 1,
+                    budget: Budget::Receive,
+                    ..
+                }
+            ),
+            "{err}"
+        );
         assert!(
             waited >= Duration::from_millis(100) && waited < Duration::from_secs(5),
             "{waited:?}"
         );
         drop(held);
         pool.acquire(100).await.expect("free again");
+    }
+
+    #[tokio::test]
+    async fn budgets_take_their_reserve_first_and_borrow_the_common_part() {
+        let shares = Shares {
+            receive: 2,
+            serve: 2,
+            import: 1,
+        };
+        let pool = BufferPool::with_shares(8192, 8, shares).unwrap();
+        assert_eq!(pool.budget_limit(Budget::Receive), 5);
+        assert_eq!(pool.budget_limit(Budget::Import), 4);
+        // Receive: its 2 reserved, then the 3 common ones.
+        let a = pool.try_acquire(3 * 8192).unwrap().unwrap();
+        let b = pool.try_acquire(2 * 8192).unwrap().unwrap();
+        assert!(pool.try_acquire(8192).unwrap().is_none());
+        assert_eq!(pool.available(Budget::Receive), 0);
+        // The others still have their reserves, and nothing more.
+        assert_eq!(pool.available(Budget::Serve), 2);
+        assert!(pool
+            .try_acquire_for(Budget::Serve, 3 * 8192)
+            .unwrap()
+            .is_none());
+        let s = pool
+            .try_acquire_for(Budget::Serve, 2 * 8192)
+            .unwrap()
+            .unwrap();
+        let i = pool.try_acquire_for(Budget::Import, 8192).unwrap().unwrap();
+        assert_eq!(pool.free_slots(), 0);
+        // `a` took receive's reserve and one common slot: that one is anyone's again.
+        drop(a);
+        assert_eq!(pool.available(Budget::Serve), 1);
+        assert_eq!(pool.available(Budget::Import), 1);
+        assert_eq!(pool.available(Budget::Receive), 3);
+        drop((b, s, i));
+        assert_eq!(pool.free_slots(), 8);
+        assert!(matches!(
+            pool.try_acquire_for(Budget::Import, 5 * 8192),
+            Err(PoolError::PieceTooLarge {
+                budget: Budget::Import,
+                total: 4,
+                ..
+            })
+        ));
+        assert!(matches!(
+            BufferPool::with_shares(8192, 5, shares),
+            Err(PoolError::BadShares { .. })
+        ));
+    }
+
+    /// A waiter is woken by a return from another budget when that frees what it needs.
+    #[tokio::test]
+    async fn a_waiting_budget_is_woken_when_the_common_part_frees() {
+        let pool = BufferPool::with_shares(
+            8192,
+            3,
+            Shares {
+                receive: 1,
+                serve: 1,
+                import: 0,
+            },
+        )
+        .unwrap();
+        pool.set_acquire_timeout(Some(Duration::from_secs(5)));
+        let serve = pool.acquire_for(Budget::Serve, 2 * 8192).await.unwrap();
+        let own = pool.acquire(8192).await.unwrap();
+        let waiting = {
+            let pool = Arc::clone(&pool);
+            tokio::spawn(async move { pool.acquire(8192).await.map(|b| b.slots().len()) })
+        };
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(
+            !waiting.is_finished(),
+            "the common slot is the serve side's"
+        );
+        drop(serve);
+        assert_eq!(waiting.await.unwrap().unwrap(), 1);
+        drop(own);
+        assert_eq!(pool.free_slots(), 3);
+    }
+
+    /// The safety net: a buffer dropped while a device may still use it never goes back.
+    #[tokio::test]
+    async fn a_buffer_dropped_while_device_owned_stays_out_of_the_pool() {
+        let pool = BufferPool::new(8192, 2).unwrap();
+        let buf = pool.acquire(8192).await.unwrap();
+        buf.lend_to_device();
+        drop(buf);
+        assert_eq!(pool.returned_while_device_owned(), 1);
+        assert_eq!(pool.free_slots(), 1);
+        let buf = pool.acquire(8192).await.unwrap();
+        buf.lend_to_device();
+        buf.device_done();
+        drop(buf);
+        assert_eq!(pool.free_slots(), 1);
+        assert_eq!(pool.returned_while_device_owned(), 1);
     }
 }

@@ -183,19 +183,13 @@ impl RdmaService {
                 })
             }
         };
-        let buf = pool
-            .acquire(piece.length)
+        // From disk straight into the registered pool (O_DIRECT where possible), in a buffer
+        // of the serving budget.
+        let buf = self
+            .store
+            .read_piece(&task, piece)
             .await
-            .map_err(|e| RdmaError::verbs("buffer pool", e))?;
-        let file = task.read_file()?;
-        let (buf, read) = tokio::task::spawn_blocking(move || {
-            let mut buf = buf;
-            let read = crate::store::read_range_into(&file, piece.offset, &mut buf);
-            (buf, read)
-        })
-        .await
-        .expect("read task panicked");
-        read?;
+            .map_err(|e| RdmaError::verbs("reading the piece", e))?;
         for write in &writes {
             *next_wr += 1;
             let local = buf.address_of(write.piece_offset as usize);

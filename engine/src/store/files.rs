@@ -2,8 +2,9 @@
 
 use super::*;
 
-/// Descriptors each task may hold: the content for writes and for reads, the journal.
-pub(super) const FDS_PER_TASK: u64 = 3;
+/// Descriptors each task may hold: the content for writes, for reads through the page
+/// cache and for serving reads (O_DIRECT where it can), the journal.
+pub(super) const FDS_PER_TASK: u64 = 4;
 /// Descriptors left for everything else (sockets, the pool, rings, logs).
 pub(super) const FDS_RESERVED: u64 = 256;
 
@@ -20,6 +21,8 @@ pub(super) fn derived_open_tasks() -> usize {
 pub(super) struct Handles {
     /// The content through the page cache, for serving.
     pub(super) read: Option<Arc<File>>,
+    /// The content for piece reads by the I/O engine (serving), O_DIRECT where possible.
+    pub(super) serve: Option<Arc<TaskFile>>,
     pub(super) write: Option<Arc<WriteHandles>>,
 }
 

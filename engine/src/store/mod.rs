@@ -29,6 +29,9 @@ use std::time::Duration;
 mod create;
 mod faults;
 mod files;
+#[cfg(test)]
+mod io_tests;
+mod read;
 mod recovery;
 #[cfg(test)]
 mod tests;
@@ -103,6 +106,22 @@ pub enum StoreError {
     /// task's length, or [`Store::record_cloned_piece`] on a task not cloned into.
     #[error("task {task_id}: {reason}")]
     NotClonable { task_id: String, reason: String },
+    /// A piece read for serving ran out of time (the task is not failed: nothing was
+    /// written); its buffer stays with the read still in flight.
+    #[error("reading piece {piece} of task {task_id} took longer than {}s (store.io_timeout_secs)", after.as_secs_f64())]
+    ReadTimeout {
+        task_id: String,
+        piece: u32,
+        after: Duration,
+    },
+    /// The task's content file ends inside a piece it holds (truncated under the daemon).
+    #[error("piece {piece} of task {task_id}: the content file has {got} of its {expected} bytes")]
+    ShortRead {
+        task_id: String,
+        piece: u32,
+        got: usize,
+        expected: u64,
+    },
     #[error("{step} of piece {piece} of task {task_id} took longer than {}s (store.io_timeout_secs); the task is failed, its state on disk unknown", after.as_secs_f64())]
     Timeout {
         task_id: String,
@@ -322,7 +341,7 @@ impl StoredTask {
             return Ok(Arc::clone(read));
         }
         let read = Arc::new(File::open(self.content_path())?);
-        let first = handles.write.is_none();
+        let first = handles.write.is_none() && handles.serve.is_none();
         handles.read = Some(Arc::clone(&read));
         drop(handles);
         if first {
@@ -346,7 +365,7 @@ impl StoredTask {
             content: Arc::new(content),
             journal,
         });
-        let first = handles.read.is_none();
+        let first = handles.read.is_none() && handles.serve.is_none();
         handles.write = Some(Arc::clone(&write));
         drop(handles);
         if first {
@@ -365,6 +384,10 @@ impl StoredTask {
             .as_ref()
             .is_some_and(|r| Arc::strong_count(r) > 1)
             || handles
+                .serve
+                .as_ref()
+                .is_some_and(|r| Arc::strong_count(r) > 1)
+            || handles
                 .write
                 .as_ref()
                 .is_some_and(|w| Arc::strong_count(w) > 1);
@@ -372,6 +395,9 @@ impl StoredTask {
             return false;
         }
         handles.read = None;
+        if let Some(serve) = handles.serve.take() {
+            io.release_file(&serve);
+        }
         if let Some(write) = handles.write.take() {
             io.release_file(&write.content);
         }
@@ -605,6 +631,7 @@ impl Store {
             .ok_or_else(|| StoreError::NotFound(task_id.into()))?;
         task.deleted.store(true, Ordering::Release);
         task.close_write(&self.io);
+        task.close_serve(&self.io);
         self.files.forget(&task.id);
         fs::remove_dir_all(&task.dir)
             .map_err(|e| StoreError::io(format!("removing {}", task.dir.display()), e))
@@ -645,7 +672,7 @@ fn sync_dir(dir: &Path) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads `range` of `file` into `buf` (used by import).
+/// Reads `range` of `file` into `buf` with `pread` (import reads its source file this way).
 pub fn read_range_into(file: &File, offset: u64, buf: &mut PieceBuffer) -> io::Result<()> {
     let mut at = offset;
     for chunk in buf.chunks_mut() {
