@@ -5,7 +5,7 @@
 
 use std::io;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::Notify;
@@ -128,6 +128,9 @@ pub struct BufferPool {
     returned_while_device_owned: AtomicU64,
     /// Fill returned slots with [`POISON`] (tests).
     poison_on_release: AtomicBool,
+    /// Receive slots kept after their piece was written (see [`PieceBuffer::linger`]), by
+    /// every transfer together.
+    lingering_slots: AtomicUsize,
 }
 
 // SAFETY: the region is plain memory owned by the pool for its whole life; every byte of it is
@@ -221,6 +224,7 @@ impl BufferPool {
             device_holds: (0..slot_count).map(|_| AtomicU32::new(0)).collect(),
             returned_while_device_owned: AtomicU64::new(0),
             poison_on_release: AtomicBool::new(false),
+            lingering_slots: AtomicUsize::new(0),
         }))
     }
 
@@ -393,6 +397,18 @@ impl BufferPool {
         self.returned_while_device_owned.load(Ordering::Relaxed)
     }
 
+    /// Receive slots that may linger at once: a quarter of what the receive budget may hold.
+    /// Pieces waiting for a buffer then always find the other three quarters cycling, however
+    /// many transfers keep buffers for their hashers.
+    pub fn linger_limit(&self) -> usize {
+        self.budget_limit(Budget::Receive) / 4
+    }
+
+    /// Receive slots lingering now, all transfers together.
+    pub fn lingering_slots(&self) -> usize {
+        self.lingering_slots.load(Ordering::Acquire)
+    }
+
     /// Fills every slot given back with [`POISON`], so bytes read from a slot after it was
     /// returned are recognisable (tests).
     pub fn set_poison_on_release(&self, on: bool) {
@@ -499,6 +515,26 @@ impl PieceBuffer {
         self.slots
             .iter()
             .any(|&slot| self.pool.device_holds[slot as usize].load(Ordering::Acquire) > 0)
+    }
+
+    /// Keeps this buffer past the work it was taken for (a written piece kept for the
+    /// transfer's hasher), if the pool-wide linger limit allows; else gives it back unchanged.
+    /// Without one cap for all transfers, many transfers each keeping a few pieces ahead of
+    /// their hash frontier could hold every receive slot while their frontier pieces wait for
+    /// one: a deadlock that only the acquire timeout would end.
+    pub fn linger(self) -> Result<LingeringBuffer, PieceBuffer> {
+        let slots = self.slots.len();
+        let limit = self.pool.linger_limit();
+        let taken =
+            self.pool
+                .lingering_slots
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |now| {
+                    (now + slots <= limit).then_some(now + slots)
+                });
+        match taken {
+            Ok(_) => Ok(LingeringBuffer { buf: Some(self) }),
+            Err(_) => Err(self),
+        }
     }
 
     /// The slot numbers, in content order.
@@ -622,6 +658,32 @@ impl Drop for PieceBuffer {
             accounts.free.append(&mut self.slots);
         }
         self.pool.returned.notify_waiters();
+    }
+}
+
+/// A buffer kept under the pool's linger limit ([`PieceBuffer::linger`]); the limit's share
+/// is given back with the slots when it drops.
+pub struct LingeringBuffer {
+    buf: Option<PieceBuffer>,
+}
+
+impl std::ops::Deref for LingeringBuffer {
+    type Target = PieceBuffer;
+
+    fn deref(&self) -> &PieceBuffer {
+        self.buf.as_ref().expect("present until dropped")
+    }
+}
+
+impl Drop for LingeringBuffer {
+    fn drop(&mut self) {
+        if let Some(buf) = self.buf.take() {
+            let pool = Arc::clone(&buf.pool);
+            let slots = buf.slots.len();
+            // The slots go back first, so a waiter woken by them also sees the limit's room.
+            drop(buf);
+            pool.lingering_slots.fetch_sub(slots, Ordering::AcqRel);
+        }
     }
 }
 

@@ -6,24 +6,27 @@
 //! buffer goes back to the pool, so the common case reads nothing twice and the hash is done
 //! about when the last piece is written. Pieces held before the transfer, or written too far
 //! ahead of the frontier, are read back from the content file when the frontier reaches
-//! them. Buffers kept for the hasher are capped at a quarter of the pool, so fetches always
-//! have buffers and a slow piece at the frontier cannot starve the pieces behind it.
+//! them. Buffers kept for the hashers of all transfers together are capped by the pool's
+//! linger limit (a quarter of the receive budget, [`PieceBuffer::linger`]), so fetches always
+//! have buffers and a slow piece at one transfer's frontier cannot starve any transfer's
+//! pieces: a cap per transfer let 64 concurrent transfers keep every receive slot while
+//! their frontier pieces waited for one (found by tests/tests/load.rs).
 
 use crate::geometry::Geometry;
-use crate::io::{BufferPool, PieceBuffer};
+use crate::io::{LingeringBuffer, PieceBuffer};
 use crate::manifest::{ContentDigest, ContentHasher};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
 enum Offer {
     /// A piece written, its bytes still in this buffer.
-    Buffer(u32, PieceBuffer),
+    Buffer(u32, LingeringBuffer),
     /// A piece written whose buffer was not kept: read it back when its turn comes.
     OnDisk(u32),
     /// Every piece is held: hash what is left and answer.
@@ -42,14 +45,11 @@ pub struct HashCounts {
 struct Frontier {
     /// The next piece number to hash.
     next: AtomicU32,
-    /// Bytes of buffers handed to the hasher and not yet hashed.
-    kept: AtomicUsize,
 }
 
 pub(super) struct InOrderHash {
     offers: mpsc::Sender<Offer>,
     frontier: Arc<Frontier>,
-    keep_limit: usize,
     thread: Option<JoinHandle<io::Result<(ContentDigest, HashCounts)>>>,
 }
 
@@ -59,7 +59,6 @@ impl InOrderHash {
     pub(super) fn start(
         geometry: Geometry,
         content: PathBuf,
-        pool: &BufferPool,
         held: impl Iterator<Item = u32>,
     ) -> InOrderHash {
         let (offers, received) = mpsc::channel();
@@ -68,7 +67,6 @@ impl InOrderHash {
         }
         let frontier = Arc::new(Frontier {
             next: AtomicU32::new(0),
-            kept: AtomicUsize::new(0),
         });
         let shared = Arc::clone(&frontier);
         let thread = std::thread::Builder::new()
@@ -78,20 +76,20 @@ impl InOrderHash {
         InOrderHash {
             offers,
             frontier,
-            keep_limit: pool.total_bytes() / 4,
             thread: Some(thread),
         }
     }
 
     /// A piece is durable: hand its buffer over when the frontier will soon need it (and
-    /// the cap allows), else let the buffer go and have the piece read back later.
+    /// the pool's linger limit allows), else let the buffer go and have the piece read back
+    /// later.
     pub(super) fn written(&self, number: u32, buf: PieceBuffer) {
         let next = self.frontier.next.load(Ordering::Acquire);
-        let len = buf.len();
-        let kept = self.frontier.kept.load(Ordering::Acquire);
-        let offer = if number >= next && kept + len <= self.keep_limit {
-            self.frontier.kept.fetch_add(len, Ordering::AcqRel);
-            Offer::Buffer(number, buf)
+        let offer = if number >= next {
+            match buf.linger() {
+                Ok(kept) => Offer::Buffer(number, kept),
+                Err(_returned) => Offer::OnDisk(number),
+            }
         } else {
             drop(buf);
             Offer::OnDisk(number)
@@ -120,7 +118,7 @@ fn hash_in_order(
     let mut hasher = ContentHasher::default();
     let mut counts = HashCounts::default();
     // Pieces ahead of the frontier: Some(buffer), or None to read back.
-    let mut waiting: BTreeMap<u32, Option<PieceBuffer>> = BTreeMap::new();
+    let mut waiting: BTreeMap<u32, Option<LingeringBuffer>> = BTreeMap::new();
     let mut file: Option<File> = None;
     let mut scratch = Vec::new();
     let mut next = 0u32;
@@ -134,9 +132,7 @@ fn hash_in_order(
                 .map_err(|_| io::Error::new(io::ErrorKind::Interrupted, "transfer ended"))?;
             match offer {
                 // A piece offered again (written twice, or hashed already) changes nothing.
-                Offer::Buffer(number, buf) if number < next || waiting.contains_key(&number) => {
-                    frontier.kept.fetch_sub(buf.len(), Ordering::AcqRel);
-                }
+                Offer::Buffer(number, _buf) if number < next || waiting.contains_key(&number) => {}
                 Offer::Buffer(number, buf) => {
                     waiting.insert(number, Some(buf));
                 }
@@ -156,7 +152,6 @@ fn hash_in_order(
                     for chunk in buf.chunks() {
                         hasher.update(chunk);
                     }
-                    frontier.kept.fetch_sub(buf.len(), Ordering::AcqRel);
                     counts.from_buffer += 1;
                 }
                 // Not yet written: wait for the next offer (at the end every piece is held).
@@ -186,6 +181,7 @@ fn hash_in_order(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::io::BufferPool;
 
     fn content(dir: &std::path::Path, len: usize) -> (PathBuf, Vec<u8>) {
         let bytes: Vec<u8> = (0..len as u32)
@@ -223,7 +219,7 @@ mod tests {
         let geometry = Geometry::new(bytes.len() as u64, piece as u64).unwrap();
         let pool = BufferPool::new(4 << 20, 32).unwrap();
         // Piece 0 was held before the transfer; the others arrive 2, 1, 4, 5, 3.
-        let hash = InOrderHash::start(geometry, path, &pool, [0u32].into_iter());
+        let hash = InOrderHash::start(geometry, path, [0u32].into_iter());
         for number in [2u32, 1, 4, 5, 3] {
             let range = geometry.piece(number).unwrap();
             let slice = &bytes[range.offset as usize..(range.offset + range.length) as usize];
@@ -242,6 +238,40 @@ mod tests {
     }
 
     #[test]
+    fn transfers_together_keep_no_more_than_the_pools_linger_limit() {
+        let dir = tempfile::tempdir().unwrap();
+        let piece = 4usize << 20;
+        let (path, bytes) = content(dir.path(), 6 * piece);
+        let geometry = Geometry::new(bytes.len() as u64, piece as u64).unwrap();
+        let pool = BufferPool::new(4 << 20, 32).unwrap();
+        let limit = pool.linger_limit();
+        // Many transfers, each with its frontier piece still missing: what they keep
+        // together stays within the limit, so the frontier pieces can still get buffers.
+        let hashes: Vec<_> = (0..8)
+            .map(|_| InOrderHash::start(geometry, path.clone(), std::iter::empty()))
+            .collect();
+        for hash in &hashes {
+            for number in 1..6u32 {
+                let range = geometry.piece(number).unwrap();
+                let slice = &bytes[range.offset as usize..(range.offset + range.length) as usize];
+                hash.written(number, buffer(&pool, slice));
+                assert!(pool.lingering_slots() <= limit);
+            }
+        }
+        assert_eq!(pool.lingering_slots(), limit);
+        assert!(pool.free_slots() >= 32 - limit);
+        for hash in hashes {
+            let range = geometry.piece(0).unwrap();
+            let slice = &bytes[range.offset as usize..(range.offset + range.length) as usize];
+            hash.written(0, buffer(&pool, slice));
+            let (digest, _) = hash.finish().unwrap();
+            assert_eq!(digest, expected(&bytes));
+        }
+        assert_eq!(pool.lingering_slots(), 0);
+        assert_eq!(pool.free_slots(), 32);
+    }
+
+    #[test]
     fn buffers_past_a_quarter_of_the_pool_are_read_back_instead_of_kept() {
         let dir = tempfile::tempdir().unwrap();
         let piece = 4usize << 20;
@@ -249,7 +279,7 @@ mod tests {
         let geometry = Geometry::new(bytes.len() as u64, piece as u64).unwrap();
         // 16 slots: at most 4 buffers kept for the hasher.
         let pool = BufferPool::new(4 << 20, 16).unwrap();
-        let hash = InOrderHash::start(geometry, path, &pool, std::iter::empty());
+        let hash = InOrderHash::start(geometry, path, std::iter::empty());
         // Piece 0 comes last: everything else waits ahead of the frontier.
         for number in (1..12u32).chain([0]) {
             let range = geometry.piece(number).unwrap();
@@ -272,7 +302,7 @@ mod tests {
         let (path, bytes) = content(dir.path(), 8 << 20);
         let geometry = Geometry::new(bytes.len() as u64, 4 << 20).unwrap();
         let pool = BufferPool::new(4 << 20, 8).unwrap();
-        let hash = InOrderHash::start(geometry, path, &pool, std::iter::empty());
+        let hash = InOrderHash::start(geometry, path, std::iter::empty());
         hash.written(1, buffer(&pool, &bytes[4 << 20..]));
         drop(hash);
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

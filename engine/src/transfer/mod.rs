@@ -437,7 +437,6 @@ impl Engine {
             hash::InOrderHash::start(
                 geometry,
                 task.content_path(),
-                self.store.pool(),
                 (0..geometry.piece_count()).filter(|&n| task.held(n).is_some()),
             )
         });
