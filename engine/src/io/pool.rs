@@ -678,11 +678,11 @@ impl std::ops::Deref for LingeringBuffer {
 impl Drop for LingeringBuffer {
     fn drop(&mut self) {
         if let Some(buf) = self.buf.take() {
-            let pool = Arc::clone(&buf.pool);
-            let slots = buf.slots.len();
-            // The slots go back first, so a waiter woken by them also sees the limit's room.
-            drop(buf);
-            pool.lingering_slots.fetch_sub(slots, Ordering::AcqRel);
+            // Only `linger` reads the count and it never waits, so which goes back first
+            // (the share here, the slots as `buf` drops) does not matter.
+            buf.pool
+                .lingering_slots
+                .fetch_sub(buf.slots.len(), Ordering::AcqRel);
         }
     }
 }

@@ -205,6 +205,12 @@ mod tests {
         buf
     }
 
+    /// The bytes of piece `number` of `bytes`.
+    fn piece_bytes<'a>(geometry: &Geometry, bytes: &'a [u8], number: u32) -> &'a [u8] {
+        let range = geometry.piece(number).unwrap();
+        &bytes[range.offset as usize..(range.offset + range.length) as usize]
+    }
+
     fn expected(bytes: &[u8]) -> ContentDigest {
         let mut hasher = ContentHasher::default();
         hasher.update(bytes);
@@ -221,8 +227,7 @@ mod tests {
         // Piece 0 was held before the transfer; the others arrive 2, 1, 4, 5, 3.
         let hash = InOrderHash::start(geometry, path, [0u32].into_iter());
         for number in [2u32, 1, 4, 5, 3] {
-            let range = geometry.piece(number).unwrap();
-            let slice = &bytes[range.offset as usize..(range.offset + range.length) as usize];
+            let slice = piece_bytes(&geometry, &bytes, number);
             hash.written(number, buffer(&pool, slice));
         }
         let (digest, counts) = hash.finish().unwrap();
@@ -252,8 +257,7 @@ mod tests {
             .collect();
         for hash in &hashes {
             for number in 1..6u32 {
-                let range = geometry.piece(number).unwrap();
-                let slice = &bytes[range.offset as usize..(range.offset + range.length) as usize];
+                let slice = piece_bytes(&geometry, &bytes, number);
                 hash.written(number, buffer(&pool, slice));
                 assert!(pool.lingering_slots() <= limit);
             }
@@ -261,8 +265,7 @@ mod tests {
         assert_eq!(pool.lingering_slots(), limit);
         assert!(pool.free_slots() >= 32 - limit);
         for hash in hashes {
-            let range = geometry.piece(0).unwrap();
-            let slice = &bytes[range.offset as usize..(range.offset + range.length) as usize];
+            let slice = piece_bytes(&geometry, &bytes, 0);
             hash.written(0, buffer(&pool, slice));
             let (digest, _) = hash.finish().unwrap();
             assert_eq!(digest, expected(&bytes));
@@ -282,8 +285,7 @@ mod tests {
         let hash = InOrderHash::start(geometry, path, std::iter::empty());
         // Piece 0 comes last: everything else waits ahead of the frontier.
         for number in (1..12u32).chain([0]) {
-            let range = geometry.piece(number).unwrap();
-            let slice = &bytes[range.offset as usize..(range.offset + range.length) as usize];
+            let slice = piece_bytes(&geometry, &bytes, number);
             hash.written(number, buffer(&pool, slice));
             assert!(
                 pool.free_slots() >= 12,
