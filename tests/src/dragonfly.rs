@@ -1,7 +1,12 @@
 //! A test double of Dragonfly's scheduler (`scheduler.v2.Scheduler`), written with
 //! `dragonfly-api`'s generated server trait, reproducing the parts of the stock scheduler
-//! (v2.5) that peers see:
-//! - `AnnounceHost` records the host (its `Host` message, as announced last) and counts calls.
+//! (v2.5) that peers see (Ferry daemons and the stock dfdaemon of tests/src/stock.rs):
+//! - `grpc.health.v1` on the same port, serving (`""` and `scheduler.v2.Scheduler`): a
+//!   dfdaemon without a manager health-checks the schedulers its dynconfig lists and uses only
+//!   the serving ones.
+//! - `AnnounceHost` records the host (its `Host` message, as announced last) and counts calls;
+//!   `DeleteHost` (a dfdaemon shutting down) forgets the host, so its peers are no longer handed
+//!   out as parents.
 //! - `AnnouncePeer`: the first message must be `RegisterPeerRequest`. With
 //!   `download.metadata_only` (v2.5.1+) the peer is recorded as holding the task (lengths from
 //!   `actual_content_length`/`actual_piece_count`) and answered `MetadataOnlyResponse`.
@@ -15,10 +20,14 @@
 //!   `DownloadPieceBackToSourceFinishedRequest` (counted; they set the task's length and piece
 //!   count); `DownloadPieceFailedRequest` recorded with its parent. Started, finished and failed
 //!   move the peer's state.
+//! - Like the stock scheduler, the double ends the `AnnouncePeer` stream (status OK) after
+//!   `DownloadPeerFinishedRequest`, `DownloadPeerBackToSourceFinishedRequest`,
+//!   `DownloadPeerFailedRequest` or `DownloadPeerBackToSourceFailedRequest`: the stock dfdaemon
+//!   waits for that close before it reports a download done.
 //!
 //! Not reproduced: scoring (load, IDC, location), the 15-peer sample, blocklists, retry limits
-//! and their back-off, GC, the manager, `StatPeer`/`StatTask`/`DeleteHost` and the other
-//! services (UNIMPLEMENTED).
+//! and their back-off, GC, the manager, `StatPeer`/`StatTask` and the other services
+//! (UNIMPLEMENTED).
 
 use dragonfly_api::common::v2::{Host, Peer, Task};
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
@@ -96,6 +105,8 @@ pub struct TaskRecord {
 pub struct DoubleState {
     pub hosts: HashMap<String, Host>,
     pub host_announces: u32,
+    /// Host ids named by DeleteHost, in order.
+    pub deleted_hosts: Vec<String>,
     pub tasks: HashMap<String, TaskRecord>,
 }
 
@@ -193,8 +204,13 @@ impl SchedulerDouble {
         let addr = listener.local_addr().unwrap();
         let double = SchedulerDouble::default();
         let state = Arc::clone(&double.state);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<SchedulerServer<SchedulerDouble>>()
+            .await;
         tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .add_service(health_service)
                 .add_service(SchedulerServer::new(double))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
@@ -320,7 +336,21 @@ impl Scheduler for SchedulerDouble {
         let double = self.clone();
         tokio::spawn(async move {
             while let Some(Ok(message)) = incoming.next().await {
-                if let Some(response) = double.handle(message) {
+                let last = matches!(
+                    message.request,
+                    Some(
+                        PeerRequest::DownloadPeerFinishedRequest(_)
+                            | PeerRequest::DownloadPeerBackToSourceFinishedRequest(_)
+                            | PeerRequest::DownloadPeerFailedRequest(_)
+                            | PeerRequest::DownloadPeerBackToSourceFailedRequest(_)
+                    )
+                );
+                let response = double.handle(message);
+                if last {
+                    // The stock scheduler returns from AnnouncePeer here: the stream ends.
+                    return;
+                }
+                if let Some(response) = response {
                     let response = AnnouncePeerResponse {
                         response: Some(response),
                     };
@@ -385,9 +415,13 @@ impl Scheduler for SchedulerDouble {
     }
     async fn delete_host(
         &self,
-        _: tonic::Request<dragonfly_api::scheduler::v2::DeleteHostRequest>,
+        request: tonic::Request<dragonfly_api::scheduler::v2::DeleteHostRequest>,
     ) -> Result<tonic::Response<()>, Status> {
-        Err(unimplemented("delete_host"))
+        let host_id = request.into_inner().host_id;
+        let mut state = self.state.lock().unwrap();
+        state.hosts.remove(&host_id);
+        state.deleted_hosts.push(host_id);
+        Ok(tonic::Response::new(()))
     }
     async fn announce_cache_peer(
         &self,
