@@ -355,3 +355,182 @@ async fn a_ferry_child_downloads_from_a_stock_dfdaemon_that_went_back_to_source(
         "Ferry child of a stock parent: stock back to source {size} bytes in {stock_in:?}, Ferry from the stock dfdaemon in {ferry_in:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_mixed_cluster_of_ferry_and_stock_peers_moves_one_file_byte_identically() {
+    let Some(bin) = bin_dir_or_skip("a_mixed_cluster_of_ferry_and_stock_peers") else {
+        return;
+    };
+    let root = scratch("stock-mixed");
+    let size = 38 * MIB + 777; // 10 pieces
+    let pieces = 10;
+    let (origin, file) = origin_with(root.path(), "mixed.bin", size, 23);
+    let url = origin.url("mixed.bin");
+    let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
+    let double = SchedulerDouble::start().await;
+    let scheduler = double.addr.to_string();
+    let mut seed = ferry_peer(root.path(), "seed", &scheduler).await;
+    let receiver = ferry_peer(root.path(), "receiver", &scheduler).await;
+    let second = ferry_peer(root.path(), "second", &scheduler).await;
+    let stock = StockDfdaemon::start(&bin, root.path(), "stock", double.addr).await;
+    wait_for(
+        &double.state,
+        "all four hosts announced",
+        || stock.log_tail(60),
+        |s| s.hosts.len() == 4,
+    )
+    .await;
+
+    // origin -> Ferry seed, back to source.
+    let printed = pull_cli(&seed, &["--url", &url], || String::new());
+    assert_eq!(printed["pieces"].as_array().unwrap().len(), pieces);
+    let origin_sent = origin_bytes(&origin.stats().await, "/mixed.bin");
+    let seed_peer = peers_on(&double.state.lock().unwrap(), &task_id, "127.0.0.1-seed")[0].clone();
+    assert_eq!(seed_peer.answers, ["need_back_to_source"]);
+
+    // Ferry seed -> a stock dfdaemon and a Ferry receiver at once.
+    let stock_out = root.path().join("stock-out.bin");
+    let receiver_out = root.path().join("receiver-out.bin");
+    let control = receiver.control.clone();
+    let receiver_args = [
+        "--url".to_owned(),
+        url.clone(),
+        "--output".to_owned(),
+        receiver_out.display().to_string(),
+    ];
+    let receiver_pull = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(ferry_bin())
+            .args(["--control", control.to_str().unwrap(), "--json", "pull"])
+            .args(&receiver_args)
+            .output()
+            .unwrap()
+    });
+    let fetch = Instant::now();
+    stock.dfget(&url, &stock_out, DFGET_LIMIT).await;
+    let ran = tokio::time::timeout(DFGET_LIMIT, receiver_pull)
+        .await
+        .expect("the receiver's pull ran over its limit")
+        .unwrap();
+    let both_in = fetch.elapsed();
+    assert!(
+        ran.status.success(),
+        "{}\n{}",
+        String::from_utf8_lossy(&ran.stderr),
+        receiver.log_text()
+    );
+    assert!(same_contents(&file, &stock_out), "stock bytes differ");
+    assert!(same_contents(&file, &receiver_out), "receiver bytes differ");
+    wait_for(
+        &double.state,
+        "the stock dfdaemon and the receiver finished",
+        || stock.log_tail(80),
+        |s| {
+            [stock.host_id.as_str(), "127.0.0.1-receiver"]
+                .iter()
+                .all(|host| {
+                    peers_on(s, &task_id, host)
+                        .iter()
+                        .any(|p| p.state == PeerState::Finished)
+                })
+        },
+    )
+    .await;
+    let stock_peer = peers_on(&double.state.lock().unwrap(), &task_id, &stock.host_id)[0].clone();
+    let receiver_peer = peers_on(
+        &double.state.lock().unwrap(),
+        &task_id,
+        "127.0.0.1-receiver",
+    )[0]
+    .clone();
+    for peer in [&stock_peer, &receiver_peer] {
+        assert_eq!(
+            peer.pieces_from.get(&seed_peer.id),
+            Some(&(pieces as u32)),
+            "{peer:?}"
+        );
+    }
+
+    // The seed leaves the cluster (DeleteHost, as a stopping dfdaemon sends it): the second
+    // Ferry receiver gets the stock dfdaemon and the first receiver as parents.
+    seed.kill();
+    let mut scheduler_client =
+        dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient::connect(format!(
+            "http://{scheduler}"
+        ))
+        .await
+        .unwrap();
+    scheduler_client
+        .delete_host(dragonfly_api::scheduler::v2::DeleteHostRequest {
+            host_id: "127.0.0.1-seed".into(),
+        })
+        .await
+        .unwrap();
+    let second_out = root.path().join("second-out.bin");
+    let fetch = Instant::now();
+    let printed = pull_cli(
+        &second,
+        &["--url", &url, "--output", second_out.to_str().unwrap()],
+        || format!("{}\n{}", stock.log_tail(80), receiver.log_text()),
+    );
+    let second_in = fetch.elapsed();
+    assert!(
+        same_contents(&file, &second_out),
+        "second receiver's bytes differ"
+    );
+    let got = printed["pieces"].as_array().unwrap();
+    assert_eq!(got.len(), pieces);
+    let stock_vortex = format!("127.0.0.1:{}", stock.tcp_port);
+    let from_stock = got
+        .iter()
+        .filter(|p| p["source"] == stock_vortex.as_str())
+        .count();
+    let from_receiver = got
+        .iter()
+        .filter(|p| p["source"] == receiver.data_address.as_str())
+        .count();
+    assert_eq!(from_stock + from_receiver, pieces, "{got:?}");
+    assert!(
+        from_stock > 0 && from_receiver > 0,
+        "pieces from both parents: {got:?}"
+    );
+    wait_for(
+        &double.state,
+        "the second receiver finished",
+        || second.log_text(),
+        |s| {
+            peers_on(s, &task_id, "127.0.0.1-second")
+                .iter()
+                .any(|p| p.state == PeerState::Finished)
+        },
+    )
+    .await;
+    let second_peer =
+        peers_on(&double.state.lock().unwrap(), &task_id, "127.0.0.1-second")[0].clone();
+    assert_eq!(
+        second_peer.pieces_from.get(&stock_peer.id).copied(),
+        Some(from_stock as u32),
+        "{second_peer:?}"
+    );
+    assert_eq!(
+        second_peer.pieces_from.get(&receiver_peer.id).copied(),
+        Some(from_receiver as u32),
+        "{second_peer:?}"
+    );
+    assert_eq!(
+        stock.metric("dragonfly_dfdaemon_upload_traffic").await,
+        Some(
+            got.iter()
+                .filter(|p| p["source"] == stock_vortex.as_str())
+                .map(|p| p["length"].as_u64().unwrap() as f64)
+                .sum()
+        )
+    );
+    assert!(
+        origin_bytes(&origin.stats().await, "/mixed.bin") <= origin_sent + 1,
+        "after the seed, only the stock dfdaemon's one-byte length probe reached the origin: {}",
+        origin.stats().await
+    );
+    eprintln!(
+        "mixed cluster: stock dfdaemon + Ferry receiver from the seed at once in {both_in:?}; second receiver ({from_stock} pieces from stock, {from_receiver} from the receiver) in {second_in:?}"
+    );
+}
