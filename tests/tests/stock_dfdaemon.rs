@@ -382,7 +382,7 @@ async fn a_mixed_cluster_of_ferry_and_stock_peers_moves_one_file_byte_identicall
     .await;
 
     // origin -> Ferry seed, back to source.
-    let printed = pull_cli(&seed, &["--url", &url], || String::new());
+    let printed = pull_cli(&seed, &["--url", &url], String::new);
     assert_eq!(printed["pieces"].as_array().unwrap().len(), pieces);
     let origin_sent = origin_bytes(&origin.stats().await, "/mixed.bin");
     let seed_peer = peers_on(&double.state.lock().unwrap(), &task_id, "127.0.0.1-seed")[0].clone();
