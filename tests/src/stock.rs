@@ -310,13 +310,18 @@ proxy:
         );
     }
 
-    /// One series of its `/metrics` (`name` or `name{labels}`, as the exposition writes it);
-    /// None when absent.
-    pub async fn metric(&self, series: &str) -> Option<f64> {
+    /// Its `/metrics` exposition.
+    pub async fn scrape(&self) -> String {
         let (status, body) =
             crate::http_get(&format!("127.0.0.1:{}", self.metrics_port), "/metrics").await;
         assert_eq!(status, 200, "{body}");
-        body.lines().find_map(|line| {
+        body
+    }
+
+    /// One series of its `/metrics` (`name` or `name{labels}`, as the exposition writes it);
+    /// None when absent.
+    pub async fn metric(&self, series: &str) -> Option<f64> {
+        self.scrape().await.lines().find_map(|line| {
             let rest = line.strip_prefix(series)?;
             let value = rest.strip_prefix("{}").unwrap_or(rest).strip_prefix(' ')?;
             value.trim().parse().ok()

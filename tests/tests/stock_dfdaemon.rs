@@ -107,6 +107,19 @@ fn origin_bytes(stats: &serde_json::Value, path: &str) -> u64 {
     stats[path]["bytes"].as_u64().unwrap_or(0)
 }
 
+/// One series of the stock dfdaemon's metrics; panics with its traffic series when absent.
+async fn stock_metric(stock: &StockDfdaemon, series: &str) -> f64 {
+    if let Some(value) = stock.metric(series).await {
+        return value;
+    }
+    let text = stock.scrape().await;
+    let traffic: Vec<&str> = text.lines().filter(|l| l.contains("traffic")).collect();
+    panic!(
+        "{series} is not in the stock dfdaemon's metrics; its traffic series:\n{}",
+        traffic.join("\n")
+    )
+}
+
 /// An origin serving one random file of `size` bytes as `/name`.
 fn origin_with(
     root: &Path,
@@ -218,9 +231,13 @@ async fn a_stock_dfdaemon_downloads_a_task_from_a_ferry_parent_over_vortex() {
     // The stock side: every byte came from a remote peer, none from the origin (the stock
     // dfdaemon only asks the origin for the length: a one-byte ranged GET).
     assert_eq!(
-        stock
-            .metric(r#"dragonfly_dfdaemon_download_traffic{type="REMOTE_PEER"}"#)
-            .await,
+        Some(
+            stock_metric(
+                &stock,
+                r#"dragonfly_client_download_traffic{type="REMOTE_PEER"}"#
+            )
+            .await
+        ),
         Some(size as f64)
     );
     assert!(
@@ -279,9 +296,13 @@ async fn a_ferry_child_downloads_from_a_stock_dfdaemon_that_went_back_to_source(
     assert_eq!(stock_peer.answers, ["need_back_to_source"]);
     assert_eq!(stock_peer.back_to_source_pieces, 5, "{stock_peer:?}");
     assert_eq!(
-        stock
-            .metric(r#"dragonfly_dfdaemon_download_traffic{type="BACK_TO_SOURCE"}"#)
-            .await,
+        Some(
+            stock_metric(
+                &stock,
+                r#"dragonfly_client_download_traffic{type="BACK_TO_SOURCE"}"#
+            )
+            .await
+        ),
         Some(size as f64)
     );
     let origin_sent = origin_bytes(&origin.stats().await, "/weights.bin");
@@ -348,7 +369,7 @@ async fn a_ferry_child_downloads_from_a_stock_dfdaemon_that_went_back_to_source(
     );
     // The stock side sent every byte.
     assert_eq!(
-        stock.metric("dragonfly_dfdaemon_upload_traffic").await,
+        Some(stock_metric(&stock, "dragonfly_client_upload_traffic").await),
         Some(size as f64)
     );
     eprintln!(
@@ -517,7 +538,7 @@ async fn a_mixed_cluster_of_ferry_and_stock_peers_moves_one_file_byte_identicall
         "{second_peer:?}"
     );
     assert_eq!(
-        stock.metric("dragonfly_dfdaemon_upload_traffic").await,
+        Some(stock_metric(&stock, "dragonfly_client_upload_traffic").await),
         Some(
             got.iter()
                 .filter(|p| p["source"] == stock_vortex.as_str())
