@@ -340,5 +340,11 @@ proxy:
 impl Drop for StockDfdaemon {
     fn drop(&mut self) {
         self.kill();
+        // The test's scratch dir goes with the test: `FERRY_STOCK_LOG_DIR=DIR` keeps the log.
+        if let Some(dir) = std::env::var_os("FERRY_STOCK_LOG_DIR") {
+            let dir = PathBuf::from(dir);
+            let _ = std::fs::create_dir_all(&dir);
+            let _ = std::fs::copy(&self.log, dir.join(format!("{}.log", self.name)));
+        }
     }
 }
