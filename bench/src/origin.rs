@@ -153,6 +153,7 @@ pub async fn bench(dir: &Path, args: &OriginArgs) -> anyhow::Result<Report> {
                         ..Default::default()
                     }),
                     origin_connections: conns,
+                    source_weights: Vec::new(),
                 })
                 .await?;
             let (events, mut drain) = tokio::sync::mpsc::channel(64);

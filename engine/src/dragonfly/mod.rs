@@ -3,6 +3,7 @@
 //! announces this host and its tasks and schedules `ferry pull --url` ([`scheduler`]).
 //! Every message is `dragonfly-api`'s.
 
+pub mod pull;
 pub mod scheduler;
 pub mod upload;
 

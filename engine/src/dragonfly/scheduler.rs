@@ -6,7 +6,7 @@
 
 use super::Peer;
 use crate::geometry::{self, Geometry};
-use crate::transfer::{PieceOutcome, TransferSummary};
+use crate::transfer::{FailedAttempt, PieceOutcome, TransferSummary};
 use dragonfly_api::common::v2::{Download, Piece, Priority, TaskType, TrafficType};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
 use dragonfly_api::dfdaemon::v2::{SyncHostRequest, SyncPiecesRequest};
@@ -313,10 +313,75 @@ impl Scheduler {
             conversation,
             parents: HashMap::new(),
             back_to_source: false,
+            started: false,
+            reschedules: 0,
             peer: Arc::clone(&self.peer),
         };
+        let plan = self.settle(spec, &mut session, first).await;
+        (plan, Some(session))
+    }
+
+    /// Mid-transfer, when every parent of the plan failed: ReschedulePeerRequest naming
+    /// them, then the scheduler's new answer settled like the first one (new parents, or
+    /// back to source; back to source at once once [`MAX_RESCHEDULES`] are spent).
+    pub async fn reschedule(&self, spec: &PullSpec, session: &mut Session, why: &str) -> Plan {
+        if session.reschedules >= MAX_RESCHEDULES {
+            let reason = format!(
+                "{MAX_RESCHEDULES} reschedules spent and the parents failed ({why}); back to source"
+            );
+            session
+                .begin(&Plan::BackToSource {
+                    reason: reason.clone(),
+                })
+                .await;
+            self.peer.metrics.dragonfly_sent_back_to_source();
+            return Plan::BackToSource { reason };
+        }
+        session.reschedules += 1;
+        self.peer.metrics.dragonfly_rescheduled();
+        let failed: Vec<dragonfly_api::common::v2::Peer> = session
+            .parents
+            .values()
+            .map(|id| dragonfly_api::common::v2::Peer {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .collect();
+        tracing::info!(task_id = %spec.task_id, reason = %why, "every parent failed; rescheduling");
+        session
+            .conversation
+            .send(PeerRequest::ReschedulePeerRequest(ReschedulePeerRequest {
+                candidate_parents: failed,
+                description: Some(why.to_owned()),
+            }))
+            .await;
+        let answer = match session.conversation.next(CALL_TIMEOUT).await {
+            Ok(answer) => answer,
+            Err(status) => {
+                let plan = Plan::BackToSource {
+                    reason: format!(
+                        "the scheduler did not answer a reschedule ({}); back to source",
+                        status.message()
+                    ),
+                };
+                self.peer.metrics.dragonfly_sent_back_to_source();
+                session.begin(&plan).await;
+                return plan;
+            }
+        };
+        self.settle(spec, session, answer).await
+    }
+
+    /// Follows the scheduler's answers to a plan: candidate parents are probed (SyncPieces,
+    /// SyncHost) and, when none is usable, rescheduled (at most [`MAX_RESCHEDULES`] per
+    /// pull); anything else is back to source. The plan is reported begun.
+    async fn settle(
+        &self,
+        spec: &PullSpec,
+        session: &mut Session,
+        first: AnnouncePeerResponse,
+    ) -> Plan {
         let mut answer = first;
-        let mut reschedules = 0;
         let plan = loop {
             match answer.response {
                 Some(PeerResponse::NeedBackToSourceResponse(need)) => {
@@ -338,8 +403,8 @@ impl Scheduler {
                     let tried = normal.candidate_parents.clone();
                     match self.probe_parents(spec, &normal.candidate_parents).await {
                         Ok((parents, geometry)) => break Plan::Parents { parents, geometry },
-                        Err(why) if reschedules < MAX_RESCHEDULES => {
-                            reschedules += 1;
+                        Err(why) if session.reschedules < MAX_RESCHEDULES => {
+                            session.reschedules += 1;
                             self.peer.metrics.dragonfly_rescheduled();
                             tracing::info!(task_id = %spec.task_id, reason = %why, "rescheduling");
                             session
@@ -376,34 +441,11 @@ impl Scheduler {
                 }
             };
         };
-        match &plan {
-            Plan::BackToSource { reason } => {
-                self.peer.metrics.dragonfly_sent_back_to_source();
-                session.back_to_source = true;
-                session
-                    .conversation
-                    .send(PeerRequest::DownloadPeerBackToSourceStartedRequest(
-                        DownloadPeerBackToSourceStartedRequest {
-                            description: Some(reason.clone()),
-                        },
-                    ))
-                    .await;
-            }
-            Plan::Parents { parents, .. } => {
-                for parent in parents {
-                    session
-                        .parents
-                        .insert(parent.vortex.clone(), parent.peer_id.clone());
-                }
-                session
-                    .conversation
-                    .send(PeerRequest::DownloadPeerStartedRequest(
-                        DownloadPeerStartedRequest {},
-                    ))
-                    .await;
-            }
+        if matches!(plan, Plan::BackToSource { .. }) {
+            self.peer.metrics.dragonfly_sent_back_to_source();
         }
-        (plan, Some(session))
+        session.begin(&plan).await;
+        plan
     }
 
     /// SyncPieces (and SyncHost) on every candidate at once; the ones that answered, heaviest
@@ -719,13 +761,55 @@ impl Conversation {
 /// A scheduled pull's reports to the scheduler.
 pub struct Session {
     conversation: Conversation,
-    /// Vortex address → parent peer id.
+    /// Vortex address → parent peer id, for the parents of the current plan.
     parents: HashMap<String, String>,
     back_to_source: bool,
+    /// DownloadPeerStartedRequest sent (once per pull, however often it is rescheduled).
+    started: bool,
+    reschedules: u32,
     peer: Arc<Peer>,
 }
 
 impl Session {
+    /// Reports a plan begun: DownloadPeerBackToSourceStartedRequest, or (once per pull)
+    /// DownloadPeerStartedRequest; the plan's parents become the ones pieces are reported
+    /// against.
+    async fn begin(&mut self, plan: &Plan) {
+        match plan {
+            Plan::BackToSource { reason } => {
+                if !self.back_to_source {
+                    self.back_to_source = true;
+                    self.conversation
+                        .send(PeerRequest::DownloadPeerBackToSourceStartedRequest(
+                            DownloadPeerBackToSourceStartedRequest {
+                                description: Some(reason.clone()),
+                            },
+                        ))
+                        .await;
+                }
+            }
+            Plan::Parents { parents, .. } => {
+                self.parents = parents
+                    .iter()
+                    .map(|p| (p.vortex.clone(), p.peer_id.clone()))
+                    .collect();
+                if !self.started {
+                    self.started = true;
+                    self.conversation
+                        .send(PeerRequest::DownloadPeerStartedRequest(
+                            DownloadPeerStartedRequest {},
+                        ))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Reschedules asked for so far in this pull.
+    pub fn reschedules(&self) -> u32 {
+        self.reschedules
+    }
+
     /// DownloadPieceFinishedRequest (from a parent, naming it) or
     /// DownloadPieceBackToSourceFinishedRequest (from the origin), digest `crc32:N`.
     pub async fn piece(&self, outcome: &PieceOutcome) {
@@ -757,50 +841,47 @@ impl Session {
         self.peer.metrics.dragonfly_piece_reported();
     }
 
-    /// The peer finished (or failed); failed piece attempts are reported per parent first.
+    /// DownloadPieceFailedRequest for one failed attempt from a parent, naming it and the
+    /// piece; `temporary`, since the piece is tried again elsewhere (the stock scheduler
+    /// then blocks that parent for this peer). Origin attempts are not reported: the
+    /// origin's own retries stand behind them.
+    pub async fn piece_failed(&self, attempt: &FailedAttempt) {
+        let Some(parent_id) = self.parents.get(&attempt.source) else {
+            return;
+        };
+        self.conversation
+            .send(PeerRequest::DownloadPieceFailedRequest(
+                DownloadPieceFailedRequest {
+                    piece_number: Some(attempt.piece),
+                    parent_id: parent_id.clone(),
+                    temporary: true,
+                },
+            ))
+            .await;
+        self.peer.metrics.dragonfly_piece_failure_reported();
+    }
+
+    /// The peer finished (or failed).
     pub async fn finish(self, result: Result<&TransferSummary, String>) {
-        match result {
-            Ok(summary) => {
-                for (source, totals) in &summary.sources {
-                    let Some(parent_id) = self.parents.get(source) else {
-                        continue;
-                    };
-                    for _ in 0..totals.failures.min(16) {
-                        self.conversation
-                            .send(PeerRequest::DownloadPieceFailedRequest(
-                                DownloadPieceFailedRequest {
-                                    piece_number: None,
-                                    parent_id: parent_id.clone(),
-                                    temporary: true,
-                                },
-                            ))
-                            .await;
-                    }
-                }
-                let request = if self.back_to_source {
-                    PeerRequest::DownloadPeerBackToSourceFinishedRequest(
-                        DownloadPeerBackToSourceFinishedRequest {},
-                    )
-                } else {
-                    PeerRequest::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {})
-                };
-                self.conversation.send(request).await;
+        let request = match (result, self.back_to_source) {
+            (Ok(_), true) => PeerRequest::DownloadPeerBackToSourceFinishedRequest(
+                DownloadPeerBackToSourceFinishedRequest {},
+            ),
+            (Ok(_), false) => {
+                PeerRequest::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {})
             }
-            Err(description) => {
-                let request = if self.back_to_source {
-                    PeerRequest::DownloadPeerBackToSourceFailedRequest(
-                        DownloadPeerBackToSourceFailedRequest {
-                            description: Some(description),
-                        },
-                    )
-                } else {
-                    PeerRequest::DownloadPeerFailedRequest(DownloadPeerFailedRequest {
-                        description: Some(description),
-                    })
-                };
-                self.conversation.send(request).await;
+            (Err(description), true) => PeerRequest::DownloadPeerBackToSourceFailedRequest(
+                DownloadPeerBackToSourceFailedRequest {
+                    description: Some(description),
+                },
+            ),
+            (Err(description), false) => {
+                PeerRequest::DownloadPeerFailedRequest(DownloadPeerFailedRequest {
+                    description: Some(description),
+                })
             }
-        }
+        };
+        self.conversation.send(request).await;
         self.conversation.close().await;
     }
 }
