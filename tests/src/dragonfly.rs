@@ -10,11 +10,13 @@
 //!   first, each with its host and task; with none the peer is told `NeedBackToSourceResponse`
 //!   (the stock scheduler does that for the first peer of a task, and after its retries run
 //!   out; the double does not retry).
-//! - `ReschedulePeerRequest` is answered like a registration, leaving out the parents it names.
+//! - `ReschedulePeerRequest` is answered like a registration, leaving out the parents it names
+//!   and those named by the peer's temporary `DownloadPieceFailedRequest`s (the stock
+//!   scheduler's `BlockParents`). `candidate_limit` caps the parents per answer (3 unless set).
 //! - Per piece: `DownloadPieceFinishedRequest` (counted per parent) and
 //!   `DownloadPieceBackToSourceFinishedRequest` (counted; they set the task's length and piece
-//!   count); `DownloadPieceFailedRequest` recorded with its parent. Started, finished and failed
-//!   move the peer's state.
+//!   count); `DownloadPieceFailedRequest` recorded with its piece and parent (a non-temporary
+//!   one fails the peer). Started, finished and failed move the peer's state.
 //!
 //! Not reproduced: scoring (load, IDC, location), the 15-peer sample, blocklists, retry limits
 //! and their back-off, GC, the manager, `StatPeer`/`StatTask`/`DeleteHost` and the other
@@ -79,8 +81,9 @@ pub struct PeerRecord {
     /// Digests of the pieces reported, by piece number.
     pub digests: BTreeMap<u32, String>,
     pub back_to_source_pieces: u32,
-    /// Parents named by DownloadPieceFailedRequest.
-    pub failed_parents: Vec<String>,
+    /// DownloadPieceFailedRequests: (piece number, parent), in order. Temporary failures
+    /// block the parent for this peer, as the stock scheduler's `BlockParents` do.
+    pub failed_pieces: Vec<(Option<u32>, String)>,
     pub reschedules: u32,
 }
 
@@ -97,6 +100,9 @@ pub struct DoubleState {
     pub hosts: HashMap<String, Host>,
     pub host_announces: u32,
     pub tasks: HashMap<String, TaskRecord>,
+    /// Most candidate parents in one answer; 0: 3 (configurable on the stock scheduler too,
+    /// as `scheduler.algorithm`'s candidate parent limit).
+    pub candidate_limit: usize,
 }
 
 impl DoubleState {
@@ -148,7 +154,10 @@ impl DoubleState {
                     ..Default::default()
                 })
             })
-            .take(3)
+            .take(match self.candidate_limit {
+                0 => 3,
+                n => n,
+            })
             .collect();
         if candidates.is_empty() {
             need_back_to_source("no peer of the task holds it yet")
@@ -221,7 +230,7 @@ impl SchedulerDouble {
                     pieces_from: BTreeMap::new(),
                     digests: BTreeMap::new(),
                     back_to_source_pieces: 0,
-                    failed_parents: Vec::new(),
+                    failed_pieces: Vec::new(),
                     reschedules: 0,
                 };
                 let response = if download.metadata_only {
@@ -241,11 +250,14 @@ impl SchedulerDouble {
                 Some(response)
             }
             PeerRequest::ReschedulePeerRequest(reschedule) => {
-                let exclude: Vec<String> = reschedule
+                let mut exclude: Vec<String> = reschedule
                     .candidate_parents
                     .iter()
                     .map(|p| p.id.clone())
                     .collect();
+                if let Some(peer) = state.peer(&task_id, &peer_id) {
+                    exclude.extend(peer.failed_pieces.iter().map(|(_, parent)| parent.clone()));
+                }
                 let response = state.schedule(&task_id, &peer_id, &host_id, &exclude);
                 if let Some(peer) = state.peer_mut(&task_id, &peer_id) {
                     peer.reschedules += 1;
@@ -297,7 +309,11 @@ impl SchedulerDouble {
                         peer.digests.insert(piece.number, piece.digest);
                     }
                     PeerRequest::DownloadPieceFailedRequest(r) => {
-                        peer.failed_parents.push(r.parent_id)
+                        if r.temporary {
+                            peer.failed_pieces.push((r.piece_number, r.parent_id))
+                        } else {
+                            peer.state = PeerState::Failed
+                        }
                     }
                     _ => {}
                 }
