@@ -778,10 +778,18 @@ async fn drive(
             (result, _) => break result.map(|summary| earlier.merge_into(summary)),
         }
     };
-    if let Some((_, _, session)) = scheduled {
+    if let Some((_, spec, session)) = scheduled {
         session
             .finish(result.as_ref().map_err(|e| e.to_string()))
             .await;
+        // The scheduler now counts this peer a parent of the task; a restarted daemon
+        // announces it again from what is kept here.
+        if let (Ok(_), Some(task)) = (&result, engine.store.get(&spec.task_id)) {
+            let _ = tokio::task::spawn_blocking(move || {
+                crate::dragonfly::scheduler::remember(&task, &spec)
+            })
+            .await;
+        }
     }
     result
 }

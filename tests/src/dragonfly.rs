@@ -1,7 +1,8 @@
 //! A test double of Dragonfly's scheduler (`scheduler.v2.Scheduler`), written with
 //! `dragonfly-api`'s generated server trait, reproducing the parts of the stock scheduler
 //! (v2.5) that peers see:
-//! - `AnnounceHost` records the host (its `Host` message, as announced last) and counts calls.
+//! - `AnnounceHost` records the host (its `Host` message, as announced last) and counts calls;
+//!   `DeleteHost` removes it (NOT_FOUND for a host it does not know) and its peers leave.
 //! - `AnnouncePeer`: the first message must be `RegisterPeerRequest`. With
 //!   `download.metadata_only` (v2.5.1+) the peer is recorded as holding the task (lengths from
 //!   `actual_content_length`/`actual_piece_count`) and answered `MetadataOnlyResponse`.
@@ -19,7 +20,7 @@
 //!   one fails the peer). Started, finished and failed move the peer's state.
 //!
 //! Not reproduced: scoring (load, IDC, location), the 15-peer sample, blocklists, retry limits
-//! and their back-off, GC, the manager, `StatPeer`/`StatTask`/`DeleteHost` and the other
+//! and their back-off, GC, the manager, `StatPeer`/`StatTask` and the other
 //! services (UNIMPLEMENTED).
 
 use dragonfly_api::common::v2::{Host, Peer, Task};
@@ -57,6 +58,8 @@ pub enum PeerState {
     /// Announced with `metadata_only`.
     MetadataOnly,
     Failed,
+    /// Its host was deleted (DeleteHost).
+    Left,
 }
 
 impl PeerState {
@@ -103,6 +106,8 @@ pub struct DoubleState {
     /// Most candidate parents in one answer; 0: 3 (configurable on the stock scheduler too,
     /// as `scheduler.algorithm`'s candidate parent limit).
     pub candidate_limit: usize,
+    /// Hosts removed by DeleteHost, in order.
+    pub deleted_hosts: Vec<String>,
 }
 
 impl DoubleState {
@@ -401,9 +406,21 @@ impl Scheduler for SchedulerDouble {
     }
     async fn delete_host(
         &self,
-        _: tonic::Request<dragonfly_api::scheduler::v2::DeleteHostRequest>,
+        request: tonic::Request<dragonfly_api::scheduler::v2::DeleteHostRequest>,
     ) -> Result<tonic::Response<()>, Status> {
-        Err(unimplemented("delete_host"))
+        let host_id = request.into_inner().host_id;
+        let mut state = self.state.lock().unwrap();
+        if state.hosts.remove(&host_id).is_none() {
+            return Err(Status::not_found(format!("host {host_id} not found")));
+        }
+        // The stock scheduler makes the host's peers leave: none is a parent any more.
+        for task in state.tasks.values_mut() {
+            for peer in task.peers.iter_mut().filter(|p| p.host_id == host_id) {
+                peer.state = PeerState::Left;
+            }
+        }
+        state.deleted_hosts.push(host_id);
+        Ok(tonic::Response::new(()))
     }
     async fn announce_cache_peer(
         &self,

@@ -643,3 +643,71 @@ async fn a_pull_whose_parents_all_fail_mid_transfer_is_rescheduled_onto_another_
         Some(0.0)
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_peer_leaves_the_scheduler_and_a_restarted_one_announces_what_it_holds() {
+    let root = scratch("df-restart");
+    let files = root.path().join("www");
+    std::fs::create_dir_all(&files).unwrap();
+    let size = 9 * MIB + 5;
+    random_file(&files.join("r.bin"), size, 31);
+    let origin = OriginServer::start(&files);
+    let first = SchedulerDouble::start().await;
+    let mut seed = peer(root.path(), "seed", &first.addr.to_string()).await;
+    let url = origin.url("r.bin");
+    let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
+    pull_cli(&seed, &["--url", &url]);
+    let seed_host = peer_record(&first, &task_id, &[]).host_id;
+
+    // A graceful stop deletes the host: the scheduler hands it out no more.
+    seed.signal("TERM");
+    seed.wait_exit(Duration::from_secs(20))
+        .await
+        .expect("the seed stops on SIGTERM");
+    {
+        let state = first.state.lock().unwrap();
+        assert_eq!(state.deleted_hosts, [seed_host.clone()]);
+        assert_eq!(state.tasks[&task_id].peers[0].state, PeerState::Left);
+    }
+
+    // Restarted on its data dir against a scheduler that never heard of it: the held task
+    // is announced again (metadata only) once the host is, and a child is given the seed.
+    let second = SchedulerDouble::start().await;
+    let scheduler = second.addr.to_string();
+    let config = root.path().join("seed.toml");
+    let seed = Daemon::start(
+        root.path(),
+        "seed-again",
+        DaemonOptions {
+            data_dir: Some(seed.data_dir.clone()),
+            extra_args: vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--dragonfly-scheduler".into(),
+                scheduler.clone(),
+                "--dragonfly-upload".into(),
+                "127.0.0.1:0".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_for("the held task re-announced", || {
+        let state = second.state.lock().unwrap();
+        state.tasks.get(&task_id).is_some_and(|t| {
+            t.content_length == size && t.peers.iter().any(|p| p.state == PeerState::MetadataOnly)
+        })
+    })
+    .await;
+    let child = peer(root.path(), "child", &scheduler).await;
+    let output = root.path().join("r.out");
+    let printed = pull_cli(
+        &child,
+        &["--url", &url, "--output", output.to_str().unwrap()],
+    );
+    assert!(same_contents(&files.join("r.bin"), &output));
+    assert_eq!(
+        pieces_by_source(&printed).keys().collect::<Vec<_>>(),
+        [&seed.data_address]
+    );
+}

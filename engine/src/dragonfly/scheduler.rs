@@ -14,7 +14,7 @@ use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as PeerResponse;
 use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
 use dragonfly_api::scheduler::v2::{
-    AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
+    AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse, DeleteHostRequest,
     DownloadPeerBackToSourceFailedRequest, DownloadPeerBackToSourceFinishedRequest,
     DownloadPeerBackToSourceStartedRequest, DownloadPeerFailedRequest, DownloadPeerFinishedRequest,
     DownloadPeerStartedRequest, DownloadPieceBackToSourceFinishedRequest,
@@ -42,6 +42,8 @@ const PARENT_HOST_TIMEOUT: Duration = Duration::from_secs(3);
 pub const MAX_RESCHEDULES: u32 = 3;
 /// How long the last reports may take to reach the scheduler once a pull ended.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long DeleteHost may take per scheduler when the daemon stops.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn channel(addr: &str) -> Result<Channel, Status> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
@@ -211,8 +213,16 @@ impl Scheduler {
         let scheduler = Arc::clone(self);
         tokio::spawn(async move {
             let interval = scheduler.peer.config.announce_interval();
+            let mut held_announced = false;
             loop {
                 let ok = scheduler.announce_host().await;
+                if ok > 0 && !held_announced {
+                    // The scheduler knows the host now: the tasks held from before a restart
+                    // become candidate parents again.
+                    held_announced = true;
+                    let announcing = Arc::clone(&scheduler);
+                    tokio::spawn(async move { announcing.announce_all_held().await });
+                }
                 // A host no scheduler took yet is retried sooner than a full interval.
                 let wait = if ok == 0 {
                     interval.min(Duration::from_secs(5))
@@ -225,6 +235,57 @@ impl Scheduler {
                 }
             }
         });
+    }
+
+    /// DeleteHost on every scheduler (the daemon is stopping), each bounded by 2 s: the
+    /// schedulers stop handing this host out as a parent at once instead of after its
+    /// announcements lapse.
+    pub async fn leave(&self) {
+        for (addr, channel) in &self.schedulers {
+            let mut client = SchedulerClient::new(channel.clone());
+            let request = DeleteHostRequest {
+                host_id: self.peer.host.id.clone(),
+            };
+            match tokio::time::timeout(LEAVE_TIMEOUT, client.delete_host(request)).await {
+                Ok(Ok(_)) => tracing::info!(scheduler = %addr, "host deleted from the scheduler"),
+                Ok(Err(status)) => {
+                    tracing::warn!(scheduler = %addr, code = ?status.code(), message = status.message(), "DeleteHost failed")
+                }
+                Err(_) => {
+                    tracing::warn!(scheduler = %addr, "DeleteHost timed out after {LEAVE_TIMEOUT:?}")
+                }
+            }
+        }
+    }
+
+    /// Announces every complete task this daemon holds that was announced (or scheduled)
+    /// before, from what [`remember`] kept in its directory.
+    pub async fn announce_all_held(&self) {
+        let mut announced = 0;
+        for task in self.peer.store.list() {
+            if !task.is_complete() {
+                continue;
+            }
+            let Some(spec) = recall(task.dir()) else {
+                continue;
+            };
+            if spec.task_id != task.id() {
+                tracing::warn!(task_id = %task.id(), recorded = %spec.task_id, "{ANNOUNCED_FILE} names another task; not announced");
+                continue;
+            }
+            match self.announce_held(&spec).await {
+                Ok(()) => announced += 1,
+                Err(status) => {
+                    tracing::warn!(task_id = %task.id(), code = ?status.code(), message = status.message(), "re-announcing a held task failed")
+                }
+            }
+        }
+        if announced > 0 {
+            tracing::info!(
+                tasks = announced,
+                "held tasks announced to the scheduler after start"
+            );
+        }
     }
 
     /// Opens an AnnouncePeer stream with `register` as its first message, on the first
@@ -566,9 +627,67 @@ impl Scheduler {
             }
         }
         conversation.close().await;
+        let kept = spec.clone();
+        let _ = tokio::task::spawn_blocking(move || remember(&task, &kept)).await;
         tracing::info!(task_id = %spec.task_id, peer_id, "task announced to the scheduler as a candidate parent");
         Ok(())
     }
+}
+
+/// What a task was announced with, kept in its directory so that a restarted daemon can
+/// announce it again. Origin headers are not kept (they may carry credentials).
+const ANNOUNCED_FILE: &str = "dragonfly.json";
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Announced {
+    task_id: String,
+    url: String,
+    tag: Option<String>,
+    application: Option<String>,
+    piece_length: Option<u64>,
+}
+
+/// Keeps `spec` in the task's directory (write, fsync, rename); a failure is logged: the
+/// task is then not re-announced after a restart, nothing else.
+pub fn remember(task: &crate::store::StoredTask, spec: &PullSpec) {
+    let announced = Announced {
+        task_id: spec.task_id.clone(),
+        url: spec.url.clone(),
+        tag: spec.tag.clone(),
+        application: spec.application.clone(),
+        piece_length: spec.piece_length,
+    };
+    let dir = task.dir();
+    let written = serde_json::to_vec(&announced)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| {
+            let partial = dir.join(format!("{ANNOUNCED_FILE}.partial"));
+            let mut file = std::fs::File::create(&partial)?;
+            std::io::Write::write_all(&mut file, &bytes)?;
+            file.sync_all()?;
+            std::fs::rename(&partial, dir.join(ANNOUNCED_FILE))
+        });
+    if let Err(err) = written {
+        tracing::warn!(task_id = %spec.task_id, error = %err, "keeping the Dragonfly announcement failed; the task will not be re-announced after a restart");
+    }
+}
+
+/// What [`remember`] kept, if anything readable.
+fn recall(dir: &std::path::Path) -> Option<PullSpec> {
+    let bytes = std::fs::read(dir.join(ANNOUNCED_FILE)).ok()?;
+    let announced: Announced = serde_json::from_slice(&bytes)
+        .inspect_err(
+            |err| tracing::warn!(dir = %dir.display(), error = %err, "unreadable {ANNOUNCED_FILE}"),
+        )
+        .ok()?;
+    Some(PullSpec {
+        task_id: announced.task_id,
+        url: announced.url,
+        tag: announced.tag,
+        application: announced.application,
+        piece_length: announced.piece_length,
+        ..PullSpec::default()
+    })
 }
 
 fn piece(
