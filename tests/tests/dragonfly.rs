@@ -666,7 +666,7 @@ async fn a_stopped_peer_leaves_the_scheduler_and_a_restarted_one_announces_what_
         .expect("the seed stops on SIGTERM");
     {
         let state = first.state.lock().unwrap();
-        assert_eq!(state.deleted_hosts, [seed_host.clone()]);
+        assert_eq!(state.deleted_hosts, [seed_host]);
         assert_eq!(state.tasks[&task_id].peers[0].state, PeerState::Left);
     }
 
