@@ -50,7 +50,9 @@ struct Origin(Child, u16);
 /// nginx on a free loopback port serving `root`, configured in `dir` (no access log,
 /// sendfile, two workers: the machine's cores).
 fn start_nginx(dir: &Path, root: &Path) -> anyhow::Result<Origin> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let prefix = dir.join("nginx");
     std::fs::create_dir_all(prefix.join("logs"))?;
     let config = prefix.join("nginx.conf");
@@ -334,8 +336,12 @@ pub async fn bench(dir: &Path, args: &OriginArgs) -> anyhow::Result<Report> {
     report.rows.extend(aria.clone());
     report.note("ferry rows: Range requests into the store with O_DIRECT writes, fdatasync and journal per piece, and a SHA-256 of the whole content before it counts; curl and aria2c write into the page cache with no sync and verify nothing");
     report.note(match server {
-        OriginServer::Nginx => "the origin is nginx: sendfile from the page cache, 2 worker processes",
-        OriginServer::Python => "the origin is Python: it sends with sendfile, one thread per connection",
+        OriginServer::Nginx => {
+            "the origin is nginx: sendfile from the page cache, 2 worker processes"
+        }
+        OriginServer::Python => {
+            "the origin is Python: it sends with sendfile, one thread per connection"
+        }
     });
     drop(origin);
     Ok(report)

@@ -4,7 +4,8 @@
 use crate::config::ControlTcpConfig;
 use crate::daemon::{Admission, Drain};
 use crate::dragonfly::pull;
-use crate::dragonfly::scheduler::{Plan, PullSpec, Scheduler, Session};
+use crate::dragonfly::scheduler::{Plan, PullSpec, Scheduler};
+use crate::dragonfly::session::Session;
 use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
 use crate::manifest::{ContentDigest, ManifestState};
@@ -785,10 +786,9 @@ async fn drive(
         // The scheduler now counts this peer a parent of the task; a restarted daemon
         // announces it again from what is kept here.
         if let (Ok(_), Some(task)) = (&result, engine.store.get(&spec.task_id)) {
-            let _ = tokio::task::spawn_blocking(move || {
-                crate::dragonfly::scheduler::remember(&task, &spec)
-            })
-            .await;
+            let _ =
+                tokio::task::spawn_blocking(move || crate::dragonfly::held::remember(&task, &spec))
+                    .await;
         }
     }
     result

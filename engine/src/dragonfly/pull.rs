@@ -152,3 +152,143 @@ impl Tally {
         summary
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dragonfly::scheduler::Parent;
+    use crate::geometry::{Geometry, PieceRange};
+    use crate::origin::OriginRequest;
+    use crate::transfer::TransportChoice;
+    use std::time::Duration;
+
+    fn template() -> TransferRequest {
+        TransferRequest {
+            task_id: "t".repeat(64),
+            content_length: 0,
+            piece_length: 0,
+            pieces: Vec::new(),
+            sources: Vec::new(),
+            output: None,
+            streams_per_source: 0,
+            transport: TransportChoice::Auto,
+            digest: None,
+            origin: Some(OriginRequest {
+                url: "http://origin.test/m".into(),
+                ..Default::default()
+            }),
+            origin_connections: 0,
+            source_weights: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn parents_replace_the_origin_and_carry_their_weights() {
+        let parents = vec![
+            Parent {
+                peer_id: "a".into(),
+                host_id: "ha".into(),
+                vortex: "10.0.0.1:4001".into(),
+                weight: 900,
+            },
+            Parent {
+                peer_id: "b".into(),
+                host_id: "hb".into(),
+                vortex: "10.0.0.2:4001".into(),
+                weight: 100,
+            },
+        ];
+        let plan = Plan::Parents {
+            parents,
+            geometry: Geometry::new(10 << 20, 4 << 20).unwrap(),
+        };
+        let request = request_for(&template(), &plan);
+        assert_eq!(request.sources, ["10.0.0.1:4001", "10.0.0.2:4001"]);
+        assert_eq!(request.source_weights, [900, 100]);
+        assert_eq!(
+            (request.content_length, request.piece_length),
+            (10 << 20, 4 << 20)
+        );
+        assert!(
+            request.origin.is_none(),
+            "the scheduler decides on back to source"
+        );
+        let back = request_for(
+            &request,
+            &Plan::BackToSource {
+                reason: "told so".into(),
+            },
+        );
+        assert!(back.sources.is_empty() && back.source_weights.is_empty());
+        let back = request_for(&template(), &Plan::BackToSource { reason: "x".into() });
+        assert!(back.origin.is_some());
+    }
+
+    fn outcome(number: u32, source: &str, transport: &'static str) -> PieceOutcome {
+        PieceOutcome {
+            piece: PieceRange {
+                number,
+                offset: u64::from(number) << 22,
+                length: 4 << 20,
+            },
+            digest: "crc32:1".into(),
+            source: source.into(),
+            transport,
+            fell_back: false,
+            fetch_time: Duration::ZERO,
+            write_time: Duration::ZERO,
+            attempt: 1,
+        }
+    }
+
+    #[test]
+    fn earlier_transfers_are_counted_in_the_last_summary() {
+        let mut first = Tally::new();
+        first.piece(&outcome(0, "bad", "tcp"));
+        first.failed(&FailedAttempt {
+            piece: 1,
+            source: "bad".into(),
+            error: "digest mismatch".into(),
+            source_given_up: false,
+        });
+        let mut earlier = Tally::default();
+        earlier.absorb(first);
+        let last = TransferSummary {
+            task_id: "t".repeat(64),
+            geometry: Geometry::new(12 << 20, 4 << 20).unwrap(),
+            pieces_requested: 3,
+            pieces_fetched: 2,
+            // The last transfer found the earlier transfer's piece held.
+            pieces_reused: 1,
+            retries: 0,
+            bytes_fetched: 8 << 20,
+            elapsed: Duration::from_millis(1),
+            sources: vec![(
+                "good".into(),
+                SourceTotals {
+                    bytes: 8 << 20,
+                    pieces: 2,
+                    failures: 0,
+                },
+            )],
+            transports: vec![("tcp".into(), 8 << 20, 2)],
+            rdma_fallbacks: 0,
+            output: None,
+            content_digest: None,
+            refused_sources: Vec::new(),
+            placement: None,
+            back_to_source_bytes: 0,
+            origin_retries: 0,
+        };
+        let merged = earlier.merge_into(last);
+        assert_eq!(merged.pieces_fetched, 3);
+        assert_eq!(merged.pieces_reused, 0);
+        assert_eq!(merged.bytes_fetched, 12 << 20);
+        assert_eq!(merged.retries, 1);
+        assert_eq!(merged.transports, [("tcp".to_owned(), 12 << 20, 3)]);
+        let bad = &merged.sources.iter().find(|s| s.0 == "bad").unwrap().1;
+        assert_eq!((bad.pieces, bad.failures), (1, 1));
+        let good = &merged.sources.iter().find(|s| s.0 == "good").unwrap().1;
+        assert_eq!(good.pieces, 2);
+    }
+}

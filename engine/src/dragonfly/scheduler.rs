@@ -4,22 +4,21 @@
 //! this daemon holds a candidate parent (metadata only on scheduler v2.5.1+, the back-to-source
 //! sequence on older v2 schedulers).
 
+use super::held::{recall, remember, ANNOUNCED_FILE};
+use super::session::{piece, Conversation, Session};
 use super::Peer;
 use crate::geometry::{self, Geometry};
-use crate::transfer::{FailedAttempt, PieceOutcome, TransferSummary};
-use dragonfly_api::common::v2::{Download, Piece, Priority, TaskType, TrafficType};
+use dragonfly_api::common::v2::{Download, Priority, TaskType, TrafficType};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
 use dragonfly_api::dfdaemon::v2::{SyncHostRequest, SyncPiecesRequest};
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as PeerResponse;
 use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
 use dragonfly_api::scheduler::v2::{
-    AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse, DeleteHostRequest,
-    DownloadPeerBackToSourceFailedRequest, DownloadPeerBackToSourceFinishedRequest,
-    DownloadPeerBackToSourceStartedRequest, DownloadPeerFailedRequest, DownloadPeerFinishedRequest,
-    DownloadPeerStartedRequest, DownloadPieceBackToSourceFinishedRequest,
-    DownloadPieceFailedRequest, DownloadPieceFinishedRequest, RegisterPeerRequest,
-    ReschedulePeerRequest,
+    AnnounceHostRequest, AnnouncePeerResponse, DeleteHostRequest,
+    DownloadPeerBackToSourceFinishedRequest, DownloadPeerBackToSourceStartedRequest,
+    DownloadPeerFinishedRequest, DownloadPeerStartedRequest,
+    DownloadPieceBackToSourceFinishedRequest, RegisterPeerRequest, ReschedulePeerRequest,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 /// One scheduler call's limit (AnnounceHost, a registration's first answer).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,7 +40,7 @@ const PARENT_HOST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reschedules asked for before this daemon goes back to source on its own.
 pub const MAX_RESCHEDULES: u32 = 3;
 /// How long the last reports may take to reach the scheduler once a pull ended.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long DeleteHost may take per scheduler when the daemon stops.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -53,14 +52,14 @@ fn channel(addr: &str) -> Result<Channel, Status> {
         .connect_lazy())
 }
 
-fn duration(d: Duration) -> prost_wkt_types::Duration {
+pub(super) fn duration(d: Duration) -> prost_wkt_types::Duration {
     prost_wkt_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
     }
 }
 
-fn now() -> prost_wkt_types::Timestamp {
+pub(super) fn now() -> prost_wkt_types::Timestamp {
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -634,82 +633,6 @@ impl Scheduler {
     }
 }
 
-/// What a task was announced with, kept in its directory so that a restarted daemon can
-/// announce it again. Origin headers are not kept (they may carry credentials).
-const ANNOUNCED_FILE: &str = "dragonfly.json";
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Announced {
-    task_id: String,
-    url: String,
-    tag: Option<String>,
-    application: Option<String>,
-    piece_length: Option<u64>,
-}
-
-/// Keeps `spec` in the task's directory (write, fsync, rename); a failure is logged: the
-/// task is then not re-announced after a restart, nothing else.
-pub fn remember(task: &crate::store::StoredTask, spec: &PullSpec) {
-    let announced = Announced {
-        task_id: spec.task_id.clone(),
-        url: spec.url.clone(),
-        tag: spec.tag.clone(),
-        application: spec.application.clone(),
-        piece_length: spec.piece_length,
-    };
-    let dir = task.dir();
-    let written = serde_json::to_vec(&announced)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| {
-            let partial = dir.join(format!("{ANNOUNCED_FILE}.partial"));
-            let mut file = std::fs::File::create(&partial)?;
-            std::io::Write::write_all(&mut file, &bytes)?;
-            file.sync_all()?;
-            std::fs::rename(&partial, dir.join(ANNOUNCED_FILE))
-        });
-    if let Err(err) = written {
-        tracing::warn!(task_id = %spec.task_id, error = %err, "keeping the Dragonfly announcement failed; the task will not be re-announced after a restart");
-    }
-}
-
-/// What [`remember`] kept, if anything readable.
-fn recall(dir: &std::path::Path) -> Option<PullSpec> {
-    let bytes = std::fs::read(dir.join(ANNOUNCED_FILE)).ok()?;
-    let announced: Announced = serde_json::from_slice(&bytes)
-        .inspect_err(
-            |err| tracing::warn!(dir = %dir.display(), error = %err, "unreadable {ANNOUNCED_FILE}"),
-        )
-        .ok()?;
-    Some(PullSpec {
-        task_id: announced.task_id,
-        url: announced.url,
-        tag: announced.tag,
-        application: announced.application,
-        piece_length: announced.piece_length,
-        ..PullSpec::default()
-    })
-}
-
-fn piece(
-    range: geometry::PieceRange,
-    digest: String,
-    parent_id: Option<String>,
-    traffic: TrafficType,
-    cost: Duration,
-) -> Piece {
-    Piece {
-        number: range.number,
-        parent_id,
-        offset: range.offset,
-        length: range.length,
-        digest,
-        content: None,
-        traffic_type: Some(traffic as i32),
-        cost: Some(duration(cost)),
-        created_at: Some(now()),
-    }
-}
-
 /// One candidate: its SyncPieces' first answer (the Vortex address, the piece length) and
 /// its SyncHost figures (the weight).
 async fn probe(
@@ -827,182 +750,6 @@ async fn probe(
 /// Dragonfly's parent weight: the spare upload bandwidth, at least a tenth of the maximum.
 pub fn weight(max_tx: u64, tx: u64) -> u64 {
     max_tx.saturating_sub(tx).max(max_tx / 10)
-}
-
-/// One AnnouncePeer stream.
-struct Conversation {
-    scheduler: String,
-    host_id: String,
-    task_id: String,
-    peer_id: String,
-    tx: mpsc::Sender<AnnouncePeerRequest>,
-    rx: Option<Streaming<AnnouncePeerResponse>>,
-}
-
-impl Conversation {
-    async fn send(&self, request: PeerRequest) {
-        let message = AnnouncePeerRequest {
-            host_id: self.host_id.clone(),
-            task_id: self.task_id.clone(),
-            peer_id: self.peer_id.clone(),
-            request: Some(request),
-        };
-        if self.tx.send(message).await.is_err() {
-            tracing::debug!(scheduler = %self.scheduler, task_id = %self.task_id, "AnnouncePeer stream already closed");
-        }
-    }
-
-    async fn next(&mut self, limit: Duration) -> Result<AnnouncePeerResponse, Status> {
-        let rx = self
-            .rx
-            .as_mut()
-            .ok_or_else(|| Status::internal("no response stream"))?;
-        tokio::time::timeout(limit, rx.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded(format!("no answer within {limit:?}")))??
-            .ok_or_else(|| Status::unavailable("the scheduler closed the stream"))
-    }
-
-    /// Ends the requests and waits (bounded) for the scheduler to close its side, so the
-    /// last reports are read before the connection goes.
-    async fn close(self) {
-        let Conversation { tx, rx, .. } = self;
-        drop(tx);
-        if let Some(mut rx) = rx {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                while let Ok(Some(_)) = rx.message().await {}
-            })
-            .await;
-        }
-    }
-}
-
-/// A scheduled pull's reports to the scheduler.
-pub struct Session {
-    conversation: Conversation,
-    /// Vortex address → parent peer id, for the parents of the current plan.
-    parents: HashMap<String, String>,
-    back_to_source: bool,
-    /// DownloadPeerStartedRequest sent (once per pull, however often it is rescheduled).
-    started: bool,
-    reschedules: u32,
-    peer: Arc<Peer>,
-}
-
-impl Session {
-    /// Reports a plan begun: DownloadPeerBackToSourceStartedRequest, or (once per pull)
-    /// DownloadPeerStartedRequest; the plan's parents become the ones pieces are reported
-    /// against.
-    async fn begin(&mut self, plan: &Plan) {
-        match plan {
-            Plan::BackToSource { reason } => {
-                if !self.back_to_source {
-                    self.back_to_source = true;
-                    self.conversation
-                        .send(PeerRequest::DownloadPeerBackToSourceStartedRequest(
-                            DownloadPeerBackToSourceStartedRequest {
-                                description: Some(reason.clone()),
-                            },
-                        ))
-                        .await;
-                }
-            }
-            Plan::Parents { parents, .. } => {
-                self.parents = parents
-                    .iter()
-                    .map(|p| (p.vortex.clone(), p.peer_id.clone()))
-                    .collect();
-                if !self.started {
-                    self.started = true;
-                    self.conversation
-                        .send(PeerRequest::DownloadPeerStartedRequest(
-                            DownloadPeerStartedRequest {},
-                        ))
-                        .await;
-                }
-            }
-        }
-    }
-
-    /// Reschedules asked for so far in this pull.
-    pub fn reschedules(&self) -> u32 {
-        self.reschedules
-    }
-
-    /// DownloadPieceFinishedRequest (from a parent, naming it) or
-    /// DownloadPieceBackToSourceFinishedRequest (from the origin), digest `crc32:N`.
-    pub async fn piece(&self, outcome: &PieceOutcome) {
-        let request = if outcome.transport == "origin" {
-            PeerRequest::DownloadPieceBackToSourceFinishedRequest(
-                DownloadPieceBackToSourceFinishedRequest {
-                    piece: Some(piece(
-                        outcome.piece,
-                        outcome.digest.clone(),
-                        None,
-                        TrafficType::BackToSource,
-                        outcome.fetch_time,
-                    )),
-                },
-            )
-        } else {
-            let parent = self.parents.get(&outcome.source).cloned();
-            PeerRequest::DownloadPieceFinishedRequest(DownloadPieceFinishedRequest {
-                piece: Some(piece(
-                    outcome.piece,
-                    outcome.digest.clone(),
-                    parent,
-                    TrafficType::RemotePeer,
-                    outcome.fetch_time,
-                )),
-            })
-        };
-        self.conversation.send(request).await;
-        self.peer.metrics.dragonfly_piece_reported();
-    }
-
-    /// DownloadPieceFailedRequest for one failed attempt from a parent, naming it and the
-    /// piece; `temporary`, since the piece is tried again elsewhere (the stock scheduler
-    /// then blocks that parent for this peer). Origin attempts are not reported: the
-    /// origin's own retries stand behind them.
-    pub async fn piece_failed(&self, attempt: &FailedAttempt) {
-        let Some(parent_id) = self.parents.get(&attempt.source) else {
-            return;
-        };
-        self.conversation
-            .send(PeerRequest::DownloadPieceFailedRequest(
-                DownloadPieceFailedRequest {
-                    piece_number: Some(attempt.piece),
-                    parent_id: parent_id.clone(),
-                    temporary: true,
-                },
-            ))
-            .await;
-        self.peer.metrics.dragonfly_piece_failure_reported();
-    }
-
-    /// The peer finished (or failed).
-    pub async fn finish(self, result: Result<&TransferSummary, String>) {
-        let request = match (result, self.back_to_source) {
-            (Ok(_), true) => PeerRequest::DownloadPeerBackToSourceFinishedRequest(
-                DownloadPeerBackToSourceFinishedRequest {},
-            ),
-            (Ok(_), false) => {
-                PeerRequest::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {})
-            }
-            (Err(description), true) => PeerRequest::DownloadPeerBackToSourceFailedRequest(
-                DownloadPeerBackToSourceFailedRequest {
-                    description: Some(description),
-                },
-            ),
-            (Err(description), false) => {
-                PeerRequest::DownloadPeerFailedRequest(DownloadPeerFailedRequest {
-                    description: Some(description),
-                })
-            }
-        };
-        self.conversation.send(request).await;
-        self.conversation.close().await;
-    }
 }
 
 #[cfg(test)]
