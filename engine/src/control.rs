@@ -672,6 +672,10 @@ impl Ferry for ControlService {
             )));
         }
         self.engine.store.delete(task.id()).map_err(store_status)?;
+        if let Some(scheduler) = &self.dragonfly {
+            let (scheduler, task_id) = (Arc::clone(scheduler), task.id().to_owned());
+            tokio::spawn(async move { scheduler.forget_task(&task_id).await });
+        }
         Ok(Response::new(proto::DeleteTaskResponse {}))
     }
 }

@@ -2,7 +2,8 @@
 //! `dragonfly-api`'s generated server trait, reproducing the parts of the stock scheduler
 //! (v2.5) that peers see:
 //! - `AnnounceHost` records the host (its `Host` message, as announced last) and counts calls;
-//!   `DeleteHost` removes it (NOT_FOUND for a host it does not know) and its peers leave.
+//!   `DeleteHost` removes it (NOT_FOUND for a host it does not know) and its peers leave;
+//!   `DeleteTask` makes the host's peers of the task leave.
 //! - `AnnouncePeer`: the first message must be `RegisterPeerRequest`. With
 //!   `download.metadata_only` (v2.5.1+) the peer is recorded as holding the task (lengths from
 //!   `actual_content_length`/`actual_piece_count`) and answered `MetadataOnlyResponse`.
@@ -394,9 +395,27 @@ impl Scheduler for SchedulerDouble {
     }
     async fn delete_task(
         &self,
-        _: tonic::Request<dragonfly_api::scheduler::v2::DeleteTaskRequest>,
+        request: tonic::Request<dragonfly_api::scheduler::v2::DeleteTaskRequest>,
     ) -> Result<tonic::Response<()>, Status> {
-        Err(unimplemented("delete_task"))
+        let request = request.into_inner();
+        let mut state = self.state.lock().unwrap();
+        if !state.hosts.contains_key(&request.host_id) {
+            return Err(Status::not_found(format!(
+                "host {} not found",
+                request.host_id
+            )));
+        }
+        // As the stock scheduler: the host's peers of the task leave.
+        if let Some(task) = state.tasks.get_mut(&request.task_id) {
+            for peer in task
+                .peers
+                .iter_mut()
+                .filter(|p| p.host_id == request.host_id)
+            {
+                peer.state = PeerState::Left;
+            }
+        }
+        Ok(tonic::Response::new(()))
     }
     async fn list_hosts(
         &self,

@@ -666,7 +666,7 @@ async fn a_stopped_peer_leaves_the_scheduler_and_a_restarted_one_announces_what_
         .expect("the seed stops on SIGTERM");
     {
         let state = first.state.lock().unwrap();
-        assert_eq!(state.deleted_hosts, [seed_host]);
+        assert_eq!(state.deleted_hosts, std::slice::from_ref(&seed_host));
         assert_eq!(state.tasks[&task_id].peers[0].state, PeerState::Left);
     }
 
@@ -710,4 +710,20 @@ async fn a_stopped_peer_leaves_the_scheduler_and_a_restarted_one_announces_what_
         pieces_by_source(&printed).keys().collect::<Vec<_>>(),
         [&seed.data_address]
     );
+
+    // Deleting the task here tells the scheduler (DeleteTask): the seed is no parent of it.
+    seed.client()
+        .await
+        .delete_task(proto::DeleteTaskRequest {
+            task_id: task_id.clone(),
+        })
+        .await
+        .unwrap();
+    wait_for("the seed's peers of the task left", || {
+        let state = second.state.lock().unwrap();
+        let peers = &state.tasks[&task_id].peers;
+        let seeds: Vec<_> = peers.iter().filter(|p| p.host_id == seed_host).collect();
+        !seeds.is_empty() && seeds.iter().all(|p| p.state == PeerState::Left)
+    })
+    .await;
 }

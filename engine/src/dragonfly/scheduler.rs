@@ -15,7 +15,7 @@ use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as PeerResponse;
 use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
 use dragonfly_api::scheduler::v2::{
-    AnnounceHostRequest, AnnouncePeerResponse, DeleteHostRequest,
+    AnnounceHostRequest, AnnouncePeerResponse, DeleteHostRequest, DeleteTaskRequest,
     DownloadPeerBackToSourceFinishedRequest, DownloadPeerBackToSourceStartedRequest,
     DownloadPeerFinishedRequest, DownloadPeerStartedRequest,
     DownloadPieceBackToSourceFinishedRequest, RegisterPeerRequest, ReschedulePeerRequest,
@@ -41,7 +41,7 @@ const PARENT_HOST_TIMEOUT: Duration = Duration::from_secs(3);
 pub const MAX_RESCHEDULES: u32 = 3;
 /// How long the last reports may take to reach the scheduler once a pull ended.
 pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-/// How long DeleteHost may take per scheduler when the daemon stops.
+/// How long DeleteHost (the daemon stops) or DeleteTask may take per scheduler.
 const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn channel(addr: &str) -> Result<Channel, Status> {
@@ -252,6 +252,30 @@ impl Scheduler {
                 }
                 Err(_) => {
                     tracing::warn!(scheduler = %addr, "DeleteHost timed out after {LEAVE_TIMEOUT:?}")
+                }
+            }
+        }
+    }
+
+    /// DeleteTask for a task this daemon no longer holds, on every scheduler (bounded like
+    /// [`Scheduler::leave`]): the scheduler makes this host's peers of the task leave, so no
+    /// child is handed a parent that has nothing to give.
+    pub async fn forget_task(&self, task_id: &str) {
+        for (addr, channel) in self.for_task(task_id) {
+            let mut client = SchedulerClient::new(channel);
+            let request = DeleteTaskRequest {
+                host_id: self.peer.host.id.clone(),
+                task_id: task_id.to_owned(),
+            };
+            match tokio::time::timeout(LEAVE_TIMEOUT, client.delete_task(request)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(scheduler = %addr, task_id, "task deleted from the scheduler")
+                }
+                Ok(Err(status)) => {
+                    tracing::warn!(scheduler = %addr, task_id, code = ?status.code(), message = status.message(), "DeleteTask failed")
+                }
+                Err(_) => {
+                    tracing::warn!(scheduler = %addr, task_id, "DeleteTask timed out after {LEAVE_TIMEOUT:?}")
                 }
             }
         }
