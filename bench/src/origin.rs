@@ -33,13 +33,78 @@ pub struct OriginArgs {
     /// The origin script [default: tests/origin_server.py of this checkout].
     #[arg(long)]
     script: Option<PathBuf>,
+    /// The origin server: nginx (sendfile, 2 workers; Debian's package), or the Python test
+    /// origin (one thread per connection, the GIL) [default: nginx when installed].
+    #[arg(long, value_enum)]
+    origin: Option<OriginServer>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OriginServer {
+    Nginx,
+    Python,
 }
 
 struct Origin(Child, u16);
 
+/// nginx on a free loopback port serving `root`, configured in `dir` (no access log,
+/// sendfile, two workers: the machine's cores).
+fn start_nginx(dir: &Path, root: &Path) -> anyhow::Result<Origin> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let prefix = dir.join("nginx");
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let config = prefix.join("nginx.conf");
+    std::fs::write(
+        &config,
+        format!(
+            "daemon off;\nmaster_process on;\nworker_processes 2;\nuser root;\npid {prefix}/nginx.pid;\nerror_log {prefix}/logs/error.log;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n  keepalive_requests 100000;\n\
+             client_body_temp_path {prefix}/body;\n  proxy_temp_path {prefix}/proxy;\n  fastcgi_temp_path {prefix}/fastcgi;\n\
+             uwsgi_temp_path {prefix}/uwsgi;\n  scgi_temp_path {prefix}/scgi;\n\
+             server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+            prefix = prefix.display(),
+            root = root.display(),
+        ),
+    )?;
+    let child = Command::new(nginx_binary().context("nginx is not installed")?)
+        .arg("-p")
+        .arg(&prefix)
+        .arg("-c")
+        .arg(&config)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting nginx")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!(
+                "nginx did not listen on 127.0.0.1:{port} within 10 s: {}",
+                std::fs::read_to_string(prefix.join("logs/error.log")).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(Origin(child, port))
+}
+
+fn nginx_binary() -> Option<PathBuf> {
+    ["/usr/sbin/nginx", "/usr/local/sbin/nginx"]
+        .iter()
+        .map(PathBuf::from)
+        .find(|p| p.exists())
+}
+
 impl Drop for Origin {
     fn drop(&mut self) {
-        let _ = self.0.kill();
+        // SIGTERM: nginx's master stops its workers too (a SIGKILL would leave them serving).
+        let pid = nix::unistd::Pid::from_raw(self.0.id() as i32);
+        if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).is_err() {
+            let _ = self.0.kill();
+        }
         let _ = self.0.wait();
     }
 }
@@ -89,13 +154,22 @@ fn timed(command: &mut Command, output: &Path, size: u64) -> anyhow::Result<Meas
 pub async fn bench(dir: &Path, args: &OriginArgs) -> anyhow::Result<Report> {
     let size = args.size_mib * MIB;
     let connections = args.connections.clamp(1, 64);
+    let server = args.origin.unwrap_or(if nginx_binary().is_some() {
+        OriginServer::Nginx
+    } else {
+        OriginServer::Python
+    });
+    let server_name = match server {
+        OriginServer::Nginx => "nginx (sendfile, 2 workers)",
+        OriginServer::Python => "python3 http.server + sendfile",
+    };
     println!(
-        "== origin: {} MiB from a loopback HTTP origin (python3 http.server + sendfile), {connections} connections, {} rounds",
+        "== origin: {} MiB from a loopback HTTP origin ({server_name}), {connections} connections, {} rounds",
         args.size_mib, args.rounds
     );
     let mut report = Report::new(
         "origin",
-        json!({ "size_bytes": size, "connections": connections, "rounds": args.rounds }),
+        json!({ "size_bytes": size, "connections": connections, "rounds": args.rounds, "origin": server_name }),
     );
     let www = dir.join("www");
     std::fs::create_dir_all(&www)?;
@@ -109,7 +183,10 @@ pub async fn bench(dir: &Path, args: &OriginArgs) -> anyhow::Result<Report> {
         .script
         .clone()
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/origin_server.py"));
-    let origin = start_origin(&script, &www)?;
+    let origin = match server {
+        OriginServer::Nginx => start_nginx(dir, &www)?,
+        OriginServer::Python => start_origin(&script, &www)?,
+    };
     let url = format!("http://127.0.0.1:{}/model.bin", origin.1);
     // Warm the origin's page cache once, as every round reads it from there.
     std::fs::read(&file)?;
@@ -153,6 +230,7 @@ pub async fn bench(dir: &Path, args: &OriginArgs) -> anyhow::Result<Report> {
                         ..Default::default()
                     }),
                     origin_connections: conns,
+                    source_weights: Vec::new(),
                 })
                 .await?;
             let (events, mut drain) = tokio::sync::mpsc::channel(64);
@@ -257,7 +335,14 @@ pub async fn bench(dir: &Path, args: &OriginArgs) -> anyhow::Result<Report> {
     report.rows.extend(curl.clone());
     report.rows.extend(aria.clone());
     report.note("ferry rows: Range requests into the store with O_DIRECT writes, fdatasync and journal per piece, and a SHA-256 of the whole content before it counts; curl and aria2c write into the page cache with no sync and verify nothing");
-    report.note("the origin is Python: it sends with sendfile, one thread per connection");
+    report.note(match server {
+        OriginServer::Nginx => {
+            "the origin is nginx: sendfile from the page cache, 2 worker processes"
+        }
+        OriginServer::Python => {
+            "the origin is Python: it sends with sendfile, one thread per connection"
+        }
+    });
     drop(origin);
     Ok(report)
 }

@@ -339,6 +339,7 @@ impl Rig {
                 digest: None,
                 origin: None,
                 origin_connections: 0,
+                source_weights: Vec::new(),
             })
             .await?;
         let (events, mut drain) = tokio::sync::mpsc::channel(64);

@@ -3,7 +3,9 @@
 
 use crate::config::ControlTcpConfig;
 use crate::daemon::{Admission, Drain};
-use crate::dragonfly::scheduler::{Plan, PullSpec, Scheduler, Session};
+use crate::dragonfly::pull;
+use crate::dragonfly::scheduler::{Plan, PullSpec, Scheduler};
+use crate::dragonfly::session::Session;
 use crate::geometry::{self, format_digest, GeometryError};
 use crate::import::{self, ImportError, ImportOptions};
 use crate::manifest::{ContentDigest, ManifestState};
@@ -11,8 +13,8 @@ use crate::origin::{OriginError, OriginRequest};
 use crate::proto::{self, ferry_server::Ferry, transfer_event::Event};
 use crate::store::{StoreError, StoredTask};
 use crate::transfer::{
-    panic_message, Engine, OutputError, PieceOutcome, TransferError, TransferRequest,
-    TransferSummary, TransportChoice,
+    panic_message, Engine, FailedAttempt, OutputError, PieceOutcome, PreparedTransfer,
+    TransferError, TransferRequest, TransferSummary, TransportChoice,
 };
 use anyhow::Context;
 use sha2::{Digest, Sha256};
@@ -430,7 +432,8 @@ impl Ferry for ControlService {
         // A URL with a Dragonfly scheduler: with no peers named, the scheduler places this
         // pull (candidate parents, or back to source); with peers named, the task is announced
         // as a candidate parent once complete.
-        let mut session: Option<Session> = None;
+        let mut scheduled: Option<(Arc<Scheduler>, PullSpec, Session)> = None;
+        let mut plan: Option<Plan> = None;
         let mut announce_after = None;
         if let (Some(scheduler), false) = (&self.dragonfly, request.url.is_empty()) {
             let user_piece = (request.piece_length != 0).then_some(request.piece_length);
@@ -457,60 +460,60 @@ impl Ferry for ControlService {
                 digest: non_empty(request.digest.clone()),
             };
             if request.sources.is_empty() {
-                let (plan, opened) = scheduler.schedule(&spec).await;
-                match plan {
-                    Plan::Parents { parents, geometry } => {
+                let (settled, opened) = scheduler.schedule(&spec).await;
+                match &settled {
+                    Plan::Parents { parents, .. } => {
                         tracing::info!(task_id, parents = ?parents.iter().map(|p| (&p.peer_id, &p.vortex, p.weight)).collect::<Vec<_>>(), "scheduled: fetching from candidate parents");
-                        request.sources = parents.into_iter().map(|p| p.vortex).collect();
-                        request.content_length = geometry.content_length();
-                        request.piece_length = geometry.piece_length();
                     }
                     Plan::BackToSource { reason } => {
                         tracing::info!(task_id, reason, "scheduled: back to source");
                     }
                 }
                 request.task_id = task_id;
-                session = opened;
+                plan = Some(settled);
+                if let Some(session) = opened {
+                    scheduled = Some((Arc::clone(scheduler), spec, session));
+                }
             } else {
                 announce_after = Some((Arc::clone(scheduler), spec));
             }
         }
-        let prepared = self
-            .engine
-            .prepare(TransferRequest {
-                task_id: request.task_id,
-                content_length: request.content_length,
-                piece_length: request.piece_length,
-                pieces: request.pieces,
-                sources: request.sources,
-                output: non_empty(request.output_path).map(PathBuf::from),
-                streams_per_source: request.streams_per_source,
-                transport,
-                origin: non_empty(request.url).map(|url| OriginRequest {
-                    url,
-                    headers: request.headers,
-                    tag: non_empty(request.tag),
-                    application: non_empty(request.application),
-                }),
-                origin_connections: request.origin_connections,
-                digest: non_empty(request.digest)
-                    .map(|d| d.parse::<ContentDigest>())
-                    .transpose()
-                    .map_err(|e| Status::invalid_argument(e.to_string()))?,
-            })
-            .await;
-        let prepared = match prepared {
+        let template = TransferRequest {
+            task_id: request.task_id,
+            content_length: request.content_length,
+            piece_length: request.piece_length,
+            pieces: request.pieces,
+            sources: request.sources,
+            output: non_empty(request.output_path).map(PathBuf::from),
+            streams_per_source: request.streams_per_source,
+            transport,
+            origin: non_empty(request.url).map(|url| OriginRequest {
+                url,
+                headers: request.headers,
+                tag: non_empty(request.tag),
+                application: non_empty(request.application),
+            }),
+            origin_connections: request.origin_connections,
+            digest: non_empty(request.digest)
+                .map(|d| d.parse::<ContentDigest>())
+                .transpose()
+                .map_err(|e| Status::invalid_argument(e.to_string()))?,
+            source_weights: Vec::new(),
+        };
+        let first = match &plan {
+            Some(plan) => pull::request_for(&template, plan),
+            None => template.clone(),
+        };
+        let prepared = match self.engine.prepare(first).await {
             Ok(prepared) => prepared,
             Err(err) => {
-                if let Some(session) = session {
+                if let Some((_, _, session)) = scheduled {
                     session.finish(Err(err.to_string())).await;
                 }
                 return Err(err.into());
             }
         };
         let started = prepared.started();
-        let started_task_id = started.task_id.clone();
-        let (events_tx, mut events_rx) = mpsc::channel(64);
         let (stream_tx, stream_rx) = mpsc::channel(64);
         let engine = Arc::clone(&self.engine);
         let drain = Arc::clone(&self.drain);
@@ -531,39 +534,17 @@ impl Ferry for ControlService {
             })),
         };
         let _ = stream_tx.send(Ok(started_event)).await;
-        let forward = stream_tx.clone();
-        let forwarder = tokio::spawn(async move {
-            while let Some(outcome) = events_rx.recv().await {
-                if let Some(session) = &session {
-                    session.piece(&outcome).await;
-                }
-                let event = proto::TransferEvent {
-                    event: Some(Event::Piece(piece_message(outcome))),
-                };
-                if forward.send(Ok(event)).await.is_err() {
-                    // The caller hung up: dropping the receiver stops the transfer's workers.
-                    return session;
-                }
-            }
-            session
-        });
+        let from_parents = matches!(plan, Some(Plan::Parents { .. }));
         tokio::spawn(async move {
-            let task_id = started_task_id;
-            // The transfer runs in a task of its own: should it panic, the caller still gets
-            // a last word (INTERNAL, naming it) instead of a stream that just ends.
-            let result = tokio::spawn(async move { engine.run(prepared, events_tx).await })
-                .await
-                .unwrap_or_else(|err| {
-                    Err(TransferError::Internal {
-                        task_id,
-                        what: format!("the transfer panicked: {}", panic_message(err)),
-                    })
-                });
-            if let Ok(Some(session)) = forwarder.await {
-                session
-                    .finish(result.as_ref().map_err(|e| e.to_string()))
-                    .await;
-            }
+            let result = drive(
+                &engine,
+                prepared,
+                scheduled,
+                from_parents,
+                template,
+                &stream_tx,
+            )
+            .await;
             if let (Ok(_), Some((scheduler, spec))) = (&result, announce_after) {
                 announce_held(&scheduler, spec);
             }
@@ -691,8 +672,130 @@ impl Ferry for ControlService {
             )));
         }
         self.engine.store.delete(task.id()).map_err(store_status)?;
+        if let Some(scheduler) = &self.dragonfly {
+            let (scheduler, task_id) = (Arc::clone(scheduler), task.id().to_owned());
+            tokio::spawn(async move { scheduler.forget_task(&task_id).await });
+        }
         Ok(Response::new(proto::DeleteTaskResponse {}))
     }
+}
+
+/// Runs a transfer, forwarding its pieces to the caller (and, in a scheduled pull, every
+/// piece and failed attempt to the scheduler). In a scheduled pull from parents, a transfer
+/// whose parents all failed is rescheduled: the scheduler names new parents (or sends the
+/// peer back to source) and a next transfer takes the pieces still missing, until the pull
+/// completes, fails otherwise or the reschedules are spent. The scheduler hears how the
+/// pull ended.
+async fn drive(
+    engine: &Arc<Engine>,
+    mut prepared: PreparedTransfer,
+    mut scheduled: Option<(Arc<Scheduler>, PullSpec, Session)>,
+    mut from_parents: bool,
+    template: TransferRequest,
+    stream_tx: &mpsc::Sender<Result<proto::TransferEvent, Status>>,
+) -> Result<TransferSummary, TransferError> {
+    let mut earlier = pull::Tally::default();
+    let result = loop {
+        let (events_tx, mut events_rx) = mpsc::channel::<PieceOutcome>(64);
+        let (attempts_tx, mut attempts_rx) = mpsc::channel::<FailedAttempt>(1024);
+        let session = scheduled.take();
+        if session.is_some() {
+            prepared.report_attempts(attempts_tx);
+        } else {
+            drop(attempts_tx);
+        }
+        let forward = stream_tx.clone();
+        let forwarder = tokio::spawn(async move {
+            let mut tally = pull::Tally::new();
+            let mut attempts_open = true;
+            loop {
+                tokio::select! {
+                    outcome = events_rx.recv() => {
+                        let Some(outcome) = outcome else { break };
+                        tally.piece(&outcome);
+                        if let Some((_, _, session)) = &session {
+                            session.piece(&outcome).await;
+                        }
+                        let event = proto::TransferEvent {
+                            event: Some(Event::Piece(piece_message(outcome))),
+                        };
+                        if forward.send(Ok(event)).await.is_err() {
+                            // The caller hung up: dropping the receiver stops the workers.
+                            return (session, tally, true);
+                        }
+                    }
+                    attempt = attempts_rx.recv(), if attempts_open => {
+                        match attempt {
+                            Some(attempt) => {
+                                tally.failed(&attempt);
+                                if let Some((_, _, session)) = &session {
+                                    session.piece_failed(&attempt).await;
+                                }
+                            }
+                            None => attempts_open = false,
+                        }
+                    }
+                }
+            }
+            // Reports of the last attempts, sent before the transfer ended.
+            while let Ok(attempt) = attempts_rx.try_recv() {
+                tally.failed(&attempt);
+                if let Some((_, _, session)) = &session {
+                    session.piece_failed(&attempt).await;
+                }
+            }
+            (session, tally, false)
+        });
+        let task_id = prepared.started().task_id;
+        // The transfer runs in a task of its own: should it panic, the caller still gets a
+        // last word (INTERNAL, naming it) instead of a stream that just ends.
+        let running = Arc::clone(engine);
+        let result = tokio::spawn(async move { running.run(prepared, events_tx).await })
+            .await
+            .unwrap_or_else(|err| {
+                Err(TransferError::Internal {
+                    task_id,
+                    what: format!("the transfer panicked: {}", panic_message(err)),
+                })
+            });
+        let (session, tally, caller_gone) = match forwarder.await {
+            Ok(forwarded) => forwarded,
+            Err(err) => {
+                tracing::error!(error = %panic_message(err), "forwarding a transfer's pieces panicked");
+                (None, pull::Tally::default(), true)
+            }
+        };
+        scheduled = session;
+        match (result, &mut scheduled) {
+            (Err(TransferError::SourcesExhausted(why)), Some((scheduler, spec, session)))
+                if from_parents && !caller_gone =>
+            {
+                earlier.absorb(tally);
+                let plan = scheduler.reschedule(spec, session, &why).await;
+                from_parents = matches!(plan, Plan::Parents { .. });
+                tracing::info!(task_id = %spec.task_id, reschedules = session.reschedules(), from_parents, "rescheduled after every parent failed");
+                match engine.prepare(pull::request_for(&template, &plan)).await {
+                    Ok(next) => prepared = next,
+                    Err(err) => break Err(err),
+                }
+            }
+            // The last transfer's summary counts its own pieces; the earlier ones are added.
+            (result, _) => break result.map(|summary| earlier.merge_into(summary)),
+        }
+    };
+    if let Some((_, spec, session)) = scheduled {
+        session
+            .finish(result.as_ref().map_err(|e| e.to_string()))
+            .await;
+        // The scheduler now counts this peer a parent of the task; a restarted daemon
+        // announces it again from what is kept here.
+        if let (Ok(_), Some(task)) = (&result, engine.store.get(&spec.task_id)) {
+            let _ =
+                tokio::task::spawn_blocking(move || crate::dragonfly::held::remember(&task, &spec))
+                    .await;
+        }
+    }
+    result
 }
 
 /// Authenticates control requests by bearer token (`authorization: Bearer <token>`), when a

@@ -220,6 +220,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         None
     };
 
+    let leaving = dragonfly.clone();
     let drain = Drain::new(Duration::from_secs(config.drain_timeout_secs));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<FerryServer<ControlService>>().await;
@@ -291,6 +292,9 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     dragonfly_stop.cancel();
+    if let Some(scheduler) = &leaving {
+        scheduler.leave().await;
+    }
     data_plane.abort();
     if let Some(endpoint) = metrics_endpoint {
         endpoint.abort();

@@ -151,6 +151,7 @@ pub struct Metrics {
     dragonfly_reschedules: Counter,
     dragonfly_back_to_source: Counter,
     dragonfly_pieces_reported: Counter,
+    dragonfly_piece_failures_reported: Counter,
     /// Read at scrape time: the data-port server's own counters.
     server: OnceLock<Arc<ServerStats>>,
     /// Read at scrape time: free slots.
@@ -209,6 +210,7 @@ impl Metrics {
             dragonfly_reschedules: Counter::default(),
             dragonfly_back_to_source: Counter::default(),
             dragonfly_pieces_reported: Counter::default(),
+            dragonfly_piece_failures_reported: Counter::default(),
             origin_failures: Family::default(),
             server: OnceLock::new(),
             pool: OnceLock::new(),
@@ -320,6 +322,11 @@ impl Metrics {
             "dragonfly_pieces_reported",
             "Pieces reported to the Dragonfly scheduler as downloaded (from a parent or back to source)",
             metrics.dragonfly_pieces_reported.clone(),
+        );
+        registry.register(
+            "dragonfly_piece_failures_reported",
+            "Failed piece attempts reported to the Dragonfly scheduler (DownloadPieceFailedRequest, naming the parent)",
+            metrics.dragonfly_piece_failures_reported.clone(),
         );
         registry.register(
             "transfers_active",
@@ -479,6 +486,10 @@ impl Metrics {
 
     pub fn dragonfly_piece_reported(&self) {
         self.dragonfly_pieces_reported.inc();
+    }
+
+    pub fn dragonfly_piece_failure_reported(&self) {
+        self.dragonfly_piece_failures_reported.inc();
     }
 
     /// Piece bytes this daemon has sent (`.0`) and received (`.1`) over every transport and

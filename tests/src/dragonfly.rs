@@ -5,8 +5,8 @@
 //!   dfdaemon without a manager health-checks the schedulers its dynconfig lists and uses only
 //!   the serving ones.
 //! - `AnnounceHost` records the host (its `Host` message, as announced last) and counts calls;
-//!   `DeleteHost` (a dfdaemon shutting down) forgets the host, so its peers are no longer handed
-//!   out as parents.
+//!   `DeleteHost` removes it (NOT_FOUND for a host it does not know) and its peers leave;
+//!   `DeleteTask` makes the host's peers of the task leave.
 //! - `AnnouncePeer`: the first message must be `RegisterPeerRequest`. With
 //!   `download.metadata_only` (v2.5.1+) the peer is recorded as holding the task (lengths from
 //!   `actual_content_length`/`actual_piece_count`) and answered `MetadataOnlyResponse`.
@@ -15,19 +15,21 @@
 //!   first, each with its host and task; with none the peer is told `NeedBackToSourceResponse`
 //!   (the stock scheduler does that for the first peer of a task, and after its retries run
 //!   out; the double does not retry).
-//! - `ReschedulePeerRequest` is answered like a registration, leaving out the parents it names.
+//! - `ReschedulePeerRequest` is answered like a registration, leaving out the parents it names
+//!   and those named by the peer's temporary `DownloadPieceFailedRequest`s (the stock
+//!   scheduler's `BlockParents`). `candidate_limit` caps the parents per answer (3 unless set).
 //! - Per piece: `DownloadPieceFinishedRequest` (counted per parent) and
 //!   `DownloadPieceBackToSourceFinishedRequest` (counted; they set the task's length and piece
-//!   count); `DownloadPieceFailedRequest` recorded with its parent. Started, finished and failed
-//!   move the peer's state.
+//!   count); `DownloadPieceFailedRequest` recorded with its piece and parent (a non-temporary
+//!   one fails the peer). Started, finished and failed move the peer's state.
 //! - Like the stock scheduler, the double ends the `AnnouncePeer` stream (status OK) after
 //!   `DownloadPeerFinishedRequest`, `DownloadPeerBackToSourceFinishedRequest`,
 //!   `DownloadPeerFailedRequest` or `DownloadPeerBackToSourceFailedRequest`: the stock dfdaemon
 //!   waits for that close before it reports a download done.
 //!
 //! Not reproduced: scoring (load, IDC, location), the 15-peer sample, blocklists, retry limits
-//! and their back-off, GC, the manager, `StatPeer`/`StatTask` and the other services
-//! (UNIMPLEMENTED).
+//! and their back-off, GC, the manager, `StatPeer`/`StatTask` and the other
+//! services (UNIMPLEMENTED).
 
 use dragonfly_api::common::v2::{Host, Peer, Task};
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
@@ -64,6 +66,8 @@ pub enum PeerState {
     /// Announced with `metadata_only`.
     MetadataOnly,
     Failed,
+    /// Its host was deleted (DeleteHost).
+    Left,
 }
 
 impl PeerState {
@@ -88,8 +92,9 @@ pub struct PeerRecord {
     /// Digests of the pieces reported, by piece number.
     pub digests: BTreeMap<u32, String>,
     pub back_to_source_pieces: u32,
-    /// Parents named by DownloadPieceFailedRequest.
-    pub failed_parents: Vec<String>,
+    /// DownloadPieceFailedRequests: (piece number, parent), in order. Temporary failures
+    /// block the parent for this peer, as the stock scheduler's `BlockParents` do.
+    pub failed_pieces: Vec<(Option<u32>, String)>,
     pub reschedules: u32,
 }
 
@@ -105,9 +110,12 @@ pub struct TaskRecord {
 pub struct DoubleState {
     pub hosts: HashMap<String, Host>,
     pub host_announces: u32,
-    /// Host ids named by DeleteHost, in order.
-    pub deleted_hosts: Vec<String>,
     pub tasks: HashMap<String, TaskRecord>,
+    /// Most candidate parents in one answer; 0: 3 (configurable on the stock scheduler too,
+    /// as `scheduler.algorithm`'s candidate parent limit).
+    pub candidate_limit: usize,
+    /// Hosts removed by DeleteHost, in order.
+    pub deleted_hosts: Vec<String>,
 }
 
 impl DoubleState {
@@ -159,7 +167,10 @@ impl DoubleState {
                     ..Default::default()
                 })
             })
-            .take(3)
+            .take(match self.candidate_limit {
+                0 => 3,
+                n => n,
+            })
             .collect();
         if candidates.is_empty() {
             need_back_to_source("no peer of the task holds it yet")
@@ -237,7 +248,7 @@ impl SchedulerDouble {
                     pieces_from: BTreeMap::new(),
                     digests: BTreeMap::new(),
                     back_to_source_pieces: 0,
-                    failed_parents: Vec::new(),
+                    failed_pieces: Vec::new(),
                     reschedules: 0,
                 };
                 let response = if download.metadata_only {
@@ -257,11 +268,14 @@ impl SchedulerDouble {
                 Some(response)
             }
             PeerRequest::ReschedulePeerRequest(reschedule) => {
-                let exclude: Vec<String> = reschedule
+                let mut exclude: Vec<String> = reschedule
                     .candidate_parents
                     .iter()
                     .map(|p| p.id.clone())
                     .collect();
+                if let Some(peer) = state.peer(&task_id, &peer_id) {
+                    exclude.extend(peer.failed_pieces.iter().map(|(_, parent)| parent.clone()));
+                }
                 let response = state.schedule(&task_id, &peer_id, &host_id, &exclude);
                 if let Some(peer) = state.peer_mut(&task_id, &peer_id) {
                     peer.reschedules += 1;
@@ -313,7 +327,11 @@ impl SchedulerDouble {
                         peer.digests.insert(piece.number, piece.digest);
                     }
                     PeerRequest::DownloadPieceFailedRequest(r) => {
-                        peer.failed_parents.push(r.parent_id)
+                        if r.temporary {
+                            peer.failed_pieces.push((r.piece_number, r.parent_id))
+                        } else {
+                            peer.state = PeerState::Failed
+                        }
                     }
                     _ => {}
                 }
@@ -403,9 +421,27 @@ impl Scheduler for SchedulerDouble {
     }
     async fn delete_task(
         &self,
-        _: tonic::Request<dragonfly_api::scheduler::v2::DeleteTaskRequest>,
+        request: tonic::Request<dragonfly_api::scheduler::v2::DeleteTaskRequest>,
     ) -> Result<tonic::Response<()>, Status> {
-        Err(unimplemented("delete_task"))
+        let request = request.into_inner();
+        let mut state = self.state.lock().unwrap();
+        if !state.hosts.contains_key(&request.host_id) {
+            return Err(Status::not_found(format!(
+                "host {} not found",
+                request.host_id
+            )));
+        }
+        // As the stock scheduler: the host's peers of the task leave.
+        if let Some(task) = state.tasks.get_mut(&request.task_id) {
+            for peer in task
+                .peers
+                .iter_mut()
+                .filter(|p| p.host_id == request.host_id)
+            {
+                peer.state = PeerState::Left;
+            }
+        }
+        Ok(tonic::Response::new(()))
     }
     async fn list_hosts(
         &self,
@@ -419,7 +455,15 @@ impl Scheduler for SchedulerDouble {
     ) -> Result<tonic::Response<()>, Status> {
         let host_id = request.into_inner().host_id;
         let mut state = self.state.lock().unwrap();
-        state.hosts.remove(&host_id);
+        if state.hosts.remove(&host_id).is_none() {
+            return Err(Status::not_found(format!("host {host_id} not found")));
+        }
+        // The stock scheduler makes the host's peers leave: none is a parent any more.
+        for task in state.tasks.values_mut() {
+            for peer in task.peers.iter_mut().filter(|p| p.host_id == host_id) {
+                peer.state = PeerState::Left;
+            }
+        }
         state.deleted_hosts.push(host_id);
         Ok(tonic::Response::new(()))
     }

@@ -134,6 +134,20 @@ impl StockDfdaemon {
     /// Writes a config and a dynconfig under `root/name` and starts `dfdaemon`, scheduled by
     /// `scheduler` (no manager). Returns once its download socket and upload port answer.
     pub async fn start(bin: &Path, root: &Path, name: &str, scheduler: SocketAddr) -> Self {
+        Self::start_with(bin, root, name, scheduler, None).await
+    }
+
+    /// As [`Self::start`], with `upload.bandwidthLimit` set to `upload_limit` bytes per second
+    /// (stock default 50 GB/s). On loopback, where it cannot read a link speed, the stock
+    /// dfdaemon also announces this limit as its `max_tx_bandwidth` (in bits per second), the
+    /// figure children weigh parents by.
+    pub async fn start_with(
+        bin: &Path,
+        root: &Path,
+        name: &str,
+        scheduler: SocketAddr,
+        upload_limit: Option<u64>,
+    ) -> Self {
         let dir = root.join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("dfdaemon.sock");
@@ -160,7 +174,7 @@ upload:
   server:
     ip: 127.0.0.1
     port: {upload_port}
-scheduler:
+{upload_limit}scheduler:
   announceInterval: 1s
   scheduleTimeout: 60s
 dynconfig:
@@ -193,6 +207,9 @@ proxy:
             dir = dir.display(),
             socket = socket.display(),
             storage = storage_dir.display(),
+            upload_limit = upload_limit
+                .map(|bytes| format!("  bandwidthLimit: {bytes}\n"))
+                .unwrap_or_default(),
         );
         let config_path = dir.join("dfdaemon.yaml");
         std::fs::write(&config_path, config).unwrap();

@@ -13,10 +13,15 @@ use std::time::{Duration, Instant};
 use tonic::Code;
 
 async fn peer(root: &Path, name: &str, scheduler: &str) -> Daemon {
+    peer_with(root, name, scheduler, "").await
+}
+
+/// A peer with more `[dragonfly]` settings (TOML lines).
+async fn peer_with(root: &Path, name: &str, scheduler: &str, dragonfly: &str) -> Daemon {
     let config = root.join(format!("{name}.toml"));
     std::fs::write(
         &config,
-        format!("[dragonfly]\nannounce_interval_secs = 1\nidc = \"idc-test\"\nhostname = \"{name}\"\n[origin]\nconnections = 4\nretries = 2\nretry_base_ms = 50\nretry_max_ms = 200\n"),
+        format!("[dragonfly]\nannounce_interval_secs = 1\nidc = \"idc-test\"\nhostname = \"{name}\"\n{dragonfly}\n[origin]\nconnections = 4\nretries = 2\nretry_base_ms = 50\nretry_max_ms = 200\n"),
     )
     .unwrap();
     Daemon::start(
@@ -427,4 +432,298 @@ async fn a_child_whose_only_parent_is_gone_reschedules_then_goes_back_to_source(
         metric(&exposition, "ferry_dragonfly_back_to_source_total"),
         Some(1.0)
     );
+}
+
+/// The peer record of the one peer of `task_id` that is none of `others`.
+fn peer_record(
+    double: &ferry_tests::dragonfly::RunningDouble,
+    task_id: &str,
+    others: &[&str],
+) -> ferry_tests::dragonfly::PeerRecord {
+    let state = double.state.lock().unwrap();
+    let mut found = state.tasks[task_id]
+        .peers
+        .iter()
+        .filter(|p| !others.contains(&p.id.as_str()))
+        .cloned()
+        .collect::<Vec<_>>();
+    assert_eq!(found.len(), 1, "{found:?}");
+    found.pop().unwrap()
+}
+
+/// Pieces of a `--json` pull by source.
+fn pieces_by_source(printed: &serde_json::Value) -> std::collections::BTreeMap<String, u32> {
+    let mut by = std::collections::BTreeMap::new();
+    for piece in printed["pieces"].as_array().unwrap() {
+        *by.entry(piece["source"].as_str().unwrap().to_owned())
+            .or_default() += 1;
+    }
+    by
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_child_spreads_its_pieces_over_parents_by_their_spare_bandwidth() {
+    let root = scratch("df-weighted");
+    let files = root.path().join("www");
+    std::fs::create_dir_all(&files).unwrap();
+    // 48 pieces of 4 MiB (the smallest piece length).
+    let size = 192 * MIB;
+    random_file(&files.join("big.bin"), size, 11);
+    let origin = OriginServer::start(&files);
+    let double = SchedulerDouble::start().await;
+    let scheduler = double.addr.to_string();
+    // Announced upload bandwidth 9 Gbit/s and 1 Gbit/s: SyncHost weights about 9:1.
+    let fast = peer_with(
+        root.path(),
+        "fast",
+        &scheduler,
+        "max_bandwidth_bps = 9000000000",
+    )
+    .await;
+    let slow = peer_with(
+        root.path(),
+        "slow",
+        &scheduler,
+        "max_bandwidth_bps = 1000000000",
+    )
+    .await;
+    let child = peer(root.path(), "child", &scheduler).await;
+    let url = origin.url("big.bin");
+    let piece = (4 * MIB).to_string();
+    let task_id = ferry_engine::origin::task_id(&url, None, None, Some(4 * MIB)).unwrap();
+    pull_cli(&fast, &["--url", &url, "--piece-length", &piece]);
+    let fast_peer = peer_record(&double, &task_id, &[]).id;
+    pull_cli(&slow, &["--url", &url, "--piece-length", &piece]);
+    let slow_peer = peer_record(&double, &task_id, &[&fast_peer]).id;
+
+    let output = root.path().join("big.out");
+    let printed = pull_cli(
+        &child,
+        &[
+            "--url",
+            &url,
+            "--piece-length",
+            &piece,
+            // Two pieces in flight per parent: the endgame, when the light parent may help
+            // the heavy one, is then at most two pieces.
+            "--streams",
+            "2",
+            "--output",
+            output.to_str().unwrap(),
+        ],
+    );
+    assert!(same_contents(&files.join("big.bin"), &output));
+    let by = pieces_by_source(&printed);
+    let from_fast = by.get(&fast.data_address).copied().unwrap_or(0);
+    let from_slow = by.get(&slow.data_address).copied().unwrap_or(0);
+    eprintln!("pieces from the 9 Gbit/s parent: {from_fast}, from the 1 Gbit/s one: {from_slow}");
+    assert_eq!(from_fast + from_slow, 48, "{by:?}");
+    assert!(
+        from_fast > 2 * from_slow,
+        "the parent with 9x the spare bandwidth takes most pieces: {by:?}"
+    );
+    wait_for("the child's peer finished", || {
+        let state = double.state.lock().unwrap();
+        state.tasks[&task_id]
+            .peers
+            .iter()
+            .filter(|p| p.state == PeerState::Finished)
+            .count()
+            == 2
+    })
+    .await;
+    let record = peer_record(&double, &task_id, &[&fast_peer, &slow_peer]);
+    assert_eq!(record.answers, ["normal(2)"]);
+    assert_eq!(record.pieces_from.get(&fast_peer).copied(), Some(from_fast));
+    assert_eq!(
+        record.pieces_from.get(&slow_peer).copied().unwrap_or(0),
+        from_slow
+    );
+    assert!(record.failed_pieces.is_empty(), "{record:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_whose_parents_all_fail_mid_transfer_is_rescheduled_onto_another_parent() {
+    let root = scratch("df-midway");
+    let files = root.path().join("www");
+    std::fs::create_dir_all(&files).unwrap();
+    let size = 12 * MIB + 777;
+    random_file(&files.join("m.bin"), size, 21);
+    let origin = OriginServer::start(&files);
+    let double = SchedulerDouble::start().await;
+    // One parent per answer: the first answer is the newest holder, the corrupt one.
+    double.state.lock().unwrap().candidate_limit = 1;
+    let scheduler = double.addr.to_string();
+    let good = peer(root.path(), "good", &scheduler).await;
+    let bad = peer(root.path(), "bad", &scheduler).await;
+    let child = peer(root.path(), "child", &scheduler).await;
+    let url = origin.url("m.bin");
+    let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
+    pull_cli(&good, &["--url", &url]);
+    let good_peer = peer_record(&double, &task_id, &[]).id;
+    pull_cli(&bad, &["--url", &url]);
+    let bad_peer = peer_record(&double, &task_id, &[&good_peer]).id;
+    // The bad parent's content rots on disk: it still says it holds every piece (with the
+    // digests it journaled) but serves other bytes, so every piece from it fails its check.
+    let content = bad.data_dir.join("tasks").join(&task_id).join("content");
+    let rotten: Vec<u8> = std::fs::read(&content)
+        .unwrap()
+        .into_iter()
+        .map(|b| b ^ 0x5a)
+        .collect();
+    std::fs::write(&content, rotten).unwrap();
+    let requests_before = origin.stats().await["/m.bin"]["requests"].as_u64().unwrap();
+
+    let output = root.path().join("m.out");
+    let printed = pull_cli(
+        &child,
+        &["--url", &url, "--output", output.to_str().unwrap()],
+    );
+    assert!(same_contents(&files.join("m.bin"), &output));
+    let by = pieces_by_source(&printed);
+    assert_eq!(
+        by.keys().collect::<Vec<_>>(),
+        [&good.data_address],
+        "every piece came from the good parent: {by:?}"
+    );
+    let summary = &printed["summary"];
+    assert_eq!(summary["back_to_source_bytes"], 0);
+    assert_eq!(summary["pieces_fetched"], 4, "{summary}");
+    let bad_stats = summary["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["source"] == bad.data_address.as_str())
+        .unwrap_or_else(|| panic!("the failed parent is in the summary: {summary}"))
+        .clone();
+    assert_eq!(bad_stats["pieces"], 0);
+    assert!(bad_stats["failures"].as_u64().unwrap() >= 4, "{summary}");
+    assert_eq!(
+        origin.stats().await["/m.bin"]["requests"].as_u64().unwrap(),
+        requests_before,
+        "a parent was left: no back to source"
+    );
+    wait_for("the child's peer finished", || {
+        let state = double.state.lock().unwrap();
+        state.tasks[&task_id]
+            .peers
+            .iter()
+            .filter(|p| p.state == PeerState::Finished)
+            .count()
+            == 2
+    })
+    .await;
+    let record = peer_record(&double, &task_id, &[&good_peer, &bad_peer]);
+    assert_eq!(record.answers, ["normal(1)", "normal(1)"], "{record:?}");
+    assert_eq!(record.reschedules, 1);
+    assert_eq!(record.pieces_from.get(&good_peer).copied(), Some(4));
+    assert!(!record.pieces_from.contains_key(&bad_peer));
+    assert!(
+        record.failed_pieces.len() as u64 >= bad_stats["failures"].as_u64().unwrap(),
+        "one report per failed attempt: {record:?}"
+    );
+    assert!(
+        record
+            .failed_pieces
+            .iter()
+            .all(|(number, parent)| *parent == bad_peer && number.is_some_and(|n| n < 4)),
+        "each names the piece and the failed parent: {record:?}"
+    );
+    let exposition = child.scrape().await;
+    assert_eq!(
+        metric(&exposition, "ferry_dragonfly_reschedules_total"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric(&exposition, "ferry_dragonfly_piece_failures_reported_total"),
+        Some(record.failed_pieces.len() as f64)
+    );
+    assert_eq!(
+        metric(&exposition, "ferry_dragonfly_back_to_source_total"),
+        Some(0.0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stopped_peer_leaves_the_scheduler_and_a_restarted_one_announces_what_it_holds() {
+    let root = scratch("df-restart");
+    let files = root.path().join("www");
+    std::fs::create_dir_all(&files).unwrap();
+    let size = 9 * MIB + 5;
+    random_file(&files.join("r.bin"), size, 31);
+    let origin = OriginServer::start(&files);
+    let first = SchedulerDouble::start().await;
+    let mut seed = peer(root.path(), "seed", &first.addr.to_string()).await;
+    let url = origin.url("r.bin");
+    let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
+    pull_cli(&seed, &["--url", &url]);
+    let seed_host = peer_record(&first, &task_id, &[]).host_id;
+
+    // A graceful stop deletes the host: the scheduler hands it out no more.
+    seed.signal("TERM");
+    seed.wait_exit(Duration::from_secs(20))
+        .await
+        .expect("the seed stops on SIGTERM");
+    {
+        let state = first.state.lock().unwrap();
+        assert_eq!(state.deleted_hosts, std::slice::from_ref(&seed_host));
+        assert_eq!(state.tasks[&task_id].peers[0].state, PeerState::Left);
+    }
+
+    // Restarted on its data dir against a scheduler that never heard of it: the held task
+    // is announced again (metadata only) once the host is, and a child is given the seed.
+    let second = SchedulerDouble::start().await;
+    let scheduler = second.addr.to_string();
+    let config = root.path().join("seed.toml");
+    let seed = Daemon::start(
+        root.path(),
+        "seed-again",
+        DaemonOptions {
+            data_dir: Some(seed.data_dir.clone()),
+            extra_args: vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--dragonfly-scheduler".into(),
+                scheduler.clone(),
+                "--dragonfly-upload".into(),
+                "127.0.0.1:0".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await;
+    wait_for("the held task re-announced", || {
+        let state = second.state.lock().unwrap();
+        state.tasks.get(&task_id).is_some_and(|t| {
+            t.content_length == size && t.peers.iter().any(|p| p.state == PeerState::MetadataOnly)
+        })
+    })
+    .await;
+    let child = peer(root.path(), "child", &scheduler).await;
+    let output = root.path().join("r.out");
+    let printed = pull_cli(
+        &child,
+        &["--url", &url, "--output", output.to_str().unwrap()],
+    );
+    assert!(same_contents(&files.join("r.bin"), &output));
+    assert_eq!(
+        pieces_by_source(&printed).keys().collect::<Vec<_>>(),
+        [&seed.data_address]
+    );
+
+    // Deleting the task here tells the scheduler (DeleteTask): the seed is no parent of it.
+    seed.client()
+        .await
+        .delete_task(proto::DeleteTaskRequest {
+            task_id: task_id.clone(),
+        })
+        .await
+        .unwrap();
+    wait_for("the seed's peers of the task left", || {
+        let state = second.state.lock().unwrap();
+        let peers = &state.tasks[&task_id].peers;
+        let seeds: Vec<_> = peers.iter().filter(|p| p.host_id == seed_host).collect();
+        !seeds.is_empty() && seeds.iter().all(|p| p.state == PeerState::Left)
+    })
+    .await;
 }

@@ -630,3 +630,98 @@ async fn ferry_devices_lists_every_rail_and_why_a_port_is_not_one() {
     assert!(text.contains("fabric 10.77.1.0/24"), "{text}");
     assert!(text.contains("(carrying pieces)"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_pull_the_dragonfly_scheduler_places_moves_pieces_between_ferry_hosts_over_rdma() {
+    use ferry_tests::dragonfly::{PeerState, SchedulerDouble};
+    let root = scratch("rdma-dragonfly");
+    let file = root.path().join("weights.bin");
+    let size = 64 * MIB + 4099;
+    random_file(&file, size, 41);
+    let double = SchedulerDouble::start().await;
+    let scheduler = double.addr.to_string();
+    let dragonfly = |which: u8| {
+        vec![
+            "--dragonfly-scheduler".to_owned(),
+            scheduler.clone(),
+            "--dragonfly-upload".to_owned(),
+            format!("{}:0", env(&format!("FERRY_RXE_ADDR{which}"))),
+        ]
+    };
+    let seed_flags = dragonfly(0);
+    let seed_flags: Vec<&str> = seed_flags.iter().map(String::as_str).collect();
+    let seed = rdma_daemon(root.path(), "seed", 0, &seed_flags).await;
+    let child_flags = dragonfly(1);
+    let child_flags: Vec<&str> = child_flags.iter().map(String::as_str).collect();
+    let child = rdma_daemon(root.path(), "child", 1, &child_flags).await;
+    assert!(rdma_available(&seed).await && rdma_available(&child).await);
+
+    // The seed imports the file under a URL: announced metadata-only, a candidate parent.
+    let url = "http://origin.test/weights.bin";
+    let task = seed
+        .client()
+        .await
+        .import_task(proto::ImportTaskRequest {
+            path: file.display().to_string(),
+            url: url.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !double
+        .state
+        .lock()
+        .unwrap()
+        .tasks
+        .get(&task.task_id)
+        .is_some_and(|t| t.peers.iter().any(|p| p.state == PeerState::MetadataOnly))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the seed's task was never announced"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The child names only the URL: the scheduler gives it the seed, whose Vortex port says
+    // it has RDMA, and every piece crosses the rxe link.
+    let output = root.path().join("weights.out");
+    let pulled = transfer(
+        &mut child.client().await,
+        url_request(url, Some(&output)),
+        |_| {},
+    )
+    .await
+    .unwrap_or_else(|status| panic!("{status:?}\n{}", child.log_text()));
+    assert!(same_contents(&file, &output));
+    assert_eq!(pulled.pieces.len() as u32, task.piece_count);
+    assert!(
+        pulled
+            .pieces
+            .iter()
+            .all(|p| p.transport == "rdma" && p.source == seed.data_address),
+        "{:?}",
+        pulled.pieces
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let finished = double.state.lock().unwrap().tasks[&task.task_id]
+            .peers
+            .iter()
+            .find(|p| p.state == PeerState::Finished)
+            .cloned();
+        if let Some(child_peer) = finished {
+            assert_eq!(
+                child_peer.pieces_from.values().sum::<u32>(),
+                task.piece_count,
+                "{child_peer:?}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the child's peer never finished");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

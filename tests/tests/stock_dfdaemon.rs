@@ -219,7 +219,7 @@ async fn a_stock_dfdaemon_downloads_a_task_from_a_ferry_parent_over_vortex() {
     );
     assert_eq!(stock_peer.pieces_from.len(), 1, "{stock_peer:?}");
     assert_eq!(stock_peer.back_to_source_pieces, 0);
-    assert!(stock_peer.failed_parents.is_empty(), "{stock_peer:?}");
+    assert!(stock_peer.failed_pieces.is_empty(), "{stock_peer:?}");
 
     // Ferry's side: five pieces sent over TCP (Vortex).
     let exposition = ferry.scrape().await;
@@ -393,7 +393,28 @@ async fn a_mixed_cluster_of_ferry_and_stock_peers_moves_one_file_byte_identicall
     let mut seed = ferry_peer(root.path(), "seed", &scheduler).await;
     let receiver = ferry_peer(root.path(), "receiver", &scheduler).await;
     let second = ferry_peer(root.path(), "second", &scheduler).await;
-    let stock = StockDfdaemon::start(&bin, root.path(), "stock", double.addr).await;
+    wait_for(
+        &double.state,
+        "the Ferry hosts announced",
+        String::new,
+        |s| s.hosts.len() == 3,
+    )
+    .await;
+    // The stock dfdaemon announces the same max_tx_bandwidth as the Ferry receiver, so the
+    // second receiver's per-piece weighted choice splits the pieces between the two.
+    let ferry_max_tx = double.state.lock().unwrap().hosts["127.0.0.1-receiver"]
+        .network
+        .as_ref()
+        .unwrap()
+        .max_tx_bandwidth;
+    let stock = StockDfdaemon::start_with(
+        &bin,
+        root.path(),
+        "stock",
+        double.addr,
+        Some(ferry_max_tx / 8),
+    )
+    .await;
     wait_for(
         &double.state,
         "all four hosts announced",

@@ -3,7 +3,10 @@
 //! announces this host and its tasks and schedules `ferry pull --url` ([`scheduler`]).
 //! Every message is `dragonfly-api`'s.
 
+pub mod held;
+pub mod pull;
 pub mod scheduler;
+pub mod session;
 pub mod upload;
 
 use crate::config::DragonflyConfig;

@@ -4,22 +4,21 @@
 //! this daemon holds a candidate parent (metadata only on scheduler v2.5.1+, the back-to-source
 //! sequence on older v2 schedulers).
 
+use super::held::{recall, remember, ANNOUNCED_FILE};
+use super::session::{piece, Conversation, Session};
 use super::Peer;
 use crate::geometry::{self, Geometry};
-use crate::transfer::{PieceOutcome, TransferSummary};
-use dragonfly_api::common::v2::{Download, Piece, Priority, TaskType, TrafficType};
+use dragonfly_api::common::v2::{Download, Priority, TaskType, TrafficType};
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
 use dragonfly_api::dfdaemon::v2::{SyncHostRequest, SyncPiecesRequest};
 use dragonfly_api::scheduler::v2::announce_peer_request::Request as PeerRequest;
 use dragonfly_api::scheduler::v2::announce_peer_response::Response as PeerResponse;
 use dragonfly_api::scheduler::v2::scheduler_client::SchedulerClient;
 use dragonfly_api::scheduler::v2::{
-    AnnounceHostRequest, AnnouncePeerRequest, AnnouncePeerResponse,
-    DownloadPeerBackToSourceFailedRequest, DownloadPeerBackToSourceFinishedRequest,
-    DownloadPeerBackToSourceStartedRequest, DownloadPeerFailedRequest, DownloadPeerFinishedRequest,
-    DownloadPeerStartedRequest, DownloadPieceBackToSourceFinishedRequest,
-    DownloadPieceFailedRequest, DownloadPieceFinishedRequest, RegisterPeerRequest,
-    ReschedulePeerRequest,
+    AnnounceHostRequest, AnnouncePeerResponse, DeleteHostRequest, DeleteTaskRequest,
+    DownloadPeerBackToSourceFinishedRequest, DownloadPeerBackToSourceStartedRequest,
+    DownloadPeerFinishedRequest, DownloadPeerStartedRequest,
+    DownloadPieceBackToSourceFinishedRequest, RegisterPeerRequest, ReschedulePeerRequest,
 };
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
-use tonic::{Status, Streaming};
+use tonic::Status;
 
 /// One scheduler call's limit (AnnounceHost, a registration's first answer).
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
@@ -41,7 +40,9 @@ const PARENT_HOST_TIMEOUT: Duration = Duration::from_secs(3);
 /// Reschedules asked for before this daemon goes back to source on its own.
 pub const MAX_RESCHEDULES: u32 = 3;
 /// How long the last reports may take to reach the scheduler once a pull ended.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+pub(super) const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long DeleteHost (the daemon stops) or DeleteTask may take per scheduler.
+const LEAVE_TIMEOUT: Duration = Duration::from_secs(2);
 
 fn channel(addr: &str) -> Result<Channel, Status> {
     Ok(Endpoint::from_shared(format!("http://{addr}"))
@@ -51,14 +52,14 @@ fn channel(addr: &str) -> Result<Channel, Status> {
         .connect_lazy())
 }
 
-fn duration(d: Duration) -> prost_wkt_types::Duration {
+pub(super) fn duration(d: Duration) -> prost_wkt_types::Duration {
     prost_wkt_types::Duration {
         seconds: d.as_secs() as i64,
         nanos: d.subsec_nanos() as i32,
     }
 }
 
-fn now() -> prost_wkt_types::Timestamp {
+pub(super) fn now() -> prost_wkt_types::Timestamp {
     let since = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
@@ -211,8 +212,16 @@ impl Scheduler {
         let scheduler = Arc::clone(self);
         tokio::spawn(async move {
             let interval = scheduler.peer.config.announce_interval();
+            let mut held_announced = false;
             loop {
                 let ok = scheduler.announce_host().await;
+                if ok > 0 && !held_announced {
+                    // The scheduler knows the host now: the tasks held from before a restart
+                    // become candidate parents again.
+                    held_announced = true;
+                    let announcing = Arc::clone(&scheduler);
+                    tokio::spawn(async move { announcing.announce_all_held().await });
+                }
                 // A host no scheduler took yet is retried sooner than a full interval.
                 let wait = if ok == 0 {
                     interval.min(Duration::from_secs(5))
@@ -225,6 +234,81 @@ impl Scheduler {
                 }
             }
         });
+    }
+
+    /// DeleteHost on every scheduler (the daemon is stopping), each bounded by 2 s: the
+    /// schedulers stop handing this host out as a parent at once instead of after its
+    /// announcements lapse.
+    pub async fn leave(&self) {
+        for (addr, channel) in &self.schedulers {
+            let mut client = SchedulerClient::new(channel.clone());
+            let request = DeleteHostRequest {
+                host_id: self.peer.host.id.clone(),
+            };
+            match tokio::time::timeout(LEAVE_TIMEOUT, client.delete_host(request)).await {
+                Ok(Ok(_)) => tracing::info!(scheduler = %addr, "host deleted from the scheduler"),
+                Ok(Err(status)) => {
+                    tracing::warn!(scheduler = %addr, code = ?status.code(), message = status.message(), "DeleteHost failed")
+                }
+                Err(_) => {
+                    tracing::warn!(scheduler = %addr, "DeleteHost timed out after {LEAVE_TIMEOUT:?}")
+                }
+            }
+        }
+    }
+
+    /// DeleteTask for a task this daemon no longer holds, on every scheduler (bounded like
+    /// [`Scheduler::leave`]): the scheduler makes this host's peers of the task leave, so no
+    /// child is handed a parent that has nothing to give.
+    pub async fn forget_task(&self, task_id: &str) {
+        for (addr, channel) in self.for_task(task_id) {
+            let mut client = SchedulerClient::new(channel);
+            let request = DeleteTaskRequest {
+                host_id: self.peer.host.id.clone(),
+                task_id: task_id.to_owned(),
+            };
+            match tokio::time::timeout(LEAVE_TIMEOUT, client.delete_task(request)).await {
+                Ok(Ok(_)) => {
+                    tracing::info!(scheduler = %addr, task_id, "task deleted from the scheduler")
+                }
+                Ok(Err(status)) => {
+                    tracing::warn!(scheduler = %addr, task_id, code = ?status.code(), message = status.message(), "DeleteTask failed")
+                }
+                Err(_) => {
+                    tracing::warn!(scheduler = %addr, task_id, "DeleteTask timed out after {LEAVE_TIMEOUT:?}")
+                }
+            }
+        }
+    }
+
+    /// Announces every complete task this daemon holds that was announced (or scheduled)
+    /// before, from what [`remember`] kept in its directory.
+    pub async fn announce_all_held(&self) {
+        let mut announced = 0;
+        for task in self.peer.store.list() {
+            if !task.is_complete() {
+                continue;
+            }
+            let Some(spec) = recall(task.dir()) else {
+                continue;
+            };
+            if spec.task_id != task.id() {
+                tracing::warn!(task_id = %task.id(), recorded = %spec.task_id, "{ANNOUNCED_FILE} names another task; not announced");
+                continue;
+            }
+            match self.announce_held(&spec).await {
+                Ok(()) => announced += 1,
+                Err(status) => {
+                    tracing::warn!(task_id = %task.id(), code = ?status.code(), message = status.message(), "re-announcing a held task failed")
+                }
+            }
+        }
+        if announced > 0 {
+            tracing::info!(
+                tasks = announced,
+                "held tasks announced to the scheduler after start"
+            );
+        }
     }
 
     /// Opens an AnnouncePeer stream with `register` as its first message, on the first
@@ -313,10 +397,75 @@ impl Scheduler {
             conversation,
             parents: HashMap::new(),
             back_to_source: false,
+            started: false,
+            reschedules: 0,
             peer: Arc::clone(&self.peer),
         };
+        let plan = self.settle(spec, &mut session, first).await;
+        (plan, Some(session))
+    }
+
+    /// Mid-transfer, when every parent of the plan failed: ReschedulePeerRequest naming
+    /// them, then the scheduler's new answer settled like the first one (new parents, or
+    /// back to source; back to source at once once [`MAX_RESCHEDULES`] are spent).
+    pub async fn reschedule(&self, spec: &PullSpec, session: &mut Session, why: &str) -> Plan {
+        if session.reschedules >= MAX_RESCHEDULES {
+            let reason = format!(
+                "{MAX_RESCHEDULES} reschedules spent and the parents failed ({why}); back to source"
+            );
+            session
+                .begin(&Plan::BackToSource {
+                    reason: reason.clone(),
+                })
+                .await;
+            self.peer.metrics.dragonfly_sent_back_to_source();
+            return Plan::BackToSource { reason };
+        }
+        session.reschedules += 1;
+        self.peer.metrics.dragonfly_rescheduled();
+        let failed: Vec<dragonfly_api::common::v2::Peer> = session
+            .parents
+            .values()
+            .map(|id| dragonfly_api::common::v2::Peer {
+                id: id.clone(),
+                ..Default::default()
+            })
+            .collect();
+        tracing::info!(task_id = %spec.task_id, reason = %why, "every parent failed; rescheduling");
+        session
+            .conversation
+            .send(PeerRequest::ReschedulePeerRequest(ReschedulePeerRequest {
+                candidate_parents: failed,
+                description: Some(why.to_owned()),
+            }))
+            .await;
+        let answer = match session.conversation.next(CALL_TIMEOUT).await {
+            Ok(answer) => answer,
+            Err(status) => {
+                let plan = Plan::BackToSource {
+                    reason: format!(
+                        "the scheduler did not answer a reschedule ({}); back to source",
+                        status.message()
+                    ),
+                };
+                self.peer.metrics.dragonfly_sent_back_to_source();
+                session.begin(&plan).await;
+                return plan;
+            }
+        };
+        self.settle(spec, session, answer).await
+    }
+
+    /// Follows the scheduler's answers to a plan: candidate parents are probed (SyncPieces,
+    /// SyncHost) and, when none is usable, rescheduled (at most [`MAX_RESCHEDULES`] per
+    /// pull); anything else is back to source. The plan is reported begun.
+    async fn settle(
+        &self,
+        spec: &PullSpec,
+        session: &mut Session,
+        first: AnnouncePeerResponse,
+    ) -> Plan {
         let mut answer = first;
-        let mut reschedules = 0;
         let plan = loop {
             match answer.response {
                 Some(PeerResponse::NeedBackToSourceResponse(need)) => {
@@ -338,8 +487,8 @@ impl Scheduler {
                     let tried = normal.candidate_parents.clone();
                     match self.probe_parents(spec, &normal.candidate_parents).await {
                         Ok((parents, geometry)) => break Plan::Parents { parents, geometry },
-                        Err(why) if reschedules < MAX_RESCHEDULES => {
-                            reschedules += 1;
+                        Err(why) if session.reschedules < MAX_RESCHEDULES => {
+                            session.reschedules += 1;
                             self.peer.metrics.dragonfly_rescheduled();
                             tracing::info!(task_id = %spec.task_id, reason = %why, "rescheduling");
                             session
@@ -376,34 +525,11 @@ impl Scheduler {
                 }
             };
         };
-        match &plan {
-            Plan::BackToSource { reason } => {
-                self.peer.metrics.dragonfly_sent_back_to_source();
-                session.back_to_source = true;
-                session
-                    .conversation
-                    .send(PeerRequest::DownloadPeerBackToSourceStartedRequest(
-                        DownloadPeerBackToSourceStartedRequest {
-                            description: Some(reason.clone()),
-                        },
-                    ))
-                    .await;
-            }
-            Plan::Parents { parents, .. } => {
-                for parent in parents {
-                    session
-                        .parents
-                        .insert(parent.vortex.clone(), parent.peer_id.clone());
-                }
-                session
-                    .conversation
-                    .send(PeerRequest::DownloadPeerStartedRequest(
-                        DownloadPeerStartedRequest {},
-                    ))
-                    .await;
-            }
+        if matches!(plan, Plan::BackToSource { .. }) {
+            self.peer.metrics.dragonfly_sent_back_to_source();
         }
-        (plan, Some(session))
+        session.begin(&plan).await;
+        plan
     }
 
     /// SyncPieces (and SyncHost) on every candidate at once; the ones that answered, heaviest
@@ -524,28 +650,10 @@ impl Scheduler {
             }
         }
         conversation.close().await;
+        let kept = spec.clone();
+        let _ = tokio::task::spawn_blocking(move || remember(&task, &kept)).await;
         tracing::info!(task_id = %spec.task_id, peer_id, "task announced to the scheduler as a candidate parent");
         Ok(())
-    }
-}
-
-fn piece(
-    range: geometry::PieceRange,
-    digest: String,
-    parent_id: Option<String>,
-    traffic: TrafficType,
-    cost: Duration,
-) -> Piece {
-    Piece {
-        number: range.number,
-        parent_id,
-        offset: range.offset,
-        length: range.length,
-        digest,
-        content: None,
-        traffic_type: Some(traffic as i32),
-        cost: Some(duration(cost)),
-        created_at: Some(now()),
     }
 }
 
@@ -666,143 +774,6 @@ async fn probe(
 /// Dragonfly's parent weight: the spare upload bandwidth, at least a tenth of the maximum.
 pub fn weight(max_tx: u64, tx: u64) -> u64 {
     max_tx.saturating_sub(tx).max(max_tx / 10)
-}
-
-/// One AnnouncePeer stream.
-struct Conversation {
-    scheduler: String,
-    host_id: String,
-    task_id: String,
-    peer_id: String,
-    tx: mpsc::Sender<AnnouncePeerRequest>,
-    rx: Option<Streaming<AnnouncePeerResponse>>,
-}
-
-impl Conversation {
-    async fn send(&self, request: PeerRequest) {
-        let message = AnnouncePeerRequest {
-            host_id: self.host_id.clone(),
-            task_id: self.task_id.clone(),
-            peer_id: self.peer_id.clone(),
-            request: Some(request),
-        };
-        if self.tx.send(message).await.is_err() {
-            tracing::debug!(scheduler = %self.scheduler, task_id = %self.task_id, "AnnouncePeer stream already closed");
-        }
-    }
-
-    async fn next(&mut self, limit: Duration) -> Result<AnnouncePeerResponse, Status> {
-        let rx = self
-            .rx
-            .as_mut()
-            .ok_or_else(|| Status::internal("no response stream"))?;
-        tokio::time::timeout(limit, rx.message())
-            .await
-            .map_err(|_| Status::deadline_exceeded(format!("no answer within {limit:?}")))??
-            .ok_or_else(|| Status::unavailable("the scheduler closed the stream"))
-    }
-
-    /// Ends the requests and waits (bounded) for the scheduler to close its side, so the
-    /// last reports are read before the connection goes.
-    async fn close(self) {
-        let Conversation { tx, rx, .. } = self;
-        drop(tx);
-        if let Some(mut rx) = rx {
-            let _ = tokio::time::timeout(CLOSE_TIMEOUT, async {
-                while let Ok(Some(_)) = rx.message().await {}
-            })
-            .await;
-        }
-    }
-}
-
-/// A scheduled pull's reports to the scheduler.
-pub struct Session {
-    conversation: Conversation,
-    /// Vortex address → parent peer id.
-    parents: HashMap<String, String>,
-    back_to_source: bool,
-    peer: Arc<Peer>,
-}
-
-impl Session {
-    /// DownloadPieceFinishedRequest (from a parent, naming it) or
-    /// DownloadPieceBackToSourceFinishedRequest (from the origin), digest `crc32:N`.
-    pub async fn piece(&self, outcome: &PieceOutcome) {
-        let request = if outcome.transport == "origin" {
-            PeerRequest::DownloadPieceBackToSourceFinishedRequest(
-                DownloadPieceBackToSourceFinishedRequest {
-                    piece: Some(piece(
-                        outcome.piece,
-                        outcome.digest.clone(),
-                        None,
-                        TrafficType::BackToSource,
-                        outcome.fetch_time,
-                    )),
-                },
-            )
-        } else {
-            let parent = self.parents.get(&outcome.source).cloned();
-            PeerRequest::DownloadPieceFinishedRequest(DownloadPieceFinishedRequest {
-                piece: Some(piece(
-                    outcome.piece,
-                    outcome.digest.clone(),
-                    parent,
-                    TrafficType::RemotePeer,
-                    outcome.fetch_time,
-                )),
-            })
-        };
-        self.conversation.send(request).await;
-        self.peer.metrics.dragonfly_piece_reported();
-    }
-
-    /// The peer finished (or failed); failed piece attempts are reported per parent first.
-    pub async fn finish(self, result: Result<&TransferSummary, String>) {
-        match result {
-            Ok(summary) => {
-                for (source, totals) in &summary.sources {
-                    let Some(parent_id) = self.parents.get(source) else {
-                        continue;
-                    };
-                    for _ in 0..totals.failures.min(16) {
-                        self.conversation
-                            .send(PeerRequest::DownloadPieceFailedRequest(
-                                DownloadPieceFailedRequest {
-                                    piece_number: None,
-                                    parent_id: parent_id.clone(),
-                                    temporary: true,
-                                },
-                            ))
-                            .await;
-                    }
-                }
-                let request = if self.back_to_source {
-                    PeerRequest::DownloadPeerBackToSourceFinishedRequest(
-                        DownloadPeerBackToSourceFinishedRequest {},
-                    )
-                } else {
-                    PeerRequest::DownloadPeerFinishedRequest(DownloadPeerFinishedRequest {})
-                };
-                self.conversation.send(request).await;
-            }
-            Err(description) => {
-                let request = if self.back_to_source {
-                    PeerRequest::DownloadPeerBackToSourceFailedRequest(
-                        DownloadPeerBackToSourceFailedRequest {
-                            description: Some(description),
-                        },
-                    )
-                } else {
-                    PeerRequest::DownloadPeerFailedRequest(DownloadPeerFailedRequest {
-                        description: Some(description),
-                    })
-                };
-                self.conversation.send(request).await;
-            }
-        }
-        self.conversation.close().await;
-    }
 }
 
 #[cfg(test)]

@@ -171,6 +171,7 @@ pub async fn pull_model(
                 application: None,
             }),
             origin_connections: request.origin_connections,
+            source_weights: Vec::new(),
         };
         let engine = Arc::clone(&engine);
         let gate = Arc::clone(&gate);

@@ -375,9 +375,18 @@ impl Session {
             |p| p.invalidates == 0,
         )
         .await?;
+        // The digest pass over the bytes the NIC wrote (4 ms for 64 MiB) must not stall the
+        // other tasks of this runtime worker (other sessions' completion pumps among them):
+        // on a multi-thread runtime the worker hands them to the others while it hashes.
+        let crc32 = match tokio::runtime::Handle::current().runtime_flavor() {
+            tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(|| buf.crc32())
+            }
+            _ => buf.crc32(),
+        };
         Ok(FetchedPiece {
             advertised_digest: digest,
-            crc32: buf.crc32(),
+            crc32,
         })
     }
 }

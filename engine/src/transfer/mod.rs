@@ -132,6 +132,10 @@ pub struct TransferRequest {
     pub origin: Option<OriginRequest>,
     /// Range requests in flight to the origin; 0 takes `origin.connections`.
     pub origin_connections: u32,
+    /// Per source, the weight of the per-piece choice (a scheduled pull's `SyncHost`
+    /// weights): each piece is assigned to a source at random in proportion to these.
+    /// Empty: the next free worker of any source takes the next piece.
+    pub source_weights: Vec<u64>,
 }
 
 /// A validated transfer, ready to run.
@@ -140,7 +144,12 @@ pub struct PreparedTransfer {
     pieces: Vec<u32>,
     sources: Vec<SocketAddr>,
     source_names: Vec<String>,
+    /// Empty, or one weight per source (see [`TransferRequest::source_weights`]).
+    source_weights: Vec<u64>,
     pinning: Pinning,
+    /// Where failed piece attempts are reported, when someone listens (a scheduled pull's
+    /// scheduler session).
+    attempts: Option<mpsc::Sender<FailedAttempt>>,
     /// Its directory opened when the request was checked.
     output: Option<OutputTarget>,
     streams_per_source: u32,
@@ -168,6 +177,12 @@ pub struct TransferStart {
 }
 
 impl PreparedTransfer {
+    /// Reports every failed piece attempt on `attempts` as it happens (best effort: a full
+    /// channel drops the report, it never holds up the transfer).
+    pub fn report_attempts(&mut self, attempts: mpsc::Sender<FailedAttempt>) {
+        self.attempts = Some(attempts);
+    }
+
     pub fn started(&self) -> TransferStart {
         let geometry = self.task.geometry();
         let missing: Vec<u32> = self
@@ -214,6 +229,17 @@ pub struct PieceOutcome {
     pub fetch_time: Duration,
     pub write_time: Duration,
     pub attempt: u32,
+}
+
+/// A piece attempt that failed; the piece is retried elsewhere unless the transfer stops.
+#[derive(Debug, Clone)]
+pub struct FailedAttempt {
+    pub piece: u32,
+    /// The source's name, as in [`PieceOutcome::source`].
+    pub source: String,
+    pub error: String,
+    /// The transfer gave up on this source after this attempt.
+    pub source_given_up: bool,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -426,8 +452,13 @@ impl Engine {
         if prepared.origin.is_some() {
             schedule.origin = Some(peers);
         }
+        if !prepared.source_weights.is_empty() {
+            let mut weights = prepared.source_weights.clone();
+            weights.resize(schedule.dead.len(), 0);
+            schedule.weigh(weights, seed_of(task.id()));
+        }
         for (index, _) in &prepared.pinning.refused {
-            schedule.dead[*index] = true;
+            schedule.mark_dead(*index);
         }
         let verified = matches!(
             task.manifest(),
@@ -441,6 +472,7 @@ impl Engine {
             )
         });
         let shared = Arc::new(Shared {
+            attempts: prepared.attempts.clone(),
             hash: Mutex::new(hash),
             state: Mutex::new(schedule),
             wake: Notify::new(),
@@ -603,6 +635,14 @@ impl Engine {
             origin_retries: prepared.origin.as_ref().map_or(0, |o| o.retries()),
         })
     }
+}
+
+/// The seed of a transfer's weighted piece choice: its task id's FNV-1a hash, so that a
+/// transfer's choices can be replayed.
+fn seed_of(task_id: &str) -> u64 {
+    task_id.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 /// What a panicked (or cancelled) task said, for an error message.

@@ -45,8 +45,18 @@ impl Engine {
                 request.sources.len()
             )));
         }
+        if !request.source_weights.is_empty()
+            && request.source_weights.len() != request.sources.len()
+        {
+            return Err(TransferError::InvalidArgument(format!(
+                "{} source weights for {} sources",
+                request.source_weights.len(),
+                request.sources.len()
+            )));
+        }
         let mut sources = Vec::new();
-        for source in &request.sources {
+        let mut source_weights = Vec::new();
+        for (index, source) in request.sources.iter().enumerate() {
             let addr = tokio::net::lookup_host(source.as_str())
                 .await
                 .ok()
@@ -58,6 +68,9 @@ impl Engine {
                 })?;
             if !sources.contains(&addr) {
                 sources.push(addr);
+                if let Some(&weight) = request.source_weights.get(index) {
+                    source_weights.push(weight);
+                }
             }
         }
         let output = request
@@ -201,6 +214,7 @@ impl Engine {
             task,
             pieces,
             source_names,
+            source_weights,
             sources,
             pinning,
             output,
@@ -212,6 +226,7 @@ impl Engine {
             },
             origin,
             cancel,
+            attempts: None,
             _writing: writing,
         })
     }

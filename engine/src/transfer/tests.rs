@@ -86,6 +86,7 @@ fn request(pair: &Pair) -> TransferRequest {
         digest: None,
         origin: None,
         origin_connections: 0,
+        source_weights: Vec::new(),
     }
 }
 

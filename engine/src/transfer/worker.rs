@@ -2,7 +2,7 @@
 //! to the store while fetching the next.
 
 use super::schedule::{Entry, Failure, Next, Schedule};
-use super::{Engine, PieceOutcome};
+use super::{Engine, FailedAttempt, PieceOutcome};
 use crate::geometry::{self, Geometry, PieceRange};
 use crate::manifest::ContentDigest;
 use crate::metrics::PieceFailure;
@@ -30,6 +30,8 @@ pub(super) struct Shared {
     /// The whole-content SHA-256, fed as pieces are written (none when the task's content
     /// is verified already).
     pub(super) hash: Mutex<Option<super::hash::InOrderHash>>,
+    /// Where failed attempts are reported (see `PreparedTransfer::report_attempts`).
+    pub(super) attempts: Option<mpsc::Sender<super::FailedAttempt>>,
 }
 
 pub(super) struct Worker {
@@ -60,7 +62,7 @@ impl Worker {
         if let Err(why) = checked {
             tracing::warn!(task_id = %self.task.id(), source = %self.source_name, reason = %why, "source refused");
             let mut state = self.shared.state.lock().expect("schedule lock");
-            state.dead[self.source_index] = true;
+            state.mark_dead(self.source_index);
             if state.dead.iter().all(|d| *d) {
                 state.fail(Failure::Exhausted(format!(
                     "every source was refused or failed; {}: {why}",
@@ -410,11 +412,22 @@ impl Worker {
                             >= settings.source_failure_limit
                         {
                             tracing::warn!(source = %self.source_name, "giving up on source after repeated failures");
-                            state.dead[self.source_index] = true;
+                            state.mark_dead(self.source_index);
                             self.engine.tcp.forget(self.source);
                             if let Some(rdma) = &self.engine.rdma {
                                 rdma.forget(self.source);
                             }
+                        }
+                    }
+                    if let Some(attempts) = &self.shared.attempts {
+                        let report = FailedAttempt {
+                            piece: entry.number,
+                            source: self.source_name.clone(),
+                            error: err.to_string(),
+                            source_given_up: state.dead[self.source_index],
+                        };
+                        if attempts.try_send(report).is_err() {
+                            tracing::debug!(task_id = %self.task.id(), "failed-attempt report dropped: nobody reads them fast enough");
                         }
                     }
                     let panicked = matches!(err, AttemptError::Panicked(_));
@@ -451,7 +464,7 @@ impl Worker {
                     } else {
                         state.retries += 1;
                         self.engine.metrics.piece_retried();
-                        state.queue.push_front(entry);
+                        state.requeue(entry);
                     }
                     None
                 }
