@@ -11,6 +11,11 @@ echo "== cargo clippy -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "== building the daemon the end-to-end tests run"
 cargo build --workspace --bins --locked
+# The stock dfdaemon the interop tests run beside Ferry (tests/tests/stock_dfdaemon.rs): built
+# once into a cache dir (about 28 minutes on 2 cores on a fresh machine), then reused.
+echo "== stock dfdaemon (scripts/dfdaemon.sh)"
+FERRY_DFDAEMON_BIN=$(./scripts/dfdaemon.sh)
+export FERRY_DFDAEMON_BIN
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

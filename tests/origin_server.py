@@ -14,7 +14,8 @@ parameters (they are part of the URL, so each faulty URL is its own task):
   auth=TOKEN       answer 401 unless `Authorization: Bearer TOKEN` was sent
   delay_ms=N       wait N ms before each body (a slow origin)
 
-GET /_stats answers JSON: per URL, the requests, the ranged requests and the statuses sent.
+GET /_stats answers JSON: per URL, the requests, the ranged requests, the statuses sent and the
+body bytes sent (`bytes`).
 Prints `PORT <n>` on stdout once listening.
 """
 
@@ -36,12 +37,18 @@ ROOT = "."
 
 def count(key, field, sub=None):
     with LOCK:
-        entry = STATS.setdefault(key, {"requests": 0, "ranged": 0, "status": {}})
+        entry = STATS.setdefault(key, {"requests": 0, "ranged": 0, "status": {}, "bytes": 0})
         if sub is None:
             entry[field] += 1
         else:
             entry[field][sub] = entry[field].get(sub, 0) + 1
         return entry["requests"]
+
+
+def count_bytes(key, n):
+    with LOCK:
+        entry = STATS.setdefault(key, {"requests": 0, "ranged": 0, "status": {}, "bytes": 0})
+        entry["bytes"] += n
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -137,6 +144,7 @@ class Handler(BaseHTTPRequestHandler):
                     flipped = int.from_bytes(block, "little") ^ mask
                     self.wfile.write(flipped.to_bytes(len(block), "little"))
                     left -= len(block)
+                    count_bytes(self.path, len(block))
             else:
                 sock = self.connection.fileno()
                 offset, left = start, limit
@@ -146,6 +154,7 @@ class Handler(BaseHTTPRequestHandler):
                         break
                     offset += sent
                     left -= sent
+                    count_bytes(self.path, sent)
         if limit < length:
             if "stall" in query:
                 time.sleep(3600)

@@ -1,6 +1,9 @@
 //! A test double of Dragonfly's scheduler (`scheduler.v2.Scheduler`), written with
 //! `dragonfly-api`'s generated server trait, reproducing the parts of the stock scheduler
-//! (v2.5) that peers see:
+//! (v2.5) that peers see (Ferry daemons and the stock dfdaemon of tests/src/stock.rs):
+//! - `grpc.health.v1` on the same port, serving (`""` and `scheduler.v2.Scheduler`): a
+//!   dfdaemon without a manager health-checks the schedulers its dynconfig lists and uses only
+//!   the serving ones.
 //! - `AnnounceHost` records the host (its `Host` message, as announced last) and counts calls;
 //!   `DeleteHost` removes it (NOT_FOUND for a host it does not know) and its peers leave;
 //!   `DeleteTask` makes the host's peers of the task leave.
@@ -19,6 +22,10 @@
 //!   `DownloadPieceBackToSourceFinishedRequest` (counted; they set the task's length and piece
 //!   count); `DownloadPieceFailedRequest` recorded with its piece and parent (a non-temporary
 //!   one fails the peer). Started, finished and failed move the peer's state.
+//! - Like the stock scheduler, the double ends the `AnnouncePeer` stream (status OK) after
+//!   `DownloadPeerFinishedRequest`, `DownloadPeerBackToSourceFinishedRequest`,
+//!   `DownloadPeerFailedRequest` or `DownloadPeerBackToSourceFailedRequest`: the stock dfdaemon
+//!   waits for that close before it reports a download done.
 //!
 //! Not reproduced: scoring (load, IDC, location), the 15-peer sample, blocklists, retry limits
 //! and their back-off, GC, the manager, `StatPeer`/`StatTask` and the other
@@ -208,8 +215,13 @@ impl SchedulerDouble {
         let addr = listener.local_addr().unwrap();
         let double = SchedulerDouble::default();
         let state = Arc::clone(&double.state);
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health
+            .set_serving::<SchedulerServer<SchedulerDouble>>()
+            .await;
         tokio::spawn(async move {
             tonic::transport::Server::builder()
+                .add_service(health_service)
                 .add_service(SchedulerServer::new(double))
                 .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
                 .await
@@ -342,7 +354,21 @@ impl Scheduler for SchedulerDouble {
         let double = self.clone();
         tokio::spawn(async move {
             while let Some(Ok(message)) = incoming.next().await {
-                if let Some(response) = double.handle(message) {
+                let last = matches!(
+                    message.request,
+                    Some(
+                        PeerRequest::DownloadPeerFinishedRequest(_)
+                            | PeerRequest::DownloadPeerBackToSourceFinishedRequest(_)
+                            | PeerRequest::DownloadPeerFailedRequest(_)
+                            | PeerRequest::DownloadPeerBackToSourceFailedRequest(_)
+                    )
+                );
+                let response = double.handle(message);
+                if last {
+                    // The stock scheduler returns from AnnouncePeer here: the stream ends.
+                    return;
+                }
+                if let Some(response) = response {
                     let response = AnnouncePeerResponse {
                         response: Some(response),
                     };

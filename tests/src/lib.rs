@@ -4,6 +4,7 @@
 pub use ferry_engine::cli::{ClientAuth, ControlClient};
 pub mod dragonfly;
 pub mod registry;
+pub mod stock;
 
 use ferry_engine::proto::{self, transfer_event::Event};
 use std::path::{Path, PathBuf};
