@@ -622,3 +622,38 @@ impl Scheduler for SchedulerDouble {
         Err(unimplemented("stat_file"))
     }
 }
+
+/// A Ferry daemon as a Dragonfly peer of `scheduler`: AnnounceHost every second, idc
+/// "idc-test", hostname `name` (so several peers share one machine), its upload and metrics
+/// ports on loopback, quick origin retries, and `dragonfly` (more `[dragonfly]` TOML lines).
+pub async fn ferry_peer(
+    root: &std::path::Path,
+    name: &str,
+    scheduler: &str,
+    dragonfly: &str,
+) -> crate::Daemon {
+    let config = root.join(format!("{name}.toml"));
+    std::fs::write(
+        &config,
+        format!("[dragonfly]\nannounce_interval_secs = 1\nidc = \"idc-test\"\nhostname = \"{name}\"\n{dragonfly}\n[origin]\nconnections = 4\nretries = 2\nretry_base_ms = 50\nretry_max_ms = 200\n"),
+    )
+    .unwrap();
+    crate::Daemon::start(
+        root,
+        name,
+        crate::DaemonOptions {
+            extra_args: vec![
+                "--config".into(),
+                config.display().to_string(),
+                "--dragonfly-scheduler".into(),
+                scheduler.into(),
+                "--dragonfly-upload".into(),
+                "127.0.0.1:0".into(),
+                "--metrics".into(),
+                "127.0.0.1:0".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await
+}

@@ -6,42 +6,14 @@
 use dragonfly_api::dfdaemon::v2::dfdaemon_upload_client::DfdaemonUploadClient;
 use dragonfly_api::dfdaemon::v2::{DownloadTaskRequest, SyncHostRequest, SyncPiecesRequest};
 use ferry_engine::proto;
-use ferry_tests::dragonfly::{PeerState, SchedulerDouble};
+use ferry_tests::dragonfly::{ferry_peer, PeerState, SchedulerDouble};
 use ferry_tests::*;
 use std::path::Path;
 use std::time::{Duration, Instant};
 use tonic::Code;
 
 async fn peer(root: &Path, name: &str, scheduler: &str) -> Daemon {
-    peer_with(root, name, scheduler, "").await
-}
-
-/// A peer with more `[dragonfly]` settings (TOML lines).
-async fn peer_with(root: &Path, name: &str, scheduler: &str, dragonfly: &str) -> Daemon {
-    let config = root.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!("[dragonfly]\nannounce_interval_secs = 1\nidc = \"idc-test\"\nhostname = \"{name}\"\n{dragonfly}\n[origin]\nconnections = 4\nretries = 2\nretry_base_ms = 50\nretry_max_ms = 200\n"),
-    )
-    .unwrap();
-    Daemon::start(
-        root,
-        name,
-        DaemonOptions {
-            extra_args: vec![
-                "--config".into(),
-                config.display().to_string(),
-                "--dragonfly-scheduler".into(),
-                scheduler.into(),
-                "--dragonfly-upload".into(),
-                "127.0.0.1:0".into(),
-                "--metrics".into(),
-                "127.0.0.1:0".into(),
-            ],
-            ..Default::default()
-        },
-    )
-    .await
+    ferry_peer(root, name, scheduler, "").await
 }
 
 /// The "dragonfly" entry `ferry devices` shows, as properties.
@@ -473,14 +445,14 @@ async fn a_child_spreads_its_pieces_over_parents_by_their_spare_bandwidth() {
     let double = SchedulerDouble::start().await;
     let scheduler = double.addr.to_string();
     // Announced upload bandwidth 9 Gbit/s and 1 Gbit/s: SyncHost weights about 9:1.
-    let fast = peer_with(
+    let fast = ferry_peer(
         root.path(),
         "fast",
         &scheduler,
         "max_bandwidth_bps = 9000000000",
     )
     .await;
-    let slow = peer_with(
+    let slow = ferry_peer(
         root.path(),
         "slow",
         &scheduler,

@@ -7,7 +7,7 @@
 //! (`CI=true`), where they fail.
 
 use ferry_engine::proto;
-use ferry_tests::dragonfly::{DoubleState, PeerRecord, PeerState, SchedulerDouble};
+use ferry_tests::dragonfly::{ferry_peer, DoubleState, PeerRecord, PeerState, SchedulerDouble};
 use ferry_tests::stock::{bin_dir_or_skip, StockDfdaemon};
 use ferry_tests::*;
 use std::path::Path;
@@ -16,34 +16,6 @@ use std::time::{Duration, Instant};
 
 /// dfget's limit (and its --timeout) for one download.
 const DFGET_LIMIT: Duration = Duration::from_secs(120);
-
-/// A Ferry daemon as a Dragonfly peer of `scheduler`, as in tests/tests/dragonfly.rs.
-async fn ferry_peer(root: &Path, name: &str, scheduler: &str) -> Daemon {
-    let config = root.join(format!("{name}.toml"));
-    std::fs::write(
-        &config,
-        format!("[dragonfly]\nannounce_interval_secs = 1\nhostname = \"{name}\"\n[origin]\nconnections = 4\nretries = 2\nretry_base_ms = 50\nretry_max_ms = 200\n"),
-    )
-    .unwrap();
-    Daemon::start(
-        root,
-        name,
-        DaemonOptions {
-            extra_args: vec![
-                "--config".into(),
-                config.display().to_string(),
-                "--dragonfly-scheduler".into(),
-                scheduler.into(),
-                "--dragonfly-upload".into(),
-                "127.0.0.1:0".into(),
-                "--metrics".into(),
-                "127.0.0.1:0".into(),
-            ],
-            ..Default::default()
-        },
-    )
-    .await
-}
 
 /// Waits (at most 60 s) for `done` over the double's state; on time-out panics with `what`
 /// and `context()` (log tails).
@@ -145,7 +117,7 @@ async fn a_stock_dfdaemon_downloads_a_task_from_a_ferry_parent_over_vortex() {
     let (origin, file) = origin_with(root.path(), "model.bin", size, 21);
     let url = origin.url("model.bin");
     let double = SchedulerDouble::start().await;
-    let ferry = ferry_peer(root.path(), "ferry-parent", &double.addr.to_string()).await;
+    let ferry = ferry_peer(root.path(), "ferry-parent", &double.addr.to_string(), "").await;
     let ferry_host = "127.0.0.1-ferry-parent";
 
     // Ferry holds the file, imported under the URL: its task id is Dragonfly's for that URL,
@@ -264,7 +236,7 @@ async fn a_ferry_child_downloads_from_a_stock_dfdaemon_that_went_back_to_source(
     let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
     let double = SchedulerDouble::start().await;
     let stock = StockDfdaemon::start(&bin, root.path(), "stock-parent", double.addr).await;
-    let ferry = ferry_peer(root.path(), "ferry-child", &double.addr.to_string()).await;
+    let ferry = ferry_peer(root.path(), "ferry-child", &double.addr.to_string(), "").await;
     let ferry_host = "127.0.0.1-ferry-child";
     wait_for(
         &double.state,
@@ -390,9 +362,9 @@ async fn a_mixed_cluster_of_ferry_and_stock_peers_moves_one_file_byte_identicall
     let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
     let double = SchedulerDouble::start().await;
     let scheduler = double.addr.to_string();
-    let mut seed = ferry_peer(root.path(), "seed", &scheduler).await;
-    let receiver = ferry_peer(root.path(), "receiver", &scheduler).await;
-    let second = ferry_peer(root.path(), "second", &scheduler).await;
+    let mut seed = ferry_peer(root.path(), "seed", &scheduler, "").await;
+    let receiver = ferry_peer(root.path(), "receiver", &scheduler, "").await;
+    let second = ferry_peer(root.path(), "second", &scheduler, "").await;
     wait_for(
         &double.state,
         "the Ferry hosts announced",
