@@ -262,10 +262,17 @@ impl Daemon {
 
     /// Imports a file and returns the task.
     pub async fn import(&self, path: &Path) -> proto::Task {
+        self.import_as(path, "").await
+    }
+
+    /// Imports a file under `url` (the task id is Dragonfly's for it; a Dragonfly peer
+    /// announces it as a candidate parent) and returns the task.
+    pub async fn import_as(&self, path: &Path, url: &str) -> proto::Task {
         self.client()
             .await
             .import_task(proto::ImportTaskRequest {
                 path: path.display().to_string(),
+                url: url.into(),
                 ..Default::default()
             })
             .await

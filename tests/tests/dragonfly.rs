@@ -113,17 +113,7 @@ async fn upload_service_syncs_held_pieces_with_the_vortex_address_and_announces_
     let file = root.path().join("model.bin");
     random_file(&file, size, 7);
     let url = "http://origin.test/model.bin";
-    let task = daemon
-        .client()
-        .await
-        .import_task(proto::ImportTaskRequest {
-            path: file.display().to_string(),
-            url: url.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = daemon.import_as(&file, url).await;
     assert_eq!(task.piece_count, 5);
     wait_for("the metadata-only announcement", || {
         let state = double.state.lock().unwrap();

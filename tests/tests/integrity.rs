@@ -23,20 +23,6 @@ fn hex_string(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-async fn import_as(daemon: &Daemon, path: &Path, url: &str) -> proto::Task {
-    daemon
-        .client()
-        .await
-        .import_task(proto::ImportTaskRequest {
-            path: path.display().to_string(),
-            url: url.into(),
-            ..Default::default()
-        })
-        .await
-        .expect("import")
-        .into_inner()
-}
-
 /// Two seeds hold two checkpoints of one model file: same url (so the same task id), same
 /// size, other bytes. Before manifests, a receiver pulling from both placed a file equal to
 /// neither, every piece "verified" against its own source's CRC.
@@ -49,8 +35,8 @@ async fn two_versions_of_one_task_are_never_mixed() {
     let url = "https://models.example/llm/model-00001-of-00002.safetensors";
     let seed_old = Daemon::start(root.path(), "seed-old", DaemonOptions::default()).await;
     let seed_new = Daemon::start(root.path(), "seed-new", DaemonOptions::default()).await;
-    let task_old = import_as(&seed_old, &old, url).await;
-    let task_new = import_as(&seed_new, &new, url).await;
+    let task_old = seed_old.import_as(&old, url).await;
+    let task_new = seed_new.import_as(&new, url).await;
     assert_eq!(task_old.task_id, task_new.task_id, "one url, one task id");
     assert_eq!(
         task_old.content_digest,

@@ -659,17 +659,7 @@ async fn a_pull_the_dragonfly_scheduler_places_moves_pieces_between_ferry_hosts_
 
     // The seed imports the file under a URL: announced metadata-only, a candidate parent.
     let url = "http://origin.test/weights.bin";
-    let task = seed
-        .client()
-        .await
-        .import_task(proto::ImportTaskRequest {
-            path: file.display().to_string(),
-            url: url.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = seed.import_as(&file, url).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     while !double
         .state

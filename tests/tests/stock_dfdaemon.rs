@@ -6,7 +6,6 @@
 //! Without the stock binaries these tests are skipped (stderr says so), except under CI
 //! (`CI=true`), where they fail.
 
-use ferry_engine::proto;
 use ferry_tests::dragonfly::{ferry_peer, DoubleState, PeerRecord, PeerState, SchedulerDouble};
 use ferry_tests::stock::{bin_dir_or_skip, StockDfdaemon};
 use ferry_tests::*;
@@ -122,17 +121,7 @@ async fn a_stock_dfdaemon_downloads_a_task_from_a_ferry_parent_over_vortex() {
 
     // Ferry holds the file, imported under the URL: its task id is Dragonfly's for that URL,
     // and it is announced to the scheduler as a candidate parent (metadata only).
-    let task = ferry
-        .client()
-        .await
-        .import_task(proto::ImportTaskRequest {
-            path: file.display().to_string(),
-            url: url.clone(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let task = ferry.import_as(&file, &url).await;
     let task_id = ferry_engine::origin::task_id(&url, None, None, None).unwrap();
     assert_eq!(task.task_id, task_id);
     assert_eq!(task.piece_count, 5);
