@@ -708,6 +708,16 @@ async fn drive(
         let forwarder = tokio::spawn(async move {
             let mut tally = pull::Tally::new();
             let mut attempts_open = true;
+            async fn failed(
+                tally: &mut pull::Tally,
+                session: &Option<(Arc<Scheduler>, PullSpec, Session)>,
+                attempt: FailedAttempt,
+            ) {
+                tally.failed(&attempt);
+                if let Some((_, _, session)) = session {
+                    session.piece_failed(&attempt).await;
+                }
+            }
             loop {
                 tokio::select! {
                     outcome = events_rx.recv() => {
@@ -724,25 +734,15 @@ async fn drive(
                             return (session, tally, true);
                         }
                     }
-                    attempt = attempts_rx.recv(), if attempts_open => {
-                        match attempt {
-                            Some(attempt) => {
-                                tally.failed(&attempt);
-                                if let Some((_, _, session)) = &session {
-                                    session.piece_failed(&attempt).await;
-                                }
-                            }
-                            None => attempts_open = false,
-                        }
-                    }
+                    attempt = attempts_rx.recv(), if attempts_open => match attempt {
+                        Some(attempt) => failed(&mut tally, &session, attempt).await,
+                        None => attempts_open = false,
+                    },
                 }
             }
             // Reports of the last attempts, sent before the transfer ended.
             while let Ok(attempt) = attempts_rx.try_recv() {
-                tally.failed(&attempt);
-                if let Some((_, _, session)) = &session {
-                    session.piece_failed(&attempt).await;
-                }
+                failed(&mut tally, &session, attempt).await;
             }
             (session, tally, false)
         });

@@ -102,11 +102,6 @@ impl Tally {
         self.failed_attempts += 1;
     }
 
-    /// Pieces counted so far.
-    pub fn pieces(&self) -> u32 {
-        self.pieces
-    }
-
     /// Adds a later transfer's tally to this one (the earlier transfers of a pull).
     pub fn absorb(&mut self, later: Tally) {
         for (name, totals) in &later.sources {
@@ -248,8 +243,6 @@ mod tests {
         first.failed(&FailedAttempt {
             piece: 1,
             source: "bad".into(),
-            error: "digest mismatch".into(),
-            source_given_up: false,
         });
         let mut earlier = Tally::default();
         earlier.absorb(first);

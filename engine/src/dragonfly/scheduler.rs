@@ -241,19 +241,11 @@ impl Scheduler {
     /// announcements lapse.
     pub async fn leave(&self) {
         for (addr, channel) in &self.schedulers {
-            let mut client = SchedulerClient::new(channel.clone());
             let request = DeleteHostRequest {
                 host_id: self.peer.host.id.clone(),
             };
-            match tokio::time::timeout(LEAVE_TIMEOUT, client.delete_host(request)).await {
-                Ok(Ok(_)) => tracing::info!(scheduler = %addr, "host deleted from the scheduler"),
-                Ok(Err(status)) => {
-                    tracing::warn!(scheduler = %addr, code = ?status.code(), message = status.message(), "DeleteHost failed")
-                }
-                Err(_) => {
-                    tracing::warn!(scheduler = %addr, "DeleteHost timed out after {LEAVE_TIMEOUT:?}")
-                }
-            }
+            let mut client = SchedulerClient::new(channel.clone());
+            goodbye(addr, "DeleteHost", "", client.delete_host(request)).await;
         }
     }
 
@@ -262,22 +254,12 @@ impl Scheduler {
     /// child is handed a parent that has nothing to give.
     pub async fn forget_task(&self, task_id: &str) {
         for (addr, channel) in self.for_task(task_id) {
-            let mut client = SchedulerClient::new(channel);
             let request = DeleteTaskRequest {
                 host_id: self.peer.host.id.clone(),
                 task_id: task_id.to_owned(),
             };
-            match tokio::time::timeout(LEAVE_TIMEOUT, client.delete_task(request)).await {
-                Ok(Ok(_)) => {
-                    tracing::info!(scheduler = %addr, task_id, "task deleted from the scheduler")
-                }
-                Ok(Err(status)) => {
-                    tracing::warn!(scheduler = %addr, task_id, code = ?status.code(), message = status.message(), "DeleteTask failed")
-                }
-                Err(_) => {
-                    tracing::warn!(scheduler = %addr, task_id, "DeleteTask timed out after {LEAVE_TIMEOUT:?}")
-                }
-            }
+            let mut client = SchedulerClient::new(channel);
+            goodbye(&addr, "DeleteTask", task_id, client.delete_task(request)).await;
         }
     }
 
@@ -413,16 +395,8 @@ impl Scheduler {
             let reason = format!(
                 "{MAX_RESCHEDULES} reschedules spent and the parents failed ({why}); back to source"
             );
-            session
-                .begin(&Plan::BackToSource {
-                    reason: reason.clone(),
-                })
-                .await;
-            self.peer.metrics.dragonfly_sent_back_to_source();
-            return Plan::BackToSource { reason };
+            return self.begin(session, Plan::BackToSource { reason }).await;
         }
-        session.reschedules += 1;
-        self.peer.metrics.dragonfly_rescheduled();
         let failed: Vec<dragonfly_api::common::v2::Peer> = session
             .parents
             .values()
@@ -432,28 +406,46 @@ impl Scheduler {
             })
             .collect();
         tracing::info!(task_id = %spec.task_id, reason = %why, "every parent failed; rescheduling");
+        self.ask_again(session, failed, why.to_owned()).await;
+        let answer = match session.conversation.next(CALL_TIMEOUT).await {
+            Ok(answer) => answer,
+            Err(status) => {
+                let reason = format!(
+                    "the scheduler did not answer a reschedule ({}); back to source",
+                    status.message()
+                );
+                return self.begin(session, Plan::BackToSource { reason }).await;
+            }
+        };
+        self.settle(spec, session, answer).await
+    }
+
+    /// ReschedulePeerRequest naming the parents that failed, counted against the pull's
+    /// [`MAX_RESCHEDULES`].
+    async fn ask_again(
+        &self,
+        session: &mut Session,
+        failed: Vec<dragonfly_api::common::v2::Peer>,
+        why: String,
+    ) {
+        session.reschedules += 1;
+        self.peer.metrics.dragonfly_rescheduled();
         session
             .conversation
             .send(PeerRequest::ReschedulePeerRequest(ReschedulePeerRequest {
                 candidate_parents: failed,
-                description: Some(why.to_owned()),
+                description: Some(why),
             }))
             .await;
-        let answer = match session.conversation.next(CALL_TIMEOUT).await {
-            Ok(answer) => answer,
-            Err(status) => {
-                let plan = Plan::BackToSource {
-                    reason: format!(
-                        "the scheduler did not answer a reschedule ({}); back to source",
-                        status.message()
-                    ),
-                };
-                self.peer.metrics.dragonfly_sent_back_to_source();
-                session.begin(&plan).await;
-                return plan;
-            }
-        };
-        self.settle(spec, session, answer).await
+    }
+
+    /// Reports `plan` begun (and counts a back to source) and returns it.
+    async fn begin(&self, session: &mut Session, plan: Plan) -> Plan {
+        if matches!(plan, Plan::BackToSource { .. }) {
+            self.peer.metrics.dragonfly_sent_back_to_source();
+        }
+        session.begin(&plan).await;
+        plan
     }
 
     /// Follows the scheduler's answers to a plan: candidate parents are probed (SyncPieces,
@@ -488,16 +480,8 @@ impl Scheduler {
                     match self.probe_parents(spec, &normal.candidate_parents).await {
                         Ok((parents, geometry)) => break Plan::Parents { parents, geometry },
                         Err(why) if session.reschedules < MAX_RESCHEDULES => {
-                            session.reschedules += 1;
-                            self.peer.metrics.dragonfly_rescheduled();
                             tracing::info!(task_id = %spec.task_id, reason = %why, "rescheduling");
-                            session
-                                .conversation
-                                .send(PeerRequest::ReschedulePeerRequest(ReschedulePeerRequest {
-                                    candidate_parents: tried,
-                                    description: Some(why),
-                                }))
-                                .await;
+                            self.ask_again(session, tried, why).await;
                         }
                         Err(why) => {
                             break Plan::BackToSource {
@@ -525,11 +509,7 @@ impl Scheduler {
                 }
             };
         };
-        if matches!(plan, Plan::BackToSource { .. }) {
-            self.peer.metrics.dragonfly_sent_back_to_source();
-        }
-        session.begin(&plan).await;
-        plan
+        self.begin(session, plan).await
     }
 
     /// SyncPieces (and SyncHost) on every candidate at once; the ones that answered, heaviest
@@ -654,6 +634,25 @@ impl Scheduler {
         let _ = tokio::task::spawn_blocking(move || remember(&task, &kept)).await;
         tracing::info!(task_id = %spec.task_id, peer_id, "task announced to the scheduler as a candidate parent");
         Ok(())
+    }
+}
+
+/// Awaits a DeleteHost or DeleteTask call for at most [`LEAVE_TIMEOUT`] and logs how it
+/// went; nothing waits on its outcome.
+async fn goodbye(
+    addr: &str,
+    rpc: &str,
+    task_id: &str,
+    call: impl std::future::Future<Output = Result<tonic::Response<()>, Status>>,
+) {
+    match tokio::time::timeout(LEAVE_TIMEOUT, call).await {
+        Ok(Ok(_)) => tracing::info!(scheduler = %addr, task_id, "{rpc} done"),
+        Ok(Err(status)) => {
+            tracing::warn!(scheduler = %addr, task_id, code = ?status.code(), message = status.message(), "{rpc} failed")
+        }
+        Err(_) => {
+            tracing::warn!(scheduler = %addr, task_id, "{rpc} timed out after {LEAVE_TIMEOUT:?}")
+        }
     }
 }
 

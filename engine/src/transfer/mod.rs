@@ -237,9 +237,6 @@ pub struct FailedAttempt {
     pub piece: u32,
     /// The source's name, as in [`PieceOutcome::source`].
     pub source: String,
-    pub error: String,
-    /// The transfer gave up on this source after this attempt.
-    pub source_given_up: bool,
 }
 
 #[derive(Debug, Clone, Default)]

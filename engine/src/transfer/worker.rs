@@ -423,8 +423,6 @@ impl Worker {
                         let report = FailedAttempt {
                             piece: entry.number,
                             source: self.source_name.clone(),
-                            error: err.to_string(),
-                            source_given_up: state.dead[self.source_index],
                         };
                         if attempts.try_send(report).is_err() {
                             tracing::debug!(task_id = %self.task.id(), "failed-attempt report dropped: nobody reads them fast enough");
