@@ -34,6 +34,16 @@ pub fn ferry_bin() -> PathBuf {
     bin
 }
 
+/// A free loopback TCP port: bound, then released for a child process to take (another
+/// process could take it in between; the tests accept that small window).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
 /// Writes `size` pseudo-random bytes (a fixed function of `seed`) to `path`.
 pub fn random_file(path: &Path, size: u64, seed: u64) {
     use std::io::Write;
@@ -258,6 +268,29 @@ impl Daemon {
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Runs `ferry --json pull ARGS` against this daemon and returns what it printed; a
+    /// failed pull panics with its stderr, this daemon's log and `context()`.
+    pub fn pull_json(&self, args: &[&str], context: impl Fn() -> String) -> serde_json::Value {
+        let ran = Command::new(ferry_bin())
+            .args([
+                "--control",
+                self.control.to_str().unwrap(),
+                "--json",
+                "pull",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            ran.status.success(),
+            "ferry pull {args:?} failed:\n{}\n{}\n{}",
+            String::from_utf8_lossy(&ran.stderr),
+            self.log_text(),
+            context()
+        );
+        serde_json::from_slice(&ran.stdout).unwrap()
     }
 
     /// Imports a file and returns the task.

@@ -3,6 +3,7 @@
 //! auth; and `tests/oci_push.py`, an independent pusher speaking the distribution API with
 //! Python's standard library only.
 
+use crate::free_port;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -13,14 +14,6 @@ pub struct Registry {
     pub dir: PathBuf,
     pub storage: PathBuf,
     config: PathBuf,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl Registry {

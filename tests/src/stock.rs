@@ -4,6 +4,7 @@
 //! scheduler test double (no manager), and drives it with the stock `dfget` over the daemon's
 //! unix socket.
 
+use crate::free_port;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -98,15 +99,6 @@ pub fn bin_dir_or_skip(test: &str) -> Option<PathBuf> {
         }
         Err(why) => panic!("{test}: CI=true and {why}"),
     }
-}
-
-/// A free loopback TCP port (bound, then released for the daemon to take).
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A stock `dfdaemon` process. Killed when dropped.

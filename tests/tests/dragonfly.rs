@@ -41,23 +41,7 @@ async fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 }
 
 fn pull_cli(daemon: &Daemon, args: &[&str]) -> serde_json::Value {
-    let ran = std::process::Command::new(ferry_bin())
-        .args([
-            "--control",
-            daemon.control.to_str().unwrap(),
-            "--json",
-            "pull",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        ran.status.success(),
-        "{}\n{}",
-        String::from_utf8_lossy(&ran.stderr),
-        daemon.log_text()
-    );
-    serde_json::from_slice(&ran.stdout).unwrap()
+    daemon.pull_json(args, String::new)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -40,24 +40,7 @@ async fn wait_for(
 }
 
 fn pull_cli(daemon: &Daemon, args: &[&str], context: impl Fn() -> String) -> serde_json::Value {
-    let ran = std::process::Command::new(ferry_bin())
-        .args([
-            "--control",
-            daemon.control.to_str().unwrap(),
-            "--json",
-            "pull",
-        ])
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        ran.status.success(),
-        "ferry pull {args:?} failed:\n{}\n{}\n{}",
-        String::from_utf8_lossy(&ran.stderr),
-        daemon.log_text(),
-        context()
-    );
-    serde_json::from_slice(&ran.stdout).unwrap()
+    daemon.pull_json(args, context)
 }
 
 fn peers_on(state: &DoubleState, task_id: &str, host_id: &str) -> Vec<PeerRecord> {
