@@ -311,6 +311,7 @@ impl Scheduler {
                 peer_id: peer_id.to_owned(),
                 tx,
                 rx: None,
+                stalled: Default::default(),
             };
             conversation
                 .send(PeerRequest::RegisterPeerRequest(RegisterPeerRequest {

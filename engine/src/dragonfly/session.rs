@@ -48,7 +48,14 @@ pub(super) struct Conversation {
     pub(super) peer_id: String,
     pub(super) tx: mpsc::Sender<AnnouncePeerRequest>,
     pub(super) rx: Option<Streaming<AnnouncePeerResponse>>,
+    /// Set once a report waited [`SEND_TIMEOUT`] for room: the scheduler does not read, and
+    /// later reports are dropped when the stream is full instead of holding up the pull.
+    pub(super) stalled: std::sync::atomic::AtomicBool,
 }
+
+/// Longest a report waits for room on the AnnouncePeer stream (a scheduler that stopped
+/// reading must not stall the transfer whose pieces are reported).
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 impl Conversation {
     pub(super) async fn send(&self, request: PeerRequest) {
@@ -58,7 +65,29 @@ impl Conversation {
             peer_id: self.peer_id.clone(),
             request: Some(request),
         };
-        if self.tx.send(message).await.is_err() {
+        use std::sync::atomic::Ordering;
+        use tokio::sync::mpsc::error::{SendTimeoutError, TrySendError};
+        let closed = if self.stalled.load(Ordering::Relaxed) {
+            match self.tx.try_send(message) {
+                Ok(()) => false,
+                Err(TrySendError::Full(_)) => {
+                    tracing::debug!(scheduler = %self.scheduler, task_id = %self.task_id, "report dropped: the scheduler does not read the AnnouncePeer stream");
+                    false
+                }
+                Err(TrySendError::Closed(_)) => true,
+            }
+        } else {
+            match self.tx.send_timeout(message, SEND_TIMEOUT).await {
+                Ok(()) => false,
+                Err(SendTimeoutError::Timeout(_)) => {
+                    self.stalled.store(true, Ordering::Relaxed);
+                    tracing::warn!(scheduler = %self.scheduler, task_id = %self.task_id, "the scheduler read no report for {SEND_TIMEOUT:?}; reports that find the stream full are dropped from now on");
+                    false
+                }
+                Err(SendTimeoutError::Closed(_)) => true,
+            }
+        };
+        if closed {
             tracing::debug!(scheduler = %self.scheduler, task_id = %self.task_id, "AnnouncePeer stream already closed");
         }
     }
@@ -213,5 +242,41 @@ impl Session {
         };
         self.conversation.send(request).await;
         self.conversation.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dragonfly_api::scheduler::v2::DownloadPeerStartedRequest;
+    use std::time::Instant;
+
+    #[tokio::test]
+    async fn a_scheduler_that_reads_nothing_holds_a_report_at_most_the_send_timeout() {
+        let (tx, _unread) = mpsc::channel(1);
+        let conversation = Conversation {
+            scheduler: "127.0.0.1:1".into(),
+            host_id: "h".into(),
+            task_id: "t".into(),
+            peer_id: "p".into(),
+            tx,
+            rx: None,
+            stalled: Default::default(),
+        };
+        let report = || PeerRequest::DownloadPeerStartedRequest(DownloadPeerStartedRequest {});
+        conversation.send(report()).await; // fills the stream
+        let waited = Instant::now();
+        conversation.send(report()).await;
+        let first = waited.elapsed();
+        assert!(
+            first >= SEND_TIMEOUT && first < SEND_TIMEOUT + Duration::from_secs(2),
+            "{first:?}"
+        );
+        let waited = Instant::now();
+        conversation.send(report()).await;
+        assert!(
+            waited.elapsed() < Duration::from_millis(100),
+            "once stalled, a full stream drops the report at once"
+        );
     }
 }
