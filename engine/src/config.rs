@@ -3,7 +3,7 @@
 use crate::geometry::MAX_PIECE_LENGTH;
 use crate::io::IoChoice;
 use crate::rdma::MAX_WRITES_PER_PIECE;
-use ferry_rdma::verbs::{RECEIVER_RECEIVE_DEPTH, SEND_QUEUE_DEPTH};
+use ferry_rdma::verbs::{CONTROL_RECEIVES, SEND_QUEUE_DEPTH};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -684,8 +684,13 @@ impl Config {
                 "origin.retry_base_ms to 600000 milliseconds",
             );
         }
-        if !(1..=16).contains(&self.rdma.window) {
-            return invalid("rdma.window", self.rdma.window, "1 to 16");
+        const _: () = assert!(CONTROL_RECEIVES == 128, "the message below names it");
+        if !(1..=CONTROL_RECEIVES).contains(&self.rdma.window) {
+            return invalid(
+                "rdma.window",
+                self.rdma.window,
+                "1 to 128 (the control receives a queue pair posts)",
+            );
         }
         if !(1..=16).contains(&self.rdma.queue_pairs) {
             return invalid("rdma.queue_pairs", self.rdma.queue_pairs, "1 to 16");
@@ -754,18 +759,16 @@ impl Config {
 
     /// What the RDMA queue pairs can hold, for the largest piece ([`MAX_PIECE_LENGTH`]) in
     /// `pool.slot_mib` slots and `rdma.chunk_kib` chunks: the source posts every chunk write of
-    /// a piece at once (at most [`MAX_WRITES_PER_PIECE`]); the receiver posts one receive per
-    /// chunk of every piece in its window ([`RECEIVER_RECEIVE_DEPTH`]) and one window bind, later
-    /// one invalidation, per slot of every such piece ([`SEND_QUEUE_DEPTH`]; a piece's binds
-    /// complete before its request goes out and its invalidations are posted after its last
-    /// chunk, so the two are never on the queue together). A setting past these would validate
-    /// and then fail every large piece over RDMA.
+    /// a piece and its completing message at once (at most [`MAX_WRITES_PER_PIECE`] writes);
+    /// the receiver posts a piece's window binds, its request and, at worst, as many
+    /// invalidations as binds, which must fit its send queue ([`SEND_QUEUE_DEPTH`]; pieces
+    /// beyond what fits wait for room, so the window itself is bounded only by the control
+    /// receives). A setting past these would validate and then fail every large piece.
     fn validate_rdma_queues(&self) -> Result<(), ConfigError> {
         let q = rdma_queue_use(
             MAX_PIECE_LENGTH,
             self.pool.slot_mib << 20,
             u64::from(self.rdma.chunk_kib) << 10,
-            self.rdma.window,
         );
         let piece_mib = MAX_PIECE_LENGTH >> 20;
         if q.writes_per_piece > u64::from(MAX_WRITES_PER_PIECE) {
@@ -775,27 +778,17 @@ impl Config {
                 why: format!(
                     "a {piece_mib} MiB piece would take {} chunk writes, more than the {MAX_WRITES_PER_PIECE} a source accepts per piece (its send queue): use at least {} KiB",
                     q.writes_per_piece,
-                    (MAX_PIECE_LENGTH / u64::from(MAX_WRITES_PER_PIECE)) >> 10
+                    (MAX_PIECE_LENGTH / u64::from(MAX_WRITES_PER_PIECE)).next_power_of_two() >> 10
                 ),
             });
         }
-        if q.receives > u64::from(RECEIVER_RECEIVE_DEPTH) {
+        if q.receiver_entries_per_piece > u64::from(SEND_QUEUE_DEPTH) {
             return Err(ConfigError::Unworkable {
-                key: "rdma.window",
-                value: self.rdma.window.to_string(),
+                key: "pool.slot_mib",
+                value: self.pool.slot_mib.to_string(),
                 why: format!(
-                    "{} pieces of {piece_mib} MiB in {} KiB chunks need {} receives, more than the receive queue's {RECEIVER_RECEIVE_DEPTH} entries: lower rdma.window or raise rdma.chunk_kib",
-                    self.rdma.window, self.rdma.chunk_kib, q.receives
-                ),
-            });
-        }
-        if q.send_wqes > u64::from(SEND_QUEUE_DEPTH) {
-            return Err(ConfigError::Unworkable {
-                key: "rdma.window",
-                value: self.rdma.window.to_string(),
-                why: format!(
-                    "{} pieces of {piece_mib} MiB in {} MiB slots need {} memory-window binds (later as many invalidations) at once, more than the send queue's {SEND_QUEUE_DEPTH} entries: lower rdma.window or raise pool.slot_mib",
-                    self.rdma.window, self.pool.slot_mib, q.send_wqes
+                    "a {piece_mib} MiB piece in {} MiB slots needs {} send-queue entries at the receiver (a bind and an invalidation per slot, and the request), more than the send queue's {SEND_QUEUE_DEPTH}: raise pool.slot_mib",
+                    self.pool.slot_mib, q.receiver_entries_per_piece
                 ),
             });
         }
@@ -895,20 +888,18 @@ impl Config {
     }
 }
 
-/// What pieces of `piece` bytes, in `slot`-byte pool slots and `chunk`-byte writes, take of the
-/// RDMA queues with `window` of them in flight on one queue pair.
+/// What one piece of `piece` bytes, in `slot`-byte pool slots and `chunk`-byte writes, takes
+/// of the RDMA queues.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RdmaQueueUse {
-    /// Chunk writes the source posts for one piece.
+    /// Chunk writes the source posts for the piece (one more entry carries its answer).
     pub writes_per_piece: u64,
-    /// Receives the receiver posts for the whole window.
-    pub receives: u64,
-    /// Window binds (or, later, invalidations) on the receiver's send queue at once for the
-    /// whole window: one per slot of each piece.
-    pub send_wqes: u64,
+    /// The receiver's send-queue entries at worst: a bind and an invalidation per slot, and
+    /// the request.
+    pub receiver_entries_per_piece: u64,
 }
 
-pub fn rdma_queue_use(piece: u64, slot: u64, chunk: u64, window: u32) -> RdmaQueueUse {
+pub fn rdma_queue_use(piece: u64, slot: u64, chunk: u64) -> RdmaQueueUse {
     let slots = piece.div_ceil(slot.max(1)).max(1);
     let lens: Vec<u32> = (0..slots)
         .map(|i| slot.min(piece - i * slot).min(u64::from(u32::MAX)) as u32)
@@ -917,8 +908,7 @@ pub fn rdma_queue_use(piece: u64, slot: u64, chunk: u64, window: u32) -> RdmaQue
     let writes_per_piece = ferry_rdma::credit::chunk_count(piece, chunk, &lens);
     RdmaQueueUse {
         writes_per_piece,
-        receives: writes_per_piece * u64::from(window),
-        send_wqes: slots * u64::from(window),
+        receiver_entries_per_piece: 2 * slots + 1,
     }
 }
 
@@ -1093,54 +1083,41 @@ mod tests {
             assert!(text.contains(&format!("value {key} = ")), "{text}");
             assert!(text.contains(says), "{text}");
         };
-        // 64 MiB in 128 KiB chunks: 512 writes, the source takes 256.
+        // 64 MiB in 64 KiB chunks: 1024 writes, the source takes 511.
+        refused(
+            |c| c.rdma.chunk_kib = 64,
+            "rdma.chunk_kib",
+            "1024 chunk writes, more than the 511 a source accepts per piece (its send queue): use at least 256 KiB",
+        );
+        // 128 KiB chunks: 512 writes per piece; 256 KiB: 256, which fits with any window.
         refused(
             |c| c.rdma.chunk_kib = 128,
             "rdma.chunk_kib",
-            "512 chunk writes, more than the 256 a source accepts per piece (its send queue): use at least 256 KiB",
+            "512 chunk writes",
         );
-        // 256 KiB chunks: 256 writes per piece is the limit, and fits a window of 4.
         let mut config = Config::default();
         config.rdma.chunk_kib = 256;
-        config.rdma.window = 4;
+        config.rdma.window = 128;
         config.validate().unwrap();
-        // A window of 5 needs 1280 receives.
-        refused(
-            |c| {
-                c.rdma.chunk_kib = 256;
-                c.rdma.window = 5;
-            },
-            "rdma.window",
-            "need 1280 receives, more than the receive queue's 1024 entries",
-        );
-        // 1 MiB slots: 64 binds per piece; a window of 5 needs 320 on a 256-entry queue.
-        refused(
-            |c| {
-                c.pool.slot_mib = 1;
-                c.rdma.window = 5;
-            },
-            "rdma.window",
-            "need 320 memory-window binds (later as many invalidations) at once, more than the send queue's 256 entries",
-        );
+        // The window is bounded by the control receives a queue pair posts.
+        let mut config = Config::default();
+        config.rdma.window = 129;
+        let text = config.validate().unwrap_err().to_string();
+        assert!(text.contains("1 to 128 (the control receives"), "{text}");
+        // 1 MiB slots: 64 binds, 64 invalidations and the request; fits a 512-entry queue.
         let mut config = Config::default();
         config.pool.slot_mib = 1;
-        config.rdma.window = 4;
-        config.validate().unwrap();
-        // The defaults and the largest window with default slots and chunks fit.
-        let mut config = Config::default();
-        config.rdma.window = 16;
         config.validate().unwrap();
         assert_eq!(
-            rdma_queue_use(MAX_PIECE_LENGTH, 4 << 20, 1 << 20, 16),
+            rdma_queue_use(MAX_PIECE_LENGTH, 4 << 20, 1 << 20),
             RdmaQueueUse {
                 writes_per_piece: 64,
-                receives: 1024,
-                send_wqes: 256
+                receiver_entries_per_piece: 33,
             }
         );
         // Slots that do not divide the piece: chunks never straddle two slots.
         assert_eq!(
-            rdma_queue_use(MAX_PIECE_LENGTH, 3 << 20, 2 << 20, 1).writes_per_piece,
+            rdma_queue_use(MAX_PIECE_LENGTH, 3 << 20, 2 << 20).writes_per_piece,
             22 * 2 - 1
         );
     }

@@ -67,6 +67,28 @@ struct ResultLabel {
     result: &'static str,
 }
 
+const RDMA_WORK_KINDS: [&str; 6] = [
+    "send_requests",
+    "signalled",
+    "completions",
+    "wakeups",
+    "messages_sent",
+    "messages_received",
+];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RdmaWorkLabel {
+    side: &'static str,
+    /// send_requests, signalled, completions, wakeups, messages_sent, messages_received.
+    work: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct InvalidatedLabel {
+    /// `peer`: by the source's SEND_WITH_INVALIDATE; `local`: by our own LOCAL_INV.
+    by: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SideLabel {
     /// `serving`: peers fetching from us; `fetching`: our sessions to sources.
@@ -136,6 +158,8 @@ pub struct Metrics {
     transfers_active: Gauge,
     transfers: Family<ResultLabel, Counter>,
     rdma_sessions: Family<SideLabel, Gauge>,
+    rdma_work: Family<RdmaWorkLabel, Counter>,
+    rdma_windows_invalidated: Family<InvalidatedLabel, Counter>,
     rdma_registered_bytes: Gauge,
     buffer_pool_bytes: Gauge,
     buffer_pool_free_bytes: Gauge,
@@ -196,6 +220,8 @@ impl Metrics {
             transfers_active: Gauge::default(),
             transfers: Family::default(),
             rdma_sessions: Family::default(),
+            rdma_work: Family::default(),
+            rdma_windows_invalidated: Family::default(),
             rdma_registered_bytes: Gauge::default(),
             buffer_pool_bytes: Gauge::default(),
             buffer_pool_free_bytes: Gauge::default(),
@@ -343,6 +369,16 @@ impl Metrics {
             "RDMA queue pairs up, by side (serving: peers fetching from us; fetching: ours to sources)",
             metrics.rdma_sessions.clone(),
         );
+        registry.register(
+            "rdma_work",
+            "Verbs work on RDMA queue pairs, by side and kind: send_requests (posted), signalled (of those), completions (reaped), wakeups (completion-channel events), messages_sent/messages_received (control messages over the queue pair)",
+            metrics.rdma_work.clone(),
+        );
+        registry.register(
+            "rdma_windows_invalidated",
+            "Memory windows taken back after a fetch, by who invalidated them (peer: the source's SEND_WITH_INVALIDATE; local: a LOCAL_INV this side posted)",
+            metrics.rdma_windows_invalidated.clone(),
+        );
         registry.register_with_unit(
             "rdma_registered",
             "Memory registered with the RDMA device (the whole buffer pool, or 0 without RDMA)",
@@ -454,6 +490,16 @@ impl Metrics {
         }
         for side in ["serving", "fetching"] {
             let _ = metrics.rdma_sessions.get_or_create(&SideLabel { side });
+            for work in RDMA_WORK_KINDS {
+                let _ = metrics
+                    .rdma_work
+                    .get_or_create(&RdmaWorkLabel { side, work });
+            }
+        }
+        for by in ["peer", "local"] {
+            let _ = metrics
+                .rdma_windows_invalidated
+                .get_or_create(&InvalidatedLabel { by });
         }
         Metrics {
             registry,
@@ -614,6 +660,40 @@ impl Metrics {
         self.pieces_served
             .get_or_create(&TransportLabel { transport: "rdma" })
             .inc();
+    }
+
+    /// Adds the verbs work a queue pair did between two readings of its counts.
+    pub fn rdma_work(
+        &self,
+        serving: bool,
+        before: &ferry_rdma::WorkCounts,
+        now: &ferry_rdma::WorkCounts,
+    ) {
+        let side = if serving { "serving" } else { "fetching" };
+        let deltas = [
+            now.send_requests - before.send_requests,
+            now.signalled - before.signalled,
+            now.completions - before.completions,
+            now.wakeups - before.wakeups,
+            now.messages_sent - before.messages_sent,
+            now.messages_received - before.messages_received,
+        ];
+        for (work, delta) in RDMA_WORK_KINDS.into_iter().zip(deltas) {
+            self.rdma_work
+                .get_or_create(&RdmaWorkLabel { side, work })
+                .inc_by(delta);
+        }
+    }
+
+    /// Memory windows a fetch took back: `by_peer` invalidated by the source's message,
+    /// `locally` by this side.
+    pub fn rdma_windows_invalidated(&self, by_peer: u64, locally: u64) {
+        self.rdma_windows_invalidated
+            .get_or_create(&InvalidatedLabel { by: "peer" })
+            .inc_by(by_peer);
+        self.rdma_windows_invalidated
+            .get_or_create(&InvalidatedLabel { by: "local" })
+            .inc_by(locally);
     }
 
     /// Counts an RDMA session as up until the returned guard is dropped.

@@ -14,8 +14,11 @@ pub enum RdmaError {
     Handshake(String),
     #[error("queue pair address: {0}")]
     Address(#[from] crate::address::AddressError),
-    #[error("work request {wr_id} completed with {status}")]
-    Completion { wr_id: u64, status: String },
+    #[error("work request {wr_id:#x} completed with {status}")]
+    Completion {
+        wr_id: u64,
+        status: crate::verbs::WcStatus,
+    },
     #[error("completion channel: {0}")]
     Channel(#[from] std::io::Error),
 }

@@ -12,6 +12,7 @@ pub mod error;
 pub mod handshake;
 pub mod rails;
 pub mod select;
+pub mod sendq;
 pub mod verbs;
 pub mod wire;
 
@@ -22,4 +23,5 @@ pub use handshake::Endpoint;
 pub use select::{choose, Selection, SelectionRequest};
 pub use verbs::{
     Completion, Connection, ConnectionConfig, MemoryWindow, RdmaContext, RegisteredRegion,
+    WcOpcode, WcStatus, WorkCounts,
 };

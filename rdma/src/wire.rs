@@ -185,6 +185,25 @@ impl Message {
         out
     }
 
+    /// Decodes one whole frame (as [`Message::encode`] makes it): how control messages that
+    /// travel over the queue pair itself, one per SEND, are read.
+    pub fn decode_frame(frame: &[u8]) -> Result<Message, RdmaError> {
+        if frame.len() < 6 {
+            return Err(RdmaError::Handshake(format!(
+                "control message of {} bytes is shorter than a frame header",
+                frame.len()
+            )));
+        }
+        let len = u32::from_be_bytes(frame[2..6].try_into().expect("4")) as usize;
+        if len != frame.len() - 6 {
+            return Err(RdmaError::Handshake(format!(
+                "control message frame says {len} bytes of value, carries {}",
+                frame.len() - 6
+            )));
+        }
+        Message::decode(frame[1], &frame[6..])
+    }
+
     pub fn decode(tag: u8, value: &[u8]) -> Result<Message, RdmaError> {
         let mut r = Reader(value);
         let message = match tag {
@@ -331,6 +350,13 @@ mod tests {
             frame.len() - 6
         );
         assert_eq!(Message::decode(frame[1], &frame[6..]).unwrap(), message);
+        assert_eq!(Message::decode_frame(&frame).unwrap(), message);
+        // A frame cut short or padded (a SEND of the wrong length) is refused.
+        assert!(Message::decode_frame(&frame[..frame.len() - 1]).is_err());
+        let mut padded = frame.clone();
+        padded.push(0);
+        assert!(Message::decode_frame(&padded).is_err());
+        assert!(Message::decode_frame(&frame[..5]).is_err());
     }
 
     #[test]

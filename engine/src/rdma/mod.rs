@@ -19,21 +19,26 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
-// The piece exchange. The receiver opens a TCP connection to the source's data port, upgrades
-// it with a Connect message carrying its queue pair, and from then on uses it as the control
-// channel of one RC queue pair: per piece it binds one memory window per pool slot of the
-// piece buffer (remote write, this QP only), posts one receive per chunk, and sends a Fetch
-// granting those slots. The source reads the piece from its store into its own registered
-// buffer (never remotely accessible), RDMA-WRITEs it in chunks with immediates naming
-// (request, chunk), and answers Done with the digest once every write was acknowledged. The
-// receiver checks every immediate against its credit window, invalidates the windows (the
-// credit returns: later writes fail on the sender's side), and hands the buffer, unchanged,
-// to the engine, which verifies the digest and writes it with io_uring.
+// The piece exchange. The receiver opens a TCP connection to the source's data port and
+// upgrades it with a Connect message carrying its queue pair; the source answers Accept with
+// its own. From then on everything goes over the RC queue pair; the TCP connection carries no
+// further byte and ends the queue pair by closing.
 //
-// Up to `window` pieces are in flight on one queue pair (their requests pipelined on the
-// control channel), over up to `queue_pairs` queue pairs per peer. A fetch that fails or is
-// dropped while its windows are bound moves the queue pair to the error state at once, before
-// the buffer can be reused, so a late write can never land in someone else's piece.
+// Per piece, the receiver binds one memory window per pool slot of the piece buffer (remote
+// write, this queue pair only) and, right behind the binds on the same send queue (which
+// carries them out first), SENDs a Fetch granting those windows. The source reads the piece
+// from its store straight into its own registered buffer (never remotely accessible), posts
+// the chunks as unsignalled RDMA WRITEs and completes the piece with one signalled
+// SEND_WITH_INVALIDATE carrying the digest: RC places every write before the receiver sees
+// that message, and the receiver's device invalidates the first window before reporting it.
+// The receiver invalidates any other window locally and hands the buffer, unchanged, to the
+// engine, which verifies the digest and writes it with io_uring. A source that cannot serve a
+// piece answers Failed (not held, or why) over the queue pair, which stays up.
+//
+// Up to `window` pieces are in flight on one queue pair, over up to `queue_pairs` queue pairs
+// per peer; the source reads the next pieces while earlier ones are on the wire. A fetch that
+// is dropped while its windows are bound moves the queue pair to the error state at once,
+// before the buffer can be reused, so a late write can never land in someone else's piece.
 
 /// Tunables of the RDMA piece exchange.
 #[derive(Debug, Clone)]
@@ -49,11 +54,14 @@ pub struct RdmaSettings {
     pub queue_pairs: usize,
 }
 
-/// Work request ids: the kind in the top byte, so completions sort themselves.
+/// Work request ids: the kind in the top byte, so completions sort themselves (0xfe is the
+/// connection's own control receives).
 pub(super) const WR_BIND: u64 = 1 << 56;
 pub(super) const WR_INVALIDATE: u64 = 2 << 56;
-pub(super) const WR_RECEIVE: u64 = 3 << 56;
+pub(super) const WR_FETCH: u64 = 3 << 56;
 pub(super) const WR_WRITE: u64 = 4 << 56;
+pub(super) const WR_DONE: u64 = 5 << 56;
+pub(super) const WR_ANSWER: u64 = 6 << 56;
 pub(super) const WR_KIND: u64 = 0xff << 56;
 
 pub(super) fn rdma_failure(err: RdmaError) -> TransportError {

@@ -1,19 +1,32 @@
 //! The serving side: a queue pair for each peer that upgrades its data connection.
+//!
+//! Requests and answers travel over the queue pair itself (one SEND each); the TCP connection
+//! only sets the queue pair up and, by closing, ends it. Many pieces are in flight on one queue
+//! pair: each request's piece is read from the store (io_uring, straight into the registered
+//! pool) while earlier pieces are on the wire, and a piece's writes are posted as soon as its
+//! read completes and the send queue has room, never after waiting for another piece.
 
-use super::{RdmaSettings, WR_WRITE};
+use super::{RdmaSettings, WR_ANSWER, WR_DONE, WR_WRITE};
 use crate::geometry::format_digest;
+use crate::io::PieceBuffer;
 use crate::metrics::Metrics;
-use crate::store::Store;
-use ferry_rdma::credit::{self, SlotCredit};
+use crate::store::{Store, StoredTask};
+use ferry_rdma::credit::{self, ChunkWrite, SlotCredit};
 use ferry_rdma::wire::{self, Message};
 use ferry_rdma::{Connection, ConnectionConfig, RdmaContext, RdmaError, RegisteredRegion};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
+use tokio::task::JoinSet;
 
-/// The most chunk writes the source posts for one piece: all of them are on its send queue at
-/// once. `Config::validate` refuses an `rdma.chunk_kib` that would need more.
-pub const MAX_WRITES_PER_PIECE: u32 = ferry_rdma::verbs::SEND_QUEUE_DEPTH;
+/// The most chunk writes the source posts for one piece: all of them and the message that
+/// completes the piece are on its send queue at once. `Config::validate` refuses an
+/// `rdma.chunk_kib` that would need more.
+pub const MAX_WRITES_PER_PIECE: u32 = ferry_rdma::verbs::SEND_QUEUE_DEPTH - 1;
+
+/// Longest failure text put in an answer (a control slot holds 2 KiB).
+const MAX_ANSWER_TEXT: usize = 1024;
 
 /// The serving side: runs a queue pair for each peer that upgrades its connection.
 pub struct RdmaService {
@@ -25,8 +38,58 @@ pub struct RdmaService {
     pub(super) metrics: Arc<Metrics>,
 }
 
+/// A piece read into the serving budget, waiting for room on the send queue.
+struct ReadPiece {
+    request: u16,
+    number: u32,
+    length: u64,
+    crc: u32,
+    task: Arc<StoredTask>,
+    buf: PieceBuffer,
+    writes: Vec<ChunkWrite>,
+    /// The window the completing SEND invalidates at the receiver.
+    invalidate: u32,
+}
+
+/// A piece whose writes and completing SEND are posted. Its buffer stays here until that
+/// SEND's completion, which (RC completes in order) proves the NIC read every chunk.
+struct OnWire {
+    buf: PieceBuffer,
+    task: Arc<StoredTask>,
+    length: u64,
+}
+
+/// What a request comes to before its piece is read: a refusal to answer at once, or a read.
+enum Admitted {
+    Answer(Message),
+    Read {
+        request: u16,
+        task: Arc<StoredTask>,
+        piece: crate::geometry::PieceRange,
+        crc: u32,
+        writes: Vec<ChunkWrite>,
+        invalidate: u32,
+    },
+}
+
+fn failed(request: u16, not_held: bool, message: impl Into<String>) -> Message {
+    let mut message = message.into();
+    if message.len() > MAX_ANSWER_TEXT {
+        let mut end = MAX_ANSWER_TEXT;
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        message.truncate(end);
+    }
+    Message::Failed {
+        request,
+        not_held,
+        message,
+    }
+}
+
 impl RdmaService {
-    /// Runs the control channel of one peer's queue pair until the peer closes it.
+    /// Runs one peer's queue pair until the peer closes its TCP connection.
     pub async fn serve(self: Arc<Self>, mut stream: TcpStream, connect: Vec<u8>) {
         let peer = stream
             .peer_addr()
@@ -55,11 +118,7 @@ impl RdmaService {
             Ok(connection) => connection,
             Err(err) => {
                 // Say why before hanging up: the receiver logs it and its breaker counts it.
-                let refused = Message::Failed {
-                    request: 0,
-                    not_held: false,
-                    message: err.to_string(),
-                };
+                let refused = failed(0, false, err.to_string());
                 let _ = wire::write_message(stream, &refused, self.settings.io_timeout).await;
                 return Err(err);
             }
@@ -73,159 +132,300 @@ impl RdmaService {
             self.settings.io_timeout,
         )
         .await?;
-        let mut next_wr = 0u64;
+        let mut pieces = Pieces::default();
+        let result = self.serve_pieces(stream, &connection, &mut pieces).await;
+        self.tear_down(&connection, pieces).await;
+        result
+    }
+
+    /// The queue pair's loop: requests in, reads started, pieces posted as their reads finish
+    /// and the send queue has room, buffers released by their completions.
+    async fn serve_pieces(
+        &self,
+        stream: &mut TcpStream,
+        connection: &Connection,
+        pieces: &mut Pieces,
+    ) -> Result<(), RdmaError> {
         loop {
-            let message = match wire::read_message(stream, self.idle_timeout).await {
-                Ok(message) => message,
-                // The peer hung up or went quiet: the connection ends here.
-                Err(RdmaError::Channel(_)) => return Ok(()),
-                Err(err) => return Err(err),
-            };
-            let Message::Fetch {
-                request,
-                task_id,
-                number,
-                chunk_size,
-                credits,
-            } = message
-            else {
-                return Err(RdmaError::Handshake(format!(
-                    "expected Fetch, got {:#04x}",
-                    message.tag()
-                )));
-            };
-            let answer = match self
-                .write_piece(
-                    &connection,
-                    &mut next_wr,
-                    request,
-                    &task_id,
-                    number,
-                    chunk_size,
-                    &credits,
-                )
-                .await
-            {
-                Ok(answer) => answer,
-                // The queue pair is unusable after a failed write: say so, then close.
-                Err(err) => {
-                    let failed = Message::Failed {
-                        request,
-                        not_held: false,
-                        message: err.to_string(),
-                    };
-                    let _ = wire::write_message(stream, &failed, self.settings.io_timeout).await;
-                    return Err(err);
+            self.post_ready(connection, pieces)?;
+            let idle = pieces.is_idle();
+            tokio::select! {
+                batch = connection.completions() => {
+                    let mut first_error = None;
+                    for completion in batch? {
+                        // A piece's completing SEND completed (or was flushed): RC completes
+                        // in order, so the NIC is done with every chunk before it.
+                        if let Some(done) = pieces.on_wire.remove(&completion.wr_id) {
+                            if !completion.is_error() {
+                                done.task.count_served();
+                                self.metrics.rdma_piece_served(done.length);
+                            }
+                            drop(done.buf);
+                        }
+                        // The rest of the batch is still looked at: it may free buffers.
+                        if first_error.is_some() {
+                            continue;
+                        }
+                        if completion.is_error() {
+                            first_error = completion.ok().err();
+                        } else if let Some(frame) = &completion.message {
+                            first_error = self.on_request(connection, pieces, frame).err();
+                        }
+                    }
+                    let now = connection.work_counts();
+                    self.metrics.rdma_work(true, &pieces.counted_work, &now);
+                    pieces.counted_work = now;
+                    if let Some(err) = first_error {
+                        return Err(err);
+                    }
                 }
-            };
-            wire::write_message(stream, &answer, self.settings.io_timeout).await?;
+                Some(joined) = pieces.reads.join_next(), if !pieces.reads.is_empty() => {
+                    match joined {
+                        Ok(Ok(piece)) => pieces.ready.push_back(piece),
+                        Ok(Err(answer)) => self.answer(connection, pieces, &answer)?,
+                        Err(err) => return Err(RdmaError::verbs("reading a piece to serve", err)),
+                    }
+                }
+                closed = peer_closed(stream) => return closed,
+                _ = tokio::time::sleep(self.idle_timeout), if idle => return Ok(()),
+            }
         }
     }
 
-    #[allow(clippy::too_many_arguments)]
-    async fn write_piece(
+    fn answer(
         &self,
         connection: &Connection,
-        next_wr: &mut u64,
+        pieces: &mut Pieces,
+        answer: &Message,
+    ) -> Result<(), RdmaError> {
+        pieces.next_wr += 1;
+        connection.post_message(WR_ANSWER | pieces.next_wr, &answer.encode(), None)
+    }
+
+    fn on_request(
+        &self,
+        connection: &Connection,
+        pieces: &mut Pieces,
+        frame: &[u8],
+    ) -> Result<(), RdmaError> {
+        let message = Message::decode_frame(frame)?;
+        let Message::Fetch {
+            request,
+            task_id,
+            number,
+            chunk_size,
+            credits,
+        } = message
+        else {
+            return Err(RdmaError::Handshake(format!(
+                "expected a Fetch on the queue pair, got {:#04x}",
+                message.tag()
+            )));
+        };
+        match self.admit(request, &task_id, number, chunk_size, &credits) {
+            Admitted::Answer(answer) => self.answer(connection, pieces, &answer),
+            Admitted::Read {
+                request,
+                task,
+                piece,
+                crc,
+                writes,
+                invalidate,
+            } => {
+                let store = Arc::clone(&self.store);
+                pieces.reads.spawn(async move {
+                    // From disk straight into the registered pool (O_DIRECT where possible),
+                    // in a buffer of the serving budget.
+                    match store.read_piece(&task, piece).await {
+                        Ok(buf) => Ok(ReadPiece {
+                            request,
+                            number: piece.number,
+                            length: piece.length,
+                            crc,
+                            task,
+                            buf,
+                            writes,
+                            invalidate,
+                        }),
+                        Err(err) => {
+                            Err(failed(request, false, format!("reading the piece: {err}")))
+                        }
+                    }
+                });
+                Ok(())
+            }
+        }
+    }
+
+    fn admit(
+        &self,
         request: u16,
         task_id: &str,
         number: u32,
         chunk_size: u32,
         credits: &[SlotCredit],
-    ) -> Result<Message, RdmaError> {
-        let not_held = |message: String| {
-            Ok(Message::Failed {
-                request,
-                not_held: true,
-                message,
-            })
-        };
+    ) -> Admitted {
+        let refuse =
+            |not_held: bool, message: String| Admitted::Answer(failed(request, not_held, message));
         let Some(task) = self.store.get(task_id) else {
-            return not_held(format!("task {task_id} is not held here"));
+            return refuse(true, format!("task {task_id} is not held here"));
         };
         let Ok(piece) = task.geometry().piece(number) else {
-            return not_held(format!("piece {number} is out of range"));
+            return refuse(true, format!("piece {number} is out of range"));
         };
         let Some(crc) = task.held(number) else {
-            return not_held(format!("piece {number} of task {task_id} is not held here"));
+            return refuse(
+                true,
+                format!("piece {number} of task {task_id} is not held here"),
+            );
         };
-        let pool = self.store.pool();
-        if !chunk_size.is_power_of_two()
-            || chunk_size < 4096
-            || chunk_size as usize > pool.info().slot_size
-        {
-            return Ok(Message::Failed {
-                request,
-                not_held: false,
-                message: format!(
-                    "chunk size {chunk_size} must be a power of two from 4096 to {}",
-                    pool.info().slot_size
-                ),
-            });
+        let slot_size = self.store.pool().info().slot_size;
+        if !chunk_size.is_power_of_two() || chunk_size < 4096 || chunk_size as usize > slot_size {
+            return refuse(
+                false,
+                format!("chunk size {chunk_size} must be a power of two from 4096 to {slot_size}"),
+            );
         }
         let writes = match credit::plan_writes(request, piece.length, chunk_size, credits) {
             Ok(writes) if writes.len() <= MAX_WRITES_PER_PIECE as usize => writes,
             Ok(writes) => {
-                return Ok(Message::Failed {
-                    request,
-                    not_held: false,
-                    message: format!(
+                return refuse(
+                    false,
+                    format!(
                         "{} chunks exceed the {MAX_WRITES_PER_PIECE} writes a piece may take (the send queue)",
                         writes.len()
                     ),
-                })
+                )
             }
-            Err(err) => {
-                return Ok(Message::Failed {
-                    request,
-                    not_held: false,
-                    message: err.to_string(),
-                })
-            }
+            Err(err) => return refuse(false, err.to_string()),
         };
-        // From disk straight into the registered pool (O_DIRECT where possible), in a buffer
-        // of the serving budget.
-        let buf = self
-            .store
-            .read_piece(&task, piece)
-            .await
-            .map_err(|e| RdmaError::verbs("reading the piece", e))?;
-        for write in &writes {
-            *next_wr += 1;
-            let local = buf.address_of(write.piece_offset as usize);
-            connection.post_write_with_immediate(
-                WR_WRITE | *next_wr,
-                &self.region,
-                local,
-                write.len,
-                write.rkey,
-                write.remote_addr,
-                write.immediate,
-            )?;
+        Admitted::Read {
+            request,
+            task,
+            piece,
+            crc,
+            writes,
+            invalidate: credits[0].rkey,
         }
-        let mut acknowledged = 0;
-        while acknowledged < writes.len() {
-            let batch = tokio::time::timeout(self.settings.io_timeout, connection.completions())
-                .await
-                .map_err(|_| {
-                    RdmaError::Handshake(format!(
-                        "writes not acknowledged within {:?}",
-                        self.settings.io_timeout
-                    ))
-                })??;
-            for completion in batch {
-                completion.ok()?;
-                acknowledged += 1;
+    }
+
+    /// Posts every read piece the send queue has room for: its chunks as unsignalled WRITEs,
+    /// then one signalled SEND_WITH_INVALIDATE carrying the digest, which the receiver sees
+    /// only after every chunk is placed.
+    fn post_ready(&self, connection: &Connection, pieces: &mut Pieces) -> Result<(), RdmaError> {
+        while let Some(piece) = pieces.ready.front() {
+            let entries = piece.writes.len() as u32 + 1;
+            if connection.send_queue_free() < entries || connection.message_slots_free() == 0 {
+                return Ok(());
+            }
+            let ReadPiece {
+                request,
+                number,
+                length,
+                crc,
+                task,
+                buf,
+                writes,
+                invalidate,
+            } = pieces.ready.pop_front().expect("a front");
+            let addresses: Vec<u64> = writes
+                .iter()
+                .map(|w| buf.address_of(w.piece_offset as usize))
+                .collect();
+            pieces.next_wr += 1;
+            let wr = WR_DONE | pieces.next_wr;
+            // The buffer is accounted on the wire before the first write is posted: should a
+            // post fail half way, tear-down still waits for (or never returns) it.
+            pieces.on_wire.insert(wr, OnWire { buf, task, length });
+            for (write, local) in writes.iter().zip(addresses) {
+                pieces.next_wr += 1;
+                connection.post_write(
+                    WR_WRITE | pieces.next_wr,
+                    &self.region,
+                    local,
+                    write.len,
+                    write.rkey,
+                    write.remote_addr,
+                    false,
+                )?;
+            }
+            let done = Message::Done {
+                request,
+                number,
+                length,
+                digest: format_digest(crc),
+            };
+            connection.post_message(wr, &done.encode(), Some(invalidate))?;
+        }
+        Ok(())
+    }
+
+    /// Ends the queue pair so that no buffer returns to the pool while the NIC may still read
+    /// it: the queue pair goes to the error state and every piece on the wire waits for its
+    /// completing SEND's completion (a flush, now). One that never comes (a broken device)
+    /// leaves its buffer out of the pool for good rather than risk it.
+    async fn tear_down(&self, connection: &Connection, mut pieces: Pieces) {
+        pieces.reads.abort_all();
+        drop(pieces.ready);
+        if pieces.on_wire.is_empty() {
+            return;
+        }
+        let _ = connection.fail();
+        let deadline = tokio::time::Instant::now() + self.settings.io_timeout;
+        while !pieces.on_wire.is_empty() {
+            match tokio::time::timeout_at(deadline, connection.completions()).await {
+                Ok(Ok(batch)) => {
+                    for completion in batch {
+                        pieces.on_wire.remove(&completion.wr_id);
+                    }
+                }
+                Ok(Err(_)) | Err(_) => break,
             }
         }
-        drop(buf);
-        task.count_served();
-        self.metrics.rdma_piece_served(piece.length);
-        Ok(Message::Done {
-            request,
-            number,
-            length: piece.length,
-            digest: format_digest(crc),
-        })
+        if !pieces.on_wire.is_empty() {
+            tracing::error!(
+                pieces = pieces.on_wire.len(),
+                "RDMA writes never flushed; their buffers are kept out of the pool"
+            );
+            for (_, piece) in pieces.on_wire.drain() {
+                std::mem::forget(piece.buf);
+            }
+        }
+    }
+}
+
+/// The pieces of one serving queue pair.
+#[derive(Default)]
+struct Pieces {
+    reads: JoinSet<Result<ReadPiece, Message>>,
+    ready: VecDeque<ReadPiece>,
+    on_wire: HashMap<u64, OnWire>,
+    next_wr: u64,
+    /// The connection's work counts already added to the metrics.
+    counted_work: ferry_rdma::WorkCounts,
+}
+
+impl Pieces {
+    fn is_idle(&self) -> bool {
+        self.reads.is_empty() && self.ready.is_empty() && self.on_wire.is_empty()
+    }
+}
+
+/// Resolves when the peer closes the TCP connection (the end of the queue pair). After set-up
+/// nothing travels on it: a byte from the peer is a protocol error.
+async fn peer_closed(stream: &TcpStream) -> Result<(), RdmaError> {
+    loop {
+        stream.readable().await?;
+        let mut byte = [0u8; 1];
+        match stream.try_read(&mut byte) {
+            Ok(0) => return Ok(()),
+            Ok(_) => {
+                return Err(RdmaError::Handshake(
+                    "the peer sent bytes on the RDMA set-up connection after set-up".into(),
+                ))
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(err) => return Err(err.into()),
+        }
     }
 }

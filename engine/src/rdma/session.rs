@@ -1,15 +1,16 @@
 //! The receiving side: RC queue pairs to sources, each shared by up to `window` fetches.
 
 use super::breaker::{Admission, Breaker, BreakerSettings, Transition};
-use super::{rdma_failure, RdmaSettings, WR_BIND, WR_INVALIDATE, WR_KIND, WR_RECEIVE};
+use super::{rdma_failure, RdmaSettings, WR_BIND, WR_FETCH, WR_INVALIDATE, WR_KIND};
 use crate::geometry::PieceRange;
 use crate::io::PieceBuffer;
 use crate::metrics::{Metrics, RdmaSessionGuard};
 use crate::transport::{FetchedPiece, PieceTransport, TransportError};
-use ferry_rdma::credit::{self, Progress, ReceiveWindow, SlotCredit};
+use ferry_rdma::credit::{ReceiveWindow, SlotCredit};
 use ferry_rdma::wire::{self, Message};
 use ferry_rdma::{
     Connection, ConnectionConfig, MemoryWindow, RdmaContext, RdmaError, RegisteredRegion,
+    WorkCounts,
 };
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -17,38 +18,61 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// A fetch's progress, as the completion pump and the control reader see it.
+/// The source's answer to one request, as it came over the queue pair.
+enum Answer {
+    Done {
+        number: u32,
+        length: u64,
+        digest: String,
+    },
+    Failed {
+        not_held: bool,
+        message: String,
+    },
+}
+
+/// A fetch's progress, as the completion pump sees it.
 #[derive(Default)]
 struct Pending {
-    binds: usize,
-    invalidates: usize,
-    /// Every chunk arrived and the source said Done.
-    complete: bool,
-    digest: Option<String>,
-    /// The source answered Failed: (not held, message).
-    failed: Option<(bool, String)>,
+    answer: Option<Answer>,
+    /// The rkey the answer's SEND_WITH_INVALIDATE invalidated here.
+    remote_invalidated: Option<u32>,
+    /// The local invalidation of the windows the answer left bound completed.
+    invalidated: bool,
+    /// The request's SEND completed: the entries of its binds and itself are free again.
+    sent: bool,
 }
 
 struct SessionState {
     window: ReceiveWindow,
     requests: HashMap<u16, Pending>,
+    /// Unbound windows (every one here was invalidated, or never bound).
     spare_windows: Vec<MemoryWindow>,
     broken: Option<String>,
     next_wr: u64,
+    /// Send-queue entries the requests in flight may use at worst (binds, request,
+    /// invalidations): a fetch starts only when its share fits, so no post finds the queue
+    /// full.
+    send_queue_reserved: u32,
+    /// The connection's work counts already added to the metrics.
+    counted_work: WorkCounts,
     /// Counts the session in the metrics until it breaks.
     counted: Option<RdmaSessionGuard>,
 }
 
-/// One RC queue pair to a source with its control channel, shared by up to `window` fetches
-/// at once. A completion pump and a control reader run beside it and route what arrives to
-/// the fetch it belongs to (by request id); the session lives until it breaks.
+/// One RC queue pair to a source, shared by up to `window` fetches at once. A completion pump
+/// runs beside it and routes what arrives to the fetch it belongs to (by request id); a
+/// watcher ends the session when the source closes the set-up connection. The session lives
+/// until it breaks.
 pub(super) struct Session {
     // The queue pair is dropped before the memory windows it may still have bound.
     connection: Connection,
-    control: tokio::sync::Mutex<tokio::net::tcp::OwnedWriteHalf>,
+    /// Kept open for the queue pair's life: closing it tells the source to end its side.
+    _set_up: tokio::net::tcp::OwnedWriteHalf,
     state: Mutex<SessionState>,
     progress: tokio::sync::Notify,
     helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    metrics: Arc<Metrics>,
 }
 
 /// Work request ids carry the request id, so completions find their fetch.
@@ -58,6 +82,19 @@ fn wr_id(kind: u64, request: u16, seq: u64) -> u64 {
 
 fn wr_request(wr: u64) -> u16 {
     (wr >> 32) as u16
+}
+
+/// Why a fetch did not run on a session.
+enum FetchError {
+    /// Every request of the session's window is in flight: pick again once one returns.
+    WindowFull,
+    Transport(TransportError),
+}
+
+impl From<TransportError> for FetchError {
+    fn from(err: TransportError) -> FetchError {
+        FetchError::Transport(err)
+    }
 }
 
 impl Session {
@@ -86,6 +123,15 @@ impl Session {
         }
     }
 
+    /// Adds the work the connection did since the last call to the metrics.
+    fn count_work(&self) {
+        let now = self.connection.work_counts();
+        let mut state = self.state.lock().expect("session lock");
+        let before = std::mem::replace(&mut state.counted_work, now);
+        drop(state);
+        self.metrics.rdma_work(false, &before, &now);
+    }
+
     /// Routes completions to fetches until the session ends.
     async fn pump(self: Arc<Self>) {
         loop {
@@ -95,38 +141,25 @@ impl Session {
             };
             let mut state = self.state.lock().expect("session lock");
             for completion in batch {
-                if let Some(status) = &completion.error {
+                if completion.is_error() {
                     drop(state);
                     return self.break_with(format!(
-                        "rdma: work request {:#x} completed with {status}",
-                        completion.wr_id
+                        "rdma: work request {:#x} completed with {}",
+                        completion.wr_id, completion.status
                     ));
                 }
-                let kind = completion.wr_id & WR_KIND;
-                if kind == WR_RECEIVE {
-                    let Some(immediate) = completion.immediate else {
-                        continue;
-                    };
-                    let progress = state.window.on_immediate(immediate);
-                    match progress {
-                        Ok(Progress::Complete(request)) => {
-                            if let Some(p) = state.requests.get_mut(&request) {
-                                p.complete = true;
-                            }
-                        }
-                        Ok(Progress::Pending) => {}
-                        Err(err) => {
-                            drop(state);
-                            return self.break_with(format!("rdma: {err}"));
-                        }
+                if let Some(frame) = &completion.message {
+                    if let Err(reason) =
+                        Self::on_answer(&mut state, frame, completion.invalidated_rkey)
+                    {
+                        drop(state);
+                        return self.break_with(reason);
                     }
                 } else if let Some(pending) = state.requests.get_mut(&wr_request(completion.wr_id))
                 {
-                    match kind {
-                        WR_BIND => pending.binds = pending.binds.saturating_sub(1),
-                        WR_INVALIDATE => {
-                            pending.invalidates = pending.invalidates.saturating_sub(1)
-                        }
+                    match completion.wr_id & WR_KIND {
+                        WR_INVALIDATE => pending.invalidated = true,
+                        WR_FETCH => pending.sent = true,
                         _ => {}
                     }
                 }
@@ -136,54 +169,66 @@ impl Session {
         }
     }
 
-    /// Routes the source's Done and Failed answers to fetches until the session ends.
-    async fn read_answers(self: Arc<Self>, mut control: tokio::net::tcp::OwnedReadHalf) {
-        loop {
-            // Idle sessions wait here; a fetch bounds its own waits.
-            let message =
-                match wire::read_message(&mut control, Duration::from_secs(24 * 3600)).await {
-                    Ok(message) => message,
-                    Err(err) => return self.break_with(format!("rdma control channel: {err}")),
-                };
-            let mut state = self.state.lock().expect("session lock");
-            match message {
-                Message::Done {
-                    request, digest, ..
-                } => {
-                    let progress = state.window.on_done(request);
-                    match progress {
-                        Ok(progress) => {
-                            if let Some(p) = state.requests.get_mut(&request) {
-                                p.digest = Some(digest);
-                                p.complete |= progress == Progress::Complete(request);
-                            }
-                        }
-                        Err(err) => {
-                            drop(state);
-                            return self.break_with(format!("rdma: {err}"));
-                        }
-                    }
-                }
-                Message::Failed {
-                    request,
-                    not_held,
-                    message,
-                } => {
-                    if let Some(p) = state.requests.get_mut(&request) {
-                        p.failed = Some((not_held, message));
-                    }
-                }
-                other => {
-                    drop(state);
-                    return self.break_with(format!(
-                        "rdma: unexpected control message {:#04x}",
-                        other.tag()
-                    ));
-                }
+    /// A message from the source: the answer to one request in flight, exactly once.
+    fn on_answer(
+        state: &mut SessionState,
+        frame: &[u8],
+        invalidated: Option<u32>,
+    ) -> Result<(), String> {
+        let (request, answer) = match Message::decode_frame(frame) {
+            Ok(Message::Done {
+                request,
+                number,
+                length,
+                digest,
+            }) => (
+                request,
+                Answer::Done {
+                    number,
+                    length,
+                    digest,
+                },
+            ),
+            Ok(Message::Failed {
+                request,
+                not_held,
+                message,
+            }) => (request, Answer::Failed { not_held, message }),
+            Ok(other) => {
+                return Err(format!(
+                    "rdma: unexpected message {:#04x} from the source",
+                    other.tag()
+                ))
             }
-            drop(state);
-            self.progress.notify_waiters();
+            Err(err) => return Err(format!("rdma: garbled message from the source: {err}")),
+        };
+        state
+            .window
+            .on_done(request)
+            .map_err(|e| format!("rdma: {e}"))?;
+        let pending = state
+            .requests
+            .get_mut(&request)
+            .ok_or_else(|| format!("rdma: an answer for request {request}, not in flight"))?;
+        if pending.answer.is_some() {
+            return Err(format!("rdma: request {request} was answered twice"));
         }
+        pending.answer = Some(answer);
+        pending.remote_invalidated = invalidated;
+        Ok(())
+    }
+
+    /// Ends the session when the source closes the set-up connection, or sends anything on
+    /// it (nothing travels there after set-up).
+    async fn watch_set_up(self: Arc<Self>, mut set_up: tokio::net::tcp::OwnedReadHalf) {
+        use tokio::io::AsyncReadExt;
+        let mut byte = [0u8; 1];
+        let reason = match set_up.read(&mut byte).await {
+            Ok(0) => "rdma: the source closed the connection".to_owned(),
+            Ok(_) => "rdma: the source sent bytes on the set-up connection".to_owned(),
+            Err(err) => format!("rdma: set-up connection: {err}"),
+        };
+        self.break_with(reason);
     }
 
     /// Waits (at most `limit`) until `ready` holds for `request`, or the session breaks.
@@ -203,13 +248,6 @@ impl Session {
                     return Err(TransportError::Failed(reason.clone()));
                 }
                 let pending = state.requests.get(&request).expect("request in flight");
-                if let Some((not_held, message)) = &pending.failed {
-                    return Err(if *not_held {
-                        TransportError::NotHeld(message.clone())
-                    } else {
-                        TransportError::Failed(format!("rdma: source failed: {message}"))
-                    });
-                }
                 if ready(pending) {
                     return Ok(());
                 }
@@ -228,41 +266,49 @@ impl Session {
         task_id: &str,
         piece: PieceRange,
         buf: &mut PieceBuffer,
-    ) -> Result<FetchedPiece, TransportError> {
-        let settings = &transport.settings;
+    ) -> Result<FetchedPiece, FetchError> {
         let slot_size = buf.slot_size() as u64;
         let slot_count = piece.length.div_ceil(slot_size).max(1) as usize;
         let lens: Vec<u32> = (0..slot_count)
             .map(|i| slot_size.min(piece.length - i as u64 * slot_size) as u32)
             .collect();
-        let chunks = credit::chunk_count(piece.length, settings.chunk_size, &lens);
         // Reserve a request id and memory windows.
-        let (request, windows, first_wr) = {
+        let (request, mut windows, first_wr) = {
             let mut state = self.state.lock().expect("session lock");
             if let Some(reason) = &state.broken {
-                return Err(TransportError::Failed(reason.clone()));
+                return Err(TransportError::Failed(reason.clone()).into());
             }
-            let request = state
-                .window
-                .open(chunks)
-                .map_err(|e| TransportError::Failed(format!("rdma: {e}")))?;
+            let entries = 2 * slot_count as u32 + 1;
+            let depth = ferry_rdma::verbs::SEND_QUEUE_DEPTH;
+            if entries > depth {
+                return Err(TransportError::Failed(format!(
+                    "rdma: a piece of {slot_count} slots needs {entries} send-queue entries, more than {depth}"
+                ))
+                .into());
+            }
+            if !state.window.has_room() || state.send_queue_reserved + entries > depth {
+                return Err(FetchError::WindowFull);
+            }
             let mut windows = Vec::with_capacity(slot_count);
             while windows.len() < slot_count {
                 match state.spare_windows.pop() {
                     Some(window) => windows.push(window),
-                    None => windows.push(transport.context.alloc_window().map_err(rdma_failure)?),
+                    None => match transport.context.alloc_window() {
+                        Ok(window) => windows.push(window),
+                        Err(err) => {
+                            // Nothing is reserved yet: the windows go back, no id is taken.
+                            state.spare_windows.extend(windows);
+                            return Err(rdma_failure(err).into());
+                        }
+                    },
                 }
             }
-            state.requests.insert(
-                request,
-                Pending {
-                    binds: slot_count,
-                    invalidates: slot_count,
-                    ..Default::default()
-                },
-            );
+            // Answers carry no chunk immediates: a request completes with its answer alone.
+            let request = state.window.open(0).expect("the window has room");
+            state.requests.insert(request, Pending::default());
+            state.send_queue_reserved += entries;
             let first_wr = state.next_wr;
-            state.next_wr += 2 * slot_count as u64 + chunks;
+            state.next_wr += 2 * slot_count as u64 + 1;
             (request, windows, first_wr)
         };
         // Until the windows are invalidated, abandoning this fetch must stop the queue pair.
@@ -272,27 +318,39 @@ impl Session {
         };
         let result = self
             .fetch_granted(
-                transport, task_id, piece, buf, request, &windows, &lens, chunks, first_wr,
+                transport,
+                task_id,
+                piece,
+                buf,
+                request,
+                &mut windows,
+                &lens,
+                first_wr,
             )
             .await;
-        if result.is_ok() {
+        let settled = !self.is_broken();
+        if settled {
             guard.armed = false;
         }
         drop(guard);
         let mut state = self.state.lock().expect("session lock");
         state.requests.remove(&request);
         state.window.close(request);
-        if result.is_ok() {
+        state.send_queue_reserved -= 2 * windows.len() as u32 + 1;
+        if settled {
             state.spare_windows.extend(windows);
         } else {
             // Bound or not, these windows belong to a broken queue pair now.
             drop(windows);
         }
         drop(state);
+        self.count_work();
         self.progress.notify_waiters();
-        result
+        result.map_err(FetchError::Transport)
     }
 
+    /// Grants the windows and asks for the piece, then takes every window back. Returns with
+    /// every window invalidated, or with the session broken.
     #[allow(clippy::too_many_arguments)]
     async fn fetch_granted(
         &self,
@@ -301,38 +359,39 @@ impl Session {
         piece: PieceRange,
         buf: &mut PieceBuffer,
         request: u16,
-        windows: &[MemoryWindow],
+        windows: &mut [MemoryWindow],
         lens: &[u32],
-        chunks: u64,
         first_wr: u64,
     ) -> Result<FetchedPiece, TransportError> {
         let settings = &transport.settings;
         let slot_size = buf.slot_size() as u64;
         let mut credits = Vec::with_capacity(windows.len());
-        for (index, (window, &len)) in windows.iter().zip(lens).enumerate() {
+        let mut seq = first_wr;
+        for (index, (window, &len)) in windows.iter_mut().zip(lens).enumerate() {
             let addr = buf.address_of((index as u64 * slot_size) as usize);
-            let rkey = self
-                .connection
-                .post_bind(
-                    wr_id(WR_BIND, request, first_wr + index as u64),
+            seq += 1;
+            // SAFETY: `buf` is borrowed mutably by this fetch, so nothing else uses its slots.
+            // The windows are invalidated before this function returns (or the queue pair is
+            // moved to the error state: `AbandonGuard`, `break_with`), before `buf` is free.
+            let bound = unsafe {
+                self.connection.post_bind(
+                    wr_id(WR_BIND, request, seq),
                     window,
                     &transport.region,
                     addr,
                     u64::from(len),
+                    false,
                 )
-                .map_err(rdma_failure)?;
-            credits.push(SlotCredit { addr, rkey, len });
+            };
+            match bound {
+                Ok(rkey) => credits.push(SlotCredit { addr, rkey, len }),
+                Err(err) => {
+                    self.break_with(format!("rdma: {err}"));
+                    return Err(rdma_failure(err));
+                }
+            }
         }
-        self.wait_for(request, settings.io_timeout, "memory windows bound", |p| {
-            p.binds == 0
-        })
-        .await?;
-        self.connection
-            .post_receives(
-                wr_id(WR_RECEIVE, request, first_wr + windows.len() as u64),
-                chunks as u32,
-            )
-            .map_err(rdma_failure)?;
+        // Right behind the binds on the send queue, which carries them out first.
         let fetch = Message::Fetch {
             request,
             task_id: task_id.to_owned(),
@@ -340,41 +399,105 @@ impl Session {
             chunk_size: settings.chunk_size,
             credits: credits.clone(),
         };
-        wire::write_message(&mut *self.control.lock().await, &fetch, settings.io_timeout)
-            .await
-            .map_err(rdma_failure)?;
-        // The source answers Done only once every write was acknowledged; the pump counts the
-        // immediates against the credit window (strays and duplicates break the session).
-        self.wait_for(request, settings.io_timeout, "piece completed", |p| {
-            p.complete
-        })
-        .await?;
-        let digest = self
-            .state
-            .lock()
-            .expect("session lock")
-            .requests
-            .get(&request)
-            .and_then(|p| p.digest.clone())
-            .expect("complete means done");
-        // The credit returns: invalidate every window before the buffer goes anywhere.
-        for (index, credit) in credits.iter().enumerate() {
-            let wr = wr_id(
-                WR_INVALIDATE,
-                request,
-                first_wr + (windows.len() + index) as u64 + chunks,
-            );
+        seq += 1;
+        if let Err(err) =
             self.connection
-                .post_invalidate(wr, credit.rkey)
-                .map_err(rdma_failure)?;
+                .post_message(wr_id(WR_FETCH, request, seq), &fetch.encode(), None)
+        {
+            self.break_with(format!("rdma: {err}"));
+            return Err(rdma_failure(err));
         }
-        self.wait_for(
-            request,
-            settings.io_timeout,
-            "memory windows invalidated",
-            |p| p.invalidates == 0,
-        )
-        .await?;
+        // The timeout runs from the request's posting: nothing queues it behind other pieces.
+        let answered = self
+            .wait_for(request, settings.io_timeout, "piece answered", |p| {
+                p.answer.is_some()
+            })
+            .await;
+        if let Err(err) = answered {
+            // A silent source may still write: stop the queue pair before the buffer is free.
+            self.break_with(err.to_string());
+            return Err(err);
+        }
+        let (answer, remote_invalidated) = {
+            let mut state = self.state.lock().expect("session lock");
+            let pending = state.requests.get_mut(&request).expect("in flight");
+            (
+                pending.answer.take().expect("answered"),
+                pending.remote_invalidated,
+            )
+        };
+        // The credit returns. The device already invalidated the window the answer named; the
+        // others are invalidated here, the last request signalled. A source that invalidated
+        // a window it was not answering for (another fetch's) is not trusted further: taking
+        // that window back again is an error (and crashes soft-RoCE in Linux 6.1).
+        if let Some(rkey) = remote_invalidated {
+            if !credits.iter().any(|c| c.rkey == rkey) {
+                let reason = format!(
+                    "rdma: the source's answer to request {request} invalidated rkey {rkey:#x}, which that request did not grant"
+                );
+                self.break_with(reason.clone());
+                return Err(TransportError::Failed(reason));
+            }
+        }
+        let left: Vec<u32> = credits
+            .iter()
+            .map(|c| c.rkey)
+            .filter(|&rkey| Some(rkey) != remote_invalidated)
+            .collect();
+        for (index, &rkey) in left.iter().enumerate() {
+            seq += 1;
+            let last = index + 1 == left.len();
+            if let Err(err) =
+                self.connection
+                    .post_invalidate(wr_id(WR_INVALIDATE, request, seq), rkey, last)
+            {
+                self.break_with(format!("rdma: {err}"));
+                return Err(rdma_failure(err));
+            }
+        }
+        // The request's own completion is due before the answer's in practice; waiting for it
+        // too (and the invalidation's) frees every entry the request reserved.
+        let left_none = left.is_empty();
+        let settled = self
+            .wait_for(
+                request,
+                settings.io_timeout,
+                "memory windows invalidated",
+                |p| p.sent && (left_none || p.invalidated),
+            )
+            .await;
+        {
+            let invalidated = settled;
+            if let Err(err) = invalidated {
+                self.break_with(err.to_string());
+                return Err(err);
+            }
+        }
+        transport
+            .metrics
+            .rdma_windows_invalidated((credits.len() - left.len()) as u64, left.len() as u64);
+        let digest = match answer {
+            Answer::Failed { not_held, message } => {
+                return Err(if not_held {
+                    TransportError::NotHeld(message)
+                } else {
+                    TransportError::Failed(format!("rdma: source failed: {message}"))
+                })
+            }
+            Answer::Done {
+                number,
+                length,
+                digest,
+            } => {
+                if number != piece.number || length != piece.length {
+                    return Err(TransportError::Failed(format!(
+                        "rdma: source answered piece {number} of {length} bytes for piece {} of {}",
+                        piece.number, piece.length
+                    )));
+                }
+                digest
+            }
+        };
         // The digest pass over the bytes the NIC wrote (4 ms for 64 MiB) must not stall the
         // other tasks of this runtime worker (other sessions' completion pumps among them):
         // on a multi-thread runtime the worker hands them to the others while it hashes.
@@ -602,10 +725,7 @@ impl RdmaTransport {
             })?
             .map_err(|e| TransportError::Unreachable(format!("connecting to {source}: {e}")))?;
         let _ = control.set_nodelay(true);
-        let config = ConnectionConfig {
-            receive_depth: ferry_rdma::verbs::RECEIVER_RECEIVE_DEPTH,
-            ..ConnectionConfig::default()
-        };
+        let config = ConnectionConfig::default();
         let connection = Connection::new(&self.context, config).map_err(rdma_failure)?;
         let hello = Message::Connect {
             endpoint: connection.local_endpoint(),
@@ -622,21 +742,24 @@ impl RdmaTransport {
                 let (read, write) = control.into_split();
                 let session = Arc::new(Session {
                     connection,
-                    control: tokio::sync::Mutex::new(write),
+                    _set_up: write,
                     state: Mutex::new(SessionState {
                         window: ReceiveWindow::new(self.settings.window),
                         requests: HashMap::new(),
                         spare_windows: Vec::new(),
                         broken: None,
                         next_wr: 0,
+                        send_queue_reserved: 0,
+                        counted_work: WorkCounts::default(),
                         counted: Some(self.metrics.rdma_session(false)),
                     }),
                     progress: tokio::sync::Notify::new(),
                     helpers: Mutex::new(Vec::new()),
+                    metrics: Arc::clone(&self.metrics),
                 });
                 // The helpers hold the session until it breaks (`break_with` aborts them).
                 let pump = tokio::spawn(Arc::clone(&session).pump());
-                let reader = tokio::spawn(Arc::clone(&session).read_answers(read));
+                let reader = tokio::spawn(Arc::clone(&session).watch_set_up(read));
                 session
                     .helpers
                     .lock()
@@ -730,10 +853,11 @@ impl RdmaTransport {
             match session.fetch(self, task_id, piece, buf).await {
                 // Every session is full (more streams than window x queue pairs): wait for a
                 // credit to return, then pick again.
-                Err(TransportError::Failed(message)) if message.contains("window full") => {
+                Err(FetchError::WindowFull) => {
                     let _ = tokio::time::timeout(Duration::from_millis(100), progressed).await;
                 }
-                result => return result,
+                Err(FetchError::Transport(err)) => return Err(err),
+                Ok(fetched) => return Ok(fetched),
             }
         }
     }
