@@ -127,6 +127,64 @@ async fn pieces_move_over_rdma_between_two_daemons() {
         metric(&served, "ferry_buffer_pool_bytes")
     );
     assert!(metric(&served, "ferry_rdma_registered_bytes") > Some(0.0));
+    // The work per piece, counted (it does not depend on speed). 64 pieces of 4 MiB, each one
+    // pool slot (one window) and four 1 MiB writes.
+    let work = |text: &str, side: &str, kind: &str| {
+        metric(
+            text,
+            &format!(r#"ferry_rdma_work_total{{side="{side}",work="{kind}"}}"#),
+        )
+        .unwrap_or_else(|| panic!("no {side} {kind} in {text}"))
+    };
+    eprintln!(
+        "per piece: receiver {} send requests, {} signalled, {} completions, {} wake-ups; source {} send requests, {} signalled, {} completions, {} wake-ups",
+        work(&fetched, "fetching", "send_requests") / 64.0,
+        work(&fetched, "fetching", "signalled") / 64.0,
+        work(&fetched, "fetching", "completions") / 64.0,
+        work(&fetched, "fetching", "wakeups") / 64.0,
+        work(&served, "serving", "send_requests") / 64.0,
+        work(&served, "serving", "signalled") / 64.0,
+        work(&served, "serving", "completions") / 64.0,
+        work(&served, "serving", "wakeups") / 64.0,
+    );
+    // One request and one answer per piece, both over the queue pair (the TCP connection
+    // carries nothing after set-up: a byte there would end the session).
+    assert_eq!(work(&fetched, "fetching", "messages_sent"), 64.0);
+    assert_eq!(work(&fetched, "fetching", "messages_received"), 64.0);
+    assert_eq!(work(&served, "serving", "messages_received"), 64.0);
+    assert_eq!(work(&served, "serving", "messages_sent"), 64.0);
+    // Receiver: an unsignalled bind and the signalled request; the source's answer
+    // invalidated the window, so no invalidation of its own.
+    assert_eq!(work(&fetched, "fetching", "send_requests"), 128.0);
+    assert_eq!(work(&fetched, "fetching", "signalled"), 64.0);
+    assert_eq!(
+        metric(
+            &fetched,
+            r#"ferry_rdma_windows_invalidated_total{by="peer"}"#
+        ),
+        Some(64.0)
+    );
+    assert_eq!(
+        metric(
+            &fetched,
+            r#"ferry_rdma_windows_invalidated_total{by="local"}"#
+        ),
+        Some(0.0)
+    );
+    // Source: four unsignalled writes and one signalled SEND_WITH_INVALIDATE per piece;
+    // its completions are that one per piece and the request's arrival.
+    assert_eq!(work(&served, "serving", "send_requests"), 64.0 * 5.0);
+    assert_eq!(work(&served, "serving", "signalled"), 64.0);
+    assert_eq!(work(&served, "serving", "completions"), 128.0);
+    assert_eq!(work(&fetched, "fetching", "completions"), 128.0);
+    // Every served piece was read once by the I/O engine into the registered pool, the copy
+    // count being what the filesystem allowed (O_DIRECT: none).
+    let reads = metric(&served, "ferry_serve_reads_total").unwrap();
+    let direct = metric(&served, "ferry_serve_direct_reads_total").unwrap();
+    let copies = metric(&served, "ferry_serve_payload_copies_total").unwrap();
+    eprintln!("serving reads {reads}, O_DIRECT {direct}, payload copies {copies}");
+    assert_eq!(reads, 64.0);
+    assert_eq!(copies, reads - direct);
 }
 
 #[tokio::test(flavor = "multi_thread")]
