@@ -585,11 +585,12 @@ impl Config {
         if !(1..=16).contains(&self.io.threads) {
             return invalid("io.threads", self.io.threads, "1 to 16");
         }
-        if !(1..=64).contains(&self.transfer.streams_per_source) {
+        // As many as one queue pair's window can carry at once.
+        if !(1..=128).contains(&self.transfer.streams_per_source) {
             return invalid(
                 "transfer.streams_per_source",
                 self.transfer.streams_per_source,
-                "1 to 64",
+                "1 to 128",
             );
         }
         if self.store.max_task_bytes == 0 {

@@ -159,6 +159,7 @@ pub struct Metrics {
     transfers: Family<ResultLabel, Counter>,
     rdma_sessions: Family<SideLabel, Gauge>,
     rdma_work: Family<RdmaWorkLabel, Counter>,
+    rdma_peak_in_flight: Family<SideLabel, Gauge>,
     rdma_windows_invalidated: Family<InvalidatedLabel, Counter>,
     rdma_registered_bytes: Gauge,
     buffer_pool_bytes: Gauge,
@@ -221,6 +222,7 @@ impl Metrics {
             transfers: Family::default(),
             rdma_sessions: Family::default(),
             rdma_work: Family::default(),
+            rdma_peak_in_flight: Family::default(),
             rdma_windows_invalidated: Family::default(),
             rdma_registered_bytes: Gauge::default(),
             buffer_pool_bytes: Gauge::default(),
@@ -375,6 +377,11 @@ impl Metrics {
             metrics.rdma_work.clone(),
         );
         registry.register(
+            "rdma_peak_pieces_in_flight",
+            "Most pieces in flight on one RDMA queue pair at once since start, by side (fetching: requests awaiting their answer; serving: pieces being read, waiting for the send queue, or on the wire)",
+            metrics.rdma_peak_in_flight.clone(),
+        );
+        registry.register(
             "rdma_windows_invalidated",
             "Memory windows taken back after a fetch, by who invalidated them (peer: the source's SEND_WITH_INVALIDATE; local: a LOCAL_INV this side posted)",
             metrics.rdma_windows_invalidated.clone(),
@@ -490,6 +497,9 @@ impl Metrics {
         }
         for side in ["serving", "fetching"] {
             let _ = metrics.rdma_sessions.get_or_create(&SideLabel { side });
+            let _ = metrics
+                .rdma_peak_in_flight
+                .get_or_create(&SideLabel { side });
             for work in RDMA_WORK_KINDS {
                 let _ = metrics
                     .rdma_work
@@ -683,6 +693,15 @@ impl Metrics {
                 .get_or_create(&RdmaWorkLabel { side, work })
                 .inc_by(delta);
         }
+    }
+
+    /// Raises the peak of pieces in flight on one queue pair to `in_flight` if it is higher.
+    pub fn rdma_in_flight(&self, serving: bool, in_flight: usize) {
+        let side = if serving { "serving" } else { "fetching" };
+        let gauge = self.rdma_peak_in_flight.get_or_create(&SideLabel { side });
+        gauge
+            .inner()
+            .fetch_max(in_flight as i64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Memory windows a fetch took back: `by_peer` invalidated by the source's message,

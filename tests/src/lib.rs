@@ -74,6 +74,8 @@ static STARTS: AtomicUsize = AtomicUsize::new(0);
 /// How to start a daemon.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonOptions {
+    /// The buffer pool, MiB [default: 128].
+    pub pool_mib: Option<u64>,
     /// Reuse this data dir (a restart); otherwise a fresh one under the daemon's dir.
     pub data_dir: Option<PathBuf>,
     /// Data-plane listen address [default: 127.0.0.1:0].
@@ -170,7 +172,7 @@ impl Daemon {
                 "--listen",
                 options.listen.as_deref().unwrap_or("127.0.0.1:0"),
                 "--pool-mib",
-                "128",
+                &options.pool_mib.unwrap_or(128).to_string(),
             ])
             .args(import_args)
             .args(&options.extra_args)

@@ -4,6 +4,7 @@
 
 use ferry_engine::proto;
 use ferry_tests::*;
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -774,4 +775,184 @@ async fn a_pull_the_dragonfly_scheduler_places_moves_pieces_between_ferry_hosts_
         assert!(Instant::now() < deadline, "the child's peer never finished");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A source that answers "not held" (over the queue pair) leaves the queue pair up: the
+/// receiver's next pieces from it go over the same RDMA session, with no fallback, no breaker
+/// trip, and the unanswered window taken back by the receiver itself.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_not_held_answer_keeps_the_queue_pair_and_the_next_pieces_use_it() {
+    let root = scratch("rdma-not-held");
+    let source = root.path().join("model.bin");
+    random_file(&source, 64 * MIB, 31);
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let seed = rdma_daemon(root.path(), "seed", 0, &[]).await;
+    let partial = rdma_daemon(root.path(), "partial", 1, &metrics).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 0, &metrics).await;
+    let task = seed.import(&source).await;
+    // The partial peer holds pieces 0 to 7 of 16.
+    let mut half = pull_request(&task.task_id, &[&seed.data_address], Path::new(""));
+    half.output_path = String::new();
+    half.pieces = (0..8).collect();
+    let got = transfer(&mut partial.client().await, half, |_| {})
+        .await
+        .unwrap();
+    assert_eq!(got.summary.unwrap().pieces_fetched, 8);
+
+    let mut missing = pull_request(&task.task_id, &[&partial.data_address], Path::new(""));
+    missing.output_path = String::new();
+    missing.pieces = vec![12];
+    let refused = transfer(&mut receiver.client().await, missing, |_| {}).await;
+    eprintln!("pull of a piece the source lacks: {refused:?}");
+    assert!(
+        refused.is_err()
+            || refused
+                .as_ref()
+                .unwrap()
+                .summary
+                .as_ref()
+                .unwrap()
+                .pieces_fetched
+                == 0
+    );
+    let scraped = receiver.scrape().await;
+    assert_eq!(
+        metric(&scraped, r#"ferry_rdma_sessions{side="fetching"}"#),
+        Some(1.0),
+        "the queue pair is still up after the answer\n{scraped}"
+    );
+    assert_eq!(
+        metric(
+            &scraped,
+            r#"ferry_rdma_windows_invalidated_total{by="local"}"#
+        ),
+        Some(4.0),
+        "each attempt's window (transfer.max_attempts = 4) was taken back by the receiver"
+    );
+    let answers_before = metric(
+        &partial.scrape().await,
+        r#"ferry_rdma_work_total{side="serving",work="messages_sent"}"#,
+    );
+    assert!(
+        answers_before >= Some(1.0),
+        "the refusal came over the queue pair"
+    );
+
+    let mut held = pull_request(&task.task_id, &[&partial.data_address], Path::new(""));
+    held.output_path = String::new();
+    held.pieces = (0..8).collect();
+    let result = transfer(&mut receiver.client().await, held, |_| {})
+        .await
+        .unwrap();
+    let summary = result.summary.unwrap();
+    assert_eq!(summary.pieces_fetched, 8);
+    assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
+    assert_eq!(summary.rdma_fallbacks, 0);
+    let scraped = receiver.scrape().await;
+    assert_eq!(
+        metric(&scraped, "ferry_rdma_breaker_trips_total"),
+        Some(0.0)
+    );
+    assert!(metric(&scraped, r#"ferry_rdma_sessions{side="fetching"}"#) >= Some(1.0));
+    assert_eq!(
+        receiver.stat(&task.task_id).await.pieces_held,
+        8,
+        "the pieces are held, byte-checked by their digests"
+    );
+}
+
+/// 100 pieces in flight on one queue pair: a window of 100, one queue pair, 100 streams. The
+/// source reads the next pieces while earlier ones are on the wire; both sides' peaks are
+/// counted.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_hundred_pieces_are_in_flight_on_one_queue_pair() {
+    let root = scratch("rdma-hundred");
+    let source = root.path().join("model.bin");
+    random_file(&source, 400 * MIB, 32);
+    // 640 MiB pools: the receive and serve budgets may each hold 5/8 of it, 100 pieces.
+    let receiver_config = root.path().join("receiver.toml");
+    std::fs::write(
+        &receiver_config,
+        "[rdma]\nwindow = 100\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 100\n",
+    )
+    .unwrap();
+    let daemon = |name: &'static str, which: u8, config: Option<std::path::PathBuf>| {
+        let mut extra_args = vec![
+            "--rdma-device".to_owned(),
+            env(&format!("FERRY_RXE_DEV{which}")),
+            "--metrics".to_owned(),
+            "127.0.0.1:0".to_owned(),
+        ];
+        if let Some(config) = config {
+            extra_args.extend(["--config".to_owned(), config.display().to_string()]);
+        }
+        Daemon::start(
+            root.path(),
+            name,
+            DaemonOptions {
+                listen: Some(format!("{}:0", env(&format!("FERRY_RXE_ADDR{which}")))),
+                pool_mib: Some(640),
+                extra_args,
+                ..Default::default()
+            },
+        )
+    };
+    let seed = daemon("seed", 0, None).await;
+    let receiver = daemon("receiver", 1, Some(receiver_config.clone())).await;
+    let task = seed.import(&source).await;
+    let output = root.path().join("copy.bin");
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let summary = result.summary.unwrap();
+    assert_eq!(summary.pieces_fetched, 100);
+    let not_rdma = result
+        .pieces
+        .iter()
+        .filter(|p| p.transport != "rdma")
+        .count();
+    assert_eq!(
+        not_rdma,
+        0,
+        "{}",
+        receiver
+            .log_text()
+            .lines()
+            .filter(|l| l.contains("RDMA") || l.contains("rdma"))
+            .take(20)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    assert!(same_contents(&source, &output));
+    let fetched = receiver.scrape().await;
+    let served = seed.scrape().await;
+    let peak_fetching = metric(
+        &fetched,
+        r#"ferry_rdma_peak_pieces_in_flight{side="fetching"}"#,
+    )
+    .unwrap();
+    let peak_serving = metric(
+        &served,
+        r#"ferry_rdma_peak_pieces_in_flight{side="serving"}"#,
+    )
+    .unwrap();
+    eprintln!(
+        "peak pieces in flight on the queue pair: fetching {peak_fetching}, serving {peak_serving}"
+    );
+    assert_eq!(
+        metric(&fetched, r#"ferry_rdma_sessions{side="fetching"}"#),
+        Some(1.0),
+        "one queue pair"
+    );
+    assert!(peak_fetching >= 90.0, "{peak_fetching}");
+    assert!(
+        peak_serving >= 2.0,
+        "the source overlaps pieces: {peak_serving}"
+    );
 }

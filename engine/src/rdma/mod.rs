@@ -97,6 +97,7 @@ impl RdmaHost {
             region: Arc::clone(&region),
             settings: settings.clone(),
             sessions: Mutex::new(HashMap::new()),
+            connecting: Mutex::new(HashMap::new()),
             tcp_only: Mutex::new(HashSet::new()),
             breakers: session::Breakers::new(breaker::BreakerSettings::default(), metrics),
             metrics: Arc::clone(metrics),

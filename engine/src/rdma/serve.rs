@@ -233,6 +233,7 @@ impl RdmaService {
                 invalidate,
             } => {
                 let store = Arc::clone(&self.store);
+                self.metrics.rdma_in_flight(true, pieces.in_flight() + 1);
                 pieces.reads.spawn(async move {
                     // From disk straight into the registered pool (O_DIRECT where possible),
                     // in a buffer of the serving budget.
@@ -406,6 +407,10 @@ struct Pieces {
 }
 
 impl Pieces {
+    fn in_flight(&self) -> usize {
+        self.reads.len() + self.ready.len() + self.on_wire.len()
+    }
+
     fn is_idle(&self) -> bool {
         self.reads.is_empty() && self.ready.is_empty() && self.on_wire.is_empty()
     }

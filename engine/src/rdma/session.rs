@@ -50,6 +50,9 @@ struct SessionState {
     spare_windows: Vec<MemoryWindow>,
     broken: Option<String>,
     next_wr: u64,
+    /// When the last answer arrived (or the session was made): what request timeouts count
+    /// from.
+    last_answer: Instant,
     /// Send-queue entries the requests in flight may use at worst (binds, request,
     /// invalidations): a fetch starts only when its share fits, so no post finds the queue
     /// full.
@@ -215,6 +218,7 @@ impl Session {
         }
         pending.answer = Some(answer);
         pending.remote_invalidated = invalidated;
+        state.last_answer = Instant::now();
         Ok(())
     }
 
@@ -231,7 +235,9 @@ impl Session {
         self.break_with(reason);
     }
 
-    /// Waits (at most `limit`) until `ready` holds for `request`, or the session breaks.
+    /// Waits until `ready` holds for `request`, or the session breaks, or `limit` passes with
+    /// no progress: since the wait began and since the session's last answer, so a request
+    /// queued behind many others on a busy queue pair is not timed out while they are served.
     async fn wait_for(
         &self,
         request: u16,
@@ -239,10 +245,10 @@ impl Session {
         what: &str,
         ready: impl Fn(&Pending) -> bool,
     ) -> Result<(), TransportError> {
-        let deadline = tokio::time::Instant::now() + limit;
+        let began = Instant::now();
         loop {
             let notified = self.progress.notified();
-            {
+            let deadline = {
                 let state = self.state.lock().expect("session lock");
                 if let Some(reason) = &state.broken {
                     return Err(TransportError::Failed(reason.clone()));
@@ -251,10 +257,17 @@ impl Session {
                 if ready(pending) {
                     return Ok(());
                 }
-            }
-            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                began.max(state.last_answer) + limit
+            };
+            let now = Instant::now();
+            if now >= deadline
+                || tokio::time::timeout(deadline - now, notified)
+                    .await
+                    .is_err()
+                    && Instant::now() >= deadline
+            {
                 return Err(TransportError::Failed(format!(
-                    "rdma: {what} within {limit:?}"
+                    "rdma: {what} within {limit:?} (and no other answer on the queue pair meanwhile)"
                 )));
             }
         }
@@ -307,6 +320,7 @@ impl Session {
             let request = state.window.open(0).expect("the window has room");
             state.requests.insert(request, Pending::default());
             state.send_queue_reserved += entries;
+            self.metrics.rdma_in_flight(false, state.requests.len());
             let first_wr = state.next_wr;
             state.next_wr += 2 * slot_count as u64 + 1;
             (request, windows, first_wr)
@@ -536,6 +550,8 @@ pub struct RdmaTransport {
     pub(super) region: Arc<RegisteredRegion>,
     pub(super) settings: RdmaSettings,
     pub(super) sessions: Mutex<HashMap<SocketAddr, Vec<Arc<Session>>>>,
+    /// Per source, held while a session to it is being made.
+    pub(super) connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
     /// Sources that refused the upgrade (no RDMA there): TCP only from now on.
     pub(super) tcp_only: Mutex<HashSet<SocketAddr>>,
     /// Per source, whether its RDMA path is trusted now (see [`super::breaker`]).
@@ -688,21 +704,23 @@ impl RdmaTransport {
     }
 
     /// A session with room for one more fetch: the least busy one, or a new one while the
-    /// peer has fewer than `queue_pairs` sessions.
+    /// peer has fewer than `queue_pairs` sessions. Sessions to one source are made one at a
+    /// time, so many fetches starting at once share `queue_pairs` queue pairs instead of each
+    /// making its own.
     async fn session(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
-        {
-            let mut sessions = self.sessions.lock().expect("sessions lock");
-            let list = sessions.entry(source).or_default();
-            list.retain(|s| !s.is_broken());
-            let best = list.iter().min_by_key(|s| s.in_flight()).cloned();
-            match best {
-                Some(session)
-                    if list.len() >= self.settings.queue_pairs || session.in_flight() == 0 =>
-                {
-                    return Ok(session)
-                }
-                _ => {}
-            }
+        if let Some(session) = self.usable_session(source) {
+            return Ok(session);
+        }
+        let connecting = Arc::clone(
+            self.connecting
+                .lock()
+                .expect("connecting lock")
+                .entry(source)
+                .or_default(),
+        );
+        let _one_at_a_time = connecting.lock().await;
+        if let Some(session) = self.usable_session(source) {
+            return Ok(session);
         }
         let session = self.connect(source).await?;
         self.sessions
@@ -712,6 +730,15 @@ impl RdmaTransport {
             .or_default()
             .push(Arc::clone(&session));
         Ok(session)
+    }
+
+    /// The least busy session to `source` when it is idle or no other may be made.
+    fn usable_session(&self, source: SocketAddr) -> Option<Arc<Session>> {
+        let mut sessions = self.sessions.lock().expect("sessions lock");
+        let list = sessions.entry(source).or_default();
+        list.retain(|s| !s.is_broken());
+        let best = list.iter().min_by_key(|s| s.in_flight()).cloned()?;
+        (list.len() >= self.settings.queue_pairs || best.in_flight() == 0).then_some(best)
     }
 
     async fn connect(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
@@ -749,6 +776,7 @@ impl RdmaTransport {
                         spare_windows: Vec::new(),
                         broken: None,
                         next_wr: 0,
+                        last_answer: Instant::now(),
                         send_queue_reserved: 0,
                         counted_work: WorkCounts::default(),
                         counted: Some(self.metrics.rdma_session(false)),
