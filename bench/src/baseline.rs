@@ -212,8 +212,15 @@ pub struct IbPair<'a> {
 }
 
 /// perftest's ib_write_bw between the two devices, `size`-byte messages over `qps` queue
-/// pairs, about `total` bytes; returns `baseline.ib_write_bw` (average bandwidth).
-pub fn ib_write_bw(pair: &IbPair, size: u64, qps: u32, total: u64) -> anyhow::Result<Option<Row>> {
+/// pairs with `tx_depth` messages in flight on each (perftest's `-t`; its default is 128),
+/// about `total` bytes; returns `baseline.ib_write_bw` (average bandwidth).
+pub fn ib_write_bw(
+    pair: &IbPair,
+    size: u64,
+    qps: u32,
+    tx_depth: u32,
+    total: u64,
+) -> anyhow::Result<Option<Row>> {
     if !installed("ib_write_bw") {
         println!("ib_write_bw (perftest) is not installed");
         return Ok(None);
@@ -226,6 +233,8 @@ pub fn ib_write_bw(pair: &IbPair, size: u64, qps: u32, total: u64) -> anyhow::Re
         &size.to_string(),
         "-q",
         &qps.to_string(),
+        "-t",
+        &tx_depth.max(1).to_string(),
         "-x",
         &gid,
         "-F",

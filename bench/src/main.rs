@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 
 mod baseline;
+mod figures;
 mod model;
 mod origin;
 mod plot;
@@ -559,10 +560,12 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
     let iperf = baseline::iperf3(args.streams, args.seconds)?;
     let fio_synced = baseline::fio(dir, size, piece, args.streams as usize, true)?;
     let ib = match (&plan, &rdma) {
+        // The same messages in flight: a window of pieces of chunks on each queue pair.
         (Some(plan), Some(_)) => baseline::ib_write_bw(
             &plan.ib_pair(),
             u64::from(plan.chunk_kib) * 1024,
-            (args.window * args.queue_pairs) as u32,
+            args.queue_pairs as u32,
+            (args.window as u64 * piece).div_ceil(u64::from(plan.chunk_kib) * 1024) as u32,
             size,
         )?,
         _ => None,
@@ -718,6 +721,11 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
             in_flight as u32,
         )
         .await?;
+    rig.metrics.observe_io(Arc::clone(rig.seed.io_counters()));
+    let counted = figures::per_piece(
+        &rig.metrics.render(),
+        u64::from(geometry.piece_count()) * u64::from(args.rounds),
+    );
     let store = rig
         .transfer_into_store(
             Some(transport),
@@ -733,10 +741,13 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
         registrations.extend(rig::time_registration(&plan.client_device, *mib)?);
     }
     print_registrations(&registrations);
+    // The same messages in flight: a window of pieces of chunks on each queue pair.
     let ib = baseline::ib_write_bw(
         &plan.ib_pair(),
         u64::from(plan.chunk_kib) * 1024,
-        in_flight as u32,
+        args.queue_pairs as u32,
+        (args.window as u64 * args.piece_mib * MIB).div_ceil(u64::from(plan.chunk_kib) * 1024)
+            as u32,
         args.size_mib * MIB,
     )?;
     report.rows.push(
@@ -760,7 +771,8 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
         .against(ib.as_ref(), None),
     );
     report.rows.extend(ib);
-    report.extra = json!({ "registrations": registrations });
+    figures::print(&counted);
+    report.extra = json!({ "registrations": registrations, "work_per_piece": counted });
     Ok(report)
 }
 
@@ -894,6 +906,8 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
                 &plan.ib_pair(),
                 u64::from(plan.chunk_kib) * 1024,
                 total,
+                // perftest's default depth, as this sweep has always run it.
+                128,
                 (args.size_mib * MIB).min(256 * MIB),
             )?,
         };

@@ -91,6 +91,8 @@ pub struct Rig {
     client_rdma: Option<Arc<RdmaHost>>,
     _seed_rdma: Option<Arc<RdmaHost>>,
     pub registrations: Vec<Registration>,
+    /// What the RDMA sides count (work per queue pair, windows, reads): the design figures.
+    pub metrics: Arc<ferry_engine::metrics::Metrics>,
 }
 
 fn pool(pool_mib: u64) -> anyhow::Result<Arc<BufferPool>> {
@@ -154,15 +156,21 @@ impl Rig {
         };
         let seed = open("seed", seed_pool)?;
         let receiver = open("receiver", receiver_pool)?;
+        let metrics = Arc::new(ferry_engine::metrics::Metrics::new());
         let bind = match rdma {
             Some(plan) => format!("{}:0", plan.server_addr),
             None => "127.0.0.1:0".into(),
         };
         let rdma_service = match (&seed_rdma, rdma) {
             (Some(host), Some(plan)) => Some(
-                host.exchange(&seed, plan.settings(1, 1), Duration::from_secs(60))
-                    .context("RDMA not ready on the seed")?
-                    .1,
+                host.exchange_observed(
+                    &seed,
+                    plan.settings(1, 1),
+                    Duration::from_secs(60),
+                    &metrics,
+                )
+                .context("RDMA not ready on the seed")?
+                .1,
             ),
             _ => None,
         };
@@ -182,6 +190,7 @@ impl Rig {
             client_rdma,
             _seed_rdma: seed_rdma,
             registrations,
+            metrics,
         })
     }
 
@@ -231,10 +240,11 @@ impl Rig {
         queue_pairs: usize,
     ) -> Option<Arc<RdmaTransport>> {
         let host = self.client_rdma.as_ref()?;
-        host.exchange(
+        host.exchange_observed(
             &self.receiver,
             plan.settings(window, queue_pairs),
             Duration::from_secs(60),
+            &self.metrics,
         )
         .map(|(transport, _)| transport)
     }
