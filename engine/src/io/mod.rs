@@ -15,8 +15,8 @@ mod uring;
 
 pub use faults::{IoCounters, IoFault, IoFaults};
 pub use pool::{
-    Budget, BufferPool, LingeringBuffer, PieceBuffer, PoolError, PoolInfo, Shares, DIRECT_IO_ALIGN,
-    POISON,
+    Budget, BufferPool, DeviceLease, LingeringBuffer, PieceBuffer, PoolError, PoolInfo, Shares,
+    DIRECT_IO_ALIGN, POISON,
 };
 pub use reflink::{reflink, unsupported as reflink_unsupported};
 

@@ -126,6 +126,9 @@ pub struct BufferPool {
     device_holds: Box<[AtomicU32]>,
     /// Buffers dropped while a device could still touch them, and so kept out of the pool.
     returned_while_device_owned: AtomicU64,
+    /// Buffers dropped while a device lease held them: their slots (still counted as used)
+    /// wait here until every lease on them is released, then go back.
+    quarantined: Mutex<Vec<Quarantined>>,
     /// Fill returned slots with [`POISON`] (tests).
     poison_on_release: AtomicBool,
     /// Receive slots kept after their piece was written (see [`PieceBuffer::linger`]), by
@@ -223,6 +226,7 @@ impl BufferPool {
             acquire_timeout_ms: AtomicU64::new(0),
             device_holds: (0..slot_count).map(|_| AtomicU32::new(0)).collect(),
             returned_while_device_owned: AtomicU64::new(0),
+            quarantined: Mutex::new(Vec::new()),
             poison_on_release: AtomicBool::new(false),
             lingering_slots: AtomicUsize::new(0),
         }))
@@ -502,6 +506,16 @@ impl PieceBuffer {
         }
     }
 
+    /// Lends every slot to a device through a lease that outlives the buffer (see
+    /// [`DeviceLease`]).
+    pub fn lease_to_device(&self) -> DeviceLease {
+        self.lend_to_device();
+        DeviceLease {
+            pool: Arc::clone(&self.pool),
+            slots: self.slots.clone(),
+        }
+    }
+
     /// The completion of an operation marked with [`PieceBuffer::lend_to_device`] was seen.
     pub(crate) fn device_done(&self) {
         for &slot in &self.slots {
@@ -631,33 +645,118 @@ impl std::fmt::Debug for PieceBuffer {
 
 impl Drop for PieceBuffer {
     fn drop(&mut self) {
-        if self.device_owned() {
-            // A bug upstream: a device may still read or write these slots. Handing them to
-            // the next piece could send its bytes to the wrong place or let late bytes land
-            // in it, so they stay out of the pool for good.
+        let slots = std::mem::take(&mut self.slots);
+        if slots
+            .iter()
+            .any(|&slot| self.pool.device_holds[slot as usize].load(Ordering::Acquire) > 0)
+        {
+            // A device may still read or write these slots. Handing them to the next piece
+            // could send its bytes to the wrong place or let late bytes land in it, so they
+            // wait until every lease on them is released (a flush completion proved the
+            // device done); held by a raw `lend_to_device`, that is never.
             self.pool
                 .returned_while_device_owned
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::error!(
-                slots = ?self.slots,
-                "a buffer was dropped while a device may still use it; its slots are kept out of the pool"
+            tracing::warn!(
+                ?slots,
+                "a buffer was dropped while a device may still use it; its slots stay out of the pool until the device is done"
             );
+            self.pool
+                .quarantined
+                .lock()
+                .expect("quarantine lock")
+                .push(Quarantined {
+                    slots,
+                    budget: self.budget,
+                    from_reserve: self.from_reserve,
+                });
+            self.pool.reclaim_quarantined();
             return;
         }
-        if self.pool.poison_on_release.load(Ordering::Relaxed) {
-            let capacity = self.capacity();
-            for chunk in self.chunks_upto_mut(capacity) {
-                chunk.fill(POISON);
+        self.pool.give_back(slots, self.budget, self.from_reserve);
+    }
+}
+
+/// Slots of a buffer dropped while a device held them.
+struct Quarantined {
+    slots: Vec<u32>,
+    budget: Budget,
+    from_reserve: usize,
+}
+
+impl BufferPool {
+    /// Returns `slots` (taken for `budget`, `from_reserve` of them from its reserve) to the
+    /// free list.
+    fn give_back(&self, mut slots: Vec<u32>, budget: Budget, from_reserve: usize) {
+        if self.poison_on_release.load(Ordering::Relaxed) {
+            for &slot in &slots {
+                // SAFETY: the slot is ours (no buffer owns it any more, no device holds it)
+                // and lies inside the mapping.
+                unsafe { std::ptr::write_bytes(self.slot_ptr(slot), POISON, self.info.slot_size) };
             }
         }
-        let count = self.slots.len();
+        let count = slots.len();
         {
-            let mut accounts = self.pool.accounts.lock().expect("pool lock");
-            accounts.reserve_used[self.budget.index()] -= self.from_reserve;
-            accounts.common_used -= count - self.from_reserve;
-            accounts.free.append(&mut self.slots);
+            let mut accounts = self.accounts.lock().expect("pool lock");
+            accounts.reserve_used[budget.index()] -= from_reserve;
+            accounts.common_used -= count - from_reserve;
+            accounts.free.append(&mut slots);
         }
-        self.pool.returned.notify_waiters();
+        self.returned.notify_waiters();
+    }
+
+    /// Gives back every quarantined buffer no device holds any more.
+    fn reclaim_quarantined(&self) {
+        let free: Vec<Quarantined> = {
+            let mut quarantined = self.quarantined.lock().expect("quarantine lock");
+            let (free, held): (Vec<_>, Vec<_>) = quarantined.drain(..).partition(|q| {
+                q.slots
+                    .iter()
+                    .all(|&slot| self.device_holds[slot as usize].load(Ordering::Acquire) == 0)
+            });
+            *quarantined = held;
+            free
+        };
+        for q in free {
+            self.give_back(q.slots, q.budget, q.from_reserve);
+        }
+    }
+
+    /// Slots waiting for a device to be done before they go back.
+    pub fn quarantined_slots(&self) -> usize {
+        self.quarantined
+            .lock()
+            .expect("quarantine lock")
+            .iter()
+            .map(|q| q.slots.len())
+            .sum()
+    }
+}
+
+/// A device's claim on a buffer's slots, apart from the buffer: while it lives, the slots
+/// never go back to the pool, even if the buffer is dropped (they wait in quarantine). Drop it
+/// only once a completion proves the device is done with them (an invalidation, a flush);
+/// [`DeviceLease::keep_forever`] when that proof never came.
+pub struct DeviceLease {
+    pool: Arc<BufferPool>,
+    slots: Vec<u32>,
+}
+
+impl DeviceLease {
+    /// No proof the device is done will come: the slots stay out of the pool for good.
+    pub fn keep_forever(self) {
+        tracing::error!(slots = ?self.slots, "device never confirmed it was done with these slots; they stay out of the pool");
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for DeviceLease {
+    fn drop(&mut self) {
+        for &slot in &self.slots {
+            let before = self.pool.device_holds[slot as usize].fetch_sub(1, Ordering::AcqRel);
+            debug_assert!(before > 0, "a device lease released twice");
+        }
+        self.pool.reclaim_quarantined();
     }
 }
 
@@ -837,5 +936,33 @@ mod tests {
         drop(buf);
         assert_eq!(pool.free_slots(), 1);
         assert_eq!(pool.returned_while_device_owned(), 1);
+    }
+
+    /// A lease outlives its buffer: the slots come back once the lease is released, not when
+    /// the buffer is dropped, and never while a lease remains.
+    #[tokio::test]
+    async fn leased_slots_come_back_only_when_the_lease_is_released() {
+        let pool = BufferPool::new(8192, 2).unwrap();
+        pool.set_poison_on_release(true);
+        let buf = pool.acquire(8192).await.unwrap();
+        let lease = buf.lease_to_device();
+        drop(buf);
+        assert_eq!(pool.free_slots(), 1, "quarantined, not free");
+        assert_eq!(pool.quarantined_slots(), 1);
+        drop(lease);
+        assert_eq!(pool.free_slots(), 2);
+        assert_eq!(pool.quarantined_slots(), 0);
+        // Released before the buffer drops: the buffer goes back at once.
+        let buf = pool.acquire(16384).await.unwrap();
+        drop(buf.lease_to_device());
+        assert!(!buf.device_owned());
+        drop(buf);
+        assert_eq!(pool.free_slots(), 2);
+        // Kept forever: never back.
+        let buf = pool.acquire(8192).await.unwrap();
+        buf.lease_to_device().keep_forever();
+        drop(buf);
+        assert_eq!(pool.free_slots(), 1);
+        assert_eq!(pool.quarantined_slots(), 1);
     }
 }

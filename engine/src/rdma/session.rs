@@ -3,7 +3,7 @@
 use super::breaker::{Admission, Breaker, BreakerSettings, Transition};
 use super::{rdma_failure, RdmaSettings, WR_BIND, WR_FETCH, WR_INVALIDATE, WR_KIND};
 use crate::geometry::PieceRange;
-use crate::io::PieceBuffer;
+use crate::io::{DeviceLease, PieceBuffer};
 use crate::metrics::{Metrics, RdmaSessionGuard};
 use crate::transport::{FetchedPiece, PieceTransport, TransportError};
 use ferry_rdma::credit::{ReceiveWindow, SlotCredit};
@@ -41,6 +41,13 @@ struct Pending {
     invalidated: bool,
     /// The request's SEND completed: the entries of its binds and itself are free again.
     sent: bool,
+    /// The piece buffer's slots, lent to the device while its windows may be bound. Released
+    /// by the fetch once they are invalidated; after a break, once a flush completion proved
+    /// the queue pair in the error state; else when the session (queue pair first) is
+    /// dropped. A buffer dropped before that waits in the pool's quarantine.
+    lease: Option<DeviceLease>,
+    /// A window bind was posted for this request.
+    posted: bool,
 }
 
 struct SessionState {
@@ -49,6 +56,9 @@ struct SessionState {
     /// Unbound windows (every one here was invalidated, or never bound).
     spare_windows: Vec<MemoryWindow>,
     broken: Option<String>,
+    /// After a break: a flush completion arrived, so the device no longer carries out
+    /// anything for this queue pair.
+    flushed: bool,
     next_wr: u64,
     /// When the last answer arrived (or the session was made): what request timeouts count
     /// from.
@@ -77,6 +87,9 @@ pub(super) struct Session {
     helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
 }
+
+/// The longest a broken session's pump waits for the flushes that release its buffers.
+const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
 /// Work request ids carry the request id, so completions find their fetch.
 fn wr_id(kind: u64, request: u16, seq: u64) -> u64 {
@@ -110,7 +123,8 @@ impl Session {
     }
 
     /// Stops the queue pair at once (no write lands after this returns), fails every fetch,
-    /// and ends the helper tasks, whose references are what keep the session alive.
+    /// and ends the set-up watcher; the pump goes on a while to see the flushes that release
+    /// the requests' buffers, then ends too. Their references are what keep the session alive.
     fn break_with(&self, reason: String) {
         let mut state = self.state.lock().expect("session lock");
         if state.broken.is_none() {
@@ -126,6 +140,65 @@ impl Session {
         }
     }
 
+    /// After a break: waits (at most `limit`) for a flush completion, the proof that the
+    /// queue pair is in the error state, and releases every request's lease with it (a
+    /// fetch still running finds its buffer its own again; an abandoned one's quarantined
+    /// buffer goes back to the pool).
+    async fn flush(&self, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if self.state.lock().expect("session lock").flushed {
+                return;
+            }
+            match tokio::time::timeout_at(deadline, self.connection.completions()).await {
+                Ok(Ok(batch)) => self.note_flushed(&batch),
+                Ok(Err(_)) | Err(_) => return,
+            }
+        }
+    }
+
+    /// After a break: a flush completion in `batch` proves the queue pair in the error state,
+    /// and releases every request's lease.
+    fn note_flushed(&self, batch: &[ferry_rdma::Completion]) {
+        if !batch
+            .iter()
+            .any(|c| c.status == ferry_rdma::WcStatus::Flushed)
+        {
+            return;
+        }
+        let mut state = self.state.lock().expect("session lock");
+        if state.broken.is_none() {
+            return;
+        }
+        state.flushed = true;
+        for pending in state.requests.values_mut() {
+            drop(pending.lease.take());
+        }
+        drop(state);
+        self.progress.notify_waiters();
+    }
+
+    /// A fetch on a broken session: waits (at most `limit`) until the flush released its lease.
+    async fn wait_flushed(&self, request: u16, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let notified = self.progress.notified();
+            {
+                let state = self.state.lock().expect("session lock");
+                let leased = state
+                    .requests
+                    .get(&request)
+                    .is_some_and(|p| p.lease.is_some() && p.posted);
+                if state.flushed || !leased {
+                    return;
+                }
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Adds the work the connection did since the last call to the metrics.
     fn count_work(&self) {
         let now = self.connection.work_counts();
@@ -138,36 +211,56 @@ impl Session {
     /// Routes completions to fetches until the session ends.
     async fn pump(self: Arc<Self>) {
         loop {
+            if self.is_broken() {
+                // Broken elsewhere (a fetch's timeout, an abandoned fetch, a closed set-up
+                // connection): the queue pair is in the error state and flushes.
+                return self.flush(FLUSH_LIMIT).await;
+            }
             let batch = match self.connection.completions().await {
                 Ok(batch) => batch,
                 Err(err) => return self.break_with(format!("rdma: {err}")),
             };
-            let mut state = self.state.lock().expect("session lock");
-            for completion in batch {
-                if completion.is_error() {
-                    drop(state);
-                    return self.break_with(format!(
+            let failure = {
+                let mut state = self.state.lock().expect("session lock");
+                let mut failure = None;
+                // The cause rather than its flushes: one CQ serves both queues, and the
+                // receive queue's flushes may come before the failed request's completion.
+                let first_error = batch
+                    .iter()
+                    .filter(|c| c.is_error())
+                    .min_by_key(|c| c.status == ferry_rdma::WcStatus::Flushed);
+                if let Some(completion) = first_error {
+                    failure = Some(format!(
                         "rdma: work request {:#x} completed with {}",
                         completion.wr_id, completion.status
                     ));
                 }
-                if let Some(frame) = &completion.message {
-                    if let Err(reason) =
-                        Self::on_answer(&mut state, frame, completion.invalidated_rkey)
+                for completion in batch.iter().take_while(|_| failure.is_none()) {
+                    if let Some(frame) = &completion.message {
+                        if let Err(reason) =
+                            Self::on_answer(&mut state, frame, completion.invalidated_rkey)
+                        {
+                            failure = Some(reason);
+                            break;
+                        }
+                    } else if let Some(pending) =
+                        state.requests.get_mut(&wr_request(completion.wr_id))
                     {
-                        drop(state);
-                        return self.break_with(reason);
-                    }
-                } else if let Some(pending) = state.requests.get_mut(&wr_request(completion.wr_id))
-                {
-                    match completion.wr_id & WR_KIND {
-                        WR_INVALIDATE => pending.invalidated = true,
-                        WR_FETCH => pending.sent = true,
-                        _ => {}
+                        match completion.wr_id & WR_KIND {
+                            WR_INVALIDATE => pending.invalidated = true,
+                            WR_FETCH => pending.sent = true,
+                            _ => {}
+                        }
                     }
                 }
+                failure
+            };
+            if let Some(reason) = failure {
+                self.break_with(reason);
+                // This batch may hold the flushes already.
+                self.note_flushed(&batch);
+                return self.flush(FLUSH_LIMIT).await;
             }
-            drop(state);
             self.progress.notify_waiters();
         }
     }
@@ -318,7 +411,14 @@ impl Session {
             }
             // Answers carry no chunk immediates: a request completes with its answer alone.
             let request = state.window.open(0).expect("the window has room");
-            state.requests.insert(request, Pending::default());
+            state.requests.insert(
+                request,
+                Pending {
+                    // Before any bind: from here a dropped buffer waits for the device.
+                    lease: Some(buf.lease_to_device()),
+                    ..Pending::default()
+                },
+            );
             state.send_queue_reserved += entries;
             self.metrics.rdma_in_flight(false, state.requests.len());
             let first_wr = state.next_wr;
@@ -345,10 +445,23 @@ impl Session {
         let settled = !self.is_broken();
         if settled {
             guard.armed = false;
+        } else {
+            // The queue pair is in the error state; the buffer is the caller's again (a TCP
+            // retry may fill it) only once its last request's flush proved the device done.
+            self.wait_flushed(request, transport.settings.io_timeout)
+                .await;
         }
         drop(guard);
         let mut state = self.state.lock().expect("session lock");
-        state.requests.remove(&request);
+        if let Some(pending) = state.requests.remove(&request) {
+            match pending.lease {
+                // Every window is invalidated, or none was ever bound.
+                Some(lease) if settled || !pending.posted => drop(lease),
+                // Broken, and no flush came to prove the device done.
+                Some(lease) => lease.keep_forever(),
+                None => {}
+            }
+        }
         state.window.close(request);
         state.send_queue_reserved -= 2 * windows.len() as u32 + 1;
         if settled {
@@ -381,6 +494,15 @@ impl Session {
         let slot_size = buf.slot_size() as u64;
         let mut credits = Vec::with_capacity(windows.len());
         let mut seq = first_wr;
+        if let Some(pending) = self
+            .state
+            .lock()
+            .expect("session lock")
+            .requests
+            .get_mut(&request)
+        {
+            pending.posted = true;
+        }
         for (index, (window, &len)) in windows.iter_mut().zip(lens).enumerate() {
             let addr = buf.address_of((index as u64 * slot_size) as usize);
             seq += 1;
@@ -775,6 +897,7 @@ impl RdmaTransport {
                         requests: HashMap::new(),
                         spare_windows: Vec::new(),
                         broken: None,
+                        flushed: false,
                         next_wr: 0,
                         last_answer: Instant::now(),
                         send_queue_reserved: 0,
@@ -785,14 +908,11 @@ impl RdmaTransport {
                     helpers: Mutex::new(Vec::new()),
                     metrics: Arc::clone(&self.metrics),
                 });
-                // The helpers hold the session until it breaks (`break_with` aborts them).
-                let pump = tokio::spawn(Arc::clone(&session).pump());
-                let reader = tokio::spawn(Arc::clone(&session).watch_set_up(read));
-                session
-                    .helpers
-                    .lock()
-                    .expect("helpers lock")
-                    .extend([pump, reader]);
+                // The pump and the watcher hold the session until it breaks: `break_with`
+                // aborts the watcher, and the pump ends once it has seen the flushes.
+                tokio::spawn(Arc::clone(&session).pump());
+                let watcher = tokio::spawn(Arc::clone(&session).watch_set_up(read));
+                session.helpers.lock().expect("helpers lock").push(watcher);
                 Ok(session)
             }
             Ok(Message::Refused { message }) => {
