@@ -17,6 +17,17 @@ fn env(name: &str) -> String {
 
 /// A daemon on one of the VM's RDMA addresses (`which` 0 or 1), with extra flags.
 async fn rdma_daemon(root: &std::path::Path, name: &str, which: u8, extra: &[&str]) -> Daemon {
+    rdma_daemon_with_pool(root, name, which, extra, None).await
+}
+
+/// [`rdma_daemon`] with a buffer pool of `pool_mib` (the harness's default when None).
+async fn rdma_daemon_with_pool(
+    root: &std::path::Path,
+    name: &str,
+    which: u8,
+    extra: &[&str],
+    pool_mib: Option<u64>,
+) -> Daemon {
     let mut extra_args = vec![
         "--rdma-device".to_owned(),
         env(&format!("FERRY_RXE_DEV{which}")),
@@ -28,6 +39,7 @@ async fn rdma_daemon(root: &std::path::Path, name: &str, which: u8, extra: &[&st
         name,
         DaemonOptions {
             listen: Some(listen),
+            pool_mib,
             extra_args,
             ..Default::default()
         },
@@ -878,29 +890,15 @@ async fn a_hundred_pieces_are_in_flight_on_one_queue_pair() {
         "[rdma]\nwindow = 100\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 100\n",
     )
     .unwrap();
-    let daemon = |name: &'static str, which: u8, config: Option<std::path::PathBuf>| {
-        let mut extra_args = vec![
-            "--rdma-device".to_owned(),
-            env(&format!("FERRY_RXE_DEV{which}")),
-            "--metrics".to_owned(),
-            "127.0.0.1:0".to_owned(),
-        ];
-        if let Some(config) = config {
-            extra_args.extend(["--config".to_owned(), config.display().to_string()]);
-        }
-        Daemon::start(
-            root.path(),
-            name,
-            DaemonOptions {
-                listen: Some(format!("{}:0", env(&format!("FERRY_RXE_ADDR{which}")))),
-                pool_mib: Some(640),
-                extra_args,
-                ..Default::default()
-            },
-        )
-    };
-    let seed = daemon("seed", 0, None).await;
-    let receiver = daemon("receiver", 1, Some(receiver_config.clone())).await;
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let receiver_args = [
+        &metrics[..],
+        &["--config", receiver_config.to_str().unwrap()],
+    ]
+    .concat();
+    let seed = rdma_daemon_with_pool(root.path(), "seed", 0, &metrics, Some(640)).await;
+    let receiver =
+        rdma_daemon_with_pool(root.path(), "receiver", 1, &receiver_args, Some(640)).await;
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
     let result = transfer(
