@@ -512,7 +512,7 @@ fn a_bad_value_is_refused_naming_the_key_and_what_is_allowed() {
         (
             "",
             &["--streams-per-source", "0"],
-            &["transfer.streams_per_source", "1 to 64"],
+            &["transfer.streams_per_source", "1 to 128"],
         ),
         (
             "control = \"relative.sock\"\n",
