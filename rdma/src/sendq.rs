@@ -61,6 +61,14 @@ impl SendQueue {
     /// while a signalled one can still follow it in the queue: otherwise nothing would ever
     /// free their entries.
     pub fn post(&mut self, wr_id: u64, signalled: bool) -> Result<(), SendQueueError> {
+        self.check(signalled)?;
+        self.record(wr_id, signalled);
+        Ok(())
+    }
+
+    /// Whether one more request (signalled or not) may be posted now; changes nothing, so a
+    /// poster can check, post, and only then [`SendQueue::record`].
+    pub fn check(&self, signalled: bool) -> Result<(), SendQueueError> {
         if !self.has_room(1) {
             return Err(SendQueueError::Full {
                 wanted: 1,
@@ -68,21 +76,25 @@ impl SendQueue {
                 depth: self.depth,
             });
         }
+        if !signalled && self.in_use + 1 >= self.depth {
+            return Err(SendQueueError::UnsignalledRun(
+                self.trailing_unsignalled + 1,
+                self.depth,
+            ));
+        }
+        Ok(())
+    }
+
+    /// Accounts a request that [`SendQueue::check`] allowed and that was posted.
+    pub fn record(&mut self, wr_id: u64, signalled: bool) {
         if signalled {
             self.signalled
                 .push_back((wr_id, self.trailing_unsignalled + 1));
             self.trailing_unsignalled = 0;
         } else {
-            if self.in_use + 1 >= self.depth {
-                return Err(SendQueueError::UnsignalledRun(
-                    self.trailing_unsignalled + 1,
-                    self.depth,
-                ));
-            }
             self.trailing_unsignalled += 1;
         }
         self.in_use += 1;
-        Ok(())
     }
 
     /// A send-side completion arrived. For a signalled request, it and every older request

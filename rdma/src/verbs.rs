@@ -214,8 +214,6 @@ impl RegisteredRegion {
 /// chunk writes and the completing message of every piece it has on the wire; on the
 /// receiver, the window binds, requests and invalidations of the pieces in flight.
 pub const SEND_QUEUE_DEPTH: u32 = 512;
-/// Receive queue entries of a receiver's queue pair in the older immediate-per-chunk exchange.
-pub const RECEIVER_RECEIVE_DEPTH: u32 = 1024;
 /// Bytes of one control message slot (a request or an answer carried by SEND): the largest
 /// message Ferry sends, a request granting 64 slots, takes about 1.1 KiB.
 pub const CONTROL_MESSAGE_BYTES: usize = 2048;
@@ -969,9 +967,8 @@ impl Connection {
         }
         let qp = self.qp.lock().expect("qp lock");
         let mut queue = self.send_queue.lock().expect("send queue lock");
-        let mut probe = queue.clone();
-        probe
-            .post(wr.wr_id, signalled)
+        queue
+            .check(signalled)
             .map_err(|e| RdmaError::verbs(step, e))?;
         let mut bad = std::ptr::null_mut();
         // SAFETY: the QP is alive and locked; `wr` is a complete single request whose memory
@@ -984,7 +981,7 @@ impl Connection {
                 std::io::Error::from_raw_os_error(rc),
             ));
         }
-        *queue = probe;
+        queue.record(wr.wr_id, signalled);
         drop(queue);
         drop(qp);
         let mut counts = self.counts.lock().expect("counts lock");

@@ -38,17 +38,21 @@ pub struct RdmaService {
     pub(super) metrics: Arc<Metrics>,
 }
 
-/// A piece read into the serving budget, waiting for room on the send queue.
-struct ReadPiece {
+/// A request the source will serve: its piece, the writes that carry it, what the answer says.
+struct Granted {
     request: u16,
-    number: u32,
-    length: u64,
-    crc: u32,
     task: Arc<StoredTask>,
-    buf: PieceBuffer,
+    piece: crate::geometry::PieceRange,
+    crc: u32,
     writes: Vec<ChunkWrite>,
     /// The window the completing SEND invalidates at the receiver.
     invalidate: u32,
+}
+
+/// A granted piece read into the serving budget, waiting for room on the send queue.
+struct ReadPiece {
+    granted: Granted,
+    buf: PieceBuffer,
 }
 
 /// A piece whose writes and completing SEND are posted. Its buffer stays here until that
@@ -62,14 +66,7 @@ struct OnWire {
 /// What a request comes to before its piece is read: a refusal to answer at once, or a read.
 enum Admitted {
     Answer(Message),
-    Read {
-        request: u16,
-        task: Arc<StoredTask>,
-        piece: crate::geometry::PieceRange,
-        crc: u32,
-        writes: Vec<ChunkWrite>,
-        invalidate: u32,
-    },
+    Read(Granted),
 }
 
 fn failed(request: u16, not_held: bool, message: impl Into<String>) -> Message {
@@ -224,33 +221,19 @@ impl RdmaService {
         };
         match self.admit(request, &task_id, number, chunk_size, &credits) {
             Admitted::Answer(answer) => self.answer(connection, pieces, &answer),
-            Admitted::Read {
-                request,
-                task,
-                piece,
-                crc,
-                writes,
-                invalidate,
-            } => {
+            Admitted::Read(granted) => {
                 let store = Arc::clone(&self.store);
                 self.metrics.rdma_in_flight(true, pieces.in_flight() + 1);
                 pieces.reads.spawn(async move {
                     // From disk straight into the registered pool (O_DIRECT where possible),
                     // in a buffer of the serving budget.
-                    match store.read_piece(&task, piece).await {
-                        Ok(buf) => Ok(ReadPiece {
-                            request,
-                            number: piece.number,
-                            length: piece.length,
-                            crc,
-                            task,
-                            buf,
-                            writes,
-                            invalidate,
-                        }),
-                        Err(err) => {
-                            Err(failed(request, false, format!("reading the piece: {err}")))
-                        }
+                    match store.read_piece(&granted.task, granted.piece).await {
+                        Ok(buf) => Ok(ReadPiece { granted, buf }),
+                        Err(err) => Err(failed(
+                            granted.request,
+                            false,
+                            format!("reading the piece: {err}"),
+                        )),
                     }
                 });
                 Ok(())
@@ -300,14 +283,14 @@ impl RdmaService {
             }
             Err(err) => return refuse(false, err.to_string()),
         };
-        Admitted::Read {
+        Admitted::Read(Granted {
             request,
             task,
             piece,
             crc,
             writes,
             invalidate: credits[0].rkey,
-        }
+        })
     }
 
     /// Posts every read piece the send queue has room for: its chunks as unsignalled WRITEs,
@@ -315,19 +298,21 @@ impl RdmaService {
     /// only after every chunk is placed.
     fn post_ready(&self, connection: &Connection, pieces: &mut Pieces) -> Result<(), RdmaError> {
         while let Some(piece) = pieces.ready.front() {
-            let entries = piece.writes.len() as u32 + 1;
+            let entries = piece.granted.writes.len() as u32 + 1;
             if connection.send_queue_free() < entries || connection.message_slots_free() == 0 {
                 return Ok(());
             }
             let ReadPiece {
-                request,
-                number,
-                length,
-                crc,
-                task,
+                granted:
+                    Granted {
+                        request,
+                        task,
+                        piece,
+                        crc,
+                        writes,
+                        invalidate,
+                    },
                 buf,
-                writes,
-                invalidate,
             } = pieces.ready.pop_front().expect("a front");
             let addresses: Vec<u64> = writes
                 .iter()
@@ -337,7 +322,14 @@ impl RdmaService {
             let wr = WR_DONE | pieces.next_wr;
             // The buffer is accounted on the wire before the first write is posted: should a
             // post fail half way, tear-down still waits for (or never returns) it.
-            pieces.on_wire.insert(wr, OnWire { buf, task, length });
+            pieces.on_wire.insert(
+                wr,
+                OnWire {
+                    buf,
+                    task,
+                    length: piece.length,
+                },
+            );
             for (write, local) in writes.iter().zip(addresses) {
                 pieces.next_wr += 1;
                 connection.post_write(
@@ -352,8 +344,8 @@ impl RdmaService {
             }
             let done = Message::Done {
                 request,
-                number,
-                length,
+                number: piece.number,
+                length: piece.length,
                 digest: format_digest(crc),
             };
             connection.post_message(wr, &done.encode(), Some(invalidate))?;

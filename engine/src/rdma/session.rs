@@ -199,6 +199,15 @@ impl Session {
         }
     }
 
+    /// A verbs call that failed leaves the queue pair in an unknown state: break the session
+    /// and fail the fetch with the call's error.
+    fn or_break<T>(&self, result: Result<T, RdmaError>) -> Result<T, TransportError> {
+        result.map_err(|err| {
+            self.break_with(format!("rdma: {err}"));
+            rdma_failure(err)
+        })
+    }
+
     /// Adds the work the connection did since the last call to the metrics.
     fn count_work(&self) {
         let now = self.connection.work_counts();
@@ -378,13 +387,14 @@ impl Session {
         let lens: Vec<u32> = (0..slot_count)
             .map(|i| slot_size.min(piece.length - i as u64 * slot_size) as u32)
             .collect();
+        // The worst case on the send queue: a bind and an invalidation per slot, the request.
+        let entries = 2 * slot_count as u32 + 1;
         // Reserve a request id and memory windows.
         let (request, mut windows, first_wr) = {
             let mut state = self.state.lock().expect("session lock");
             if let Some(reason) = &state.broken {
                 return Err(TransportError::Failed(reason.clone()).into());
             }
-            let entries = 2 * slot_count as u32 + 1;
             let depth = ferry_rdma::verbs::SEND_QUEUE_DEPTH;
             if entries > depth {
                 return Err(TransportError::Failed(format!(
@@ -463,7 +473,7 @@ impl Session {
             }
         }
         state.window.close(request);
-        state.send_queue_reserved -= 2 * windows.len() as u32 + 1;
+        state.send_queue_reserved -= entries;
         if settled {
             state.spare_windows.extend(windows);
         } else {
@@ -506,10 +516,12 @@ impl Session {
         for (index, (window, &len)) in windows.iter_mut().zip(lens).enumerate() {
             let addr = buf.address_of((index as u64 * slot_size) as usize);
             seq += 1;
-            // SAFETY: `buf` is borrowed mutably by this fetch, so nothing else uses its slots.
-            // The windows are invalidated before this function returns (or the queue pair is
-            // moved to the error state: `AbandonGuard`, `break_with`), before `buf` is free.
-            let bound = unsafe {
+            // SAFETY: `buf` is borrowed mutably by this fetch, so nothing else uses its slots,
+            // and they are leased to the device (`Pending::lease`) until the windows are known
+            // invalidated or the queue pair flushed: a buffer dropped before that stays out of
+            // the pool. The windows are invalidated before this function returns, or the queue
+            // pair is moved to the error state (`AbandonGuard`, `break_with`).
+            let rkey = self.or_break(unsafe {
                 self.connection.post_bind(
                     wr_id(WR_BIND, request, seq),
                     window,
@@ -518,14 +530,8 @@ impl Session {
                     u64::from(len),
                     false,
                 )
-            };
-            match bound {
-                Ok(rkey) => credits.push(SlotCredit { addr, rkey, len }),
-                Err(err) => {
-                    self.break_with(format!("rdma: {err}"));
-                    return Err(rdma_failure(err));
-                }
-            }
+            })?;
+            credits.push(SlotCredit { addr, rkey, len });
         }
         // Right behind the binds on the send queue, which carries them out first.
         let fetch = Message::Fetch {
@@ -536,14 +542,13 @@ impl Session {
             credits: credits.clone(),
         };
         seq += 1;
-        if let Err(err) =
-            self.connection
-                .post_message(wr_id(WR_FETCH, request, seq), &fetch.encode(), None)
-        {
-            self.break_with(format!("rdma: {err}"));
-            return Err(rdma_failure(err));
-        }
-        // The timeout runs from the request's posting: nothing queues it behind other pieces.
+        self.or_break(self.connection.post_message(
+            wr_id(WR_FETCH, request, seq),
+            &fetch.encode(),
+            None,
+        ))?;
+        // The timeout runs from the request's posting or the queue pair's last answer, so
+        // waiting behind other pieces on a busy queue pair does not count.
         let answered = self
             .wait_for(request, settings.io_timeout, "piece answered", |p| {
                 p.answer.is_some()
@@ -583,18 +588,16 @@ impl Session {
         for (index, &rkey) in left.iter().enumerate() {
             seq += 1;
             let last = index + 1 == left.len();
-            if let Err(err) =
-                self.connection
-                    .post_invalidate(wr_id(WR_INVALIDATE, request, seq), rkey, last)
-            {
-                self.break_with(format!("rdma: {err}"));
-                return Err(rdma_failure(err));
-            }
+            self.or_break(self.connection.post_invalidate(
+                wr_id(WR_INVALIDATE, request, seq),
+                rkey,
+                last,
+            ))?;
         }
         // The request's own completion is due before the answer's in practice; waiting for it
         // too (and the invalidation's) frees every entry the request reserved.
         let left_none = left.is_empty();
-        let settled = self
+        let taken_back = self
             .wait_for(
                 request,
                 settings.io_timeout,
@@ -602,12 +605,9 @@ impl Session {
                 |p| p.sent && (left_none || p.invalidated),
             )
             .await;
-        {
-            let invalidated = settled;
-            if let Err(err) = invalidated {
-                self.break_with(err.to_string());
-                return Err(err);
-            }
+        if let Err(err) = taken_back {
+            self.break_with(err.to_string());
+            return Err(err);
         }
         transport
             .metrics
