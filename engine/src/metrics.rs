@@ -153,6 +153,7 @@ pub struct Metrics {
     rdma_fallbacks: Counter,
     rdma_breaker_trips: Counter,
     rdma_breaker_probes: Counter,
+    rdma_abandoned_settled: Counter,
     piece_fetch_seconds: Family<TransportLabel, Histogram, LatencyBuckets>,
     piece_write_seconds: Family<TransportLabel, Histogram, LatencyBuckets>,
     transfers_active: Gauge,
@@ -216,6 +217,7 @@ impl Metrics {
             rdma_fallbacks: Counter::default(),
             rdma_breaker_trips: Counter::default(),
             rdma_breaker_probes: Counter::default(),
+            rdma_abandoned_settled: Counter::default(),
             piece_fetch_seconds: Family::new_with_constructor(LatencyBuckets),
             piece_write_seconds: Family::new_with_constructor(LatencyBuckets),
             transfers_active: Gauge::default(),
@@ -382,6 +384,11 @@ impl Metrics {
             metrics.rdma_peak_in_flight.clone(),
         );
         registry.register(
+            "rdma_abandoned_fetches_settled",
+            "Fetches dropped while their request was on an RDMA queue pair (a cancelled transfer, a piece timeout) whose memory windows the session took back once the source answered, keeping the queue pair up for the other fetches",
+            metrics.rdma_abandoned_settled.clone(),
+        );
+        registry.register(
             "rdma_windows_invalidated",
             "Memory windows taken back after a fetch, by who invalidated them (peer: the source's SEND_WITH_INVALIDATE; local: a LOCAL_INV this side posted)",
             metrics.rdma_windows_invalidated.clone(),
@@ -431,7 +438,7 @@ impl Metrics {
         );
         registry.register(
             "buffer_pool_device_owned_drops",
-            "Buffers dropped while a device could still use them, kept out of the pool (always 0 unless there is a bug)",
+            "Buffers dropped while a device could still use them (a cancelled RDMA fetch whose memory windows were still granted, an abandoned I/O), kept out of the pool until a completion proved the device done",
             metrics.buffer_pool_device_owned_drops.clone(),
         );
         registry.register(
@@ -695,6 +702,11 @@ impl Metrics {
         }
     }
 
+    /// An abandoned fetch's windows were taken back without breaking its queue pair.
+    pub fn rdma_abandoned_settled(&self) {
+        self.rdma_abandoned_settled.inc();
+    }
+
     /// Raises the peak of pieces in flight on one queue pair to `in_flight` if it is higher.
     pub fn rdma_in_flight(&self, serving: bool, in_flight: usize) {
         let side = if serving { "serving" } else { "fetching" };
@@ -926,6 +938,7 @@ pub(crate) mod tests {
             "ferry_rdma_fallbacks_total",
             "ferry_rdma_breaker_trips_total",
             "ferry_rdma_breaker_probes_total",
+            "ferry_rdma_abandoned_fetches_settled_total",
             "ferry_transfers_active",
             r#"ferry_piece_fetch_seconds_count{transport="rdma"}"#,
             r#"ferry_piece_write_seconds_count{transport="tcp"}"#,

@@ -874,6 +874,129 @@ async fn a_not_held_answer_keeps_the_queue_pair_and_the_next_pieces_use_it() {
     );
 }
 
+/// Two transfers share the receiver's one queue pair to a source; one is cancelled while its
+/// pieces are in flight there. The other's pieces all stay on RDMA: the cancelled fetches'
+/// windows are taken back by the session once the source answers, the queue pair stays up,
+/// and every buffer goes back to the pool.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn cancelling_one_of_two_transfers_sharing_a_source_leaves_the_other_on_rdma() {
+    let root = scratch("rdma-cancel");
+    let cancelled_source = root.path().join("cancelled.bin");
+    let kept_source = root.path().join("kept.bin");
+    random_file(&cancelled_source, 192 * MIB, 33);
+    random_file(&kept_source, 96 * MIB, 34);
+    let receiver_config = root.path().join("receiver.toml");
+    std::fs::write(
+        &receiver_config,
+        "[rdma]\nwindow = 16\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 8\n",
+    )
+    .unwrap();
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let receiver_args = [
+        &metrics[..],
+        &["--config", receiver_config.to_str().unwrap()],
+    ]
+    .concat();
+    let seed = rdma_daemon(root.path(), "seed", 0, &metrics).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &receiver_args).await;
+    let cancelled_task = seed.import(&cancelled_source).await;
+    let kept_task = seed.import(&kept_source).await;
+
+    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
+    let mut client = receiver.client().await;
+    let request = pull_request(
+        &cancelled_task.task_id,
+        &[&seed.data_address],
+        &root.path().join("cancelled-copy.bin"),
+    );
+    let cancelled = tokio::spawn(async move {
+        let mut first_piece = Some(first_piece);
+        transfer(&mut client, request, |_| {
+            if let Some(tx) = first_piece.take() {
+                let _ = tx.send(());
+            }
+        })
+        .await
+    });
+    let kept_output = root.path().join("kept-copy.bin");
+    let mut client = receiver.client().await;
+    let request = pull_request(&kept_task.task_id, &[&seed.data_address], &kept_output);
+    let kept = tokio::spawn(async move { transfer(&mut client, request, |_| {}).await });
+
+    // One piece of the cancelled transfer is in: the rest of its streams are on the queue
+    // pair beside the kept transfer's.
+    got_first_piece.await.unwrap();
+    let answer = receiver
+        .client()
+        .await
+        .cancel_transfer(proto::CancelTransferRequest {
+            task_id: cancelled_task.task_id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(answer.cancelled);
+    let cancelled = cancelled.await.unwrap();
+    eprintln!(
+        "cancelled transfer: {:?}",
+        cancelled.as_ref().map(|t| t.pieces.len())
+    );
+    assert!(
+        cancelled.is_err() || cancelled.unwrap().summary.unwrap().pieces_fetched < 48,
+        "the cancelled transfer did not finish"
+    );
+
+    let result = kept.await.unwrap().unwrap();
+    let summary = result.summary.unwrap();
+    assert_eq!(summary.pieces_fetched, 24);
+    assert_eq!(summary.rdma_fallbacks, 0);
+    let not_rdma: Vec<_> = (result.pieces.iter())
+        .filter(|p| p.transport != "rdma")
+        .map(|p| (p.number, p.transport.clone()))
+        .collect();
+    assert!(not_rdma.is_empty(), "pieces not over RDMA: {not_rdma:?}");
+    assert!(same_contents(&kept_source, &kept_output));
+
+    // The cancelled fetches' windows come back once the source answered them (at emulated
+    // speed, within seconds); then every buffer is back in the pool.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let scraped = loop {
+        let scraped = receiver.scrape().await;
+        let pool = metric(&scraped, "ferry_buffer_pool_bytes").unwrap();
+        let free = metric(&scraped, "ferry_buffer_pool_free_bytes").unwrap();
+        if free == pool || Instant::now() > deadline {
+            assert_eq!(free, pool, "every buffer is back in the pool\n{scraped}");
+            break scraped;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let settled = metric(&scraped, "ferry_rdma_abandoned_fetches_settled_total").unwrap();
+    eprintln!("abandoned fetches settled by the session: {settled}");
+    assert!(
+        settled >= 1.0,
+        "the cancelled transfer had fetches on the queue pair\n{scraped}"
+    );
+    assert!(
+        metric(&scraped, "ferry_buffer_pool_device_owned_drops_total").unwrap() >= 1.0,
+        "their buffers were dropped while leased to the device, and came back later"
+    );
+    assert_eq!(
+        metric(&scraped, r#"ferry_rdma_sessions{side="fetching"}"#),
+        Some(1.0),
+        "the queue pair is still up"
+    );
+    assert_eq!(
+        metric(&scraped, "ferry_rdma_breaker_trips_total"),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&scraped, "ferry_rdma_fallbacks_total"),
+        Some(0.0),
+        "no piece of either transfer went over TCP"
+    );
+}
+
 /// 100 pieces in flight on one queue pair: a window of 100, one queue pair, 100 streams. The
 /// source reads the next pieces while earlier ones are on the wire; both sides' peaks are
 /// counted.

@@ -395,8 +395,9 @@ impl BufferPool {
             - accounts.common_used
     }
 
-    /// Buffers dropped while a device could still touch them (kept out of the pool for
-    /// good): always 0 unless an I/O path has a bug.
+    /// Buffers dropped while a device could still touch them, kept out of the pool until
+    /// every lease on them is released (for good if held by a raw `lend_to_device`): a
+    /// fetch cancelled with its windows granted, or a bug in an I/O path.
     pub fn returned_while_device_owned(&self) -> u64 {
         self.returned_while_device_owned.load(Ordering::Relaxed)
     }
@@ -657,7 +658,8 @@ impl Drop for PieceBuffer {
             self.pool
                 .returned_while_device_owned
                 .fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(
+            // Expected when a transfer is cancelled mid-piece; counted in the metrics.
+            tracing::debug!(
                 ?slots,
                 "a buffer was dropped while a device may still use it; its slots stay out of the pool until the device is done"
             );

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 
 /// The source's answer to one request, as it came over the queue pair.
+#[derive(Clone)]
 enum Answer {
     Done {
         number: u32,
@@ -48,6 +49,25 @@ struct Pending {
     lease: Option<DeviceLease>,
     /// A window bind was posted for this request.
     posted: bool,
+    /// The rkeys of the windows the request granted, once its binds are posted.
+    rkeys: Vec<u32>,
+    /// The work-request sequence number the request's last post used.
+    last_seq: u64,
+    /// Once the answer's left-over windows are being invalidated here: whether none were left.
+    invalidating: Option<bool>,
+    /// The fetch was dropped before it took its windows back: the session does that for it.
+    orphan: Option<Orphan>,
+}
+
+/// What a fetch dropped mid-flight (a cancelled transfer, a piece timeout) leaves to its
+/// session: the windows it granted, which come back once the source's answer arrived and the
+/// left-over ones are invalidated, so one transfer's cancellation does not stop a queue pair
+/// other transfers' pieces are on.
+struct Orphan {
+    windows: Vec<MemoryWindow>,
+    /// The request's send-queue reservation.
+    entries: u32,
+    since: Instant,
 }
 
 struct SessionState {
@@ -67,6 +87,8 @@ struct SessionState {
     /// invalidations): a fetch starts only when its share fits, so no post finds the queue
     /// full.
     send_queue_reserved: u32,
+    /// Requests whose fetch was dropped, still to be settled by the session.
+    orphans: usize,
     /// The connection's work counts already added to the metrics.
     counted_work: WorkCounts,
     /// Counts the session in the metrics until it breaks.
@@ -86,10 +108,16 @@ pub(super) struct Session {
     progress: tokio::sync::Notify,
     helpers: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     metrics: Arc<Metrics>,
+    /// How long a request may go unanswered while the queue pair answers nothing else.
+    io_timeout: Duration,
 }
 
 /// The longest a broken session's pump waits for the flushes that release its buffers.
 const FLUSH_LIMIT: Duration = Duration::from_secs(10);
+
+/// How often the pump looks at abandoned requests while no completion arrives (their
+/// timeouts; completions settle them at once).
+const ORPHAN_TICK: Duration = Duration::from_secs(1);
 
 /// Work request ids carry the request id, so completions find their fetch.
 fn wr_id(kind: u64, request: u16, seq: u64) -> u64 {
@@ -225,9 +253,15 @@ impl Session {
                 // connection): the queue pair is in the error state and flushes.
                 return self.flush(FLUSH_LIMIT).await;
             }
-            let batch = match self.connection.completions().await {
-                Ok(batch) => batch,
-                Err(err) => return self.break_with(format!("rdma: {err}")),
+            // Completions are not lost when the wait times out: they stay on the queue.
+            let batch = match tokio::time::timeout(ORPHAN_TICK, self.connection.completions()).await
+            {
+                Ok(Ok(batch)) => batch,
+                Ok(Err(err)) => return self.break_with(format!("rdma: {err}")),
+                Err(_) => {
+                    self.settle_orphans();
+                    continue;
+                }
             };
             let failure = {
                 let mut state = self.state.lock().expect("session lock");
@@ -270,8 +304,160 @@ impl Session {
                 self.note_flushed(&batch);
                 return self.flush(FLUSH_LIMIT).await;
             }
+            self.settle_orphans();
             self.progress.notify_waiters();
         }
+    }
+
+    /// Takes over the windows of a fetch dropped before it took them back (see [`Orphan`]).
+    fn adopt(&self, request: u16, entries: u32, windows: Vec<MemoryWindow>) {
+        {
+            let mut state = self.state.lock().expect("session lock");
+            let flushed = state.flushed;
+            let broken = state.broken.is_some();
+            let Some(pending) = state.requests.get_mut(&request) else {
+                return;
+            };
+            if broken {
+                // The flush (or the session's drop, queue pair first) releases the lease; a
+                // flush already seen, or windows never bound, release it now.
+                if flushed || !pending.posted {
+                    drop(pending.lease.take());
+                }
+                return;
+            }
+            pending.orphan = Some(Orphan {
+                windows,
+                entries,
+                since: Instant::now(),
+            });
+            state.orphans += 1;
+        }
+        self.settle_orphans();
+    }
+
+    /// Moves abandoned requests on: once a request is answered, invalidates the windows the
+    /// answer left bound; once those invalidations (and the request's own send) completed,
+    /// frees its request id, send-queue share, windows and buffer lease. A request the
+    /// source leaves unanswered past the timeout breaks the session, as a fetch would.
+    fn settle_orphans(&self) {
+        let mut posts = Vec::new();
+        let mut settled = 0;
+        let failure = {
+            let mut state = self.state.lock().expect("session lock");
+            if state.orphans == 0 || state.broken.is_some() {
+                return;
+            }
+            let now = Instant::now();
+            let quiet_since = state.last_answer;
+            let mut failure = None;
+            let mut done = Vec::new();
+            let mut invalidated = (0, 0);
+            for (&request, pending) in &mut state.requests {
+                let Some(orphan) = &pending.orphan else {
+                    continue;
+                };
+                let overdue = now >= orphan.since.max(quiet_since) + self.io_timeout;
+                if !pending.posted {
+                    done.push(request);
+                    continue;
+                }
+                if pending.invalidating.is_none() {
+                    if pending.answer.is_none() {
+                        if overdue {
+                            failure = Some(format!(
+                                "rdma: abandoned request {request} unanswered within {:?} (and no other answer on the queue pair meanwhile)",
+                                self.io_timeout
+                            ));
+                            break;
+                        }
+                        continue;
+                    }
+                    let remote = pending.remote_invalidated;
+                    if let Some(rkey) = remote.filter(|rkey| !pending.rkeys.contains(rkey)) {
+                        failure = Some(format!(
+                            "rdma: the source's answer to request {request} invalidated rkey {rkey:#x}, which that request did not grant"
+                        ));
+                        break;
+                    }
+                    let left: Vec<u32> = (pending.rkeys.iter().copied())
+                        .filter(|&rkey| Some(rkey) != remote)
+                        .collect();
+                    for (index, &rkey) in left.iter().enumerate() {
+                        pending.last_seq += 1;
+                        let wr = wr_id(WR_INVALIDATE, request, pending.last_seq);
+                        posts.push((wr, rkey, index + 1 == left.len()));
+                    }
+                    invalidated.0 += (pending.rkeys.len() - left.len()) as u64;
+                    invalidated.1 += left.len() as u64;
+                    pending.invalidating = Some(left.is_empty());
+                }
+                let none_left = pending.invalidating == Some(true);
+                if pending.sent && (none_left || pending.invalidated) {
+                    done.push(request);
+                } else if overdue {
+                    failure = Some(format!(
+                        "rdma: abandoned request {request}'s windows not taken back within {:?}",
+                        self.io_timeout
+                    ));
+                    break;
+                }
+            }
+            if failure.is_none() {
+                for request in done {
+                    let orphan = (state.requests.get_mut(&request))
+                        .and_then(|pending| pending.orphan.take())
+                        .expect("an orphan");
+                    state.orphans -= 1;
+                    Self::finish(&mut state, request, orphan.entries, orphan.windows, true);
+                    settled += 1;
+                }
+                self.metrics
+                    .rdma_windows_invalidated(invalidated.0, invalidated.1);
+            }
+            failure
+        };
+        if let Some(reason) = failure {
+            return self.break_with(reason);
+        }
+        for (wr, rkey, signalled) in posts {
+            if let Err(err) = self.connection.post_invalidate(wr, rkey, signalled) {
+                return self.break_with(format!("rdma: {err}"));
+            }
+        }
+        if settled > 0 {
+            for _ in 0..settled {
+                self.metrics.rdma_abandoned_settled();
+            }
+            self.count_work();
+            self.progress.notify_waiters();
+        }
+    }
+
+    /// Frees what a request held: its id, send-queue share, windows (spare again when
+    /// `settled`: every one invalidated, or the session not broken) and its buffer's lease.
+    fn finish(
+        state: &mut SessionState,
+        request: u16,
+        entries: u32,
+        windows: Vec<MemoryWindow>,
+        settled: bool,
+    ) {
+        if let Some(pending) = state.requests.remove(&request) {
+            match pending.lease {
+                // Every window is invalidated, or none was ever bound.
+                Some(lease) if settled || !pending.posted => drop(lease),
+                // Broken, and no flush came to prove the device done.
+                Some(lease) => lease.keep_forever(),
+                None => {}
+            }
+        }
+        state.window.close(request);
+        state.send_queue_reserved -= entries;
+        if settled {
+            state.spare_windows.extend(windows);
+        }
+        // Else, bound or not, these windows belong to a broken queue pair: dropped here.
     }
 
     /// A message from the source: the answer to one request in flight, exactly once.
@@ -390,7 +576,7 @@ impl Session {
         // The worst case on the send queue: a bind and an invalidation per slot, the request.
         let entries = 2 * slot_count as u32 + 1;
         // Reserve a request id and memory windows.
-        let (request, mut windows, first_wr) = {
+        let (request, windows, first_wr) = {
             let mut state = self.state.lock().expect("session lock");
             if let Some(reason) = &state.broken {
                 return Err(TransportError::Failed(reason.clone()).into());
@@ -435,10 +621,12 @@ impl Session {
             state.next_wr += 2 * slot_count as u64 + 1;
             (request, windows, first_wr)
         };
-        // Until the windows are invalidated, abandoning this fetch must stop the queue pair.
+        // Until the windows are taken back, a dropped fetch leaves them to the session.
         let mut guard = AbandonGuard {
             session: self,
-            armed: true,
+            request,
+            entries,
+            windows: Some(windows),
         };
         let result = self
             .fetch_granted(
@@ -447,39 +635,21 @@ impl Session {
                 piece,
                 buf,
                 request,
-                &mut windows,
+                guard.windows.as_mut().expect("windows"),
                 &lens,
                 first_wr,
             )
             .await;
         let settled = !self.is_broken();
-        if settled {
-            guard.armed = false;
-        } else {
+        if !settled {
             // The queue pair is in the error state; the buffer is the caller's again (a TCP
             // retry may fill it) only once its last request's flush proved the device done.
             self.wait_flushed(request, transport.settings.io_timeout)
                 .await;
         }
-        drop(guard);
+        let windows = guard.windows.take().expect("windows");
         let mut state = self.state.lock().expect("session lock");
-        if let Some(pending) = state.requests.remove(&request) {
-            match pending.lease {
-                // Every window is invalidated, or none was ever bound.
-                Some(lease) if settled || !pending.posted => drop(lease),
-                // Broken, and no flush came to prove the device done.
-                Some(lease) => lease.keep_forever(),
-                None => {}
-            }
-        }
-        state.window.close(request);
-        state.send_queue_reserved -= entries;
-        if settled {
-            state.spare_windows.extend(windows);
-        } else {
-            // Bound or not, these windows belong to a broken queue pair now.
-            drop(windows);
-        }
+        Self::finish(&mut state, request, entries, windows, settled);
         drop(state);
         self.count_work();
         self.progress.notify_waiters();
@@ -547,6 +717,14 @@ impl Session {
             &fetch.encode(),
             None,
         ))?;
+        if let Some(pending) = (self.state.lock().expect("session lock"))
+            .requests
+            .get_mut(&request)
+        {
+            // What the session needs to take the windows back if this fetch is dropped.
+            pending.rkeys = credits.iter().map(|c| c.rkey).collect();
+            pending.last_seq = seq;
+        }
         // The timeout runs from the request's posting or the queue pair's last answer, so
         // waiting behind other pieces on a busy queue pair does not count.
         let answered = self
@@ -560,10 +738,12 @@ impl Session {
             return Err(err);
         }
         let (answer, remote_invalidated) = {
-            let mut state = self.state.lock().expect("session lock");
-            let pending = state.requests.get_mut(&request).expect("in flight");
+            let state = self.state.lock().expect("session lock");
+            let pending = state.requests.get(&request).expect("in flight");
             (
-                pending.answer.take().expect("answered"),
+                // Read, not taken: a fetch dropped before its invalidations are posted
+                // leaves the answer to the session.
+                pending.answer.as_ref().expect("answered").clone(),
                 pending.remote_invalidated,
             )
         };
@@ -585,6 +765,15 @@ impl Session {
             .map(|c| c.rkey)
             .filter(|&rkey| Some(rkey) != remote_invalidated)
             .collect();
+        if let Some(pending) = (self.state.lock().expect("session lock"))
+            .requests
+            .get_mut(&request)
+        {
+            // Posted from here on: a dropped fetch leaves the session only their completion
+            // to wait for.
+            pending.invalidating = Some(left.is_empty());
+            pending.last_seq = seq + left.len() as u64;
+        }
         for (index, &rkey) in left.iter().enumerate() {
             seq += 1;
             let last = index + 1 == left.len();
@@ -650,18 +839,20 @@ impl Session {
     }
 }
 
-/// Breaks the session if a fetch ends (or is dropped) with its windows possibly still bound,
-/// so no late write can land in a buffer that is about to be reused.
+/// Holds a fetch's windows; a fetch dropped before it took them back (its windows still
+/// here) hands them to the session, which takes them back once the source answered. The
+/// buffer's lease keeps it out of the pool until then.
 struct AbandonGuard<'a> {
     session: &'a Session,
-    armed: bool,
+    request: u16,
+    entries: u32,
+    windows: Option<Vec<MemoryWindow>>,
 }
 
 impl Drop for AbandonGuard<'_> {
     fn drop(&mut self) {
-        if self.armed {
-            self.session
-                .break_with("rdma: a fetch was abandoned with its memory windows bound".into());
+        if let Some(windows) = self.windows.take() {
+            self.session.adopt(self.request, self.entries, windows);
         }
     }
 }
@@ -744,8 +935,10 @@ impl Breakers {
     }
 }
 
-/// Reports a fetch's outcome to the breaker, once; a fetch dropped before it decided (a piece
-/// timeout, a cancelled transfer) counts as a failure.
+/// Reports a fetch's outcome to the breaker, once. A fetch dropped before it decided (a
+/// cancelled transfer, a piece timeout) says nothing about the RDMA path and is not counted,
+/// unless it was the probe, which must end as one or the other: then it counts as a failure.
+/// A source that stays silent is found by the session's own timeouts.
 struct Outcome<'a> {
     transport: &'a RdmaTransport,
     source: SocketAddr,
@@ -781,7 +974,9 @@ impl Outcome<'_> {
 
 impl Drop for Outcome<'_> {
     fn drop(&mut self) {
-        self.report(false);
+        if self.probe {
+            self.report(false);
+        }
     }
 }
 
@@ -901,12 +1096,14 @@ impl RdmaTransport {
                         next_wr: 0,
                         last_answer: Instant::now(),
                         send_queue_reserved: 0,
+                        orphans: 0,
                         counted_work: WorkCounts::default(),
                         counted: Some(self.metrics.rdma_session(false)),
                     }),
                     progress: tokio::sync::Notify::new(),
                     helpers: Mutex::new(Vec::new()),
                     metrics: Arc::clone(&self.metrics),
+                    io_timeout: self.settings.io_timeout,
                 });
                 // The pump and the watcher hold the session until it breaks: `break_with`
                 // aborts the watcher, and the pump ends once it has seen the flushes.
