@@ -66,6 +66,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let sizing = config.pool_sizing();
     let slots = (sizing.size_mib / config.pool.slot_mib) as usize;
     let pool = BufferPool::new(slot, slots).context("allocating the buffer pool")?;
+    // For fault tests: a slot given back early and reused would then show as wrong bytes
+    // (caught by the piece digests) instead of going unnoticed.
+    if std::env::var_os("FERRY_TEST_POISON_POOL").is_some_and(|v| v == "1") {
+        tracing::warn!("FERRY_TEST_POISON_POOL=1: every buffer returned to the pool is overwritten (a test setting; it costs a memset per piece)");
+        pool.set_poison_on_release(true);
+    }
     let info = pool.info();
     let shares = pool.shares();
     tracing::info!(

@@ -161,6 +161,8 @@ pub struct Metrics {
     rdma_sessions: Family<SideLabel, Gauge>,
     rdma_work: Family<RdmaWorkLabel, Counter>,
     rdma_peak_in_flight: Family<SideLabel, Gauge>,
+    rdma_buffers_flushed: Family<SideLabel, Counter>,
+    rdma_buffers_kept: Family<SideLabel, Counter>,
     rdma_windows_invalidated: Family<InvalidatedLabel, Counter>,
     rdma_registered_bytes: Gauge,
     buffer_pool_bytes: Gauge,
@@ -225,6 +227,8 @@ impl Metrics {
             rdma_sessions: Family::default(),
             rdma_work: Family::default(),
             rdma_peak_in_flight: Family::default(),
+            rdma_buffers_flushed: Family::default(),
+            rdma_buffers_kept: Family::default(),
             rdma_windows_invalidated: Family::default(),
             rdma_registered_bytes: Gauge::default(),
             buffer_pool_bytes: Gauge::default(),
@@ -384,6 +388,16 @@ impl Metrics {
             metrics.rdma_peak_in_flight.clone(),
         );
         registry.register(
+            "rdma_buffers_released_on_flush",
+            "Piece buffers whose device claim a queue pair's flush completion released (the queue pair in the error state: the NIC is done with them), by side",
+            metrics.rdma_buffers_flushed.clone(),
+        );
+        registry.register(
+            "rdma_buffers_never_released",
+            "Piece buffers kept out of the pool for good: their queue pair died and no flush completion came to prove the NIC done with them, by side",
+            metrics.rdma_buffers_kept.clone(),
+        );
+        registry.register(
             "rdma_abandoned_fetches_settled",
             "Fetches dropped while their request was on an RDMA queue pair (a cancelled transfer, a piece timeout) whose memory windows the session took back once the source answered, keeping the queue pair up for the other fetches",
             metrics.rdma_abandoned_settled.clone(),
@@ -507,6 +521,10 @@ impl Metrics {
             let _ = metrics
                 .rdma_peak_in_flight
                 .get_or_create(&SideLabel { side });
+            let _ = metrics
+                .rdma_buffers_flushed
+                .get_or_create(&SideLabel { side });
+            let _ = metrics.rdma_buffers_kept.get_or_create(&SideLabel { side });
             for work in RDMA_WORK_KINDS {
                 let _ = metrics
                     .rdma_work
@@ -700,6 +718,22 @@ impl Metrics {
                 .get_or_create(&RdmaWorkLabel { side, work })
                 .inc_by(delta);
         }
+    }
+
+    /// `count` buffers' device claims were released by a flush completion.
+    pub fn rdma_buffers_released_on_flush(&self, serving: bool, count: u64) {
+        let side = if serving { "serving" } else { "fetching" };
+        (self.rdma_buffers_flushed)
+            .get_or_create(&SideLabel { side })
+            .inc_by(count);
+    }
+
+    /// `count` buffers stay out of the pool for good (no flush completion came).
+    pub fn rdma_buffers_never_released(&self, serving: bool, count: u64) {
+        let side = if serving { "serving" } else { "fetching" };
+        (self.rdma_buffers_kept)
+            .get_or_create(&SideLabel { side })
+            .inc_by(count);
     }
 
     /// An abandoned fetch's windows were taken back without breaking its queue pair.
@@ -939,6 +973,8 @@ pub(crate) mod tests {
             "ferry_rdma_breaker_trips_total",
             "ferry_rdma_breaker_probes_total",
             "ferry_rdma_abandoned_fetches_settled_total",
+            r#"ferry_rdma_buffers_released_on_flush_total{side="serving"}"#,
+            r#"ferry_rdma_buffers_never_released_total{side="fetching"}"#,
             "ferry_transfers_active",
             r#"ferry_piece_fetch_seconds_count{transport="rdma"}"#,
             r#"ferry_piece_write_seconds_count{transport="tcp"}"#,

@@ -96,6 +96,8 @@ pub struct DaemonOptions {
     /// RLIMIT_NOFILE of the daemon (through `prlimit`, which execs it: the pid is the
     /// daemon's); unset: inherited.
     pub max_open_files: Option<u64>,
+    /// Extra environment for the daemon (e.g. `FERRY_TEST_POISON_POOL=1`).
+    pub env: Vec<(String, String)>,
 }
 
 /// A `ferry serve` process. Killed when dropped.
@@ -177,6 +179,7 @@ impl Daemon {
             .args(import_args)
             .args(&options.extra_args)
             .env("FERRY_LOG", "info,ferry_fallback_tcp=debug")
+            .envs(options.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap())

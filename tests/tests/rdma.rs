@@ -28,6 +28,36 @@ async fn rdma_daemon_with_pool(
     extra: &[&str],
     pool_mib: Option<u64>,
 ) -> Daemon {
+    let options = DaemonOptions {
+        pool_mib,
+        ..Default::default()
+    };
+    rdma_daemon_with(root, name, which, extra, options).await
+}
+
+/// [`rdma_daemon`] whose pool overwrites every buffer given back (`FERRY_TEST_POISON_POOL`):
+/// a slot returned while a NIC could still write it, then reused, would show as a piece
+/// with wrong bytes, which its digest catches.
+async fn poisoned_rdma_daemon(
+    root: &std::path::Path,
+    name: &str,
+    which: u8,
+    extra: &[&str],
+) -> Daemon {
+    let options = DaemonOptions {
+        env: vec![("FERRY_TEST_POISON_POOL".into(), "1".into())],
+        ..Default::default()
+    };
+    rdma_daemon_with(root, name, which, extra, options).await
+}
+
+async fn rdma_daemon_with(
+    root: &std::path::Path,
+    name: &str,
+    which: u8,
+    extra: &[&str],
+    options: DaemonOptions,
+) -> Daemon {
     let mut extra_args = vec![
         "--rdma-device".to_owned(),
         env(&format!("FERRY_RXE_DEV{which}")),
@@ -39,12 +69,31 @@ async fn rdma_daemon_with_pool(
         name,
         DaemonOptions {
             listen: Some(listen),
-            pool_mib,
             extra_args,
-            ..Default::default()
+            ..options
         },
     )
     .await
+}
+
+/// Waits (at most a minute) until every buffer of `daemon`'s pool is free again; returns its
+/// metrics then.
+async fn pool_whole(daemon: &Daemon) -> String {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let scraped = daemon.scrape().await;
+        let pool = metric(&scraped, "ferry_buffer_pool_bytes").unwrap();
+        let free = metric(&scraped, "ferry_buffer_pool_free_bytes").unwrap();
+        if free == pool {
+            return scraped;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{}: {free} of {pool} pool bytes free a minute after the transfer\n{scraped}",
+            daemon.name
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn rdma_available(daemon: &Daemon) -> bool {
@@ -253,7 +302,8 @@ async fn a_sender_killed_mid_transfer_does_not_hang_it() {
     random_file(&source, 128 * MIB, 23);
     let victim = rdma_daemon(root.path(), "victim", 0, &[]).await;
     let survivor = rdma_daemon(root.path(), "survivor", 0, &[]).await;
-    let receiver = rdma_daemon(root.path(), "receiver", 1, &["--io-timeout", "3"]).await;
+    let receiver_args = ["--io-timeout", "3", "--metrics", "127.0.0.1:0"];
+    let receiver = poisoned_rdma_daemon(root.path(), "receiver", 1, &receiver_args).await;
     let task = victim.import(&source).await;
     survivor.import(&source).await;
     let output = root.path().join("copy.bin");
@@ -284,6 +334,130 @@ async fn a_sender_killed_mid_transfer_does_not_hang_it() {
     );
     assert_eq!(result.summary.unwrap().pieces_fetched, 32);
     assert!(same_contents(&source, &output));
+    // The dead source's queue pair was moved to the error state here; the requests it had
+    // gave their buffers back only on its flush, none was kept for good, and no slot given
+    // back reached a later piece while the NIC could write it (the poison would show).
+    let scraped = pool_whole(&receiver).await;
+    eprintln!(
+        "receiver buffers released on a flush: {:?}",
+        metric(
+            &scraped,
+            r#"ferry_rdma_buffers_released_on_flush_total{side="fetching"}"#
+        )
+    );
+    assert_eq!(
+        metric(
+            &scraped,
+            r#"ferry_rdma_buffers_never_released_total{side="fetching"}"#
+        ),
+        Some(0.0)
+    );
+    assert_eq!(
+        metric(&scraped, r#"ferry_piece_failures_total{reason="digest"}"#),
+        Some(0.0),
+        "no piece came in with wrong bytes"
+    );
+}
+
+/// The fabric fails a queue pair mid-piece: the source's RDMA netdev goes down while pieces
+/// are on the wire, so its writes run out of retries and the device moves the queue pair to
+/// the error state by itself. Both sides give the buffers of the pieces it carried back only
+/// after its flush completions, none is kept for good, the pull completes byte-identical once
+/// the link is back (over TCP or a new queue pair), and both pools are whole afterwards.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_queue_pair_the_fabric_fails_mid_piece_gives_buffers_back_only_after_its_flush() {
+    let root = scratch("rdma-link-down");
+    let source = root.path().join("model.bin");
+    random_file(&source, 128 * MIB, 35);
+    let receiver_config = root.path().join("receiver.toml");
+    std::fs::write(
+        &receiver_config,
+        "[rdma]\nwindow = 8\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 8\npiece_timeout_secs = 120\nmax_attempts = 8\n",
+    )
+    .unwrap();
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let receiver_args = [
+        &metrics[..],
+        &["--config", receiver_config.to_str().unwrap()],
+    ]
+    .concat();
+    let seed = poisoned_rdma_daemon(root.path(), "seed", 0, &metrics).await;
+    let receiver = poisoned_rdma_daemon(root.path(), "receiver", 1, &receiver_args).await;
+    let task = seed.import(&source).await;
+    let output = root.path().join("copy.bin");
+    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
+    let mut client = receiver.client().await;
+    let request = pull_request(&task.task_id, &[&seed.data_address], &output);
+    let pull = tokio::spawn(async move {
+        let mut first_piece = Some(first_piece);
+        transfer(&mut client, request, |_| {
+            if let Some(tx) = first_piece.take() {
+                let _ = tx.send(());
+            }
+        })
+        .await
+    });
+    got_first_piece.await.unwrap();
+    // veth0 carries rxe0, the seed's device (scripts/rxe-vm.sh). Down long enough for its
+    // queue pair's retries (7 at about 1 s) to run out.
+    let link = |state: &str| {
+        let status = std::process::Command::new("ip")
+            .args(["link", "set", "veth0", state])
+            .status()
+            .unwrap();
+        assert!(status.success(), "ip link set veth0 {state}");
+    };
+    link("down");
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    link("up");
+    let result = pull.await.unwrap().unwrap();
+    let summary = result.summary.unwrap();
+    assert_eq!(summary.pieces_fetched, 32);
+    assert!(same_contents(&source, &output));
+    let by_transport = |name: &str| result.pieces.iter().filter(|p| p.transport == name).count();
+    eprintln!(
+        "pieces over rdma {}, over tcp {}, rdma fallbacks {}",
+        by_transport("rdma"),
+        by_transport("tcp"),
+        summary.rdma_fallbacks
+    );
+
+    for line in (seed.log_text().lines()).filter(|l| l.contains("closed on error")) {
+        eprintln!("seed: {line}");
+    }
+    let served = pool_whole(&seed).await;
+    let fetched = pool_whole(&receiver).await;
+    let flushed = |scraped: &str, side: &str| {
+        metric(
+            scraped,
+            &format!(r#"ferry_rdma_buffers_released_on_flush_total{{side="{side}"}}"#),
+        )
+        .unwrap()
+    };
+    let kept = |scraped: &str, side: &str| {
+        metric(
+            scraped,
+            &format!(r#"ferry_rdma_buffers_never_released_total{{side="{side}"}}"#),
+        )
+        .unwrap()
+    };
+    eprintln!(
+        "buffers released on a flush: serving {}, fetching {}",
+        flushed(&served, "serving"),
+        flushed(&fetched, "fetching")
+    );
+    assert!(
+        flushed(&served, "serving") >= 1.0,
+        "the seed had pieces on the wire when its queue pair failed\n{served}"
+    );
+    assert_eq!(kept(&served, "serving"), 0.0);
+    assert_eq!(kept(&fetched, "fetching"), 0.0);
+    assert_eq!(
+        metric(&fetched, r#"ferry_piece_failures_total{reason="digest"}"#),
+        Some(0.0),
+        "no piece came in with wrong bytes"
+    );
 }
 
 /// A source that plays by the rules for one piece, then writes into the receiver's slot again

@@ -153,7 +153,9 @@ impl RdmaService {
                         // A piece's completing SEND completed (or was flushed): RC completes
                         // in order, so the NIC is done with every chunk before it.
                         if let Some(done) = pieces.on_wire.remove(&completion.wr_id) {
-                            if !completion.is_error() {
+                            if completion.is_error() {
+                                self.metrics.rdma_buffers_released_on_flush(true, 1);
+                            } else {
                                 done.task.count_served();
                                 self.metrics.rdma_piece_served(done.length);
                             }
@@ -369,7 +371,16 @@ impl RdmaService {
             match tokio::time::timeout_at(deadline, connection.completions()).await {
                 Ok(Ok(batch)) => {
                     for completion in batch {
-                        pieces.on_wire.remove(&completion.wr_id);
+                        let Some(done) = pieces.on_wire.remove(&completion.wr_id) else {
+                            continue;
+                        };
+                        if completion.is_error() {
+                            self.metrics.rdma_buffers_released_on_flush(true, 1);
+                        } else {
+                            // Completed before the queue pair left the ready state.
+                            done.task.count_served();
+                            self.metrics.rdma_piece_served(done.length);
+                        }
                     }
                 }
                 Ok(Err(_)) | Err(_) => break,
@@ -380,6 +391,8 @@ impl RdmaService {
                 pieces = pieces.on_wire.len(),
                 "RDMA writes never flushed; their buffers are kept out of the pool"
             );
+            self.metrics
+                .rdma_buffers_never_released(true, pieces.on_wire.len() as u64);
             for (_, piece) in pieces.on_wire.drain() {
                 std::mem::forget(piece.buf);
             }

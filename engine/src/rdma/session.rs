@@ -199,10 +199,12 @@ impl Session {
             return;
         }
         state.flushed = true;
+        let mut released = 0;
         for pending in state.requests.values_mut() {
-            drop(pending.lease.take());
+            released += u64::from(pending.lease.take().is_some());
         }
         drop(state);
+        self.metrics.rdma_buffers_released_on_flush(false, released);
         self.progress.notify_waiters();
     }
 
@@ -324,6 +326,8 @@ impl Session {
                 if flushed || !pending.posted {
                     drop(pending.lease.take());
                 }
+                // Else the lease waits for the flush (or the session's drop, which releases
+                // it after the queue pair is destroyed).
                 return;
             }
             pending.orphan = Some(Orphan {
@@ -409,7 +413,14 @@ impl Session {
                         .and_then(|pending| pending.orphan.take())
                         .expect("an orphan");
                     state.orphans -= 1;
-                    Self::finish(&mut state, request, orphan.entries, orphan.windows, true);
+                    Self::finish(
+                        &self.metrics,
+                        &mut state,
+                        request,
+                        orphan.entries,
+                        orphan.windows,
+                        true,
+                    );
                     settled += 1;
                 }
                 self.metrics
@@ -437,6 +448,7 @@ impl Session {
     /// Frees what a request held: its id, send-queue share, windows (spare again when
     /// `settled`: every one invalidated, or the session not broken) and its buffer's lease.
     fn finish(
+        metrics: &Metrics,
         state: &mut SessionState,
         request: u16,
         entries: u32,
@@ -448,7 +460,10 @@ impl Session {
                 // Every window is invalidated, or none was ever bound.
                 Some(lease) if settled || !pending.posted => drop(lease),
                 // Broken, and no flush came to prove the device done.
-                Some(lease) => lease.keep_forever(),
+                Some(lease) => {
+                    lease.keep_forever();
+                    metrics.rdma_buffers_never_released(false, 1);
+                }
                 None => {}
             }
         }
@@ -649,7 +664,14 @@ impl Session {
         }
         let windows = guard.windows.take().expect("windows");
         let mut state = self.state.lock().expect("session lock");
-        Self::finish(&mut state, request, entries, windows, settled);
+        Self::finish(
+            &self.metrics,
+            &mut state,
+            request,
+            entries,
+            windows,
+            settled,
+        );
         drop(state);
         self.count_work();
         self.progress.notify_waiters();
