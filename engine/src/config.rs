@@ -278,9 +278,37 @@ pub struct RdmaConfig {
     pub window: u32,
     /// Queue pairs per source peer.
     pub queue_pairs: u32,
+    /// How each device's completion thread waits: "event" (sleeps on the completion channel)
+    /// or "busy" (polls its completion queues in a loop: lower latency, a core per device).
+    pub poll: RdmaPoll,
+}
+
+/// `rdma.poll`: how a device's completion thread waits for completions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RdmaPoll {
+    /// Sleep on the completion channels between completions (no CPU while idle).
+    #[default]
+    Event,
+    /// Poll the completion queues in a loop while connections exist.
+    Busy,
+}
+
+impl From<RdmaPoll> for ferry_rdma::PollMode {
+    fn from(poll: RdmaPoll) -> ferry_rdma::PollMode {
+        match poll {
+            RdmaPoll::Event => ferry_rdma::PollMode::Event,
+            RdmaPoll::Busy => ferry_rdma::PollMode::Busy,
+        }
+    }
 }
 
 impl RdmaConfig {
+    /// `rdma.poll` as the verbs layer takes it.
+    pub fn poll_mode(&self) -> ferry_rdma::PollMode {
+        self.poll.into()
+    }
+
     /// The rails asked for, as [`ferry_rdma::rails::enumerate`] takes them (the entries were
     /// checked by [`Config::validate`]; one that does not parse is left out).
     pub fn rail_request(&self) -> ferry_rdma::rails::RailRequest {
@@ -318,6 +346,7 @@ impl Default for RdmaConfig {
             chunk_kib: 1024,
             window: 2,
             queue_pairs: 2,
+            poll: RdmaPoll::Event,
         }
     }
 }

@@ -1,10 +1,11 @@
-//! The verbs themselves: a device context with one protection domain, memory registered once,
-//! and RC connections whose completions wake tokio through the completion channel's file
-//! descriptor (no busy polling). Every `unsafe` call of the crate is here.
+//! The verbs themselves: a device context with one protection domain and one completion
+//! thread ([`crate::poller`]), memory registered once, and RC connections whose completions
+//! that thread reaps and hands over. The crate's `unsafe` calls are here and in the poller.
 
 use crate::address::{self, AddressVector, LocalPort};
 use crate::error::RdmaError;
 use crate::handshake::Endpoint;
+use crate::poller::{PollMode, Poller};
 use crate::select::Selection;
 use crate::sendq::SendQueue;
 use sideway::ibverbs::address::{AddressHandleAttribute, Gid};
@@ -21,7 +22,6 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
-use tokio::io::unix::AsyncFd;
 
 /// An open device with its protection domain.
 pub struct RdmaContext {
@@ -32,13 +32,21 @@ pub struct RdmaContext {
     /// kernel's flag values: "invalidated" arrives as bit 2 (the kernel's
     /// IB_WC_WITH_INVALIDATE), not bit 3 (IBV_WC_WITH_INV).
     kernel_wc_flags: bool,
+    /// Reaps the completion queues of every connection on this device.
+    poller: Poller,
 }
 
 /// The vendor id soft-RoCE (rdma_rxe) reports.
 const RXE_VENDOR_ID: u32 = 0xff_ffff;
 
 impl RdmaContext {
+    /// Opens the device with a completion thread that sleeps on events ([`PollMode::Event`]).
     pub fn open(selection: Selection) -> Result<Arc<RdmaContext>, RdmaError> {
+        RdmaContext::open_with(selection, PollMode::Event)
+    }
+
+    /// Opens the device; its completion thread polls as `poll` says.
+    pub fn open_with(selection: Selection, poll: PollMode) -> Result<Arc<RdmaContext>, RdmaError> {
         let list = DeviceList::new().map_err(|e| RdmaError::Unavailable(e.to_string()))?;
         let device = list
             .iter()
@@ -59,12 +67,19 @@ impl RdmaContext {
             .query_device()
             .map_err(|e| RdmaError::verbs("ibv_query_device", e))?
             .vendor_id();
+        let poller = Poller::start(&selection.device, poll)?;
         Ok(Arc::new(RdmaContext {
             context,
             pd,
             selection,
             kernel_wc_flags: vendor == RXE_VENDOR_ID,
+            poller,
         }))
+    }
+
+    /// How this device's completion thread polls.
+    pub fn poll_mode(&self) -> PollMode {
+        self.poller.mode()
     }
 
     pub fn selection(&self) -> &Selection {
@@ -483,19 +498,31 @@ impl Drop for ControlRing {
     }
 }
 
-struct ChannelFd(RawFd);
+/// What the completion thread handed a connection and its owner has not taken yet.
+#[derive(Default)]
+struct Mailbox {
+    completions: Vec<Completion>,
+    /// The thread could not arm the CQ: nothing more will come.
+    error: Option<String>,
+}
 
-impl AsRawFd for ChannelFd {
-    fn as_raw_fd(&self) -> RawFd {
-        self.0
+/// One reliable-connected queue pair with its own completion queue and channel, whose
+/// completions the device's completion thread reaps. Dereferences to [`ConnectionCore`],
+/// which the thread shares.
+pub struct Connection {
+    core: Arc<ConnectionCore>,
+}
+
+impl std::ops::Deref for Connection {
+    type Target = ConnectionCore;
+    fn deref(&self) -> &ConnectionCore {
+        &self.core
     }
 }
 
-/// One reliable-connected queue pair with its own completion queue and channel.
-pub struct Connection {
-    // Drop order matters: the AsyncFd before the channel whose fd it watches, the QP before
-    // the CQ it reports to.
-    wakeups: AsyncFd<ChannelFd>,
+/// A connection's queue pair and completion machinery (see [`Connection`]).
+pub struct ConnectionCore {
+    // Drop order matters: the QP before the CQ it reports to, the CQ before its channel.
     qp: Mutex<BasicQueuePair>,
     cq: Arc<BasicCompletionQueue>,
     channel: Arc<CompletionChannel>,
@@ -512,14 +539,17 @@ pub struct Connection {
     // Keeps the device context (and its protection domain) alive as long as the queue pair.
     _context: Arc<RdmaContext>,
     config: ConnectionConfig,
+    mailbox: Mutex<Mailbox>,
+    /// Raised by the completion thread when it filled the mailbox.
+    delivered: tokio::sync::Notify,
 }
 
 // Opcode of a received RDMA WRITE with immediate (IBV_WC_RECV_RDMA_WITH_IMM).
 const WC_RECV_RDMA_WITH_IMM: u32 = 1 << 7 | 1;
 
 impl Connection {
-    /// Creates the queue pair (in INIT) and its completion machinery. Must be called inside a
-    /// tokio runtime.
+    /// Creates the queue pair (in INIT) and its completion machinery, and hands its completion
+    /// queue to the device's completion thread.
     pub fn new(
         context: &Arc<RdmaContext>,
         config: ConnectionConfig,
@@ -568,10 +598,6 @@ impl Connection {
             link_layer: local_port.link_layer,
             subnet_prefix: local_port.subnet_prefix,
         };
-        // SAFETY: the fd belongs to `channel`, which the connection owns and drops only after
-        // `wakeups` (field order), so it stays open for the AsyncFd's whole life.
-        let wakeups = unsafe { AsyncFd::register(ChannelFd(channel.as_raw_fd())) }
-            .map_err(std::io::Error::from)?;
         if config.control_receives > config.receive_depth {
             return Err(RdmaError::verbs(
                 "creating a queue pair",
@@ -582,8 +608,7 @@ impl Connection {
             ));
         }
         let control = ControlRing::new(&context.pd, config.control_receives, config.control_sends)?;
-        let connection = Connection {
-            wakeups,
+        let core = Arc::new(ConnectionCore {
             qp: Mutex::new(qp),
             cq,
             channel,
@@ -595,14 +620,19 @@ impl Connection {
             local_port,
             _context: Arc::clone(context),
             config,
-        };
+            mailbox: Mutex::new(Mailbox::default()),
+            delivered: tokio::sync::Notify::new(),
+        });
         // Receives may be posted from INIT on: the peer's first message finds one waiting.
-        for slot in 0..connection.config.control_receives {
-            connection.post_control_receive(slot)?;
+        for slot in 0..core.config.control_receives {
+            core.post_control_receive(slot)?;
         }
-        Ok(connection)
+        context.poller.register(&core);
+        Ok(Connection { core })
     }
+}
 
+impl ConnectionCore {
     pub fn local_endpoint(&self) -> Endpoint {
         self.local
     }
@@ -990,7 +1020,8 @@ impl Connection {
         Ok(())
     }
 
-    fn drain(&self) -> Vec<Completion> {
+    /// Reaps what the CQ holds now (the completion thread's job: it is the CQ's one reader).
+    pub(crate) fn drain(&self) -> Vec<Completion> {
         const BATCH: usize = 32;
         let mut out = Vec::new();
         let mut reposts = Vec::new();
@@ -1073,28 +1104,63 @@ impl Connection {
         out
     }
 
-    /// Waits for completions without spinning: arms the completion channel, then sleeps on its
-    /// file descriptor until the device signals. Returns at least one completion.
+    /// Waits for the completions the completion thread reaped for this connection. Returns at
+    /// least one. Cancel-safe: what was not returned stays in the mailbox.
     pub async fn completions(&self) -> Result<Vec<Completion>, RdmaError> {
         loop {
-            let ready = self.drain();
-            if !ready.is_empty() {
-                return Ok(ready);
+            {
+                let mut mailbox = self.mailbox.lock().expect("mailbox lock");
+                if !mailbox.completions.is_empty() {
+                    return Ok(std::mem::take(&mut mailbox.completions));
+                }
+                if let Some(err) = &mailbox.error {
+                    return Err(RdmaError::verbs("ibv_req_notify_cq", err));
+                }
             }
-            // SAFETY: the CQ is alive (owned by self).
-            let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
-            if rc != 0 {
-                return Err(RdmaError::verbs(
-                    "ibv_req_notify_cq",
-                    std::io::Error::from_raw_os_error(rc),
-                ));
-            }
-            // A completion may have landed between the drain and arming.
-            let ready = self.drain();
-            if !ready.is_empty() {
-                return Ok(ready);
-            }
-            let mut guard = self.wakeups.readable().await?;
+            // A delivery after the check above leaves a permit: this returns at once.
+            self.delivered.notified().await;
+        }
+    }
+
+    /// The completion thread's hand-over.
+    pub(crate) fn deliver(&self, batch: Vec<Completion>) {
+        if batch.is_empty() {
+            return;
+        }
+        self.mailbox
+            .lock()
+            .expect("mailbox lock")
+            .completions
+            .extend(batch);
+        self.delivered.notify_one();
+    }
+
+    pub(crate) fn deliver_error(&self, err: RdmaError) {
+        self.mailbox.lock().expect("mailbox lock").error = Some(err.to_string());
+        self.delivered.notify_one();
+    }
+
+    pub(crate) fn channel_fd(&self) -> RawFd {
+        self.channel.as_raw_fd()
+    }
+
+    /// Asks the CQ for an event at its next completion.
+    pub(crate) fn arm(&self) -> Result<(), RdmaError> {
+        // SAFETY: the CQ is alive (owned by self).
+        let rc = unsafe { rdma_mummy_sys::ibv_req_notify_cq(self.cq.cq().as_ptr(), 0) };
+        if rc != 0 {
+            return Err(RdmaError::verbs(
+                "ibv_req_notify_cq",
+                std::io::Error::from_raw_os_error(rc),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Takes (and acknowledges) every event waiting on the channel; each counts as a wake-up.
+    pub(crate) fn take_channel_events(&self) {
+        let mut taken = 0;
+        loop {
             let mut event_cq = std::ptr::null_mut();
             let mut event_context = std::ptr::null_mut();
             // SAFETY: the channel is alive and non-blocking; the out-pointers are valid locals.
@@ -1105,13 +1171,15 @@ impl Connection {
                     &mut event_context,
                 )
             };
-            if rc == 0 {
-                // SAFETY: acknowledges the one event just taken from this channel for its CQ.
-                unsafe { rdma_mummy_sys::ibv_ack_cq_events(event_cq, 1) };
-                self.counts.lock().expect("counts lock").wakeups += 1;
-            } else {
-                guard.clear_ready();
+            if rc != 0 {
+                break;
             }
+            // SAFETY: acknowledges the one event just taken from this channel for its CQ.
+            unsafe { rdma_mummy_sys::ibv_ack_cq_events(event_cq, 1) };
+            taken += 1;
+        }
+        if taken > 0 {
+            self.counts.lock().expect("counts lock").wakeups += taken;
         }
     }
 }

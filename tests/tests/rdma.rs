@@ -1171,6 +1171,60 @@ async fn cancelling_one_of_two_transfers_sharing_a_source_leaves_the_other_on_rd
     );
 }
 
+/// `rdma.poll = "busy"`: each device's completion thread polls its completion queues instead
+/// of sleeping on the channel. Pieces still all move over RDMA, byte-identical, with no
+/// completion-channel wake-up on either side.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn pieces_move_over_rdma_with_busy_polling_completion_threads() {
+    let root = scratch("rdma-busy");
+    let source = root.path().join("model.bin");
+    random_file(&source, 64 * MIB, 36);
+    let config = root.path().join("busy.toml");
+    std::fs::write(&config, "[rdma]\npoll = \"busy\"\n").unwrap();
+    let args = [
+        "--metrics",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+    ];
+    let seed = rdma_daemon(root.path(), "seed", 0, &args).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &args).await;
+    assert!(
+        receiver.log_text().contains("poll=busy")
+            || receiver.log_text().contains("\"poll\":\"busy\""),
+        "the daemon says how it polls"
+    );
+    let task = seed.import(&source).await;
+    let output = root.path().join("copy.bin");
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.summary.unwrap().pieces_fetched, 16);
+    assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
+    assert!(same_contents(&source, &output));
+    for (daemon, side) in [(&receiver, "fetching"), (&seed, "serving")] {
+        let scraped = daemon.scrape().await;
+        let work = |kind: &str| {
+            metric(
+                &scraped,
+                &format!(r#"ferry_rdma_work_total{{side="{side}",work="{kind}"}}"#),
+            )
+            .unwrap()
+        };
+        assert!(work("completions") >= 32.0, "{side}: {scraped}");
+        assert_eq!(
+            work("wakeups"),
+            0.0,
+            "{side}: busy polling sleeps on no channel"
+        );
+    }
+}
+
 /// 100 pieces in flight on one queue pair: a window of 100, one queue pair, 100 streams. The
 /// source reads the next pieces while earlier ones are on the wire; both sides' peaks are
 /// counted.

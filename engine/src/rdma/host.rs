@@ -86,7 +86,7 @@ impl RdmaHost {
             gid_index: Some(first.gid.index),
         };
         let opened = ferry_rdma::choose(&devices, &request).and_then(|selection| {
-            let context = RdmaContext::open(selection.clone())?;
+            let context = RdmaContext::open_with(selection.clone(), config.poll_mode())?;
             let region = pool.register_rdma(&context)?;
             Ok((selection, region))
         });
@@ -97,6 +97,7 @@ impl RdmaHost {
                     port = selection.port,
                     gid_index = selection.gid.index,
                     gid = %selection.gid.gid,
+                    poll = %config.poll_mode(),
                     seconds_per_gib = region.seconds_per_gib(),
                     "RDMA device ready, buffer pool registered"
                 );
