@@ -1010,13 +1010,18 @@ async fn a_piece_cold_on_disk_is_served_over_rdma_without_a_cpu_copy() {
         "{} is the store's content",
         content.display()
     );
-    // Cold: the clean pages of everything (the content included) leave the page cache; the
-    // guest is this VM, and the test runs there as root.
+    // The import wrote the content with O_DIRECT, leaving little or none of it cached; a
+    // buffered read (which also checks the stored bytes) warms all of it, so that the drop
+    // below is seen to work. Then the clean pages of everything leave the page cache (the
+    // guest is this VM, and the test runs there as root).
     let resident_after_import = resident_bytes(&content);
+    assert!(same_contents(&source, &content), "the store holds the file");
+    let warm = resident_bytes(&content);
+    assert_eq!(warm, COLD_SIZE, "a buffered read caches the whole content");
     std::fs::write("/proc/sys/vm/drop_caches", "1").expect("dropping the page cache (root)");
     let resident = resident_bytes(&content);
     eprintln!(
-        "seed content resident in the page cache: {resident_after_import} bytes after the import, {resident} before the pull"
+        "seed content resident in the page cache: {resident_after_import} bytes after the import, {warm} after a buffered read, {resident} after the drop (before the pull)"
     );
     assert_eq!(resident, 0, "the content is cold on disk");
     let before = seed.scrape().await;
