@@ -5,7 +5,7 @@
 # initramfs, which mounts this host's root filesystem read-only over 9p and chroots into it,
 # so host-built binaries run there with the host's libraries.
 #
-#   scripts/rxe-vm.sh [--mem MiB] [--timeout SECS] [--rails N] [--rw DIR]... [--verbose] -- COMMAND [ARGS...]
+#   scripts/rxe-vm.sh [--mem MiB] [--timeout SECS] [--rails N] [--disk MiB] [--rw DIR]... [--verbose] -- COMMAND [ARGS...]
 #
 # Inside the VM the command runs as root in the current directory, with this environment
 # plus FERRY_RXE_ADDR0=10.77.0.1 FERRY_RXE_ADDR1=10.77.0.2 FERRY_RXE_DEV0=rxe0
@@ -16,13 +16,17 @@
 # and FERRY_RXE_A_ADDRS/FERRY_RXE_B_ADDRS (their addresses, same order) describe them.
 # The host filesystem is read-only there; /tmp, /run and /dev/shm are fresh tmpfs (lost at
 # power-off); each --rw DIR (or FERRY_VM_RW=DIR:DIR...) is shared read-write at its own path.
+# FERRY_RXE_DISK=/run/ferry-disk is an ext4 filesystem on a real (virtio) block device, so
+# O_DIRECT works there, unlike on tmpfs: --disk MiB (default 512; 0: none) sizes its sparse
+# image, made on the host per run (e2fsprogs) and deleted with the run dir.
 # The command's stdout and stderr both arrive on this script's stdout; its exit status is
 # this script's (124: timed out, 125: the VM itself failed). Idempotent; needs no stdin.
 #
 # Environment: FERRY_VM_CACHE (default /var/tmp/ferry-vm: kernel, initramfs, run dirs),
 # FERRY_VM_KERNEL_PKG (e.g. linux-image-6.1.0-56-amd64; default: the cached one, else what
-# linux-image-amd64 depends on), FERRY_VM_MEM, FERRY_VM_TIMEOUT, FERRY_VM_RW, FERRY_VM_VERBOSE=1,
-# FERRY_VM_KEEP=1 (keep the run dir, whose console.log has the whole serial console).
+# linux-image-amd64 depends on), FERRY_VM_MEM, FERRY_VM_TIMEOUT, FERRY_VM_RAILS, FERRY_VM_RW,
+# FERRY_VM_DISK_MIB, FERRY_VM_VERBOSE=1, FERRY_VM_KEEP=1 (keep the run dir, whose console.log
+# has the whole serial console).
 set -euo pipefail
 
 usage() {
@@ -34,6 +38,7 @@ mem=${FERRY_VM_MEM:-2048}
 timeout_s=${FERRY_VM_TIMEOUT:-1800}
 verbose=${FERRY_VM_VERBOSE:-0}
 rails=${FERRY_VM_RAILS:-1}
+disk_mib=${FERRY_VM_DISK_MIB:-512}
 rw_dirs=()
 if [ -n "${FERRY_VM_RW:-}" ]; then
     IFS=: read -r -a rw_dirs <<<"$FERRY_VM_RW"
@@ -43,6 +48,7 @@ while [ $# -gt 0 ]; do
         --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
         --timeout) timeout_s=${2:?--timeout needs seconds}; shift 2 ;;
         --rails) rails=${2:?--rails needs a count}; shift 2 ;;
+        --disk) disk_mib=${2:?--disk needs MiB}; shift 2 ;;
         --rw) rw_dirs+=("${2:?--rw needs a directory}"); shift 2 ;;
         --verbose) verbose=1; shift ;;
         --) shift; break ;;
@@ -51,7 +57,13 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ $# -gt 0 ] || usage
-case "$mem$timeout_s$rails" in *[!0-9]*) echo "rxe-vm: --mem, --timeout and --rails take integers" >&2; exit 2 ;; esac
+case "$mem$timeout_s$rails$disk_mib" in
+    *[!0-9]*) echo "rxe-vm: --mem, --timeout, --rails and --disk take integers" >&2; exit 2 ;;
+esac
+disk_mib=$((10#$disk_mib))
+# Smaller than this, mkfs.ext4 leaves the journal out or fails.
+[ "$disk_mib" = 0 ] || [ "$disk_mib" -ge 64 ] ||
+    { echo "rxe-vm: --disk takes 0 or at least 64 (MiB)" >&2; exit 2; }
 # Four rails are eight emulated devices on two emulated CPUs: more would only measure qemu.
 [ "$rails" -ge 1 ] && [ "$rails" -le 4 ] || { echo "rxe-vm: --rails takes 1 to 4" >&2; exit 2; }
 
@@ -64,7 +76,8 @@ t_start=$(now)
 # --- host packages -------------------------------------------------------------------------
 # qemu to run the VM; the rest is what the command sees through the chroot: libibverbs with
 # the rxe provider, ibv_devices (ibverbs-utils), perftest, and iproute2's `ip`/`rdma`, which
-# the guest itself uses to make the veth pair and the rxe links (busybox `ip` can't do veth).
+# the guest itself uses to make the veth pair and the rxe links (busybox `ip` can't do veth);
+# e2fsprogs makes the test disk's filesystem here, on the host (faster than under emulation).
 sudo=""
 [ "$(id -u)" = 0 ] || sudo=sudo
 export DEBIAN_FRONTEND=noninteractive
@@ -74,7 +87,9 @@ apt_update() {
     apt_updated=1
 }
 need=()
-for pkg in qemu-system-x86 rdma-core ibverbs-providers libibverbs1 ibverbs-utils perftest iproute2; do
+pkgs=(qemu-system-x86 rdma-core ibverbs-providers libibverbs1 ibverbs-utils perftest iproute2)
+[ "$disk_mib" = 0 ] || pkgs+=(e2fsprogs)
+for pkg in "${pkgs[@]}"; do
     [ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null || true)" = "install ok installed" ] ||
         need+=("$pkg")
 done
@@ -173,6 +188,20 @@ mount -t tmpfs -o mode=1777 tmpfs /host/dev/shm
 mount -t tmpfs -o mode=1777 tmpfs /host/tmp
 mount -t tmpfs -o mode=755 tmpfs /host/run
 mkdir -p /host/run/lock /host/run/ferry-vm
+# The test disk (virtio, so /dev/vda: 9p shares are not block devices), with its modules
+# loaded only when a disk is attached.
+if [ "$(cat /ctl/disk)" != 0 ]; then
+    say "mounting the test disk"
+    while read -r m; do
+        insmod "/modules/$m.ko" || die "insmod $m failed"
+    done </modules/disk-order
+    i=0
+    while [ ! -b /dev/vda ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    mkdir -p /host/run/ferry-disk
+    mount -t ext4 -o noatime /dev/vda /host/run/ferry-disk || die "cannot mount the test disk"
+    chmod 1777 /host/run/ferry-disk
+    echo /run/ferry-disk >/host/run/ferry-vm/disk
+fi
 # Writable shares at their host paths (after the tmpfs mounts, so they may lie under /tmp);
 # cache=mmap keeps writes going straight to the host.
 while read -r tag path; do
@@ -299,6 +328,7 @@ for ((k = 0; k < rails; k++)); do
 done
 export FERRY_RXE_RAILS=$rails FERRY_RXE_A_DEVS=$a_devs FERRY_RXE_B_DEVS=$b_devs
 export FERRY_RXE_A_ADDRS=$a_addrs FERRY_RXE_B_ADDRS=$b_addrs
+[ ! -f "$d/disk" ] || export FERRY_RXE_DISK="$(<"$d/disk")"
 cd "$(<"$d/cwd")" || exit 125
 mapfile -d '' -t args <"$d/args"
 exec "${args[@]}"
@@ -307,8 +337,12 @@ RUN
 # Modules to load; dependencies are added from each .ko's own modinfo and loaded first.
 # crc32_generic: rxe asks the crypto API for "crc32" and cannot add a link without it.
 want_modules="crc32_generic veth virtio_pci 9pnet_virtio 9p rdma_rxe ib_uverbs rdma_ucm"
+# The test disk's, loaded after those: ext4 asks the crypto API for "crc32c" (a soft
+# dependency modinfo does not list as one).
+disk_modules="virtio_blk crc32c_generic ext4"
 bb_deb=$(basename "$cache"/busybox/*.deb)
-key=$(printf '%s\n' "$guest_init" "$guest_setup" "$guest_run" "$want_modules" "$kpkg" "$bb_deb" |
+key=$(printf '%s\n' "$guest_init" "$guest_setup" "$guest_run" "$want_modules" "$disk_modules" \
+    "$kpkg" "$bb_deb" |
     sha256sum | cut -c1-12)
 initrd=$cache/initramfs-$kpkg-$key.cpio.gz
 if [ ! -f "$initrd" ]; then
@@ -334,7 +368,10 @@ if [ ! -f "$initrd" ]; then
         order+=("$m")
     }
     for m in $want_modules; do add_module "$m"; done
-    printf '%s\n' "${order[@]}" >"$stage/root/modules/order"
+    base=${#order[@]}
+    for m in $disk_modules; do add_module "$m"; done
+    printf '%s\n' "${order[@]:0:base}" >"$stage/root/modules/order"
+    printf '%s\n' "${order[@]:base}" >"$stage/root/modules/disk-order"
     cp "$cache/busybox/busybox" "$stage/root/bin/busybox"
     printf '%s\n' "$guest_init" >"$stage/root/init"
     printf '%s\n' "$guest_setup" >"$stage/root/ferry/setup.sh"
@@ -363,6 +400,7 @@ interactive=0
 [ -t 0 ] && interactive=1
 echo "$interactive" >"$ctl/interactive"
 echo "$rails" >"$ctl/rails"
+echo "$disk_mib" >"$ctl/disk"
 shares=(
     -virtfs "local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap"
     -virtfs "local,path=$ctl,mount_tag=ferryctl,security_model=none,multidevs=remap"
@@ -378,13 +416,27 @@ for dir in "${rw_dirs[@]}"; do
     echo "ferryrw$i $dir" >>"$ctl/rw"
     i=$((i + 1))
 done
+# The test disk: a sparse image in the run dir (gone with it), 4 KiB blocks, its inode
+# tables and journal written here so the guest has no lazy init to do under emulation.
+# cache=unsafe: a throwaway disk whose flushes need not reach the host's disk; the guest
+# still sees a real block device (O_DIRECT, its own page cache to drop).
+disk=()
+if [ "$disk_mib" != 0 ]; then
+    truncate -s "${disk_mib}M" "$ctl/disk.img"
+    # mkfs.ext4 lives in /usr/sbin, which a user's PATH may lack.
+    PATH=$PATH:/usr/sbin:/sbin mkfs.ext4 -F -q -b 4096 -m 0 -L ferry-disk \
+        -E lazy_itable_init=0,lazy_journal_init=0 "$ctl/disk.img" ||
+        { log "mkfs.ext4 of the test disk failed"; exit 125; }
+    disk=(-drive "file=$ctl/disk.img,if=virtio,format=raw,cache=unsafe")
+fi
 append="console=ttyS0 panic=-1 rdinit=/init"
 [ "$verbose" = 1 ] && append+=" ferry.verbose" || append+=" quiet loglevel=1"
 
 # -cpu max: host-built binaries and libraries may use instructions qemu64 lacks.
 # -nic none: the guest gets no route anywhere; it only talks to itself over the veth pair.
 qemu=(qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m "$mem" -nographic -no-reboot
-    -nic none -kernel "$kdir/vmlinuz" -initrd "$initrd" -append "$append" "${shares[@]}")
+    -nic none -kernel "$kdir/vmlinuz" -initrd "$initrd" -append "$append" "${shares[@]}"
+    "${disk[@]}")
 console=$ctl/console.log
 # Show only the command's output (between the markers) unless --verbose; the full console
 # goes to console.log for when the VM itself fails.

@@ -1307,3 +1307,133 @@ async fn a_hundred_pieces_are_in_flight_on_one_queue_pair() {
         "the source overlaps pieces: {peak_serving}"
     );
 }
+
+/// The issue's "a piece pulled with the source's content cold on disk goes NIC-ward without a
+/// CPU copy (counted)": the seed's store lies on the VM's ext4 test disk (`FERRY_RXE_DISK`, a
+/// real block device; the VM's /tmp is tmpfs, which has no O_DIRECT), its content is dropped
+/// from the page cache after the import, and every piece it serves over RDMA is read by the
+/// I/O engine with O_DIRECT straight into the registered pool: 0 payload copies by a CPU.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_piece_cold_on_disk_is_served_over_rdma_without_a_cpu_copy() {
+    const COLD_SIZE: u64 = 64 * MIB;
+    let root = scratch("rdma-cold");
+    let disk = env("FERRY_RXE_DISK");
+    let store_root = tempfile::Builder::new()
+        .prefix("ferry-rdma-cold-")
+        .tempdir_in(&disk)
+        .unwrap();
+    let source = root.path().join("model.bin");
+    random_file(&source, COLD_SIZE, 33);
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let seed = Daemon::start(
+        root.path(),
+        "seed",
+        DaemonOptions {
+            listen: Some(format!("{}:0", env("FERRY_RXE_ADDR0"))),
+            data_dir: Some(store_root.path().join("data")),
+            extra_args: [&["--rdma-device", &env("FERRY_RXE_DEV0")][..], &metrics[..]]
+                .concat()
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
+            ..Default::default()
+        },
+    )
+    .await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &metrics).await;
+    assert!(rdma_available(&seed).await && rdma_available(&receiver).await);
+    let engine = seed
+        .log_text()
+        .lines()
+        .find(|l| l.contains("I/O engine ready"))
+        .map(str::to_owned)
+        .unwrap_or_default();
+    assert!(engine.contains("io_uring"), "{engine}\n{}", seed.log_text());
+    let task = seed.import(&source).await;
+    let content = seed
+        .data_dir
+        .join("tasks")
+        .join(&task.task_id)
+        .join("content");
+    assert!(
+        content.is_file(),
+        "{} is the store's content",
+        content.display()
+    );
+    // The import wrote the content with O_DIRECT, leaving little or none of it cached; a
+    // buffered read (which also checks the stored bytes) warms all of it, so that the drop
+    // below is seen to work. Then the clean pages of everything leave the page cache (the
+    // guest is this VM, and the test runs there as root).
+    let resident_after_import = resident_bytes(&content);
+    assert!(same_contents(&source, &content), "the store holds the file");
+    let warm = resident_bytes(&content);
+    assert_eq!(warm, COLD_SIZE, "a buffered read caches the whole content");
+    std::fs::write("/proc/sys/vm/drop_caches", "1").expect("dropping the page cache (root)");
+    let resident = resident_bytes(&content);
+    eprintln!(
+        "seed content resident in the page cache: {resident_after_import} bytes after the import, {warm} after a buffered read, {resident} after the drop (before the pull)"
+    );
+    assert_eq!(resident, 0, "the content is cold on disk");
+    let before = seed.scrape().await;
+    assert_eq!(metric(&before, "ferry_serve_reads_total"), Some(0.0));
+    let output = root.path().join("copy.bin");
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let summary = result.summary.unwrap();
+    let pieces = (COLD_SIZE / (4 * MIB)) as u32;
+    assert_eq!(summary.pieces_fetched, pieces);
+    let not_rdma: Vec<_> = result
+        .pieces
+        .iter()
+        .filter(|p| p.transport != "rdma")
+        .map(|p| p.number)
+        .collect();
+    assert!(
+        not_rdma.is_empty(),
+        "pieces not over rdma: {not_rdma:?}\n{}",
+        receiver.log_text()
+    );
+    assert_eq!(summary.rdma_fallbacks, 0);
+    assert!(same_contents(&source, &output));
+    // Counted on the serving side: one store read per piece, each O_DIRECT (the device wrote
+    // the registered slot the NIC then read), so no CPU copied any payload.
+    let served = seed.scrape().await;
+    let reads = metric(&served, "ferry_serve_reads_total").unwrap();
+    let direct = metric(&served, "ferry_serve_direct_reads_total").unwrap();
+    let copies = metric(&served, "ferry_serve_payload_copies_total").unwrap();
+    eprintln!("cold serving reads {reads}, O_DIRECT {direct}, payload copies {copies}");
+    assert_eq!(reads, pieces as f64);
+    assert_eq!(direct, reads, "every serving read was O_DIRECT");
+    assert_eq!(copies, 0.0, "no CPU copy of payload on the serving side");
+    assert_eq!(
+        metric(
+            &served,
+            r#"ferry_transport_bytes_total{transport="rdma",direction="out"}"#
+        ),
+        Some(COLD_SIZE as f64)
+    );
+    assert_eq!(
+        metric(&served, r#"ferry_pieces_served_total{transport="rdma"}"#),
+        Some(pieces as f64)
+    );
+}
+
+/// Bytes of `path` resident in the page cache (util-linux `fincore`, which asks mincore(2)).
+fn resident_bytes(path: &Path) -> u64 {
+    let out = std::process::Command::new("fincore")
+        .args(["--bytes", "--noheadings", "--output", "RES"])
+        .arg(path)
+        .output()
+        .expect("running fincore (util-linux)");
+    assert!(out.status.success(), "fincore: {out:?}");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("fincore printed {text:?}"))
+}
