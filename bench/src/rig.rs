@@ -293,10 +293,8 @@ impl Rig {
                         return anyhow::Ok(bytes);
                     }
                     let piece = geometry.piece((n % u64::from(geometry.piece_count())) as u32)?;
-                    let mut buf = pool.acquire(piece.length).await?;
-                    let fetched = transport
-                        .fetch(source, &task_id, piece, &mut buf)
-                        .await
+                    let buf = pool.acquire(piece.length).await?;
+                    let fetched = (transport.fetch(source, &task_id, piece, buf).await.result)
                         .map_err(|e| anyhow::anyhow!("piece {}: {e}", piece.number))?;
                     if geometry::parse_digest(&fetched.advertised_digest) != Some(fetched.crc32) {
                         bail!("digest mismatch on piece {}", piece.number);

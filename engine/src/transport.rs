@@ -18,6 +18,26 @@ pub struct FetchedPiece {
     pub crc32: u32,
 }
 
+/// What a fetch gives back: the buffer it was handed, once no device can touch it any more,
+/// and the outcome. `buf` is `None` when that could not be proved (a queue pair that died
+/// without the flush completion that would show its device done): the transport then keeps
+/// the buffer out of the pool, and a retry takes another.
+#[derive(Debug)]
+pub struct Fetched {
+    pub buf: Option<PieceBuffer>,
+    pub result: Result<FetchedPiece, TransportError>,
+}
+
+impl Fetched {
+    /// An outcome whose buffer is the caller's again.
+    pub fn with(buf: PieceBuffer, result: Result<FetchedPiece, TransportError>) -> Fetched {
+        Fetched {
+            buf: Some(buf),
+            result,
+        }
+    }
+}
+
 /// Why a fetch failed, sorted by what the engine should do about it.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -43,14 +63,17 @@ pub trait PieceTransport: Send + Sync {
     /// "tcp", "rdma": reported per piece.
     fn name(&self) -> &'static str;
 
-    /// Fetches `piece` of `task_id` from `source` into `buf` (whose length is the piece's).
+    /// Fetches `piece` of `task_id` from `source` into `buf` (whose length is the piece's),
+    /// which the transport owns until it gives it back in [`Fetched`]: only once no device
+    /// can write it any more. A fetch dropped unfinished drops the buffer with it; the pool
+    /// keeps its slots out of use while a device may still hold them.
     async fn fetch(
         &self,
         source: SocketAddr,
         task_id: &str,
         piece: PieceRange,
-        buf: &mut PieceBuffer,
-    ) -> Result<FetchedPiece, TransportError>;
+        buf: PieceBuffer,
+    ) -> Fetched;
 }
 
 /// Vortex over TCP, with idle connections kept per source for reuse.
@@ -163,6 +186,20 @@ impl PieceTransport for TcpTransport {
     }
 
     async fn fetch(
+        &self,
+        source: SocketAddr,
+        task_id: &str,
+        piece: PieceRange,
+        mut buf: PieceBuffer,
+    ) -> Fetched {
+        // The CPU copies from the socket: the buffer is the caller's again at once.
+        let result = self.fetch_into(source, task_id, piece, &mut buf).await;
+        Fetched::with(buf, result)
+    }
+}
+
+impl TcpTransport {
+    async fn fetch_into(
         &self,
         source: SocketAddr,
         task_id: &str,

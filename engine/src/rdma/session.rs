@@ -5,7 +5,7 @@ use super::{rdma_failure, RdmaSettings, WR_BIND, WR_FETCH, WR_INVALIDATE, WR_KIN
 use crate::geometry::PieceRange;
 use crate::io::{DeviceLease, PieceBuffer};
 use crate::metrics::{Metrics, RdmaSessionGuard};
-use crate::transport::{FetchedPiece, PieceTransport, TransportError};
+use crate::transport::{Fetched, FetchedPiece, PieceTransport, TransportError};
 use ferry_rdma::credit::{ReceiveWindow, SlotCredit};
 use ferry_rdma::wire::{self, Message};
 use ferry_rdma::{
@@ -447,6 +447,7 @@ impl Session {
 
     /// Frees what a request held: its id, send-queue share, windows (spare again when
     /// `settled`: every one invalidated, or the session not broken) and its buffer's lease.
+    /// Returns false when the lease is kept for good (no flush proved the device done).
     fn finish(
         metrics: &Metrics,
         state: &mut SessionState,
@@ -454,7 +455,8 @@ impl Session {
         entries: u32,
         windows: Vec<MemoryWindow>,
         settled: bool,
-    ) {
+    ) -> bool {
+        let mut released = true;
         if let Some(pending) = state.requests.remove(&request) {
             match pending.lease {
                 // Every window is invalidated, or none was ever bound.
@@ -463,6 +465,7 @@ impl Session {
                 Some(lease) => {
                     lease.keep_forever();
                     metrics.rdma_buffers_never_released(false, 1);
+                    released = false;
                 }
                 None => {}
             }
@@ -473,6 +476,7 @@ impl Session {
             state.spare_windows.extend(windows);
         }
         // Else, bound or not, these windows belong to a broken queue pair: dropped here.
+        released
     }
 
     /// A message from the source: the answer to one request in flight, exactly once.
@@ -576,12 +580,31 @@ impl Session {
         }
     }
 
+    /// Fetches `piece` into `buf`, which comes back only if no device can write it any more:
+    /// `None` when the queue pair died and no flush completion proved that (the buffer then
+    /// stays out of the pool for good).
     async fn fetch(
         &self,
         transport: &RdmaTransport,
         task_id: &str,
         piece: PieceRange,
+        mut buf: PieceBuffer,
+    ) -> (Option<PieceBuffer>, Result<FetchedPiece, FetchError>) {
+        let mut device_may_hold = false;
+        let result = self
+            .fetch_into(transport, task_id, piece, &mut buf, &mut device_may_hold)
+            .await;
+        // A buffer whose lease is kept for good is quarantined when dropped.
+        ((!device_may_hold).then_some(buf), result)
+    }
+
+    async fn fetch_into(
+        &self,
+        transport: &RdmaTransport,
+        task_id: &str,
+        piece: PieceRange,
         buf: &mut PieceBuffer,
+        device_may_hold: &mut bool,
     ) -> Result<FetchedPiece, FetchError> {
         let slot_size = buf.slot_size() as u64;
         let slot_count = piece.length.div_ceil(slot_size).max(1) as usize;
@@ -664,7 +687,7 @@ impl Session {
         }
         let windows = guard.windows.take().expect("windows");
         let mut state = self.state.lock().expect("session lock");
-        Self::finish(
+        let released = Self::finish(
             &self.metrics,
             &mut state,
             request,
@@ -673,6 +696,7 @@ impl Session {
             settled,
         );
         drop(state);
+        *device_may_hold = !released;
         self.count_work();
         self.progress.notify_waiters();
         result.map_err(FetchError::Transport)
@@ -1171,23 +1195,25 @@ impl PieceTransport for RdmaTransport {
         source: SocketAddr,
         task_id: &str,
         piece: PieceRange,
-        buf: &mut PieceBuffer,
-    ) -> Result<FetchedPiece, TransportError> {
+        buf: PieceBuffer,
+    ) -> Fetched {
         if self
             .tcp_only
             .lock()
             .expect("tcp_only lock")
             .contains(&source)
         {
-            return Err(TransportError::Unsupported(format!("{source} has no RDMA")));
+            let refused = TransportError::Unsupported(format!("{source} has no RDMA"));
+            return Fetched::with(buf, Err(refused));
         }
         let probe = match self.breakers.admit(source, Instant::now()) {
             Admission::Rdma => false,
             Admission::Probe => true,
             Admission::Tcp => {
-                return Err(TransportError::Unsupported(format!(
+                let refused = TransportError::Unsupported(format!(
                     "{source}: RDMA circuit breaker open (recent RDMA failures); TCP for now"
-                )))
+                ));
+                return Fetched::with(buf, Err(refused));
             }
         };
         let mut outcome = Outcome {
@@ -1196,13 +1222,13 @@ impl PieceTransport for RdmaTransport {
             probe,
             reported: false,
         };
-        let result = self.fetch_admitted(source, task_id, piece, buf).await;
-        match &result {
+        let fetched = self.fetch_admitted(source, task_id, piece, buf).await;
+        match &fetched.result {
             Ok(_) => outcome.report(true),
             Err(TransportError::NotHeld(_) | TransportError::Unsupported(_)) => outcome.neutral(),
             Err(_) => outcome.report(false),
         }
-        result
+        fetched
     }
 }
 
@@ -1212,20 +1238,27 @@ impl RdmaTransport {
         source: SocketAddr,
         task_id: &str,
         piece: PieceRange,
-        buf: &mut PieceBuffer,
-    ) -> Result<FetchedPiece, TransportError> {
+        mut buf: PieceBuffer,
+    ) -> Fetched {
         loop {
-            let session = self.session(source).await?;
+            let session = match self.session(source).await {
+                Ok(session) => session,
+                Err(err) => return Fetched::with(buf, Err(err)),
+            };
             let progressed = session.progress.notified();
-            match session.fetch(self, task_id, piece, buf).await {
+            let (back, result) = session.fetch(self, task_id, piece, buf).await;
+            let result = match result {
                 // Every session is full (more streams than window x queue pairs): wait for a
-                // credit to return, then pick again.
+                // credit to return, then pick again. (No device touched the buffer.)
                 Err(FetchError::WindowFull) => {
+                    buf = back.expect("a fetch refused for a full window keeps no lease");
                     let _ = tokio::time::timeout(Duration::from_millis(100), progressed).await;
+                    continue;
                 }
-                Err(FetchError::Transport(err)) => return Err(err),
-                Ok(fetched) => return Ok(fetched),
-            }
+                Err(FetchError::Transport(err)) => Err(err),
+                Ok(fetched) => Ok(fetched),
+            };
+            return Fetched { buf: back, result };
         }
     }
 }

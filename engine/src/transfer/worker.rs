@@ -4,12 +4,13 @@
 use super::schedule::{Entry, Failure, Next, Schedule};
 use super::{Engine, FailedAttempt, PieceOutcome};
 use crate::geometry::{self, Geometry, PieceRange};
+use crate::io::PieceBuffer;
 use crate::manifest::ContentDigest;
 use crate::metrics::PieceFailure;
 use crate::origin::{Origin, OriginError};
 use crate::rdma::RdmaTransport;
 use crate::store::{StoreError, StoredTask};
-use crate::transport::{FetchedPiece, PieceTransport, TransportError};
+use crate::transport::{Fetched, FetchedPiece, PieceTransport, TransportError};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -198,22 +199,26 @@ impl Worker {
         asked.await.clone()
     }
 
-    /// One transport's fetch, bounded by the piece timeout.
+    /// One transport's fetch, bounded by the piece timeout. A fetch that ran out of time is
+    /// dropped with its buffer (the pool keeps the slots out of use while a device may still
+    /// write them), so no buffer comes back then.
     async fn fetch_with(
         &self,
         transport: &dyn PieceTransport,
         piece: PieceRange,
-        buf: &mut crate::io::PieceBuffer,
-    ) -> Result<FetchedPiece, TransportError> {
+        buf: PieceBuffer,
+    ) -> Fetched {
         let limit = self.engine.settings.piece_timeout;
-        tokio::time::timeout(
-            limit,
-            transport.fetch(self.source, self.task.id(), piece, buf),
-        )
-        .await
-        .map_err(|_| {
-            TransportError::Failed(format!("piece {} took longer than {limit:?}", piece.number))
-        })?
+        let fetch = transport.fetch(self.source, self.task.id(), piece, buf);
+        tokio::time::timeout(limit, fetch)
+            .await
+            .unwrap_or_else(|_| Fetched {
+                buf: None,
+                result: Err(TransportError::Failed(format!(
+                    "piece {} took longer than {limit:?}",
+                    piece.number
+                ))),
+            })
     }
 
     /// Fetches over RDMA when this transfer and the source allow it, else over TCP; a piece
@@ -222,22 +227,31 @@ impl Worker {
     async fn fetch(
         &self,
         piece: PieceRange,
-        buf: &mut crate::io::PieceBuffer,
-    ) -> Result<(FetchedPiece, &'static str, bool), AttemptError> {
+        mut buf: PieceBuffer,
+    ) -> Result<(FetchedPiece, PieceBuffer, &'static str, bool), AttemptError> {
         if let Some(rdma) = self.rdma.as_ref().filter(|r| r.supports(self.source)) {
-            match self.fetch_with(rdma.as_ref(), piece, buf).await {
-                Ok(fetched) => return Ok((fetched, "rdma", false)),
-                Err(err @ TransportError::NotHeld(_)) => return Err(AttemptError::Transport(err)),
-                Err(err) if self.rdma_only => return Err(AttemptError::Transport(err)),
-                Err(TransportError::Unsupported(_)) => {}
-                Err(err) => {
+            let Fetched { buf: back, result } = self.fetch_with(rdma.as_ref(), piece, buf).await;
+            let err = match (result, back) {
+                (Ok(fetched), Some(back)) => return Ok((fetched, back, "rdma", false)),
+                (Ok(_), None) => unreachable!("a fetch that succeeded gives its buffer back"),
+                (Err(err), back) => {
+                    // Not given back: a device may still write it, so a retry takes another.
+                    buf = match back {
+                        Some(back) => back,
+                        None => self.fresh_buffer(piece).await?,
+                    };
+                    err
+                }
+            };
+            match err {
+                err @ TransportError::NotHeld(_) => return Err(AttemptError::Transport(err)),
+                err if self.rdma_only => return Err(AttemptError::Transport(err)),
+                TransportError::Unsupported(_) => {}
+                err => {
                     tracing::warn!(task_id = %self.task.id(), piece = piece.number, source = %self.source_name, error = %err, "RDMA failed for this piece; fetching it over TCP");
                     self.engine.metrics.rdma_fallback();
-                    let fetched = self
-                        .fetch_with(self.engine.tcp.as_ref(), piece, buf)
-                        .await
-                        .map_err(AttemptError::Transport)?;
-                    return Ok((fetched, "tcp", true));
+                    let (fetched, buf) = self.fetch_over_tcp(piece, buf).await?;
+                    return Ok((fetched, buf, "tcp", true));
                 }
             }
         }
@@ -249,11 +263,27 @@ impl Worker {
                 ),
             )));
         }
-        let fetched = self
-            .fetch_with(self.engine.tcp.as_ref(), piece, buf)
-            .await
-            .map_err(AttemptError::Transport)?;
-        Ok((fetched, "tcp", false))
+        let (fetched, buf) = self.fetch_over_tcp(piece, buf).await?;
+        Ok((fetched, buf, "tcp", false))
+    }
+
+    async fn fetch_over_tcp(
+        &self,
+        piece: PieceRange,
+        buf: PieceBuffer,
+    ) -> Result<(FetchedPiece, PieceBuffer), AttemptError> {
+        let Fetched { buf, result } = self.fetch_with(self.engine.tcp.as_ref(), piece, buf).await;
+        let fetched = result.map_err(AttemptError::Transport)?;
+        Ok((
+            fetched,
+            buf.expect("a fetch that succeeded gives its buffer back"),
+        ))
+    }
+
+    /// A buffer for `piece` from the pool.
+    async fn fresh_buffer(&self, piece: PieceRange) -> Result<PieceBuffer, AttemptError> {
+        (self.engine.store.pool().acquire(piece.length).await)
+            .map_err(|e| AttemptError::Store(StoreError::Pool(e)))
     }
 
     /// Fetches one piece into a pool buffer and checks it against the source's digest.
@@ -263,11 +293,7 @@ impl Worker {
             .geometry()
             .piece(entry.number)
             .expect("validated piece number");
-        let pool = self.engine.store.pool();
-        let mut buf = pool
-            .acquire(piece.length)
-            .await
-            .map_err(|e| AttemptError::Store(StoreError::Pool(e)))?;
+        let mut buf = self.fresh_buffer(piece).await?;
         let fetch_started = Instant::now();
         if let Some(origin) = &self.origin {
             // No digest to hold the bytes to: the origin's length, range and version are
@@ -286,7 +312,7 @@ impl Worker {
                 fetch_time: fetch_started.elapsed(),
             });
         }
-        let (fetched, transport, fell_back) = self.fetch(piece, &mut buf).await?;
+        let (fetched, buf, transport, fell_back) = self.fetch(piece, buf).await?;
         let fetch_time = fetch_started.elapsed();
         self.engine.metrics.piece_received(transport, piece.length);
         // Verify before anything is written: the bytes must match the digest the source holds.
