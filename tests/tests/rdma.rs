@@ -1225,6 +1225,70 @@ async fn pieces_move_over_rdma_with_busy_polling_completion_threads() {
     }
 }
 
+/// A 16 MiB piece spans four 4 MiB pool slots; the pool hands it four adjacent slots, so the
+/// receiver grants it through one memory window (one bind) and the source's answer takes that
+/// window back (no local invalidation), as for a one-slot piece.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
+async fn a_piece_of_four_slots_is_granted_through_one_window() {
+    let root = scratch("rdma-one-window");
+    let source = root.path().join("model.bin");
+    random_file(&source, 64 * MIB, 37);
+    let metrics = ["--metrics", "127.0.0.1:0"];
+    let seed = rdma_daemon(root.path(), "seed", 0, &metrics).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, &metrics).await;
+    let task = seed
+        .client()
+        .await
+        .import_task(proto::ImportTaskRequest {
+            path: source.display().to_string(),
+            piece_length: 16 * MIB,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let output = root.path().join("copy.bin");
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    assert_eq!(result.summary.unwrap().pieces_fetched, 4);
+    assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
+    assert!(same_contents(&source, &output));
+    let scraped = receiver.scrape().await;
+    let work = |kind: &str| {
+        metric(
+            &scraped,
+            &format!(r#"ferry_rdma_work_total{{side="fetching",work="{kind}"}}"#),
+        )
+        .unwrap()
+    };
+    assert_eq!(
+        work("send_requests"),
+        8.0,
+        "per piece one bind and the request\n{scraped}"
+    );
+    assert_eq!(
+        metric(
+            &scraped,
+            r#"ferry_rdma_windows_invalidated_total{by="peer"}"#
+        ),
+        Some(4.0)
+    );
+    assert_eq!(
+        metric(
+            &scraped,
+            r#"ferry_rdma_windows_invalidated_total{by="local"}"#
+        ),
+        Some(0.0),
+        "the answer invalidated each piece's only window"
+    );
+}
+
 /// 100 pieces in flight on one queue pair: a window of 100, one queue pair, 100 streams. The
 /// source reads the next pieces while earlier ones are on the wire; both sides' peaks are
 /// counted.

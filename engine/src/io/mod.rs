@@ -8,6 +8,7 @@
 //! proves the kernel is done with it (see `uring` for what happens when a ring fails).
 
 mod faults;
+mod free_slots;
 pub mod pool;
 mod reflink;
 mod sync;

@@ -3,6 +3,7 @@
 //! registered once with io_uring (fixed buffers) and with an RDMA NIC (memory regions):
 //! bytes land from the network and go to disk without a copy.
 
+use super::free_slots::FreeSlots;
 use std::io;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
@@ -105,7 +106,7 @@ impl Shares {
 
 /// The slots not lent out, and how many of each budget's reserve and of the common part are.
 struct Accounts {
-    free: Vec<u32>,
+    free: FreeSlots,
     reserve_used: [usize; 3],
     common_used: usize,
 }
@@ -218,7 +219,7 @@ impl BufferPool {
             shares,
             common: slot_count - shares.total(),
             accounts: Mutex::new(Accounts {
-                free: (0..slot_count as u32).rev().collect(),
+                free: FreeSlots::all(slot_count),
                 reserve_used: [0; 3],
                 common_used: 0,
             }),
@@ -373,8 +374,8 @@ impl BufferPool {
         }
         accounts.reserve_used[at] += from_reserve;
         accounts.common_used += from_common;
-        let split = accounts.free.len() - needed;
-        let slots = accounts.free.split_off(split);
+        // Contiguous when a run is free: one memory window grants the whole piece.
+        let slots = (accounts.free.take(needed)).expect("the budgets account for every free slot");
         Some(PieceBuffer {
             pool: Arc::clone(self),
             slots,
@@ -689,7 +690,7 @@ struct Quarantined {
 impl BufferPool {
     /// Returns `slots` (taken for `budget`, `from_reserve` of them from its reserve) to the
     /// free list.
-    fn give_back(&self, mut slots: Vec<u32>, budget: Budget, from_reserve: usize) {
+    fn give_back(&self, slots: Vec<u32>, budget: Budget, from_reserve: usize) {
         if self.poison_on_release.load(Ordering::Relaxed) {
             for &slot in &slots {
                 // SAFETY: the slot is ours (no buffer owns it any more, no device holds it)
@@ -702,7 +703,7 @@ impl BufferPool {
             let mut accounts = self.accounts.lock().expect("pool lock");
             accounts.reserve_used[budget.index()] -= from_reserve;
             accounts.common_used -= count - from_reserve;
-            accounts.free.append(&mut slots);
+            accounts.free.give_back(&slots);
         }
         self.returned.notify_waiters();
     }

@@ -606,12 +606,9 @@ impl Session {
         buf: &mut PieceBuffer,
         device_may_hold: &mut bool,
     ) -> Result<FetchedPiece, FetchError> {
-        let slot_size = buf.slot_size() as u64;
-        let slot_count = piece.length.div_ceil(slot_size).max(1) as usize;
-        let lens: Vec<u32> = (0..slot_count)
-            .map(|i| slot_size.min(piece.length - i as u64 * slot_size) as u32)
-            .collect();
-        // The worst case on the send queue: a bind and an invalidation per slot, the request.
+        let runs = granted_runs(buf, piece.length);
+        let slot_count = runs.len();
+        // The worst case on the send queue: a bind and an invalidation per window, the request.
         let entries = 2 * slot_count as u32 + 1;
         // Reserve a request id and memory windows.
         let (request, windows, first_wr) = {
@@ -622,7 +619,7 @@ impl Session {
             let depth = ferry_rdma::verbs::SEND_QUEUE_DEPTH;
             if entries > depth {
                 return Err(TransportError::Failed(format!(
-                    "rdma: a piece of {slot_count} slots needs {entries} send-queue entries, more than {depth}"
+                    "rdma: a piece of {slot_count} windows needs {entries} send-queue entries, more than {depth}"
                 ))
                 .into());
             }
@@ -674,7 +671,7 @@ impl Session {
                 buf,
                 request,
                 guard.windows.as_mut().expect("windows"),
-                &lens,
+                &runs,
                 first_wr,
             )
             .await;
@@ -713,11 +710,10 @@ impl Session {
         buf: &mut PieceBuffer,
         request: u16,
         windows: &mut [MemoryWindow],
-        lens: &[u32],
+        runs: &[(usize, u32)],
         first_wr: u64,
     ) -> Result<FetchedPiece, TransportError> {
         let settings = &transport.settings;
-        let slot_size = buf.slot_size() as u64;
         let mut credits = Vec::with_capacity(windows.len());
         let mut seq = first_wr;
         if let Some(pending) = self
@@ -729,8 +725,8 @@ impl Session {
         {
             pending.posted = true;
         }
-        for (index, (window, &len)) in windows.iter_mut().zip(lens).enumerate() {
-            let addr = buf.address_of((index as u64 * slot_size) as usize);
+        for (window, &(offset, len)) in windows.iter_mut().zip(runs) {
+            let addr = buf.address_of(offset);
             seq += 1;
             // SAFETY: `buf` is borrowed mutably by this fetch, so nothing else uses its slots,
             // and they are leased to the device (`Pending::lease`) until the windows are known
@@ -883,6 +879,28 @@ impl Session {
             crc32,
         })
     }
+}
+
+/// The ranges of `buf` a fetch grants, one memory window each: its slots merged into runs of
+/// adjacent memory (the pool hands a piece one run whenever one is free, so one window and
+/// one invalidation by the source's answer cover the whole piece), as (offset, length).
+fn granted_runs(buf: &PieceBuffer, length: u64) -> Vec<(usize, u32)> {
+    let slot_size = buf.slot_size() as u64;
+    let mut runs: Vec<(usize, u32)> = Vec::new();
+    for index in 0..length.div_ceil(slot_size).max(1) {
+        let offset = index * slot_size;
+        let len = slot_size.min(length - offset) as u32;
+        match runs.last_mut() {
+            Some((start, run))
+                if buf.address_of(*start) + u64::from(*run) == buf.address_of(offset as usize)
+                    && run.checked_add(len).is_some() =>
+            {
+                *run += len;
+            }
+            _ => runs.push((offset as usize, len)),
+        }
+    }
+    runs
 }
 
 /// Holds a fetch's windows; a fetch dropped before it took them back (its windows still
