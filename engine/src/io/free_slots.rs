@@ -14,7 +14,7 @@ impl FreeSlots {
     /// Every one of `total` slots free.
     pub(super) fn all(total: usize) -> FreeSlots {
         let mut words = vec![u64::MAX; total.div_ceil(64)];
-        if total % 64 != 0 {
+        if !total.is_multiple_of(64) {
             *words.last_mut().expect("a word") = (1u64 << (total % 64)) - 1;
         }
         FreeSlots {
