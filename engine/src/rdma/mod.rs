@@ -3,12 +3,14 @@
 
 pub mod breaker;
 mod host;
+mod requests;
 mod serve;
 mod session;
+mod transport;
 
 pub use host::{RdmaHost, RdmaStatus};
 pub use serve::{RdmaService, MAX_WRITES_PER_PIECE};
-pub use session::RdmaTransport;
+pub use transport::RdmaTransport;
 
 use crate::metrics::Metrics;
 use crate::store::Store;
@@ -99,7 +101,7 @@ impl RdmaHost {
             sessions: Mutex::new(HashMap::new()),
             connecting: Mutex::new(HashMap::new()),
             tcp_only: Mutex::new(HashSet::new()),
-            breakers: session::Breakers::new(breaker::BreakerSettings::default(), metrics),
+            breakers: transport::Breakers::new(breaker::BreakerSettings::default(), metrics),
             metrics: Arc::clone(metrics),
         };
         let service = RdmaService {
