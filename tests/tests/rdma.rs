@@ -10,13 +10,21 @@ use std::time::{Duration, Instant};
 
 const SIZE: u64 = 256 * MIB;
 
+/// No extra daemon flags.
+const NO_FLAGS: &[&str] = &[];
+
 fn env(name: &str) -> String {
     std::env::var(name)
         .unwrap_or_else(|_| panic!("{name} is not set: run inside scripts/rxe-vm.sh"))
 }
 
 /// A daemon on one of the VM's RDMA addresses (`which` 0 or 1), with extra flags.
-async fn rdma_daemon(root: &std::path::Path, name: &str, which: u8, extra: &[&str]) -> Daemon {
+async fn rdma_daemon(
+    root: &std::path::Path,
+    name: &str,
+    which: u8,
+    extra: &[impl AsRef<str>],
+) -> Daemon {
     rdma_daemon_with_pool(root, name, which, extra, None).await
 }
 
@@ -25,7 +33,7 @@ async fn rdma_daemon_with_pool(
     root: &std::path::Path,
     name: &str,
     which: u8,
-    extra: &[&str],
+    extra: &[impl AsRef<str>],
     pool_mib: Option<u64>,
 ) -> Daemon {
     let options = DaemonOptions {
@@ -42,7 +50,7 @@ async fn poisoned_rdma_daemon(
     root: &std::path::Path,
     name: &str,
     which: u8,
-    extra: &[&str],
+    extra: &[impl AsRef<str>],
 ) -> Daemon {
     let options = DaemonOptions {
         env: vec![("FERRY_TEST_POISON_POOL".into(), "1".into())],
@@ -55,14 +63,14 @@ async fn rdma_daemon_with(
     root: &std::path::Path,
     name: &str,
     which: u8,
-    extra: &[&str],
+    extra: &[impl AsRef<str>],
     options: DaemonOptions,
 ) -> Daemon {
     let mut extra_args = vec![
         "--rdma-device".to_owned(),
         env(&format!("FERRY_RXE_DEV{which}")),
     ];
-    extra_args.extend(extra.iter().map(|s| s.to_string()));
+    extra_args.extend(extra.iter().map(|s| s.as_ref().to_owned()));
     let listen = format!("{}:0", env(&format!("FERRY_RXE_ADDR{which}")));
     Daemon::start(
         root,
@@ -74,6 +82,21 @@ async fn rdma_daemon_with(
         },
     )
     .await
+}
+
+/// A daemon's flags for a metrics endpoint and a config file holding `toml` (written under
+/// `root` as `NAME.toml`).
+fn metrics_and_config(root: &Path, name: &str, toml: &str) -> Vec<String> {
+    let config = root.join(format!("{name}.toml"));
+    std::fs::write(&config, toml).unwrap();
+    [
+        "--metrics",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Waits (at most a minute) until every buffer of `daemon`'s pool is free again; returns its
@@ -256,7 +279,7 @@ async fn a_daemon_without_rdma_is_reached_over_tcp() {
     let source = root.path().join("model.bin");
     random_file(&source, 64 * MIB, 22);
     let seed = rdma_daemon(root.path(), "seed", 0, &["--no-rdma"]).await;
-    let receiver = rdma_daemon(root.path(), "receiver", 1, &[]).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, NO_FLAGS).await;
     assert!(!rdma_available(&seed).await);
     assert!(rdma_available(&receiver).await);
     let task = seed.import(&source).await;
@@ -300,8 +323,8 @@ async fn a_sender_killed_mid_transfer_does_not_hang_it() {
     let root = scratch("rdma-kill");
     let source = root.path().join("model.bin");
     random_file(&source, 128 * MIB, 23);
-    let victim = rdma_daemon(root.path(), "victim", 0, &[]).await;
-    let survivor = rdma_daemon(root.path(), "survivor", 0, &[]).await;
+    let victim = rdma_daemon(root.path(), "victim", 0, NO_FLAGS).await;
+    let survivor = rdma_daemon(root.path(), "survivor", 0, NO_FLAGS).await;
     let receiver_args = ["--io-timeout", "3", "--metrics", "127.0.0.1:0"];
     let receiver = poisoned_rdma_daemon(root.path(), "receiver", 1, &receiver_args).await;
     let task = victim.import(&source).await;
@@ -370,18 +393,12 @@ async fn a_queue_pair_the_fabric_fails_mid_piece_gives_buffers_back_only_after_i
     let root = scratch("rdma-link-down");
     let source = root.path().join("model.bin");
     random_file(&source, 128 * MIB, 35);
-    let receiver_config = root.path().join("receiver.toml");
-    std::fs::write(
-        &receiver_config,
-        "[rdma]\nwindow = 8\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 8\npiece_timeout_secs = 120\nmax_attempts = 8\n",
-    )
-    .unwrap();
     let metrics = ["--metrics", "127.0.0.1:0"];
-    let receiver_args = [
-        &metrics[..],
-        &["--config", receiver_config.to_str().unwrap()],
-    ]
-    .concat();
+    let receiver_args = metrics_and_config(
+        root.path(),
+        "receiver",
+        "[rdma]\nwindow = 8\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 8\npiece_timeout_secs = 120\nmax_attempts = 8\n",
+    );
     let seed = poisoned_rdma_daemon(root.path(), "seed", 0, &metrics).await;
     let receiver = poisoned_rdma_daemon(root.path(), "receiver", 1, &receiver_args).await;
     let task = seed.import(&source).await;
@@ -599,7 +616,7 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
         late
     });
 
-    let receiver = rdma_daemon(root.path(), "receiver", 1, &[]).await;
+    let receiver = rdma_daemon(root.path(), "receiver", 1, NO_FLAGS).await;
     let output = root.path().join("piece.bin");
     let mut request = pull_request(&task_id, &[&rogue_address], &output);
     request.content_length = PIECE;
@@ -625,7 +642,7 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
     // And the receiver keeps serving: a real seed's transfer over RDMA still works.
     let source = root.path().join("next.bin");
     random_file(&source, 16 * MIB, 24);
-    let seed = rdma_daemon(root.path(), "seed", 0, &[]).await;
+    let seed = rdma_daemon(root.path(), "seed", 0, NO_FLAGS).await;
     let task = seed.import(&source).await;
     let next = root.path().join("next-copy.bin");
     let result = transfer(
@@ -645,7 +662,7 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
 #[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
 async fn ferry_devices_shows_link_layer_and_lid() {
     let root = scratch("rdma-devices");
-    let daemon = rdma_daemon(root.path(), "d", 0, &[]).await;
+    let daemon = rdma_daemon(root.path(), "d", 0, NO_FLAGS).await;
     let run = |json: bool| {
         let mut command = std::process::Command::new(ferry_bin());
         command.arg("--control").arg(&daemon.control);
@@ -973,7 +990,7 @@ async fn a_not_held_answer_keeps_the_queue_pair_and_the_next_pieces_use_it() {
     let source = root.path().join("model.bin");
     random_file(&source, 64 * MIB, 31);
     let metrics = ["--metrics", "127.0.0.1:0"];
-    let seed = rdma_daemon(root.path(), "seed", 0, &[]).await;
+    let seed = rdma_daemon(root.path(), "seed", 0, NO_FLAGS).await;
     let partial = rdma_daemon(root.path(), "partial", 1, &metrics).await;
     let receiver = rdma_daemon(root.path(), "receiver", 0, &metrics).await;
     let task = seed.import(&source).await;
@@ -1060,18 +1077,12 @@ async fn cancelling_one_of_two_transfers_sharing_a_source_leaves_the_other_on_rd
     let kept_source = root.path().join("kept.bin");
     random_file(&cancelled_source, 192 * MIB, 33);
     random_file(&kept_source, 96 * MIB, 34);
-    let receiver_config = root.path().join("receiver.toml");
-    std::fs::write(
-        &receiver_config,
-        "[rdma]\nwindow = 16\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 8\n",
-    )
-    .unwrap();
     let metrics = ["--metrics", "127.0.0.1:0"];
-    let receiver_args = [
-        &metrics[..],
-        &["--config", receiver_config.to_str().unwrap()],
-    ]
-    .concat();
+    let receiver_args = metrics_and_config(
+        root.path(),
+        "receiver",
+        "[rdma]\nwindow = 16\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 8\n",
+    );
     let seed = rdma_daemon(root.path(), "seed", 0, &metrics).await;
     let receiver = rdma_daemon(root.path(), "receiver", 1, &receiver_args).await;
     let cancelled_task = seed.import(&cancelled_source).await;
@@ -1180,14 +1191,7 @@ async fn pieces_move_over_rdma_with_busy_polling_completion_threads() {
     let root = scratch("rdma-busy");
     let source = root.path().join("model.bin");
     random_file(&source, 64 * MIB, 36);
-    let config = root.path().join("busy.toml");
-    std::fs::write(&config, "[rdma]\npoll = \"busy\"\n").unwrap();
-    let args = [
-        "--metrics",
-        "127.0.0.1:0",
-        "--config",
-        config.to_str().unwrap(),
-    ];
+    let args = metrics_and_config(root.path(), "busy", "[rdma]\npoll = \"busy\"\n");
     let seed = rdma_daemon(root.path(), "seed", 0, &args).await;
     let receiver = rdma_daemon(root.path(), "receiver", 1, &args).await;
     assert!(
@@ -1299,20 +1303,14 @@ async fn a_hundred_pieces_are_in_flight_on_one_queue_pair() {
     let source = root.path().join("model.bin");
     random_file(&source, 400 * MIB, 32);
     // 640 MiB pools: the receive and serve budgets may each hold 5/8 of it, 100 pieces.
-    let receiver_config = root.path().join("receiver.toml");
-    std::fs::write(
-        &receiver_config,
-        // The last of 100 queued pieces waits for the 99 before it: at emulated speeds under
-        // load that passes the 60 s default piece timeout, which is not what this tests.
-        "[rdma]\nwindow = 100\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 100\npiece_timeout_secs = 600\n",
-    )
-    .unwrap();
+    // The last of 100 queued pieces waits for the 99 before it: at emulated speeds under
+    // load that passes the 60 s default piece timeout, which is not what this tests.
     let metrics = ["--metrics", "127.0.0.1:0"];
-    let receiver_args = [
-        &metrics[..],
-        &["--config", receiver_config.to_str().unwrap()],
-    ]
-    .concat();
+    let receiver_args = metrics_and_config(
+        root.path(),
+        "receiver",
+        "[rdma]\nwindow = 100\nqueue_pairs = 1\n[transfer]\nstreams_per_source = 100\npiece_timeout_secs = 600\n",
+    );
     let seed = rdma_daemon_with_pool(root.path(), "seed", 0, &metrics, Some(640)).await;
     let receiver =
         rdma_daemon_with_pool(root.path(), "receiver", 1, &receiver_args, Some(640)).await;

@@ -5,6 +5,7 @@ pub mod breaker;
 mod host;
 mod requests;
 mod serve;
+mod served;
 mod session;
 mod transport;
 

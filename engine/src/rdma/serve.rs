@@ -6,7 +6,8 @@
 //! pool) while earlier pieces are on the wire, and a piece's writes are posted as soon as its
 //! read completes and the send queue has room, never after waiting for another piece.
 
-use super::{RdmaSettings, WR_ANSWER, WR_DONE, WR_WRITE};
+use super::served::{Piece, Served};
+use super::RdmaSettings;
 use crate::geometry::format_digest;
 use crate::io::PieceBuffer;
 use crate::metrics::Metrics;
@@ -14,7 +15,6 @@ use crate::store::{Store, StoredTask};
 use ferry_rdma::credit::{self, ChunkWrite, SlotCredit};
 use ferry_rdma::wire::{self, Message};
 use ferry_rdma::{Connection, ConnectionConfig, RdmaContext, RdmaError, RegisteredRegion};
-use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -49,18 +49,10 @@ struct Granted {
     invalidate: u32,
 }
 
-/// A granted piece read into the serving budget, waiting for room on the send queue.
-struct ReadPiece {
-    granted: Granted,
-    buf: PieceBuffer,
-}
-
-/// A piece whose writes and completing SEND are posted. Its buffer stays here until that
-/// SEND's completion, which (RC completes in order) proves the NIC read every chunk.
-struct OnWire {
-    buf: PieceBuffer,
-    task: Arc<StoredTask>,
-    length: u64,
+impl Piece for Granted {
+    fn writes(&self) -> usize {
+        self.writes.len()
+    }
 }
 
 /// What a request comes to before its piece is read: a refusal to answer at once, or a read.
@@ -145,21 +137,16 @@ impl RdmaService {
     ) -> Result<(), RdmaError> {
         loop {
             self.post_ready(connection, pieces)?;
-            let idle = pieces.is_idle();
+            let idle = pieces.served.is_idle();
             tokio::select! {
                 batch = connection.completions() => {
                     let mut first_error = None;
                     for completion in batch? {
                         // A piece's completing SEND completed (or was flushed): RC completes
                         // in order, so the NIC is done with every chunk before it.
-                        if let Some(done) = pieces.on_wire.remove(&completion.wr_id) {
-                            if completion.is_error() {
-                                self.metrics.rdma_buffers_released_on_flush(true, 1);
-                            } else {
-                                done.task.count_served();
-                                self.metrics.rdma_piece_served(done.length);
-                            }
-                            drop(done.buf);
+                        if let Some((granted, buf)) = pieces.served.completed(completion.wr_id) {
+                            self.count_answered(&granted, completion.is_error());
+                            drop(buf);
                         }
                         // The rest of the batch is still looked at: it may free buffers.
                         if first_error.is_some() {
@@ -180,8 +167,11 @@ impl RdmaService {
                 }
                 Some(joined) = pieces.reads.join_next(), if !pieces.reads.is_empty() => {
                     match joined {
-                        Ok(Ok(piece)) => pieces.ready.push_back(piece),
-                        Ok(Err(answer)) => self.answer(connection, pieces, &answer)?,
+                        Ok(Ok((granted, buf))) => pieces.served.read(granted, buf),
+                        Ok(Err(answer)) => {
+                            pieces.served.read_failed();
+                            self.answer(connection, pieces, &answer)?;
+                        }
                         Err(err) => return Err(RdmaError::verbs("reading a piece to serve", err)),
                     }
                 }
@@ -197,8 +187,18 @@ impl RdmaService {
         pieces: &mut Pieces,
         answer: &Message,
     ) -> Result<(), RdmaError> {
-        pieces.next_wr += 1;
-        connection.post_message(WR_ANSWER | pieces.next_wr, &answer.encode(), None)
+        let wr = pieces.served.answer_wr();
+        connection.post_message(wr, &answer.encode(), None)
+    }
+
+    /// A piece's answer completed (the piece served) or was flushed (its buffer free again).
+    fn count_answered(&self, granted: &Granted, flushed: bool) {
+        if flushed {
+            self.metrics.rdma_buffers_released_on_flush(true, 1);
+        } else {
+            granted.task.count_served();
+            self.metrics.rdma_piece_served(granted.piece.length);
+        }
     }
 
     fn on_request(
@@ -225,12 +225,13 @@ impl RdmaService {
             Admitted::Answer(answer) => self.answer(connection, pieces, &answer),
             Admitted::Read(granted) => {
                 let store = Arc::clone(&self.store);
-                self.metrics.rdma_in_flight(true, pieces.in_flight() + 1);
+                pieces.served.read_started();
+                self.metrics.rdma_in_flight(true, pieces.served.in_flight());
                 pieces.reads.spawn(async move {
                     // From disk straight into the registered pool (O_DIRECT where possible),
                     // in a buffer of the serving budget.
                     match store.read_piece(&granted.task, granted.piece).await {
-                        Ok(buf) => Ok(ReadPiece { granted, buf }),
+                        Ok(buf) => Ok((granted, buf)),
                         Err(err) => Err(failed(
                             granted.request,
                             false,
@@ -299,45 +300,25 @@ impl RdmaService {
     /// then one signalled SEND_WITH_INVALIDATE carrying the digest, which the receiver sees
     /// only after every chunk is placed.
     fn post_ready(&self, connection: &Connection, pieces: &mut Pieces) -> Result<(), RdmaError> {
-        while let Some(piece) = pieces.ready.front() {
-            let entries = piece.granted.writes.len() as u32 + 1;
-            if connection.send_queue_free() < entries || connection.message_slots_free() == 0 {
+        let room = || {
+            (
+                connection.send_queue_free(),
+                connection.message_slots_free(),
+            )
+        };
+        loop {
+            let (send_queue_free, message_slots_free) = room();
+            // On the wire from here: should a post fail half way, tear-down still waits for
+            // (or never returns) its buffer.
+            let Some(posting) = pieces.served.post_next(send_queue_free, message_slots_free) else {
                 return Ok(());
-            }
-            let ReadPiece {
-                granted:
-                    Granted {
-                        request,
-                        task,
-                        piece,
-                        crc,
-                        writes,
-                        invalidate,
-                    },
-                buf,
-            } = pieces.ready.pop_front().expect("a front");
-            let addresses: Vec<u64> = writes
-                .iter()
-                .map(|w| buf.address_of(w.piece_offset as usize))
-                .collect();
-            pieces.next_wr += 1;
-            let wr = WR_DONE | pieces.next_wr;
-            // The buffer is accounted on the wire before the first write is posted: should a
-            // post fail half way, tear-down still waits for (or never returns) it.
-            pieces.on_wire.insert(
-                wr,
-                OnWire {
-                    buf,
-                    task,
-                    length: piece.length,
-                },
-            );
-            for (write, local) in writes.iter().zip(addresses) {
-                pieces.next_wr += 1;
+            };
+            let granted = posting.piece;
+            for (write, &wr) in granted.writes.iter().zip(&posting.write_wrs) {
                 connection.post_write(
-                    WR_WRITE | pieces.next_wr,
+                    wr,
                     &self.region,
-                    local,
+                    posting.buf.address_of(write.piece_offset as usize),
                     write.len,
                     write.rkey,
                     write.remote_addr,
@@ -345,14 +326,13 @@ impl RdmaService {
                 )?;
             }
             let done = Message::Done {
-                request,
-                number: piece.number,
-                length: piece.length,
-                digest: format_digest(crc),
+                request: granted.request,
+                number: granted.piece.number,
+                length: granted.piece.length,
+                digest: format_digest(granted.crc),
             };
-            connection.post_message(wr, &done.encode(), Some(invalidate))?;
+            connection.post_message(posting.answer_wr, &done.encode(), Some(granted.invalidate))?;
         }
-        Ok(())
     }
 
     /// Ends the queue pair so that no buffer returns to the pool while the NIC may still read
@@ -361,64 +341,47 @@ impl RdmaService {
     /// leaves its buffer out of the pool for good rather than risk it.
     async fn tear_down(&self, connection: &Connection, mut pieces: Pieces) {
         pieces.reads.abort_all();
-        drop(pieces.ready);
-        if pieces.on_wire.is_empty() {
+        pieces.served.drop_unposted();
+        if pieces.served.on_wire() == 0 {
             return;
         }
         let _ = connection.fail();
         let deadline = tokio::time::Instant::now() + self.settings.io_timeout;
-        while !pieces.on_wire.is_empty() {
+        while pieces.served.on_wire() > 0 {
             match tokio::time::timeout_at(deadline, connection.completions()).await {
                 Ok(Ok(batch)) => {
                     for completion in batch {
-                        let Some(done) = pieces.on_wire.remove(&completion.wr_id) else {
-                            continue;
-                        };
-                        if completion.is_error() {
-                            self.metrics.rdma_buffers_released_on_flush(true, 1);
-                        } else {
-                            // Completed before the queue pair left the ready state.
-                            done.task.count_served();
-                            self.metrics.rdma_piece_served(done.length);
+                        if let Some((granted, _buf)) = pieces.served.completed(completion.wr_id) {
+                            // Completed before the queue pair left the ready state, or flushed.
+                            self.count_answered(&granted, completion.is_error());
                         }
                     }
                 }
                 Ok(Err(_)) | Err(_) => break,
             }
         }
-        if !pieces.on_wire.is_empty() {
+        let never = pieces.served.take_on_wire();
+        if !never.is_empty() {
             tracing::error!(
-                pieces = pieces.on_wire.len(),
+                pieces = never.len(),
                 "RDMA writes never flushed; their buffers are kept out of the pool"
             );
             self.metrics
-                .rdma_buffers_never_released(true, pieces.on_wire.len() as u64);
-            for (_, piece) in pieces.on_wire.drain() {
-                std::mem::forget(piece.buf);
+                .rdma_buffers_never_released(true, never.len() as u64);
+            for (_, buf) in never {
+                std::mem::forget(buf);
             }
         }
     }
 }
 
-/// The pieces of one serving queue pair.
+/// The pieces of one serving queue pair: the reads in flight, and the rest in the machine.
 #[derive(Default)]
 struct Pieces {
-    reads: JoinSet<Result<ReadPiece, Message>>,
-    ready: VecDeque<ReadPiece>,
-    on_wire: HashMap<u64, OnWire>,
-    next_wr: u64,
+    reads: JoinSet<Result<(Granted, PieceBuffer), Message>>,
+    served: Served<Granted, PieceBuffer>,
     /// The connection's work counts already added to the metrics.
     counted_work: ferry_rdma::WorkCounts,
-}
-
-impl Pieces {
-    fn in_flight(&self) -> usize {
-        self.reads.len() + self.ready.len() + self.on_wire.len()
-    }
-
-    fn is_idle(&self) -> bool {
-        self.reads.is_empty() && self.ready.is_empty() && self.on_wire.is_empty()
-    }
 }
 
 /// Resolves when the peer closes the TCP connection (the end of the queue pair). After set-up
