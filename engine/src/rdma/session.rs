@@ -55,7 +55,7 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 
 /// How often the pump looks at abandoned requests while no completion arrives (their
 /// timeouts; completions settle them at once).
-const ORPHAN_TICK: Duration = Duration::from_secs(1);
+const ABANDONED_TICK: Duration = Duration::from_secs(1);
 
 /// Work request ids carry the request id, so completions find their fetch.
 fn wr_id(kind: u64, request: u16, seq: u64) -> u64 {
@@ -233,7 +233,7 @@ impl Session {
                 return self.flush(FLUSH_LIMIT).await;
             }
             // Completions are not lost when the wait times out: they stay on the queue.
-            let batch = match tokio::time::timeout(ORPHAN_TICK, self.connection.completions()).await
+            let batch = match tokio::time::timeout(ABANDONED_TICK, self.connection.completions()).await
             {
                 Ok(Ok(batch)) => batch,
                 Ok(Err(err)) => return self.break_with(format!("rdma: {err}")),
