@@ -233,15 +233,15 @@ impl Session {
                 return self.flush(FLUSH_LIMIT).await;
             }
             // Completions are not lost when the wait times out: they stay on the queue.
-            let batch = match tokio::time::timeout(ABANDONED_TICK, self.connection.completions()).await
-            {
-                Ok(Ok(batch)) => batch,
-                Ok(Err(err)) => return self.break_with(format!("rdma: {err}")),
-                Err(_) => {
-                    self.settle_abandoned();
-                    continue;
-                }
-            };
+            let batch =
+                match tokio::time::timeout(ABANDONED_TICK, self.connection.completions()).await {
+                    Ok(Ok(batch)) => batch,
+                    Ok(Err(err)) => return self.break_with(format!("rdma: {err}")),
+                    Err(_) => {
+                        self.settle_abandoned();
+                        continue;
+                    }
+                };
             let failure = {
                 let mut state = self.state.lock().expect("session lock");
                 let mut failure = None;
