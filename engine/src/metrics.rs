@@ -206,6 +206,15 @@ impl Default for Metrics {
     }
 }
 
+/// The `side` label of RDMA series: "serving" (peers fetching from us) or "fetching".
+fn side_label(serving: bool) -> &'static str {
+    if serving {
+        "serving"
+    } else {
+        "fetching"
+    }
+}
+
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::with_prefix("ferry");
@@ -704,7 +713,7 @@ impl Metrics {
         before: &ferry_rdma::WorkCounts,
         now: &ferry_rdma::WorkCounts,
     ) {
-        let side = if serving { "serving" } else { "fetching" };
+        let side = side_label(serving);
         let deltas = [
             now.send_requests - before.send_requests,
             now.signalled - before.signalled,
@@ -722,7 +731,7 @@ impl Metrics {
 
     /// `count` buffers' device claims were released by a flush completion.
     pub fn rdma_buffers_released_on_flush(&self, serving: bool, count: u64) {
-        let side = if serving { "serving" } else { "fetching" };
+        let side = side_label(serving);
         (self.rdma_buffers_flushed)
             .get_or_create(&SideLabel { side })
             .inc_by(count);
@@ -730,20 +739,20 @@ impl Metrics {
 
     /// `count` buffers stay out of the pool for good (no flush completion came).
     pub fn rdma_buffers_never_released(&self, serving: bool, count: u64) {
-        let side = if serving { "serving" } else { "fetching" };
+        let side = side_label(serving);
         (self.rdma_buffers_kept)
             .get_or_create(&SideLabel { side })
             .inc_by(count);
     }
 
-    /// An abandoned fetch's windows were taken back without breaking its queue pair.
-    pub fn rdma_abandoned_settled(&self) {
-        self.rdma_abandoned_settled.inc();
+    /// `count` abandoned fetches' windows were taken back without breaking their queue pair.
+    pub fn rdma_abandoned_settled(&self, count: u64) {
+        self.rdma_abandoned_settled.inc_by(count);
     }
 
     /// Raises the peak of pieces in flight on one queue pair to `in_flight` if it is higher.
     pub fn rdma_in_flight(&self, serving: bool, in_flight: usize) {
-        let side = if serving { "serving" } else { "fetching" };
+        let side = side_label(serving);
         let gauge = self.rdma_peak_in_flight.get_or_create(&SideLabel { side });
         gauge
             .inner()
@@ -763,7 +772,7 @@ impl Metrics {
 
     /// Counts an RDMA session as up until the returned guard is dropped.
     pub fn rdma_session(self: &Arc<Self>, serving: bool) -> RdmaSessionGuard {
-        let side = if serving { "serving" } else { "fetching" };
+        let side = side_label(serving);
         self.rdma_sessions.get_or_create(&SideLabel { side }).inc();
         RdmaSessionGuard {
             metrics: Arc::clone(self),

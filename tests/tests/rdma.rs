@@ -99,6 +99,38 @@ fn metrics_and_config(root: &Path, name: &str, toml: &str) -> Vec<String> {
     .to_vec()
 }
 
+/// A daemon's `ferry_rdma_work_total` for `side` and `kind`, from its scraped metrics.
+fn rdma_work(scraped: &str, side: &str, kind: &str) -> f64 {
+    metric(
+        scraped,
+        &format!(r#"ferry_rdma_work_total{{side="{side}",work="{kind}"}}"#),
+    )
+    .unwrap_or_else(|| panic!("no {side} {kind} in {scraped}"))
+}
+
+/// Starts `request` on `daemon` in a task of its own; the receiver resolves when its first
+/// piece is in (so a test can act while the rest are in flight).
+async fn spawn_transfer_noting_first_piece(
+    daemon: &Daemon,
+    request: proto::TransferPiecesRequest,
+) -> (
+    tokio::task::JoinHandle<Result<Transfer, tonic::Status>>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
+    let mut client = daemon.client().await;
+    let running = tokio::spawn(async move {
+        let mut first_piece = Some(first_piece);
+        transfer(&mut client, request, |_| {
+            if let Some(tx) = first_piece.take() {
+                let _ = tx.send(());
+            }
+        })
+        .await
+    });
+    (running, got_first_piece)
+}
+
 /// Waits (at most a minute) until every buffer of `daemon`'s pool is free again; returns its
 /// metrics then.
 async fn pool_whole(daemon: &Daemon) -> String {
@@ -214,34 +246,27 @@ async fn pieces_move_over_rdma_between_two_daemons() {
     assert!(metric(&served, "ferry_rdma_registered_bytes") > Some(0.0));
     // The work per piece, counted (it does not depend on speed). 64 pieces of 4 MiB, each one
     // pool slot (one window) and four 1 MiB writes.
-    let work = |text: &str, side: &str, kind: &str| {
-        metric(
-            text,
-            &format!(r#"ferry_rdma_work_total{{side="{side}",work="{kind}"}}"#),
-        )
-        .unwrap_or_else(|| panic!("no {side} {kind} in {text}"))
-    };
     eprintln!(
         "per piece: receiver {} send requests, {} signalled, {} completions, {} wake-ups; source {} send requests, {} signalled, {} completions, {} wake-ups",
-        work(&fetched, "fetching", "send_requests") / 64.0,
-        work(&fetched, "fetching", "signalled") / 64.0,
-        work(&fetched, "fetching", "completions") / 64.0,
-        work(&fetched, "fetching", "wakeups") / 64.0,
-        work(&served, "serving", "send_requests") / 64.0,
-        work(&served, "serving", "signalled") / 64.0,
-        work(&served, "serving", "completions") / 64.0,
-        work(&served, "serving", "wakeups") / 64.0,
+        rdma_work(&fetched, "fetching", "send_requests") / 64.0,
+        rdma_work(&fetched, "fetching", "signalled") / 64.0,
+        rdma_work(&fetched, "fetching", "completions") / 64.0,
+        rdma_work(&fetched, "fetching", "wakeups") / 64.0,
+        rdma_work(&served, "serving", "send_requests") / 64.0,
+        rdma_work(&served, "serving", "signalled") / 64.0,
+        rdma_work(&served, "serving", "completions") / 64.0,
+        rdma_work(&served, "serving", "wakeups") / 64.0,
     );
     // One request and one answer per piece, both over the queue pair (the TCP connection
     // carries nothing after set-up: a byte there would end the session).
-    assert_eq!(work(&fetched, "fetching", "messages_sent"), 64.0);
-    assert_eq!(work(&fetched, "fetching", "messages_received"), 64.0);
-    assert_eq!(work(&served, "serving", "messages_received"), 64.0);
-    assert_eq!(work(&served, "serving", "messages_sent"), 64.0);
+    assert_eq!(rdma_work(&fetched, "fetching", "messages_sent"), 64.0);
+    assert_eq!(rdma_work(&fetched, "fetching", "messages_received"), 64.0);
+    assert_eq!(rdma_work(&served, "serving", "messages_received"), 64.0);
+    assert_eq!(rdma_work(&served, "serving", "messages_sent"), 64.0);
     // Receiver: an unsignalled bind and the signalled request; the source's answer
     // invalidated the window, so no invalidation of its own.
-    assert_eq!(work(&fetched, "fetching", "send_requests"), 128.0);
-    assert_eq!(work(&fetched, "fetching", "signalled"), 64.0);
+    assert_eq!(rdma_work(&fetched, "fetching", "send_requests"), 128.0);
+    assert_eq!(rdma_work(&fetched, "fetching", "signalled"), 64.0);
     assert_eq!(
         metric(
             &fetched,
@@ -258,10 +283,10 @@ async fn pieces_move_over_rdma_between_two_daemons() {
     );
     // Source: four unsignalled writes and one signalled SEND_WITH_INVALIDATE per piece;
     // its completions are that one per piece and the request's arrival.
-    assert_eq!(work(&served, "serving", "send_requests"), 64.0 * 5.0);
-    assert_eq!(work(&served, "serving", "signalled"), 64.0);
-    assert_eq!(work(&served, "serving", "completions"), 128.0);
-    assert_eq!(work(&fetched, "fetching", "completions"), 128.0);
+    assert_eq!(rdma_work(&served, "serving", "send_requests"), 64.0 * 5.0);
+    assert_eq!(rdma_work(&served, "serving", "signalled"), 64.0);
+    assert_eq!(rdma_work(&served, "serving", "completions"), 128.0);
+    assert_eq!(rdma_work(&fetched, "fetching", "completions"), 128.0);
     // Every served piece was read once by the I/O engine into the registered pool, the copy
     // count being what the filesystem allowed (O_DIRECT: none).
     let reads = metric(&served, "ferry_serve_reads_total").unwrap();
@@ -403,18 +428,8 @@ async fn a_queue_pair_the_fabric_fails_mid_piece_gives_buffers_back_only_after_i
     let receiver = poisoned_rdma_daemon(root.path(), "receiver", 1, &receiver_args).await;
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
-    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
-    let mut client = receiver.client().await;
     let request = pull_request(&task.task_id, &[&seed.data_address], &output);
-    let pull = tokio::spawn(async move {
-        let mut first_piece = Some(first_piece);
-        transfer(&mut client, request, |_| {
-            if let Some(tx) = first_piece.take() {
-                let _ = tx.send(());
-            }
-        })
-        .await
-    });
+    let (pull, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
     got_first_piece.await.unwrap();
     // veth0 carries rxe0, the seed's device (scripts/rxe-vm.sh). Down long enough for its
     // queue pair's retries (7 at about 1 s) to run out.
@@ -1088,22 +1103,12 @@ async fn cancelling_one_of_two_transfers_sharing_a_source_leaves_the_other_on_rd
     let cancelled_task = seed.import(&cancelled_source).await;
     let kept_task = seed.import(&kept_source).await;
 
-    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
-    let mut client = receiver.client().await;
     let request = pull_request(
         &cancelled_task.task_id,
         &[&seed.data_address],
         &root.path().join("cancelled-copy.bin"),
     );
-    let cancelled = tokio::spawn(async move {
-        let mut first_piece = Some(first_piece);
-        transfer(&mut client, request, |_| {
-            if let Some(tx) = first_piece.take() {
-                let _ = tx.send(());
-            }
-        })
-        .await
-    });
+    let (cancelled, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
     let kept_output = root.path().join("kept-copy.bin");
     let mut client = receiver.client().await;
     let request = pull_request(&kept_task.task_id, &[&seed.data_address], &kept_output);
@@ -1145,17 +1150,7 @@ async fn cancelling_one_of_two_transfers_sharing_a_source_leaves_the_other_on_rd
 
     // The cancelled fetches' windows come back once the source answered them (at emulated
     // speed, within seconds); then every buffer is back in the pool.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let scraped = loop {
-        let scraped = receiver.scrape().await;
-        let pool = metric(&scraped, "ferry_buffer_pool_bytes").unwrap();
-        let free = metric(&scraped, "ferry_buffer_pool_free_bytes").unwrap();
-        if free == pool || Instant::now() > deadline {
-            assert_eq!(free, pool, "every buffer is back in the pool\n{scraped}");
-            break scraped;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let scraped = pool_whole(&receiver).await;
     let settled = metric(&scraped, "ferry_rdma_abandoned_fetches_settled_total").unwrap();
     eprintln!("abandoned fetches settled by the session: {settled}");
     assert!(
@@ -1213,13 +1208,7 @@ async fn pieces_move_over_rdma_with_busy_polling_completion_threads() {
     assert!(same_contents(&source, &output));
     for (daemon, side) in [(&receiver, "fetching"), (&seed, "serving")] {
         let scraped = daemon.scrape().await;
-        let work = |kind: &str| {
-            metric(
-                &scraped,
-                &format!(r#"ferry_rdma_work_total{{side="{side}",work="{kind}"}}"#),
-            )
-            .unwrap()
-        };
+        let work = |kind: &str| rdma_work(&scraped, side, kind);
         assert!(work("completions") >= 32.0, "{side}: {scraped}");
         assert_eq!(
             work("wakeups"),
@@ -1264,13 +1253,7 @@ async fn a_piece_of_four_slots_is_granted_through_one_window() {
     assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
     assert!(same_contents(&source, &output));
     let scraped = receiver.scrape().await;
-    let work = |kind: &str| {
-        metric(
-            &scraped,
-            &format!(r#"ferry_rdma_work_total{{side="fetching",work="{kind}"}}"#),
-        )
-        .unwrap()
-    };
+    let work = |kind: &str| rdma_work(&scraped, "fetching", kind);
     assert_eq!(
         work("send_requests"),
         8.0,

@@ -355,9 +355,7 @@ impl Session {
             }
         }
         if settled > 0 {
-            for _ in 0..settled {
-                self.metrics.rdma_abandoned_settled();
-            }
+            self.metrics.rdma_abandoned_settled(settled);
             self.count_work();
             self.progress.notify_waiters();
         }
@@ -529,9 +527,9 @@ impl Session {
         device_may_hold: &mut bool,
     ) -> Result<String, FetchError> {
         let runs = granted_runs(buf, piece.length);
-        let slot_count = runs.len();
+        let window_count = runs.len();
         // The worst case on the send queue: a bind and an invalidation per window, the request.
-        let entries = 2 * slot_count as u32 + 1;
+        let entries = 2 * window_count as u32 + 1;
         // Reserve a request id, its send-queue share and memory windows.
         let (request, windows, first_wr) = {
             let mut state = self.state.lock().expect("session lock");
@@ -541,7 +539,7 @@ impl Session {
             let depth = ferry_rdma::verbs::SEND_QUEUE_DEPTH;
             if entries > depth {
                 return Err(TransportError::Failed(format!(
-                    "rdma: a piece of {slot_count} windows needs {entries} send-queue entries, more than {depth}"
+                    "rdma: a piece of {window_count} windows needs {entries} send-queue entries, more than {depth}"
                 ))
                 .into());
             }
@@ -551,8 +549,8 @@ impl Session {
                 Ok(request) => request,
                 Err(Full::Window | Full::SendQueue) => return Err(FetchError::WindowFull),
             };
-            let mut windows = Vec::with_capacity(slot_count);
-            while windows.len() < slot_count {
+            let mut windows = Vec::with_capacity(window_count);
+            while windows.len() < window_count {
                 match state.spare_windows.pop() {
                     Some(window) => windows.push(window),
                     None => match transport.context.alloc_window() {
@@ -569,7 +567,7 @@ impl Session {
             self.metrics
                 .rdma_in_flight(false, state.requests.in_flight());
             let first_wr = state.next_wr;
-            state.next_wr += 2 * slot_count as u64 + 1;
+            state.next_wr += 2 * window_count as u64 + 1;
             (request, windows, first_wr)
         };
         // Until the windows are taken back, a dropped fetch leaves them to the session.
