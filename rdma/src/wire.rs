@@ -8,6 +8,7 @@
 use crate::credit::SlotCredit;
 use crate::error::RdmaError;
 use crate::handshake::{self, Endpoint};
+use crate::rails::matching::RailAd;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -16,6 +17,11 @@ pub const TAG_ACCEPT: u8 = 0xF3;
 pub const TAG_FETCH: u8 = 0xF4;
 pub const TAG_DONE: u8 = 0xF5;
 pub const TAG_FAILED: u8 = 0xF6;
+/// The set-up exchange of rails: each side's list (see [`crate::rails::wire`]).
+pub const TAG_RAILS: u8 = 0xF7;
+/// [`TAG_CONNECT`] for a queue pair on one of the source's rails (by its index in the list the
+/// source sent).
+pub const TAG_CONNECT_RAIL: u8 = 0xF8;
 /// Vortex's error tag: what a peer answers when it refuses the upgrade.
 pub const TAG_VORTEX_ERROR: u8 = 0xFF;
 /// Most slots one fetch may grant (a 64 MiB piece in 4 MiB slots).
@@ -29,6 +35,12 @@ pub enum Message {
     Connect { endpoint: Endpoint },
     /// Sender → receiver: here is mine.
     Accept { endpoint: Endpoint },
+    /// Either way, once per pair of hosts: the rails this side can move pieces on. The
+    /// receiver sends its own and the source answers with its own, then closes.
+    Rails { rails: Vec<RailAd> },
+    /// Receiver → sender: connect my queue pair to one on your rail `rail` (an index from
+    /// your [`Message::Rails`]); answered by [`Message::Accept`].
+    ConnectRail { rail: u8, endpoint: Endpoint },
     /// Receiver → sender: write piece `number` of `task_id` into these slots, in chunks of
     /// `chunk_size`, naming `request` in every immediate.
     Fetch {
@@ -113,6 +125,8 @@ impl Message {
         match self {
             Message::Connect { .. } => TAG_CONNECT,
             Message::Accept { .. } => TAG_ACCEPT,
+            Message::Rails { .. } => TAG_RAILS,
+            Message::ConnectRail { .. } => TAG_CONNECT_RAIL,
             Message::Fetch { .. } => TAG_FETCH,
             Message::Done { .. } => TAG_DONE,
             Message::Failed { .. } => TAG_FAILED,
@@ -121,11 +135,23 @@ impl Message {
     }
 
     /// The value (without the frame header).
+    ///
+    /// # Panics
+    /// On a [`Message::Rails`] list that [`crate::rails::wire::encode`] refuses (more than
+    /// [`crate::rails::wire::MAX_RAILS`] rails, a name that is not short ASCII): the rails
+    /// come from this host's own enumeration, which never makes one.
     pub fn encode_value(&self) -> Vec<u8> {
         let mut out = Vec::new();
         match self {
             Message::Connect { endpoint } | Message::Accept { endpoint } => {
                 out.extend_from_slice(&endpoint.encode())
+            }
+            Message::Rails { rails } => out.extend_from_slice(
+                &crate::rails::wire::encode(rails).expect("this host's rails encode"),
+            ),
+            Message::ConnectRail { rail, endpoint } => {
+                out.push(*rail);
+                out.extend_from_slice(&endpoint.encode());
             }
             Message::Fetch {
                 request,
@@ -211,6 +237,16 @@ impl Message {
                 endpoint: Endpoint::decode(r.take(handshake::ENCODED_LEN)?)?,
             },
             TAG_ACCEPT => Message::Accept {
+                endpoint: Endpoint::decode(r.take(handshake::ENCODED_LEN)?)?,
+            },
+            TAG_RAILS => {
+                let rails = crate::rails::wire::decode(r.0)
+                    .map_err(|e| RdmaError::Handshake(format!("rail list: {e}")))?;
+                r.0 = &[];
+                Message::Rails { rails }
+            }
+            TAG_CONNECT_RAIL => Message::ConnectRail {
+                rail: r.u8()?,
                 endpoint: Endpoint::decode(r.take(handshake::ENCODED_LEN)?)?,
             },
             TAG_FETCH => {
@@ -367,6 +403,25 @@ mod tests {
         roundtrip(Message::Accept {
             endpoint: endpoint(),
         });
+        roundtrip(Message::ConnectRail {
+            rail: 3,
+            endpoint: endpoint(),
+        });
+        roundtrip(Message::Rails {
+            rails: vec![RailAd {
+                index: 1,
+                name: "mlx5_1:1".into(),
+                link_layer: crate::address::LinkLayer::Ethernet,
+                fabric: crate::rails::Fabric::Ipv4 {
+                    network: 0x0a4d_0100,
+                    prefix_len: 24,
+                },
+                lid: 0,
+                gid: "::ffff:10.77.1.2".parse().unwrap(),
+                speed_mbps: 400_000,
+            }],
+        });
+        roundtrip(Message::Rails { rails: vec![] });
         roundtrip(Message::Fetch {
             request: 7,
             task_id: "a".repeat(64),

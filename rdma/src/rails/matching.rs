@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::net::Ipv6Addr;
 
 /// What one side tells the other about a rail (see [`super::wire`]).
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RailAd {
     /// The rail's index in its host's list: what pairs and the data port's set-up name.
     pub index: u8,

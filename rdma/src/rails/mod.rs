@@ -8,6 +8,7 @@
 //! so every rule is tested without a device.
 
 pub mod balance;
+pub mod health;
 pub mod matching;
 pub mod topology;
 pub mod wire;
