@@ -37,11 +37,12 @@ for line in sys.stdin:
 }
 verbs=$(test_binary ferry-rdma rxe_verbs)
 daemons=$(test_binary ferry-tests rdma)
+rails=$(test_binary ferry-tests rails)
 # The guest mounts a fresh /tmp: a checkout under /tmp must be shared into it explicitly.
 share=()
 case "$PWD" in /tmp/*) share=(--rw "$PWD") ;; esac
 ./scripts/rxe-vm.sh --mem 4096 --timeout 1800 --rails 2 "${share[@]}" -- sh -c \
-    "$verbs --ignored --test-threads 1 --color never && $daemons --ignored --test-threads 1 --color never" 2>&1 | tee -a "$log"
+    "$verbs --ignored --test-threads 1 --color never && $daemons --ignored --test-threads 1 --color never && $rails --ignored --test-threads 1 --color never" 2>&1 | tee -a "$log"
 # One closing line for the whole run (cargo prints one per test binary, the last being the
 # doc tests). The tests the first pass ignored are the RDMA ones, which the VM pass ran.
 awk '/^test result:/ { p += $4; f += $6 } END { printf "tests: %d passed, %d failed\n", p, f }' "$log"

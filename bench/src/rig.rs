@@ -69,6 +69,7 @@ impl RdmaPlan {
             io_timeout: Duration::from_secs(30),
             window,
             queue_pairs,
+            rail_health: Default::default(),
         }
     }
 }
@@ -114,12 +115,14 @@ fn registered_host(
     };
     let host = RdmaHost::start(&config, pool);
     match &host.status {
-        RdmaStatus::Ready { region, .. } => registrations.push(Registration {
-            side: side.into(),
-            device: device.into(),
-            bytes: region.len() as u64,
-            seconds_per_gib: region.seconds_per_gib(),
-        }),
+        RdmaStatus::Ready { rails, .. } => {
+            registrations.extend(rails.iter().map(|rail| Registration {
+                side: side.into(),
+                device: rail.name(),
+                bytes: rail.region.len() as u64,
+                seconds_per_gib: rail.region.seconds_per_gib(),
+            }))
+        }
         RdmaStatus::Unavailable(reason) => bail!("RDMA device {device} unusable: {reason}"),
         RdmaStatus::Disabled => bail!("RDMA disabled"),
     }

@@ -849,7 +849,7 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
             "output": summary.output_path,
             "pieces": pieces.iter().map(|p| json!({
                 "number": p.number, "offset": p.offset, "length": p.length, "digest": p.digest,
-                "source": p.source, "transport": p.transport, "bytes": p.bytes,
+                "source": p.source, "transport": p.transport, "rail": p.rail, "bytes": p.bytes,
                 "fetch_micros": p.fetch_micros, "write_micros": p.write_micros, "attempt": p.attempt,
             })).collect::<Vec<_>>(),
             "summary": summary_json(&summary),
@@ -900,6 +900,14 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
                 t.pieces
             );
         }
+        for r in &summary.rails {
+            say!(
+                "  rail {:<26} {:>14} bytes  {:>5} pieces",
+                r.rail,
+                r.bytes,
+                r.pieces
+            );
+        }
         for s in &summary.sources {
             say!(
                 "  source {:<22} {:>14} bytes  {:>5} pieces  {} failures",
@@ -930,6 +938,7 @@ fn summary_json(s: &proto::TransferSummary) -> Value {
         "bits_per_second": if s.elapsed_micros > 0 { s.bytes_fetched as f64 * 8.0 / (s.elapsed_micros as f64 / 1e6) } else { 0.0 },
         "sources": s.sources.iter().map(|x| json!({"source": x.source, "bytes": x.bytes, "pieces": x.pieces, "failures": x.failures})).collect::<Vec<_>>(),
         "transports": s.transports.iter().map(|x| json!({"transport": x.transport, "bytes": x.bytes, "pieces": x.pieces})).collect::<Vec<_>>(),
+        "rails": s.rails.iter().map(|x| json!({"rail": x.rail, "bytes": x.bytes, "pieces": x.pieces})).collect::<Vec<_>>(),
     })
 }
 

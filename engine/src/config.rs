@@ -276,8 +276,12 @@ pub struct RdmaConfig {
     pub chunk_kib: u32,
     /// Pieces in flight on one queue pair (the credit window).
     pub window: u32,
-    /// Queue pairs per source peer.
+    /// Queue pairs per rail pair to a source peer.
     pub queue_pairs: u32,
+    /// How long a rail pair that failed is first paused (then probed with one piece); each
+    /// pause in a row doubles it, up to `rail_max_pause_secs`.
+    pub rail_pause_secs: u64,
+    pub rail_max_pause_secs: u64,
     /// How each device's completion thread waits: "event" (sleeps on the completion channel)
     /// or "busy" (polls its completion queues in a loop: lower latency, a core per device).
     pub poll: RdmaPoll,
@@ -304,6 +308,15 @@ impl From<RdmaPoll> for ferry_rdma::PollMode {
 }
 
 impl RdmaConfig {
+    /// When a failing rail pair is paused, as the rail health machine takes it.
+    pub fn rail_health(&self) -> ferry_rdma::rails::health::HealthSettings {
+        ferry_rdma::rails::health::HealthSettings {
+            first_pause: std::time::Duration::from_secs(self.rail_pause_secs),
+            max_pause: std::time::Duration::from_secs(self.rail_max_pause_secs),
+            ..Default::default()
+        }
+    }
+
     /// `rdma.poll` as the verbs layer takes it.
     pub fn poll_mode(&self) -> ferry_rdma::PollMode {
         self.poll.into()
@@ -346,6 +359,8 @@ impl Default for RdmaConfig {
             chunk_kib: 1024,
             window: 2,
             queue_pairs: 2,
+            rail_pause_secs: 30,
+            rail_max_pause_secs: 300,
             poll: RdmaPoll::Event,
         }
     }
@@ -724,6 +739,20 @@ impl Config {
         }
         if !(1..=16).contains(&self.rdma.queue_pairs) {
             return invalid("rdma.queue_pairs", self.rdma.queue_pairs, "1 to 16");
+        }
+        if !(1..=3600).contains(&self.rdma.rail_pause_secs) {
+            return invalid(
+                "rdma.rail_pause_secs",
+                self.rdma.rail_pause_secs,
+                "1 to 3600",
+            );
+        }
+        if !(self.rdma.rail_pause_secs..=86_400).contains(&self.rdma.rail_max_pause_secs) {
+            return invalid(
+                "rdma.rail_max_pause_secs",
+                self.rdma.rail_max_pause_secs,
+                "rdma.rail_pause_secs to 86400",
+            );
         }
         if self.store.max_open_tasks > MAX_OPEN_TASKS {
             return invalid(

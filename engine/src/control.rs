@@ -242,6 +242,7 @@ fn piece_message(outcome: PieceOutcome) -> proto::PieceResult {
         fetch_micros: outcome.fetch_time.as_micros() as u64,
         write_micros: outcome.write_time.as_micros() as u64,
         attempt: outcome.attempt,
+        rail: outcome.rail.unwrap_or_default(),
     }
 }
 
@@ -271,6 +272,15 @@ pub(crate) fn summary_message(summary: TransferSummary) -> proto::TransferSummar
             .into_iter()
             .map(|(transport, bytes, pieces)| proto::TransportStats {
                 transport,
+                bytes,
+                pieces,
+            })
+            .collect(),
+        rails: summary
+            .rails
+            .into_iter()
+            .map(|(rail, bytes, pieces)| proto::RailStats {
+                rail,
                 bytes,
                 pieces,
             })

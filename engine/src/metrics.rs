@@ -96,6 +96,19 @@ struct SideLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RailDirection {
+    /// The local rail, `DEVICE:PORT`.
+    rail: String,
+    /// `in`: fetched by this daemon; `out`: served by it.
+    direction: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RailLabel {
+    rail: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BuildLabels {
     version: &'static str,
 }
@@ -164,6 +177,14 @@ pub struct Metrics {
     rdma_buffers_flushed: Family<SideLabel, Counter>,
     rdma_buffers_kept: Family<SideLabel, Counter>,
     rdma_windows_invalidated: Family<InvalidatedLabel, Counter>,
+    rdma_rail_bytes: Family<RailDirection, Counter>,
+    rdma_rail_pieces: Family<RailDirection, Counter>,
+    rdma_rail_completion_errors: Family<RailLabel, Counter>,
+    rdma_rail_piece_failures: Family<RailLabel, Counter>,
+    rdma_rail_paused_pairs: Family<RailLabel, Gauge>,
+    rdma_rail_pauses: Family<RailLabel, Counter>,
+    rdma_rail_rejoins: Family<RailLabel, Counter>,
+    rdma_pieces_reissued: Counter,
     rdma_registered_bytes: Gauge,
     buffer_pool_bytes: Gauge,
     buffer_pool_free_bytes: Gauge,
@@ -239,6 +260,14 @@ impl Metrics {
             rdma_buffers_flushed: Family::default(),
             rdma_buffers_kept: Family::default(),
             rdma_windows_invalidated: Family::default(),
+            rdma_rail_bytes: Family::default(),
+            rdma_rail_pieces: Family::default(),
+            rdma_rail_completion_errors: Family::default(),
+            rdma_rail_piece_failures: Family::default(),
+            rdma_rail_paused_pairs: Family::default(),
+            rdma_rail_pauses: Family::default(),
+            rdma_rail_rejoins: Family::default(),
+            rdma_pieces_reissued: Counter::default(),
             rdma_registered_bytes: Gauge::default(),
             buffer_pool_bytes: Gauge::default(),
             buffer_pool_free_bytes: Gauge::default(),
@@ -415,6 +444,47 @@ impl Metrics {
             "rdma_windows_invalidated",
             "Memory windows taken back after a fetch, by who invalidated them (peer: the source's SEND_WITH_INVALIDATE; local: a LOCAL_INV this side posted)",
             metrics.rdma_windows_invalidated.clone(),
+        );
+        registry.register_with_unit(
+            "rdma_rail",
+            "Piece bytes carried over RDMA, by local rail (DEVICE:PORT) and direction (in: fetched; out: served)",
+            Unit::Bytes,
+            metrics.rdma_rail_bytes.clone(),
+        );
+        registry.register(
+            "rdma_rail_pieces",
+            "Pieces carried over RDMA, by local rail and direction",
+            metrics.rdma_rail_pieces.clone(),
+        );
+        registry.register(
+            "rdma_rail_completion_errors",
+            "Work completions with an error status other than a flush, by local rail (both sides)",
+            metrics.rdma_rail_completion_errors.clone(),
+        );
+        registry.register(
+            "rdma_rail_piece_failures",
+            "Pieces whose fetch failed on a rail (its queue pair broke or could not be set up, or the source failed the piece), by local rail",
+            metrics.rdma_rail_piece_failures.clone(),
+        );
+        registry.register(
+            "rdma_rail_paused_pairs",
+            "Rail pairs (this rail to one of a source's rails) taken out and paused now, by local rail: 0 means the rail carries pieces to every source it pairs with",
+            metrics.rdma_rail_paused_pairs.clone(),
+        );
+        registry.register(
+            "rdma_rail_pauses",
+            "Times a rail pair was taken out and paused (a broken queue pair, a failed set-up, repeated piece failures, a failed probe), by local rail",
+            metrics.rdma_rail_pauses.clone(),
+        );
+        registry.register(
+            "rdma_rail_rejoins",
+            "Times a paused rail pair carried its probe piece and rejoined, by local rail",
+            metrics.rdma_rail_rejoins.clone(),
+        );
+        registry.register(
+            "rdma_pieces_reissued",
+            "Pieces whose RDMA fetch failed on one rail and were fetched again over RDMA (on another rail, or a new queue pair) instead of over TCP",
+            metrics.rdma_pieces_reissued.clone(),
         );
         registry.register_with_unit(
             "rdma_registered",
@@ -768,6 +838,71 @@ impl Metrics {
         self.rdma_windows_invalidated
             .get_or_create(&InvalidatedLabel { by: "local" })
             .inc_by(locally);
+    }
+
+    /// Makes the series of a rail exist (at 0) from start-up, so a rail that never carries a
+    /// piece still shows.
+    pub fn rdma_rail_opened(&self, rail: &str) {
+        let label = || RailLabel { rail: rail.into() };
+        for direction in ["in", "out"] {
+            let key = RailDirection {
+                rail: rail.into(),
+                direction,
+            };
+            let _ = self.rdma_rail_bytes.get_or_create(&key);
+            let _ = self.rdma_rail_pieces.get_or_create(&key);
+        }
+        let _ = self.rdma_rail_completion_errors.get_or_create(&label());
+        let _ = self.rdma_rail_piece_failures.get_or_create(&label());
+        let _ = self.rdma_rail_paused_pairs.get_or_create(&label());
+        let _ = self.rdma_rail_pauses.get_or_create(&label());
+        let _ = self.rdma_rail_rejoins.get_or_create(&label());
+    }
+
+    /// A piece of `bytes` went over `rail`, fetched (`serving` false) or served.
+    pub fn rdma_rail_piece(&self, rail: &str, serving: bool, bytes: u64) {
+        let key = RailDirection {
+            rail: rail.into(),
+            direction: if serving { "out" } else { "in" },
+        };
+        self.rdma_rail_bytes.get_or_create(&key).inc_by(bytes);
+        self.rdma_rail_pieces.get_or_create(&key).inc();
+    }
+
+    pub fn rdma_rail_completion_error(&self, rail: &str) {
+        (self.rdma_rail_completion_errors)
+            .get_or_create(&RailLabel { rail: rail.into() })
+            .inc();
+    }
+
+    pub fn rdma_rail_piece_failed(&self, rail: &str) {
+        (self.rdma_rail_piece_failures)
+            .get_or_create(&RailLabel { rail: rail.into() })
+            .inc();
+    }
+
+    /// A rail pair on `rail` was paused (`true`) or rejoined.
+    pub fn rdma_rail_paused(&self, rail: &str, paused: bool) {
+        let label = RailLabel { rail: rail.into() };
+        let gauge = self.rdma_rail_paused_pairs.get_or_create(&label);
+        if paused {
+            gauge.inc();
+            self.rdma_rail_pauses.get_or_create(&label).inc();
+        } else {
+            gauge.dec();
+            self.rdma_rail_rejoins.get_or_create(&label).inc();
+        }
+    }
+
+    /// Rail pairs on `rail` given up with their source (forgotten) while paused.
+    pub fn rdma_rail_pairs_forgotten(&self, rail: &str, paused: i64) {
+        (self.rdma_rail_paused_pairs)
+            .get_or_create(&RailLabel { rail: rail.into() })
+            .dec_by(paused);
+    }
+
+    pub fn rdma_piece_reissued(&self) {
+        self.rdma_pieces_reissued.inc();
     }
 
     /// Counts an RDMA session as up until the returned guard is dropped.

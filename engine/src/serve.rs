@@ -97,11 +97,12 @@ impl PieceProvider for StoreProvider {
         value: Vec<u8>,
         stream: tokio::net::TcpStream,
     ) -> Result<ferry_fallback_tcp::UpgradeFuture, (tokio::net::TcpStream, String)> {
+        use ferry_rdma::wire::{TAG_CONNECT, TAG_CONNECT_RAIL, TAG_RAILS};
         match (&self.rdma, tag) {
-            (Some(service), ferry_rdma::wire::TAG_CONNECT) => {
-                Ok(Box::pin(Arc::clone(service).serve(stream, value)))
+            (Some(service), TAG_CONNECT | TAG_CONNECT_RAIL | TAG_RAILS) => {
+                Ok(Box::pin(Arc::clone(service).serve(stream, tag, value)))
             }
-            (None, ferry_rdma::wire::TAG_CONNECT) => {
+            (None, TAG_CONNECT | TAG_CONNECT_RAIL | TAG_RAILS) => {
                 Err((stream, "RDMA is not available on this peer".into()))
             }
             _ => Err((

@@ -16,6 +16,8 @@ use std::sync::Mutex;
 pub struct FetchedPiece {
     pub advertised_digest: String,
     pub crc32: u32,
+    /// The RDMA rail pair that carried it (`rxe0:1>rxe1:1`); None over TCP.
+    pub rail: Option<String>,
 }
 
 /// What a fetch gives back: the buffer it was handed, once no device can touch it any more,
@@ -221,6 +223,7 @@ impl TcpTransport {
             Ok(fetched) => {
                 self.give_back(source, connection);
                 Ok(FetchedPiece {
+                    rail: None,
                     advertised_digest: fetched.metadata.digest,
                     crc32: fetched.crc32,
                 })

@@ -250,7 +250,8 @@ impl Drop for OpenConnection {
 
 /// The accept loop. Dropping the future returned by [`Server::run`] closes every connection.
 pub struct Server<P> {
-    listener: TcpListener,
+    /// The first is the data port; the others serve the same port on more addresses.
+    listeners: Vec<TcpListener>,
     provider: Arc<P>,
     config: ServerConfig,
     stats: Arc<ServerStats>,
@@ -259,7 +260,7 @@ pub struct Server<P> {
 impl<P: PieceProvider> Server<P> {
     pub fn new(listener: TcpListener, provider: Arc<P>, config: ServerConfig) -> Self {
         Server {
-            listener,
+            listeners: vec![listener],
             provider,
             config,
             stats: Arc::default(),
@@ -271,8 +272,28 @@ impl<P: PieceProvider> Server<P> {
         Arc::clone(&self.stats)
     }
 
+    /// Serves on `listener` too, with the same connection limits (counted over all).
+    pub fn also_listen(mut self, listener: TcpListener) -> Self {
+        self.listeners.push(listener);
+        self
+    }
+
+    /// The first listener's address.
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners[0].local_addr()
+    }
+
+    /// The next connection on any listener.
+    async fn accept(&self) -> io::Result<(TcpStream, SocketAddr)> {
+        std::future::poll_fn(|cx| {
+            for listener in &self.listeners {
+                if let std::task::Poll::Ready(accepted) = listener.poll_accept(cx) {
+                    return std::task::Poll::Ready(accepted);
+                }
+            }
+            std::task::Poll::Pending
+        })
+        .await
     }
 
     /// Serves until the future is dropped.
@@ -284,7 +305,7 @@ impl<P: PieceProvider> Server<P> {
         let mut connections = JoinSet::new();
         loop {
             tokio::select! {
-                accepted = self.listener.accept() => {
+                accepted = self.accept() => {
                     let (stream, peer) = match accepted {
                         Ok(pair) => pair,
                         Err(err) => {

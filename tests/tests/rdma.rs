@@ -151,6 +151,21 @@ async fn pool_whole(daemon: &Daemon) -> String {
     }
 }
 
+/// What a Ferry host with the one rail `device` sends in the rail exchange (the real
+/// enumeration of that device's port), for rogue sources.
+fn one_rail_ad(
+    devices: &[ferry_rdma::DeviceInfo],
+    device: &str,
+) -> ferry_rdma::rails::matching::RailAd {
+    let request = ferry_rdma::rails::RailRequest {
+        include: vec![ferry_rdma::rails::RailSpec::parse(device).unwrap()],
+        ..Default::default()
+    };
+    let plan =
+        ferry_rdma::rails::enumerate(devices, &request, &ferry_rdma::rails::host_facts()).unwrap();
+    ferry_rdma::rails::matching::RailAd::of(0, &plan.rails[0])
+}
+
 async fn rdma_available(daemon: &Daemon) -> bool {
     let caps = daemon
         .client()
@@ -532,6 +547,7 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
     .unwrap();
     let context = RdmaContext::open(selection).unwrap();
     let region = Arc::new(pool.register_rdma(&context).unwrap());
+    let rail = one_rail_ad(&devices, &env("FERRY_RXE_DEV0"));
     let listener = tokio::net::TcpListener::bind(format!("{}:0", env("FERRY_RXE_ADDR0")))
         .await
         .unwrap();
@@ -540,11 +556,20 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
     let rogue = tokio::spawn(async move {
         // The receiver first asks every source for the task's manifest over plain TCP (a
         // Vortex StatTask, which this rogue does not answer: it hangs up); then it upgrades.
+        // The rail exchange comes first: the rogue has one rail, rxe0.
         let (mut stream, endpoint) = loop {
             let (mut stream, _) = listener.accept().await.unwrap();
-            if let Ok(Message::Connect { endpoint }) = wire::read_message(&mut stream, limit).await
-            {
-                break (stream, endpoint);
+            match wire::read_message(&mut stream, limit).await {
+                Ok(Message::Rails { .. }) => {
+                    let rails = Message::Rails {
+                        rails: vec![rail.clone()],
+                    };
+                    wire::write_message(&mut stream, &rails, limit)
+                        .await
+                        .unwrap();
+                }
+                Ok(Message::ConnectRail { rail: 0, endpoint }) => break (stream, endpoint),
+                _ => {}
             }
         };
         let connection = Connection::new(
@@ -718,20 +743,46 @@ async fn ferry_devices_shows_link_layer_and_lid() {
     assert_eq!(rdma["properties"]["lid"], "0");
 }
 
-/// Peer checks and the circuit breaker. A peer whose Connect carries a GID that is not the
-/// address its TCP connection comes from is refused with a precise Failed answer, and the
-/// source keeps serving. A source whose Accept GID is not the address the receiver dialled
-/// (here: it is reached on 127.0.0.1, its GID is 10.77.0.1) fails every RDMA set-up: after 3
-/// failures the breaker opens and the rest of the transfer goes over TCP with no more RDMA
-/// attempts (no queue-pair rebuild per piece), counted in the metrics.
+/// Peer checks. A peer whose Connect carries a GID that is not the address its TCP connection
+/// comes from is refused with a precise Failed answer, and the source keeps serving. On the
+/// receiving side, a queue pair's set-up goes to the source's rail address, and an Accept whose
+/// GID is not the rail the source advertised is refused: here a squatter holds the seed's port
+/// on its rail address (so the seed's data port cannot listen there) and answers ConnectRail
+/// with a GID of 10.77.0.9. The rail pair is paused at its first failure, so the rest of the
+/// transfer goes over TCP at once, with no queue-pair rebuild per piece, counted in the metrics.
 #[tokio::test(flavor = "multi_thread")]
 #[ignore = "needs soft-RoCE: scripts/rxe-vm.sh runs it"]
-async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() {
+async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_rail_pauses() {
     use ferry_rdma::wire::{self, Message};
     let root = scratch("rdma-peer-check");
     let source = root.path().join("model.bin");
     random_file(&source, 64 * MIB, 25);
     let metrics = ["--metrics", "127.0.0.1:0"];
+    // The squatter takes port Q on the seed's rail address; the seed listens on 127.0.0.1:Q.
+    let squatter = tokio::net::TcpListener::bind(format!("{}:0", env("FERRY_RXE_ADDR0")))
+        .await
+        .unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let limit = Duration::from_secs(10);
+    let lying_accepts = Arc::new(std::sync::atomic::AtomicU32::new(0));
+    let counted = Arc::clone(&lying_accepts);
+    let squatting = tokio::spawn(async move {
+        loop {
+            let (mut stream, _) = squatter.accept().await.unwrap();
+            if let Ok(Message::ConnectRail { endpoint, .. }) =
+                wire::read_message(&mut stream, limit).await
+            {
+                let liar = ferry_rdma::Endpoint {
+                    gid: "::ffff:10.77.0.9".parse().unwrap(),
+                    ..endpoint
+                };
+                let _ =
+                    wire::write_message(&mut stream, &Message::Accept { endpoint: liar }, limit)
+                        .await;
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        }
+    });
     let args = vec![
         "--rdma-device".to_owned(),
         env("FERRY_RXE_DEV0"),
@@ -742,7 +793,7 @@ async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() 
         root.path(),
         "seed",
         DaemonOptions {
-            listen: Some("127.0.0.1:0".into()),
+            listen: Some(format!("127.0.0.1:{port}")),
             extra_args: args,
             ..Default::default()
         },
@@ -750,6 +801,12 @@ async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() 
     .await;
     let receiver = rdma_daemon(root.path(), "receiver", 1, &metrics).await;
     assert!(rdma_available(&seed).await && rdma_available(&receiver).await);
+    assert!(
+        seed.log_text()
+            .contains("cannot listen on the rail's address"),
+        "{}",
+        seed.log_text()
+    );
 
     // A Connect claiming 10.77.0.9 from 10.77.0.2.
     let socket = tokio::net::TcpSocket::new_v4().unwrap();
@@ -791,7 +848,7 @@ async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() 
     );
     drop(stream);
 
-    // The seed is still up; the receiver reaches it on 127.0.0.1, which is not its GID.
+    // The seed is still up; the receiver's queue pair set-up reaches the squatter.
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
     let started = Instant::now();
@@ -804,29 +861,39 @@ async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() 
     .unwrap();
     let summary = result.summary.unwrap();
     eprintln!(
-        "64 MiB with a refusing RDMA path in {:?}, {} RDMA fallbacks",
+        "64 MiB with a lying rail in {:?}, {} RDMA fallbacks, {} lying accepts",
         started.elapsed(),
-        summary.rdma_fallbacks
+        summary.rdma_fallbacks,
+        lying_accepts.load(std::sync::atomic::Ordering::SeqCst)
     );
+    squatting.abort();
     assert_eq!(summary.pieces_fetched, 16);
     assert!(result.pieces.iter().all(|p| p.transport == "tcp"));
     assert!(same_contents(&source, &output));
-    // At least the 3 failures that trip it; at most those plus the other streams that were
-    // already trying (4 streams per source): never one failure per piece.
+    // One set-up reached the squatter: the pair was paused then, and the streams that were
+    // already waiting for it fell back too (4 streams per source): never one per piece.
+    assert_eq!(lying_accepts.load(std::sync::atomic::Ordering::SeqCst), 1);
     assert!(
-        (3..=3 + 3).contains(&summary.rdma_fallbacks),
+        (1..=4).contains(&summary.rdma_fallbacks),
         "{} fallbacks",
         summary.rdma_fallbacks
     );
     let scraped = receiver.scrape().await;
+    let rail = format!("{}:1", env("FERRY_RXE_DEV1"));
     assert_eq!(
-        metric(&scraped, "ferry_rdma_breaker_trips_total"),
+        metric(
+            &scraped,
+            &format!("ferry_rdma_rail_pauses_total{{rail=\"{rail}\"}}")
+        ),
         Some(1.0),
         "{scraped}"
     );
     assert_eq!(
-        metric(&scraped, "ferry_rdma_breaker_probes_total"),
-        Some(0.0)
+        metric(
+            &scraped,
+            &format!("ferry_rdma_rail_paused_pairs{{rail=\"{rail}\"}}")
+        ),
+        Some(1.0)
     );
     assert_eq!(
         metric(&scraped, "ferry_rdma_fallbacks_total"),
@@ -834,10 +901,10 @@ async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_breaker_opens() 
     );
     let log = receiver.log_text();
     assert!(
-        log.contains("names 10.77.0.1, but its TCP connection comes from 127.0.0.1"),
+        log.contains("accepted on GID ::ffff:10.77.0.9 for its rail 0"),
         "{log}"
     );
-    assert!(log.contains("RDMA to this source keeps failing"), "{log}");
+    assert!(log.contains("RDMA rail pair failed"), "{log}");
 }
 
 /// `ferry devices` lists every port as a rail or with the reason it is not one: in the VM run
@@ -881,11 +948,7 @@ async fn ferry_devices_lists_every_rail_and_why_a_port_is_not_one() {
     for (k, rail) in used.iter().enumerate() {
         assert_eq!(rail["fabric"], format!("10.77.{k}.0/24"), "{rail}");
         assert_eq!(rail["link_layer"], "Ethernet");
-        assert_eq!(
-            rail["carrying"],
-            k == 0,
-            "the first rail carries pieces: {rail}"
-        );
+        assert_eq!(rail["carrying"], true, "every rail carries pieces: {rail}");
     }
     for dev in b_devs.split(',') {
         let skipped = listed

@@ -38,6 +38,8 @@ pub struct Tally {
     sources: Vec<(String, SourceTotals)>,
     /// Per transport: bytes, pieces.
     transports: Vec<(String, u64, u32)>,
+    /// Per RDMA rail pair: bytes, pieces.
+    rails: Vec<(String, u64, u32)>,
     pieces: u32,
     bytes: u64,
     failed_attempts: u32,
@@ -85,6 +87,9 @@ impl Tally {
         };
         add_source(&mut self.sources, &outcome.source, &one);
         add_transport(&mut self.transports, outcome.transport, length, 1);
+        if let Some(rail) = &outcome.rail {
+            add_transport(&mut self.rails, rail, length, 1);
+        }
         self.pieces += 1;
         self.bytes += length;
         self.rdma_fallbacks += u32::from(outcome.fell_back);
@@ -109,6 +114,9 @@ impl Tally {
         }
         for (name, bytes, pieces) in &later.transports {
             add_transport(&mut self.transports, name, *bytes, *pieces);
+        }
+        for (name, bytes, pieces) in &later.rails {
+            add_transport(&mut self.rails, name, *bytes, *pieces);
         }
         self.pieces += later.pieces;
         self.bytes += later.bytes;
@@ -141,6 +149,11 @@ impl Tally {
             add_transport(&mut transports, name, *bytes, *pieces);
         }
         summary.transports = transports;
+        let mut rails = self.rails;
+        for (name, bytes, pieces) in &summary.rails {
+            add_transport(&mut rails, name, *bytes, *pieces);
+        }
+        summary.rails = rails;
         if let Some(started) = self.started {
             summary.elapsed = summary.elapsed.max(started.elapsed());
         }
@@ -229,6 +242,7 @@ mod tests {
             digest: "crc32:1".into(),
             source: source.into(),
             transport,
+            rail: (transport == "rdma").then(|| "rxe0:1>rxe1:1".to_owned()),
             fell_back: false,
             fetch_time: Duration::ZERO,
             write_time: Duration::ZERO,
@@ -265,6 +279,7 @@ mod tests {
                 },
             )],
             transports: vec![("tcp".into(), 8 << 20, 2)],
+            rails: Vec::new(),
             rdma_fallbacks: 0,
             output: None,
             content_digest: None,

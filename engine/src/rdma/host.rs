@@ -4,21 +4,80 @@
 use crate::config::RdmaConfig;
 use crate::io::BufferPool;
 use crate::proto;
-use ferry_rdma::rails::{RailPlan, SkippedPort};
-use ferry_rdma::{DeviceInfo, RdmaContext, RegisteredRegion, Selection, SelectionRequest};
+use ferry_rdma::rails::matching::RailAd;
+use ferry_rdma::rails::{Rail, RailPlan, SkippedPort};
+use ferry_rdma::{
+    DeviceInfo, LinkLayer, RdmaContext, RdmaError, RegisteredRegion, Selection, SelectionRequest,
+};
 use std::sync::Arc;
+
+/// Opens one rail's device (the GID the plan chose) and registers the pool on it.
+fn open_rail(
+    index: u8,
+    rail: &Rail,
+    devices: &[DeviceInfo],
+    config: &RdmaConfig,
+    pool: &Arc<BufferPool>,
+) -> Result<LocalRail, RdmaError> {
+    let request = SelectionRequest {
+        device: Some(rail.device.clone()),
+        port: Some(rail.port),
+        gid_index: Some(rail.gid.index),
+    };
+    let selection = ferry_rdma::choose(devices, &request)?;
+    let context = RdmaContext::open_with(selection.clone(), config.poll_mode())?;
+    let region = pool.register_rdma(&context)?;
+    Ok(LocalRail {
+        index,
+        rail: rail.clone(),
+        selection,
+        context,
+        region: Arc::new(region),
+    })
+}
 
 pub enum RdmaStatus {
     /// Turned off by configuration (`--no-rdma`).
     Disabled,
     /// No library, no device, no usable GID, or opening it failed: the reason.
     Unavailable(String),
-    /// The device is open and the pool registered.
+    /// At least one rail is open with the pool registered on it.
     Ready {
-        selection: Selection,
-        region: Arc<RegisteredRegion>,
+        /// The rails that opened, in the plan's order; a rail's place here is its index in
+        /// the rail list this host sends peers.
+        rails: Vec<Arc<LocalRail>>,
         _pool: Arc<BufferPool>,
     },
+}
+
+/// One rail this host moves pieces on: its device opened (with a completion thread) and the
+/// buffer pool registered on it, once, at start-up.
+pub struct LocalRail {
+    /// What peers name it by ([`RailAd::index`], `ConnectRail`).
+    pub index: u8,
+    pub rail: Rail,
+    pub selection: Selection,
+    pub context: Arc<RdmaContext>,
+    pub region: Arc<RegisteredRegion>,
+}
+
+impl LocalRail {
+    pub fn name(&self) -> String {
+        self.rail.name()
+    }
+
+    /// What the set-up exchange tells a peer about this rail.
+    pub fn ad(&self) -> RailAd {
+        RailAd::of(self.index, &self.rail)
+    }
+
+    /// The IPv4 address of a RoCE rail's GID: where its queue pairs' set-up connections leave
+    /// from and arrive at (None on InfiniBand, or for an IPv6 GID).
+    pub fn ipv4(&self) -> Option<std::net::Ipv4Addr> {
+        (self.selection.link_layer == LinkLayer::Ethernet)
+            .then(|| self.selection.gid.ipv4())
+            .flatten()
+    }
 }
 
 pub struct RdmaHost {
@@ -29,8 +88,9 @@ pub struct RdmaHost {
 }
 
 impl RdmaHost {
-    /// Discovers devices and, if enabled, opens the chosen one and registers `pool`. Never
-    /// fails: whatever goes wrong leaves RDMA unavailable (logged) and TCP carries everything.
+    /// Discovers devices and, if enabled, opens every rail and registers `pool` on each.
+    /// Never fails: a rail that cannot be opened is left out (logged); with none left RDMA is
+    /// unavailable and TCP carries everything.
     pub fn start(config: &RdmaConfig, pool: &Arc<BufferPool>) -> RdmaHost {
         let devices = match ferry_rdma::discover() {
             Ok(devices) => devices,
@@ -57,19 +117,8 @@ impl RdmaHost {
                 status: RdmaStatus::Disabled,
             };
         }
-        let first = match &rails {
-            Ok(plan) => {
-                for rail in &plan.rails {
-                    tracing::info!(
-                        rail = %rail.name(),
-                        fabric = %rail.fabric,
-                        numa_node = ?rail.placement.numa_node,
-                        pci = ?rail.placement.pci_address,
-                        "RDMA rail found"
-                    );
-                }
-                &plan.rails[0]
-            }
+        let plan = match &rails {
+            Ok(plan) => plan,
             Err(reason) => {
                 tracing::warn!(%reason, "no usable RDMA rail; pieces move over TCP");
                 return RdmaHost {
@@ -79,37 +128,45 @@ impl RdmaHost {
                 };
             }
         };
-        // One rail carries pieces until striping lands: the first of the plan.
-        let request = SelectionRequest {
-            device: Some(first.device.clone()),
-            port: Some(first.port),
-            gid_index: Some(first.gid.index),
-        };
-        let opened = ferry_rdma::choose(&devices, &request).and_then(|selection| {
-            let context = RdmaContext::open_with(selection.clone(), config.poll_mode())?;
-            let region = pool.register_rdma(&context)?;
-            Ok((selection, region))
-        });
-        let status = match opened {
-            Ok((selection, region)) => {
-                tracing::info!(
-                    device = %selection.device,
-                    port = selection.port,
-                    gid_index = selection.gid.index,
-                    gid = %selection.gid.gid,
-                    poll = %config.poll_mode(),
-                    seconds_per_gib = region.seconds_per_gib(),
-                    "RDMA device ready, buffer pool registered"
-                );
-                RdmaStatus::Ready {
-                    selection,
-                    region: Arc::new(region),
-                    _pool: Arc::clone(pool),
+        let mut opened = Vec::new();
+        let mut failures = Vec::new();
+        for rail in &plan.rails {
+            let index = u8::try_from(opened.len()).expect("at most MAX_RAILS rails");
+            if usize::from(index) == ferry_rdma::rails::wire::MAX_RAILS {
+                tracing::warn!(rail = %rail.name(), max = ferry_rdma::rails::wire::MAX_RAILS, "more rails than Ferry uses; this one is left out");
+                continue;
+            }
+            match open_rail(index, rail, &devices, config, pool) {
+                Ok(local) => {
+                    tracing::info!(
+                        rail = %rail.name(),
+                        index,
+                        fabric = %rail.fabric,
+                        gid_index = local.selection.gid.index,
+                        gid = %local.selection.gid.gid,
+                        speed_gbps = rail.speed_gbps,
+                        numa_node = ?rail.placement.numa_node,
+                        pci = ?rail.placement.pci_address,
+                        poll = %config.poll_mode(),
+                        seconds_per_gib = local.region.seconds_per_gib(),
+                        "RDMA rail ready, buffer pool registered on it"
+                    );
+                    opened.push(Arc::new(local));
+                }
+                Err(err) => {
+                    tracing::warn!(rail = %rail.name(), error = %err, "RDMA rail unusable; left out");
+                    failures.push(format!("{}: {err}", rail.name()));
                 }
             }
-            Err(err) => {
-                tracing::warn!(error = %err, "RDMA device unusable; pieces move over TCP");
-                RdmaStatus::Unavailable(err.to_string())
+        }
+        let status = if opened.is_empty() {
+            let reason = failures.join("; ");
+            tracing::warn!(%reason, "no RDMA rail could be opened; pieces move over TCP");
+            RdmaStatus::Unavailable(reason)
+        } else {
+            RdmaStatus::Ready {
+                rails: opened,
+                _pool: Arc::clone(pool),
             }
         };
         RdmaHost {
@@ -119,18 +176,21 @@ impl RdmaHost {
         }
     }
 
+    /// The rails that carry pieces (none unless RDMA is ready).
+    pub fn open_rails(&self) -> &[Arc<LocalRail>] {
+        match &self.status {
+            RdmaStatus::Ready { rails, .. } => rails,
+            _ => &[],
+        }
+    }
+
     /// The `rdma_rails` entry of `GetCapabilities`: every rail, then every port that is not
     /// one, with its reason.
     pub fn rails_message(&self) -> Vec<proto::RdmaRail> {
         let Ok(plan) = &self.rails else {
             return Vec::new();
         };
-        let carrying = match &self.status {
-            RdmaStatus::Ready { selection, .. } => {
-                Some((selection.device.as_str(), selection.port))
-            }
-            _ => None,
-        };
+        let open = self.open_rails();
         let rails = plan.rails.iter().map(|rail| proto::RdmaRail {
             name: rail.name(),
             used: true,
@@ -143,7 +203,9 @@ impl RdmaHost {
             speed_gbps: rail.speed_gbps,
             numa_node: rail.placement.numa_node.map_or(-1, |n| n as i32),
             pci_address: rail.placement.pci_address.clone().unwrap_or_default(),
-            carrying: carrying == Some((rail.device.as_str(), rail.port)),
+            carrying: open
+                .iter()
+                .any(|o| o.rail.device == rail.device && o.rail.port == rail.port),
         });
         let skipped = plan.skipped.iter().map(|s: &SkippedPort| proto::RdmaRail {
             name: format!("{}:{}", s.device, s.port),
@@ -155,12 +217,12 @@ impl RdmaHost {
         rails.chain(skipped).collect()
     }
 
-    /// Bytes registered with the device: the whole buffer pool when RDMA is ready, else 0.
+    /// Bytes registered with the devices, over every rail (the pool once per rail), else 0.
     pub fn registered_bytes(&self) -> u64 {
-        match &self.status {
-            RdmaStatus::Ready { region, .. } => region.len() as u64,
-            _ => 0,
-        }
+        self.open_rails()
+            .iter()
+            .map(|r| r.region.len() as u64)
+            .sum()
     }
 
     /// The `rdma` entry of `GetCapabilities`.
@@ -171,32 +233,42 @@ impl RdmaHost {
                 Vec::new(),
             ),
             RdmaStatus::Unavailable(reason) => (reason.clone(), Vec::new()),
-            RdmaStatus::Ready {
-                selection, region, ..
-            } => (
-                format!(
-                    "{} port {} GID {} ({} {})",
-                    selection.device,
-                    selection.port,
-                    selection.gid.index,
-                    selection.gid.kind.as_str(),
-                    selection.gid.address()
-                ),
-                vec![
-                    ("device", selection.device.clone()),
-                    ("port", selection.port.to_string()),
-                    ("gid_index", selection.gid.index.to_string()),
-                    ("gid", selection.gid.gid.to_string()),
-                    ("active_mtu", selection.active_mtu.to_string()),
-                    ("link_layer", selection.link_layer.as_str().to_owned()),
-                    ("lid", selection.lid.to_string()),
-                    ("registered_bytes", region.len().to_string()),
-                    (
-                        "registration_seconds_per_gib",
-                        format!("{:.4}", region.seconds_per_gib()),
+            RdmaStatus::Ready { rails, .. } => {
+                // The first rail's details, as before several rails were used; then the list.
+                let first = &rails[0];
+                let (selection, region) = (&first.selection, &first.region);
+                let names: Vec<String> = rails.iter().map(|r| r.name()).collect();
+                (
+                    format!(
+                        "{} port {} GID {} ({} {}){}",
+                        selection.device,
+                        selection.port,
+                        selection.gid.index,
+                        selection.gid.kind.as_str(),
+                        selection.gid.address(),
+                        if rails.len() > 1 {
+                            format!(" and {} more rails", rails.len() - 1)
+                        } else {
+                            String::new()
+                        }
                     ),
-                ],
-            ),
+                    vec![
+                        ("device", selection.device.clone()),
+                        ("port", selection.port.to_string()),
+                        ("gid_index", selection.gid.index.to_string()),
+                        ("gid", selection.gid.gid.to_string()),
+                        ("active_mtu", selection.active_mtu.to_string()),
+                        ("link_layer", selection.link_layer.as_str().to_owned()),
+                        ("lid", selection.lid.to_string()),
+                        ("rails", names.join(",")),
+                        ("registered_bytes", self.registered_bytes().to_string()),
+                        (
+                            "registration_seconds_per_gib",
+                            format!("{:.4}", region.seconds_per_gib()),
+                        ),
+                    ],
+                )
+            }
         };
         proto::TransportInfo {
             name: "rdma".into(),

@@ -3,13 +3,14 @@
 
 pub mod breaker;
 mod host;
+mod rails;
 mod requests;
 mod serve;
 mod served;
 mod session;
 mod transport;
 
-pub use host::{RdmaHost, RdmaStatus};
+pub use host::{LocalRail, RdmaHost, RdmaStatus};
 pub use serve::{RdmaService, MAX_WRITES_PER_PIECE};
 pub use transport::RdmaTransport;
 
@@ -22,10 +23,14 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 // ---------------------------------------------------------------------------------------------
-// The piece exchange. The receiver opens a TCP connection to the source's data port and
-// upgrades it with a Connect message carrying its queue pair; the source answers Accept with
-// its own. From then on everything goes over the RC queue pair; the TCP connection carries no
-// further byte and ends the queue pair by closing.
+// The piece exchange. Once per source, the receiver opens a TCP connection to the source's
+// data port and upgrades it with a Rails message listing its rails (device, port, GID, fabric,
+// link rate); the source answers with its own and closes. Rails on one fabric pair up (see
+// `ferry_rdma::rails::matching`). For each queue pair on a rail pair, the receiver connects
+// from its rail's address to the source's rail address (RoCE; the data port listens on every
+// rail) and sends ConnectRail naming the source's rail and carrying its queue pair; the source
+// answers Accept with its own, made on that rail. From then on everything goes over the RC
+// queue pair; the TCP connection carries no further byte and ends the queue pair by closing.
 //
 // Per piece, the receiver binds one memory window per pool slot of the piece buffer (remote
 // write, this queue pair only) and, right behind the binds on the same send queue (which
@@ -39,9 +44,10 @@ use std::time::Duration;
 // piece answers Failed (not held, or why) over the queue pair, which stays up.
 //
 // Up to `window` pieces are in flight on one queue pair, over up to `queue_pairs` queue pairs
-// per peer; the source reads the next pieces while earlier ones are on the wire. A fetch that
-// is dropped while its windows are bound moves the queue pair to the error state at once,
-// before the buffer can be reused, so a late write can never land in someone else's piece.
+// per rail pair; pieces are spread over the rail pairs by measured throughput, and a rail pair
+// that fails is paused while the others carry on (`rails.rs`). The source reads the next
+// pieces while earlier ones are on the wire. A fetch dropped while its windows are bound
+// leaves them to its session, which takes them back once the source answered.
 
 /// Tunables of the RDMA piece exchange.
 #[derive(Debug, Clone)]
@@ -53,8 +59,10 @@ pub struct RdmaSettings {
     pub io_timeout: Duration,
     /// Pieces in flight on one queue pair (the credit window).
     pub window: usize,
-    /// Queue pairs per source peer.
+    /// Queue pairs per rail pair to a source.
     pub queue_pairs: usize,
+    /// When a failing rail pair is paused, and for how long.
+    pub rail_health: ferry_rdma::rails::health::HealthSettings,
 }
 
 /// Work request ids: the kind in the top byte, so completions sort themselves (0xfe is the
@@ -90,25 +98,24 @@ impl RdmaHost {
         idle_timeout: Duration,
         metrics: &Arc<Metrics>,
     ) -> Option<(Arc<RdmaTransport>, Arc<RdmaService>)> {
-        let RdmaStatus::Ready { region, .. } = &self.status else {
+        let RdmaStatus::Ready { rails, .. } = &self.status else {
             return None;
         };
-        let context = Arc::clone(region.context());
-        let region = Arc::clone(region);
+        for rail in rails {
+            metrics.rdma_rail_opened(&rail.name());
+        }
         let transport = RdmaTransport {
-            context: Arc::clone(&context),
-            region: Arc::clone(&region),
+            rails: rails.clone(),
             settings: settings.clone(),
-            sessions: Mutex::new(HashMap::new()),
-            connecting: Mutex::new(HashMap::new()),
+            peers: Mutex::new(HashMap::new()),
+            exchanging: Mutex::new(HashMap::new()),
             tcp_only: Mutex::new(HashSet::new()),
             breakers: transport::Breakers::new(breaker::BreakerSettings::default(), metrics),
             metrics: Arc::clone(metrics),
         };
         let service = RdmaService {
             store: Arc::clone(store),
-            context,
-            region,
+            rails: rails.clone(),
             settings,
             idle_timeout,
             metrics: Arc::clone(metrics),

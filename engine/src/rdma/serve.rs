@@ -6,6 +6,7 @@
 //! pool) while earlier pieces are on the wire, and a piece's writes are posted as soon as its
 //! read completes and the send queue has room, never after waiting for another piece.
 
+use super::host::LocalRail;
 use super::served::{Piece, Served};
 use super::RdmaSettings;
 use crate::geometry::format_digest;
@@ -14,7 +15,7 @@ use crate::metrics::Metrics;
 use crate::store::{Store, StoredTask};
 use ferry_rdma::credit::{self, ChunkWrite, SlotCredit};
 use ferry_rdma::wire::{self, Message};
-use ferry_rdma::{Connection, ConnectionConfig, RdmaContext, RdmaError, RegisteredRegion};
+use ferry_rdma::{Connection, ConnectionConfig, RdmaError};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpStream;
@@ -31,8 +32,8 @@ const MAX_ANSWER_TEXT: usize = 1024;
 /// The serving side: runs a queue pair for each peer that upgrades its connection.
 pub struct RdmaService {
     pub(super) store: Arc<Store>,
-    pub(super) context: Arc<RdmaContext>,
-    pub(super) region: Arc<RegisteredRegion>,
+    /// This host's open rails, by their index in the rail list it sends.
+    pub(super) rails: Vec<Arc<LocalRail>>,
     pub(super) settings: RdmaSettings,
     pub(super) idle_timeout: Duration,
     pub(super) metrics: Arc<Metrics>,
@@ -78,30 +79,75 @@ fn failed(request: u16, not_held: bool, message: impl Into<String>) -> Message {
 }
 
 impl RdmaService {
-    /// Runs one peer's queue pair until the peer closes its TCP connection.
-    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, connect: Vec<u8>) {
+    /// Runs one peer's upgrade of its data connection: the rail exchange (answered, then
+    /// closed), or a queue pair until the peer closes its TCP connection.
+    pub async fn serve(self: Arc<Self>, mut stream: TcpStream, tag: u8, value: Vec<u8>) {
         let peer = stream
             .peer_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        match self.serve_connection(&mut stream, &connect).await {
+        let served = match Message::decode(tag, &value) {
+            Ok(Message::Rails { rails }) => self.exchange_rails(&mut stream, &rails).await,
+            Ok(Message::Connect { endpoint }) => {
+                // A receiver that sends no rail list: the first rail.
+                self.serve_connection(&mut stream, &self.rails[0], endpoint)
+                    .await
+            }
+            Ok(Message::ConnectRail { rail, endpoint }) => {
+                match self.rails.get(usize::from(rail)) {
+                    Some(local) => {
+                        let local = Arc::clone(local);
+                        self.serve_connection(&mut stream, &local, endpoint).await
+                    }
+                    None => {
+                        let err = RdmaError::Handshake(format!(
+                            "no rail {rail} here (this host has {})",
+                            self.rails.len()
+                        ));
+                        let refused = failed(0, false, err.to_string());
+                        let _ =
+                            wire::write_message(&mut stream, &refused, self.settings.io_timeout)
+                                .await;
+                        Err(err)
+                    }
+                }
+            }
+            Ok(other) => Err(RdmaError::Handshake(format!(
+                "expected Rails or ConnectRail, got {:#04x}",
+                other.tag()
+            ))),
+            Err(err) => Err(err),
+        };
+        match served {
             Ok(()) => tracing::debug!(%peer, "RDMA control channel closed"),
             Err(err) => tracing::warn!(%peer, error = %err, "RDMA connection closed on error"),
         }
     }
 
+    /// Answers a receiver's rail list with this host's; the receiver matches them.
+    async fn exchange_rails(
+        &self,
+        stream: &mut TcpStream,
+        theirs: &[ferry_rdma::rails::matching::RailAd],
+    ) -> Result<(), RdmaError> {
+        let names: Vec<&str> = theirs.iter().map(|r| r.name.as_str()).collect();
+        tracing::debug!(peer_rails = %names.join(", "), "RDMA rail exchange");
+        let ours = Message::Rails {
+            rails: self.rails.iter().map(|r| r.ad()).collect(),
+        };
+        wire::write_message(stream, &ours, self.settings.io_timeout).await
+    }
+
     async fn serve_connection(
         &self,
         stream: &mut TcpStream,
-        connect: &[u8],
+        rail: &LocalRail,
+        endpoint: ferry_rdma::Endpoint,
     ) -> Result<(), RdmaError> {
-        let Message::Connect { endpoint } = Message::decode(wire::TAG_CONNECT, connect)? else {
-            return Err(RdmaError::Handshake("expected Connect".into()));
-        };
         let peer = stream.peer_addr()?;
         let set_up = ferry_rdma::address::check_peer_gid(&endpoint, peer.ip())
             .map_err(RdmaError::from)
-            .and_then(|()| Connection::new(&self.context, ConnectionConfig::default()))
+            .and_then(|()| Connection::new(&rail.context, ConnectionConfig::default()))
             .and_then(|connection| connection.connect(&endpoint).map(|()| connection));
         let connection = match set_up {
             Ok(connection) => connection,
@@ -122,8 +168,10 @@ impl RdmaService {
         )
         .await?;
         let mut pieces = Pieces::default();
-        let result = self.serve_pieces(stream, &connection, &mut pieces).await;
-        self.tear_down(&connection, pieces).await;
+        let result = self
+            .serve_pieces(stream, rail, &connection, &mut pieces)
+            .await;
+        self.tear_down(rail, &connection, pieces).await;
         result
     }
 
@@ -132,11 +180,12 @@ impl RdmaService {
     async fn serve_pieces(
         &self,
         stream: &mut TcpStream,
+        rail: &LocalRail,
         connection: &Connection,
         pieces: &mut Pieces,
     ) -> Result<(), RdmaError> {
         loop {
-            self.post_ready(connection, pieces)?;
+            self.post_ready(rail, connection, pieces)?;
             let idle = pieces.served.is_idle();
             tokio::select! {
                 batch = connection.completions() => {
@@ -145,7 +194,7 @@ impl RdmaService {
                         // A piece's completing SEND completed (or was flushed): RC completes
                         // in order, so the NIC is done with every chunk before it.
                         if let Some((granted, buf)) = pieces.served.completed(completion.wr_id) {
-                            self.count_answered(&granted, completion.is_error());
+                            self.count_answered(rail, &granted, completion.is_error());
                             drop(buf);
                         }
                         // The rest of the batch is still looked at: it may free buffers.
@@ -153,6 +202,9 @@ impl RdmaService {
                             continue;
                         }
                         if completion.is_error() {
+                            if completion.status != ferry_rdma::WcStatus::Flushed {
+                                self.metrics.rdma_rail_completion_error(&rail.name());
+                            }
                             first_error = completion.ok().err();
                         } else if let Some(frame) = &completion.message {
                             first_error = self.on_request(connection, pieces, frame).err();
@@ -192,12 +244,14 @@ impl RdmaService {
     }
 
     /// A piece's answer completed (the piece served) or was flushed (its buffer free again).
-    fn count_answered(&self, granted: &Granted, flushed: bool) {
+    fn count_answered(&self, rail: &LocalRail, granted: &Granted, flushed: bool) {
         if flushed {
             self.metrics.rdma_buffers_released_on_flush(true, 1);
         } else {
             granted.task.count_served();
             self.metrics.rdma_piece_served(granted.piece.length);
+            self.metrics
+                .rdma_rail_piece(&rail.name(), true, granted.piece.length);
         }
     }
 
@@ -299,7 +353,12 @@ impl RdmaService {
     /// Posts every read piece the send queue has room for: its chunks as unsignalled WRITEs,
     /// then one signalled SEND_WITH_INVALIDATE carrying the digest, which the receiver sees
     /// only after every chunk is placed.
-    fn post_ready(&self, connection: &Connection, pieces: &mut Pieces) -> Result<(), RdmaError> {
+    fn post_ready(
+        &self,
+        rail: &LocalRail,
+        connection: &Connection,
+        pieces: &mut Pieces,
+    ) -> Result<(), RdmaError> {
         let room = || {
             (
                 connection.send_queue_free(),
@@ -317,7 +376,7 @@ impl RdmaService {
             for (write, &wr) in granted.writes.iter().zip(&posting.write_wrs) {
                 connection.post_write(
                     wr,
-                    &self.region,
+                    &rail.region,
                     posting.buf.address_of(write.piece_offset as usize),
                     write.len,
                     write.rkey,
@@ -339,7 +398,7 @@ impl RdmaService {
     /// it: the queue pair goes to the error state and every piece on the wire waits for its
     /// completing SEND's completion (a flush, now). One that never comes (a broken device)
     /// leaves its buffer out of the pool for good rather than risk it.
-    async fn tear_down(&self, connection: &Connection, mut pieces: Pieces) {
+    async fn tear_down(&self, rail: &LocalRail, connection: &Connection, mut pieces: Pieces) {
         pieces.reads.abort_all();
         pieces.served.drop_unposted();
         if pieces.served.on_wire() == 0 {
@@ -353,7 +412,7 @@ impl RdmaService {
                     for completion in batch {
                         if let Some((granted, _buf)) = pieces.served.completed(completion.wr_id) {
                             // Completed before the queue pair left the ready state, or flushed.
-                            self.count_answered(&granted, completion.is_error());
+                            self.count_answered(rail, &granted, completion.is_error());
                         }
                     }
                 }

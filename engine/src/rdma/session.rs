@@ -1,6 +1,7 @@
 //! One RC queue pair to a source, shared by up to `window` fetches: the I/O shell of the
 //! request machine in `requests.rs` (it posts what that decides and feeds it what arrives).
 
+use super::host::LocalRail;
 use super::requests::{Answer, Full, Requests, Step};
 use super::transport::RdmaTransport;
 use super::{rdma_failure, WR_BIND, WR_FETCH, WR_INVALIDATE, WR_KIND};
@@ -40,6 +41,8 @@ struct SessionState {
 pub(super) struct Session {
     // The queue pair is dropped before the memory windows it may still have bound.
     connection: Connection,
+    /// The local rail the queue pair is on (its device's windows, the pool's registration).
+    rail: Arc<LocalRail>,
     /// Kept open for the queue pair's life: closing it tells the source to end its side.
     _set_up: tokio::net::tcp::OwnedWriteHalf,
     state: Mutex<SessionState>,
@@ -85,6 +88,7 @@ impl Session {
     /// (`break_with` aborts the watcher; the pump ends once it has seen the flushes).
     pub(super) fn start(
         connection: Connection,
+        rail: Arc<LocalRail>,
         set_up: (
             tokio::net::tcp::OwnedReadHalf,
             tokio::net::tcp::OwnedWriteHalf,
@@ -96,6 +100,7 @@ impl Session {
         let (read, write) = set_up;
         let session = Arc::new(Session {
             connection,
+            rail,
             _set_up: write,
             state: Mutex::new(SessionState {
                 requests: Requests::new(
@@ -252,6 +257,9 @@ impl Session {
                     .filter(|c| c.is_error())
                     .min_by_key(|c| c.status == ferry_rdma::WcStatus::Flushed);
                 if let Some(completion) = first_error {
+                    if completion.status != ferry_rdma::WcStatus::Flushed {
+                        self.metrics.rdma_rail_completion_error(&self.rail.name());
+                    }
                     failure = Some(format!(
                         "rdma: work request {:#x} completed with {}",
                         completion.wr_id, completion.status
@@ -509,6 +517,7 @@ impl Session {
                 Ok(FetchedPiece {
                     advertised_digest,
                     crc32,
+                    rail: None,
                 }),
             ),
             Err(err) => (
@@ -553,7 +562,7 @@ impl Session {
             while windows.len() < window_count {
                 match state.spare_windows.pop() {
                     Some(window) => windows.push(window),
-                    None => match transport.context.alloc_window() {
+                    None => match self.rail.context.alloc_window() {
                         Ok(window) => windows.push(window),
                         Err(err) => {
                             // Nothing is bound: the windows go back, the request ends.
@@ -638,7 +647,7 @@ impl Session {
                 self.connection.post_bind(
                     wr_id(WR_BIND, request, seq),
                     window,
-                    &transport.region,
+                    &self.rail.region,
                     addr,
                     u64::from(len),
                     false,

@@ -1,32 +1,39 @@
-//! The receiving side's transport: sessions (queue pairs) to each source, made one at a time
-//! and shared by fetches; per-source circuit breakers; the RDMA upgrade of a data connection.
+//! The receiving side's transport: the rail pairs to each source (learned in a set-up
+//! exchange of rail lists, see [`super::rails`]), their queue pairs, made one at a time per
+//! rail pair and shared by fetches; per-source circuit breakers; the RDMA upgrade of a data
+//! connection.
 
 use super::breaker::{Admission, Breaker, BreakerSettings, Transition};
+use super::host::LocalRail;
+use super::rails::{LaneOutcome, PeerRails};
 use super::session::{FetchError, Session};
 use super::{rdma_failure, RdmaSettings};
 use crate::geometry::PieceRange;
 use crate::io::PieceBuffer;
 use crate::metrics::Metrics;
 use crate::transport::{Fetched, PieceTransport, TransportError};
+use ferry_rdma::rails::matching::{match_rails, RailAd};
 use ferry_rdma::wire::{self, Message};
-use ferry_rdma::{Connection, ConnectionConfig, RdmaContext, RdmaError, RegisteredRegion};
+use ferry_rdma::{Connection, ConnectionConfig, RdmaError};
 use std::collections::{HashMap, HashSet};
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::net::{TcpSocket, TcpStream};
 
-/// The receiving side: fetches pieces from sources over RDMA.
+/// The receiving side: fetches pieces from sources over RDMA, on every rail pair it shares
+/// with each.
 pub struct RdmaTransport {
-    pub(super) context: Arc<RdmaContext>,
-    pub(super) region: Arc<RegisteredRegion>,
+    /// This host's open rails (at least one).
+    pub(super) rails: Vec<Arc<LocalRail>>,
     pub(super) settings: RdmaSettings,
-    pub(super) sessions: Mutex<HashMap<SocketAddr, Vec<Arc<Session>>>>,
-    /// Per source, held while a session to it is being made.
-    pub(super) connecting: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
-    /// Sources that refused the upgrade (no RDMA there): TCP only from now on.
+    /// Per source, its rail pairs once the set-up exchange has told them.
+    pub(super) peers: Mutex<HashMap<SocketAddr, Arc<PeerRails>>>,
+    /// Per source, held while the rail lists are being exchanged with it.
+    pub(super) exchanging: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<()>>>>,
+    /// Sources that refused the upgrade (no RDMA there, or no rail in common): TCP only.
     pub(super) tcp_only: Mutex<HashSet<SocketAddr>>,
-    /// Per source, whether its RDMA path is trusted now (see [`super::breaker`]).
+    /// Per source, whether its RDMA path as a whole is trusted now (see [`super::breaker`]).
     pub(super) breakers: Breakers,
     pub(super) metrics: Arc<Metrics>,
 }
@@ -140,139 +147,240 @@ impl Drop for Outcome<'_> {
 }
 
 impl RdmaTransport {
-    /// Whether pieces from `source` should go over RDMA now: it has RDMA, and its circuit
-    /// breaker is closed or its back-off ran out (one probe).
+    /// Whether pieces from `source` should go over RDMA now: it has RDMA, a rail pair to it
+    /// is up (or due for its probe), and its circuit breaker is closed or its back-off ran out
+    /// (one probe).
     pub fn supports(&self, source: SocketAddr) -> bool {
+        let now = Instant::now();
         !self
             .tcp_only
             .lock()
             .expect("tcp_only lock")
             .contains(&source)
-            && self.breakers.would_admit(source, Instant::now())
+            && self.known_peer(source).is_none_or(|p| p.usable(now))
+            && self.breakers.would_admit(source, now)
     }
 
-    /// Drops the sessions to a source (after it failed).
+    /// Drops the rail pairs and queue pairs to a source (after it failed): the next fetch
+    /// exchanges rails with it afresh.
     pub fn forget(&self, source: SocketAddr) {
-        self.drop_sessions(source, "it was given up on");
+        let dropped = self.peers.lock().expect("peers lock").remove(&source);
+        if let Some(peer) = dropped {
+            peer.forget("it was given up on");
+        }
     }
 
+    /// Breaks the queue pairs to a source; its rail pairs stay known.
     fn drop_sessions(&self, source: SocketAddr, why: &str) {
-        let dropped = self.sessions.lock().expect("sessions lock").remove(&source);
-        for session in dropped.into_iter().flatten() {
-            session.break_with(format!("rdma: source {source}: {why}"));
+        if let Some(peer) = self.known_peer(source) {
+            peer.break_sessions(why);
         }
     }
 
-    /// The TCP connection of a new queue pair. With a RoCE v2 IPv4 GID it leaves from that
-    /// GID's address, which the source checks against the GID this side sends.
-    async fn dial(&self, source: SocketAddr) -> std::io::Result<TcpStream> {
-        let selection = self.context.selection();
-        match (selection.gid.ipv4(), source) {
-            (Some(local), SocketAddr::V4(_))
-                if selection.link_layer == ferry_rdma::LinkLayer::Ethernet =>
-            {
-                let socket = TcpSocket::new_v4()?;
-                socket.bind(SocketAddr::new(local.into(), 0))?;
-                socket.connect(source).await
-            }
-            _ => TcpStream::connect(source).await,
-        }
+    fn known_peer(&self, source: SocketAddr) -> Option<Arc<PeerRails>> {
+        self.peers.lock().expect("peers lock").get(&source).cloned()
     }
 
-    /// A session with room for one more fetch: the least busy one, or a new one while the
-    /// peer has fewer than `queue_pairs` sessions. Sessions to one source are made one at a
-    /// time, so many fetches starting at once share `queue_pairs` queue pairs instead of each
-    /// making its own.
-    async fn session(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
-        if let Some(session) = self.usable_session(source) {
-            return Ok(session);
-        }
-        let connecting = Arc::clone(
-            self.connecting
-                .lock()
-                .expect("connecting lock")
-                .entry(source)
-                .or_default(),
-        );
-        let _one_at_a_time = connecting.lock().await;
-        if let Some(session) = self.usable_session(source) {
-            return Ok(session);
-        }
-        let session = self.connect(source).await?;
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .entry(source)
-            .or_default()
-            .push(Arc::clone(&session));
-        Ok(session)
+    fn refuse_rdma(&self, source: SocketAddr) {
+        self.tcp_only.lock().expect("tcp_only lock").insert(source);
     }
 
-    /// The least busy session to `source` when it is idle or no other may be made.
-    fn usable_session(&self, source: SocketAddr) -> Option<Arc<Session>> {
-        let mut sessions = self.sessions.lock().expect("sessions lock");
-        let list = sessions.entry(source).or_default();
-        list.retain(|s| !s.is_broken());
-        let best = list.iter().min_by_key(|s| s.in_flight()).cloned()?;
-        (list.len() >= self.settings.queue_pairs || best.in_flight() == 0).then_some(best)
-    }
-
-    async fn connect(&self, source: SocketAddr) -> Result<Arc<Session>, TransportError> {
+    /// A set-up TCP connection from `rail` to `to`. On a RoCE rail with an IPv4 GID it leaves
+    /// from that GID's address, which the source checks against the GID this side sends.
+    async fn dial(&self, rail: &LocalRail, to: SocketAddr) -> Result<TcpStream, TransportError> {
         let limit = self.settings.connect_timeout;
-        let mut control = tokio::time::timeout(limit, self.dial(source))
+        let dial = async {
+            match (rail.ipv4(), to) {
+                (Some(local), SocketAddr::V4(_)) => {
+                    let socket = TcpSocket::new_v4()?;
+                    socket.bind(SocketAddr::new(local.into(), 0))?;
+                    socket.connect(to).await
+                }
+                _ => TcpStream::connect(to).await,
+            }
+        };
+        let stream = tokio::time::timeout(limit, dial)
             .await
             .map_err(|_| {
                 TransportError::Unreachable(format!(
-                    "connecting to {source} took longer than {limit:?}"
+                    "connecting to {to} took longer than {limit:?}"
                 ))
             })?
-            .map_err(|e| TransportError::Unreachable(format!("connecting to {source}: {e}")))?;
-        let _ = control.set_nodelay(true);
-        let config = ConnectionConfig::default();
-        let connection = Connection::new(&self.context, config).map_err(rdma_failure)?;
-        let hello = Message::Connect {
-            endpoint: connection.local_endpoint(),
+            .map_err(|e| TransportError::Unreachable(format!("connecting to {to}: {e}")))?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// The rail pairs to `source`: known, or learned now by exchanging rail lists with it
+    /// (one exchange per source at a time).
+    async fn peer(&self, source: SocketAddr) -> Result<Arc<PeerRails>, TransportError> {
+        if let Some(peer) = self.known_peer(source) {
+            return Ok(peer);
+        }
+        let exchanging = Arc::clone(
+            self.exchanging
+                .lock()
+                .expect("exchanging lock")
+                .entry(source)
+                .or_default(),
+        );
+        let _one_at_a_time = exchanging.lock().await;
+        if let Some(peer) = self.known_peer(source) {
+            return Ok(peer);
+        }
+        let remote = self.exchange_rails(source).await?;
+        let ours: Vec<RailAd> = self.rails.iter().map(|r| r.ad()).collect();
+        let pairs = match_rails(&ours, &remote);
+        let names = |ads: &[RailAd]| {
+            ads.iter()
+                .map(|a| a.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         };
-        wire::write_message(&mut control, &hello, self.settings.io_timeout)
+        if pairs.is_empty() {
+            let why = format!(
+                "no rail of this host ({}) shares a fabric with a rail of {source} ({})",
+                names(&ours),
+                names(&remote)
+            );
+            tracing::info!(%source, reason = %why, "no rail pair to this source; using TCP with it");
+            self.refuse_rdma(source);
+            return Err(TransportError::Unsupported(why));
+        }
+        let peer = Arc::new(PeerRails::new(
+            source,
+            &self.rails,
+            &remote,
+            &pairs,
+            self.settings.rail_health,
+            &self.metrics,
+        ));
+        let labels: Vec<String> = peer.lanes.iter().map(|l| l.label()).collect();
+        tracing::info!(%source, rail_pairs = %labels.join(", "), "RDMA rails matched with the source");
+        self.peers
+            .lock()
+            .expect("peers lock")
+            .insert(source, Arc::clone(&peer));
+        Ok(peer)
+    }
+
+    /// Sends this host's rails to `source` and returns its own.
+    async fn exchange_rails(&self, source: SocketAddr) -> Result<Vec<RailAd>, TransportError> {
+        let io = self.settings.io_timeout;
+        let mut control = self.dial(&self.rails[0], source).await?;
+        let ours = Message::Rails {
+            rails: self.rails.iter().map(|r| r.ad()).collect(),
+        };
+        wire::write_message(&mut control, &ours, io)
             .await
             .map_err(rdma_failure)?;
-        match wire::read_message(&mut control, self.settings.io_timeout).await {
-            Ok(Message::Accept { endpoint }) => {
-                ferry_rdma::address::check_peer_gid(&endpoint, source.ip())
-                    .map_err(|e| rdma_failure(e.into()))?;
-                connection.connect(&endpoint).map_err(rdma_failure)?;
-                tracing::debug!(%source, qpn = endpoint.qp_number, "RDMA queue pair connected");
-                let session = Session::start(
-                    connection,
-                    control.into_split(),
-                    self.settings.window,
-                    self.settings.io_timeout,
-                    &self.metrics,
-                );
-                Ok(session)
-            }
+        match wire::read_message(&mut control, io).await {
+            Ok(Message::Rails { rails }) => Ok(rails),
             Ok(Message::Refused { message }) => {
                 tracing::info!(%source, reason = %message, "source has no RDMA; using TCP with it");
-                self.tcp_only.lock().expect("tcp_only lock").insert(source);
+                self.refuse_rdma(source);
                 Err(TransportError::Unsupported(message))
             }
             Ok(Message::Failed { message, .. }) => Err(TransportError::Failed(format!(
-                "rdma: source refused the queue pair: {message}"
+                "rdma: source refused the rail exchange: {message}"
             ))),
             Ok(other) => Err(TransportError::Failed(format!(
-                "source answered the RDMA upgrade with {:#04x}",
+                "source answered the RDMA rail exchange with {:#04x}",
                 other.tag()
             ))),
             Err(RdmaError::Channel(err)) if err.kind() == std::io::ErrorKind::UnexpectedEof => {
                 // A stock Vortex peer (or a Ferry speaking another handshake version) hangs
                 // up on the upgrade: treat it as no RDMA.
                 tracing::info!(%source, error = %err, "source closed the RDMA upgrade; using TCP with it");
-                self.tcp_only.lock().expect("tcp_only lock").insert(source);
+                self.refuse_rdma(source);
                 Err(TransportError::Unsupported(err.to_string()))
             }
             // Anything else (a timeout, a reset, a garbled answer) may pass: the circuit
             // breaker decides when to stop trying.
             Err(err) => Err(rdma_failure(err)),
+        }
+    }
+
+    /// A queue pair on `lane` with room for one more fetch: the least busy one, or a new one
+    /// while the lane has fewer than `queue_pairs`. Queue pairs on one lane are made one at a
+    /// time, so many fetches starting at once share them instead of each making its own.
+    async fn session(&self, peer: &PeerRails, lane: usize) -> Result<Arc<Session>, TransportError> {
+        let queue_pairs = self.settings.queue_pairs;
+        if let Some(session) = peer.usable_session(lane, queue_pairs) {
+            return Ok(session);
+        }
+        let _one_at_a_time = peer.lanes[lane].connecting.lock().await;
+        if let Some(session) = peer.usable_session(lane, queue_pairs) {
+            return Ok(session);
+        }
+        if !peer.lane_open(lane, Instant::now()) {
+            // Paused while this fetch waited for the one before it to set up.
+            return Err(TransportError::Failed(format!(
+                "rdma: rail pair {} was paused",
+                peer.lanes[lane].label()
+            )));
+        }
+        let session = self.connect(peer, lane).await?;
+        peer.add_session(lane, &session);
+        Ok(session)
+    }
+
+    /// Sets up one queue pair on `lane`: from the local rail's address to the source's rail
+    /// address (RoCE with IPv4 GIDs; the source's data port listens on each of its rails), or
+    /// to the source's data address (InfiniBand). Either side checks that the other's GID is
+    /// the address its TCP connection uses, so a peer cannot point RDMA traffic elsewhere.
+    async fn connect(&self, peer: &PeerRails, lane: usize) -> Result<Arc<Session>, TransportError> {
+        let source = peer.source;
+        let lane = &peer.lanes[lane];
+        let target = match lane.remote.gid.to_ipv4_mapped() {
+            Some(v4) if lane.remote.link_layer == ferry_rdma::LinkLayer::Ethernet => {
+                SocketAddr::new(IpAddr::V4(v4), source.port())
+            }
+            _ => source,
+        };
+        let mut control = self.dial(&lane.local, target).await?;
+        let connection = Connection::new(&lane.local.context, ConnectionConfig::default())
+            .map_err(rdma_failure)?;
+        let hello = Message::ConnectRail {
+            rail: lane.remote.index,
+            endpoint: connection.local_endpoint(),
+        };
+        let io = self.settings.io_timeout;
+        wire::write_message(&mut control, &hello, io)
+            .await
+            .map_err(rdma_failure)?;
+        match wire::read_message(&mut control, io)
+            .await
+            .map_err(rdma_failure)?
+        {
+            Message::Accept { endpoint } => {
+                if endpoint.gid != lane.remote.gid || endpoint.link_layer != lane.remote.link_layer
+                {
+                    return Err(TransportError::Failed(format!(
+                        "rdma: {source} accepted on GID {} for its rail {} ({}), which it said has GID {}",
+                        endpoint.gid, lane.remote.index, lane.remote.name, lane.remote.gid
+                    )));
+                }
+                ferry_rdma::address::check_peer_gid(&endpoint, target.ip())
+                    .map_err(|e| rdma_failure(e.into()))?;
+                connection.connect(&endpoint).map_err(rdma_failure)?;
+                tracing::debug!(%source, rail = %lane.label(), qpn = endpoint.qp_number, "RDMA queue pair connected");
+                Ok(Session::start(
+                    connection,
+                    Arc::clone(&lane.local),
+                    control.into_split(),
+                    self.settings.window,
+                    self.settings.io_timeout,
+                    &self.metrics,
+                ))
+            }
+            Message::Failed { message, .. } | Message::Refused { message } => Err(
+                TransportError::Failed(format!("rdma: source refused the queue pair: {message}")),
+            ),
+            other => Err(TransportError::Failed(format!(
+                "source answered the RDMA upgrade with {:#04x}",
+                other.tag()
+            ))),
         }
     }
 }
@@ -319,6 +427,9 @@ impl PieceTransport for RdmaTransport {
         match &fetched.result {
             Ok(_) => outcome.report(true),
             Err(TransportError::NotHeld(_) | TransportError::Unsupported(_)) => outcome.neutral(),
+            // A rail pair failed but another is up: the piece is re-issued there, and the
+            // source's RDMA path as a whole has not failed.
+            Err(_) if !probe && self.supports(source) => outcome.reported = true,
             Err(_) => outcome.report(false),
         }
         fetched
@@ -333,23 +444,66 @@ impl RdmaTransport {
         piece: PieceRange,
         mut buf: PieceBuffer,
     ) -> Fetched {
+        let peer = match self.peer(source).await {
+            Ok(peer) => peer,
+            Err(err) => return Fetched::with(buf, Err(err)),
+        };
         loop {
-            let session = match self.session(source).await {
+            let Some(pick) = peer.pick(piece.length, Instant::now()) else {
+                let paused =
+                    TransportError::Failed(format!("rdma: every rail pair to {source} is paused"));
+                return Fetched::with(buf, Err(paused));
+            };
+            let lane = &peer.lanes[pick.lane];
+            let session = match self.session(&peer, pick.lane).await {
                 Ok(session) => session,
-                Err(err) => return Fetched::with(buf, Err(err)),
+                Err(err) => {
+                    let outcome = match err {
+                        TransportError::Unsupported(_) => LaneOutcome::Neutral,
+                        _ => {
+                            self.metrics.rdma_rail_piece_failed(&lane.local.name());
+                            LaneOutcome::Failed { hard: true }
+                        }
+                    };
+                    peer.finish(pick, outcome, Instant::now());
+                    return Fetched::with(buf, Err(err));
+                }
             };
             let progressed = session.progress.notified();
             let (back, result) = session.fetch(self, task_id, piece, buf).await;
+            let now = Instant::now();
             let result = match result {
-                // Every session is full (more streams than window x queue pairs): wait for a
-                // credit to return, then pick again. (No device touched the buffer.)
+                // Every queue pair of the lane is full (more streams than window x queue
+                // pairs): wait for a credit to return, then pick again. (No device touched
+                // the buffer.)
                 Err(FetchError::WindowFull) => {
+                    peer.release(pick, now);
                     buf = back.expect("a fetch refused for a full window keeps no lease");
                     let _ = tokio::time::timeout(Duration::from_millis(100), progressed).await;
                     continue;
                 }
-                Err(FetchError::Transport(err)) => Err(err),
-                Ok(fetched) => Ok(fetched),
+                Ok(mut fetched) => {
+                    peer.finish(pick, LaneOutcome::Done, now);
+                    self.metrics
+                        .rdma_rail_piece(&lane.local.name(), false, piece.length);
+                    fetched.rail = Some(lane.label());
+                    Ok(fetched)
+                }
+                Err(FetchError::Transport(err)) => {
+                    let outcome = match err {
+                        TransportError::NotHeld(_) | TransportError::Unsupported(_) => {
+                            LaneOutcome::Neutral
+                        }
+                        _ => {
+                            self.metrics.rdma_rail_piece_failed(&lane.local.name());
+                            LaneOutcome::Failed {
+                                hard: session.is_broken(),
+                            }
+                        }
+                    };
+                    peer.finish(pick, outcome, now);
+                    Err(err)
+                }
             };
             return Fetched { buf: back, result };
         }

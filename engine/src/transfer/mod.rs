@@ -224,6 +224,8 @@ pub struct PieceOutcome {
     pub digest: String,
     pub source: String,
     pub transport: &'static str,
+    /// The RDMA rail pair that carried it; None over TCP.
+    pub rail: Option<String>,
     /// RDMA failed for this piece and TCP carried it.
     pub fell_back: bool,
     pub fetch_time: Duration,
@@ -258,6 +260,8 @@ pub struct TransferSummary {
     pub elapsed: Duration,
     pub sources: Vec<(String, SourceTotals)>,
     pub transports: Vec<(String, u64, u32)>,
+    /// Per RDMA rail pair: (rail, bytes, pieces).
+    pub rails: Vec<(String, u64, u32)>,
     /// Pieces that failed over RDMA and were fetched over TCP instead.
     pub rdma_fallbacks: u32,
     pub output: Option<PathBuf>,
@@ -553,7 +557,7 @@ impl Engine {
                 shared.cancel.cancel();
             }
         }
-        let (bytes_fetched, pieces_fetched, retries, totals, transports, rdma_fallbacks) = {
+        let (bytes_fetched, pieces_fetched, retries, totals, transports, rails, rdma_fallbacks) = {
             let mut state = shared.state.lock().expect("schedule lock");
             if let Some(failure) = state.failure.take() {
                 return Err(match failure {
@@ -583,6 +587,7 @@ impl Engine {
                 state.retries,
                 state.totals.clone(),
                 std::mem::take(&mut state.transports),
+                std::mem::take(&mut state.rails),
                 state.rdma_fallbacks,
             )
         };
@@ -623,6 +628,7 @@ impl Engine {
             elapsed: started.elapsed(),
             sources: prepared.source_names.iter().cloned().zip(totals).collect(),
             transports,
+            rails,
             rdma_fallbacks,
             output: prepared.output.as_ref().map(|t| t.path().to_owned()),
             placement,

@@ -35,6 +35,8 @@ pub(super) struct Schedule {
     pub(super) totals: Vec<SourceTotals>,
     /// Bytes and pieces per transport name.
     pub(super) transports: Vec<(String, u64, u32)>,
+    /// Per RDMA rail pair: (rail, bytes, pieces).
+    pub(super) rails: Vec<(String, u64, u32)>,
     pub(super) rdma_fallbacks: u32,
     pub(super) retries: u32,
     /// The origin's source index, when there is one: it takes only pieces every live peer
@@ -67,6 +69,7 @@ impl Schedule {
             failure: None,
             totals: vec![SourceTotals::default(); sources],
             transports: Vec::new(),
+            rails: Vec::new(),
             rdma_fallbacks: 0,
             retries: 0,
             origin: None,
@@ -142,13 +145,10 @@ impl Schedule {
         self.queue = queue;
     }
 
-    pub(super) fn count_transport(&mut self, name: &str, bytes: u64) {
-        match self.transports.iter_mut().find(|t| t.0 == name) {
-            Some(entry) => {
-                entry.1 += bytes;
-                entry.2 += 1;
-            }
-            None => self.transports.push((name.to_owned(), bytes, 1)),
+    pub(super) fn count_transport(&mut self, name: &str, rail: Option<&str>, bytes: u64) {
+        count_into(&mut self.transports, name, bytes);
+        if let Some(rail) = rail {
+            count_into(&mut self.rails, rail, bytes);
         }
     }
 
@@ -393,5 +393,16 @@ mod tests {
         );
         assert!(matches!(s.next_for(0), Next::Done));
         assert!(matches!(s.next_for(1), Next::Done));
+    }
+}
+
+/// Adds one piece of `bytes` to `name`'s (name, bytes, pieces) entry.
+fn count_into(totals: &mut Vec<(String, u64, u32)>, name: &str, bytes: u64) {
+    match totals.iter_mut().find(|t| t.0 == name) {
+        Some(entry) => {
+            entry.1 += bytes;
+            entry.2 += 1;
+        }
+        None => totals.push((name.to_owned(), bytes, 1)),
     }
 }

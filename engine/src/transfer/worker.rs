@@ -11,6 +11,10 @@ use crate::origin::{Origin, OriginError};
 use crate::rdma::RdmaTransport;
 use crate::store::{StoreError, StoredTask};
 use crate::transport::{Fetched, FetchedPiece, PieceTransport, TransportError};
+
+/// RDMA fetches one piece may take before it goes over TCP: a rail pair that fails is paused,
+/// so each re-issue goes over another (or waits for none and goes over TCP).
+const RDMA_ATTEMPTS_PER_PIECE: u32 = 4;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -229,7 +233,9 @@ impl Worker {
         piece: PieceRange,
         mut buf: PieceBuffer,
     ) -> Result<(FetchedPiece, PieceBuffer, &'static str, bool), AttemptError> {
-        if let Some(rdma) = self.rdma.as_ref().filter(|r| r.supports(self.source)) {
+        let mut rdma_attempts = 0;
+        while let Some(rdma) = self.rdma.as_ref().filter(|r| r.supports(self.source)) {
+            rdma_attempts += 1;
             let Fetched { buf: back, result } = self.fetch_with(rdma.as_ref(), piece, buf).await;
             let err = match (result, back) {
                 (Ok(fetched), Some(back)) => return Ok((fetched, back, "rdma", false)),
@@ -245,8 +251,14 @@ impl Worker {
             };
             match err {
                 err @ TransportError::NotHeld(_) => return Err(AttemptError::Transport(err)),
+                TransportError::Unsupported(_) if !self.rdma_only => break,
+                err @ TransportError::Unsupported(_) => return Err(AttemptError::Transport(err)),
+                // A rail pair failed and another is up: the piece goes there, over RDMA.
+                err if rdma_attempts < RDMA_ATTEMPTS_PER_PIECE && rdma.supports(self.source) => {
+                    tracing::info!(task_id = %self.task.id(), piece = piece.number, source = %self.source_name, error = %err, "RDMA failed for this piece on one rail; fetching it again over another");
+                    self.engine.metrics.rdma_piece_reissued();
+                }
                 err if self.rdma_only => return Err(AttemptError::Transport(err)),
-                TransportError::Unsupported(_) => {}
                 err => {
                     tracing::warn!(task_id = %self.task.id(), piece = piece.number, source = %self.source_name, error = %err, "RDMA failed for this piece; fetching it over TCP");
                     self.engine.metrics.rdma_fallback();
@@ -308,6 +320,7 @@ impl Worker {
                 buf,
                 crc32,
                 transport: "origin",
+                rail: None,
                 fell_back: false,
                 fetch_time: fetch_started.elapsed(),
             });
@@ -339,6 +352,7 @@ impl Worker {
             buf,
             crc32: fetched.crc32,
             transport,
+            rail: fetched.rail,
             fell_back,
             fetch_time,
         })
@@ -355,6 +369,7 @@ impl Worker {
             buf,
             crc32,
             transport,
+            rail,
             fell_back,
             fetch_time,
         } = verified;
@@ -381,6 +396,7 @@ impl Worker {
             digest: geometry::format_digest(crc32),
             source: self.source_name.clone(),
             transport,
+            rail,
             fell_back,
             fetch_time,
             write_time,
@@ -399,7 +415,11 @@ impl Worker {
                     let totals = &mut state.totals[self.source_index];
                     totals.bytes += outcome.piece.length;
                     totals.pieces += 1;
-                    state.count_transport(outcome.transport, outcome.piece.length);
+                    state.count_transport(
+                        outcome.transport,
+                        outcome.rail.as_deref(),
+                        outcome.piece.length,
+                    );
                     state.rdma_fallbacks += u32::from(outcome.fell_back);
                     Some(outcome)
                 }
@@ -514,6 +534,7 @@ struct VerifiedPiece {
     buf: crate::io::PieceBuffer,
     crc32: u32,
     transport: &'static str,
+    rail: Option<String>,
     fell_back: bool,
     fetch_time: Duration,
 }

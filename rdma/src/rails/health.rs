@@ -111,6 +111,13 @@ impl RailHealth {
         }
     }
 
+    /// The probe piece never went (nothing carried it): the probe is due again.
+    pub fn probe_abandoned(&mut self, now: Instant) {
+        if self.state == RailState::Probing {
+            self.state = RailState::Paused { until: now };
+        }
+    }
+
     pub fn on_success(&mut self) -> Change {
         match self.state {
             RailState::Up => {

@@ -1,0 +1,237 @@
+//! The rail pairs to one source: matched from the rail lists both sides sent in the set-up
+//! exchange, each with its health (`ferry_rdma::rails::health`) and its queue pairs, and
+//! pieces spread over them by measured throughput (`ferry_rdma::rails::balance`), not round
+//! robin.
+//!
+//! A pick takes the probe-ready pair first (a paused pair whose back-off ran out: one piece
+//! re-measures it), else the balancer's choice among the pairs that are up. A pair that fails
+//! is paused; while any other is up, pieces go on over RDMA. Only when every pair is paused
+//! does [`PeerRails::usable`] say no, and the source's pieces go over TCP.
+
+use super::host::LocalRail;
+use super::session::Session;
+use crate::metrics::Metrics;
+use ferry_rdma::rails::balance::{Balancer, BalancerSettings, Ticket};
+use ferry_rdma::rails::health::{Change, HealthSettings, RailHealth, Use};
+use ferry_rdma::rails::matching::{RailAd, RailPair};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+/// One rail pair: a local rail and the source's rail it talks to.
+pub(super) struct Lane {
+    pub(super) local: Arc<LocalRail>,
+    pub(super) remote: RailAd,
+    /// Held while a queue pair on this lane is being made (one at a time).
+    pub(super) connecting: tokio::sync::Mutex<()>,
+}
+
+impl Lane {
+    /// `rxe0:1>rxe1:1`: how logs and piece results name the pair.
+    pub(super) fn label(&self) -> String {
+        format!("{}>{}", self.local.name(), self.remote.name)
+    }
+}
+
+struct LanesState {
+    balancer: Balancer,
+    health: Vec<RailHealth>,
+    sessions: Vec<Vec<Arc<Session>>>,
+}
+
+/// The rail pairs to one source and what is known of each.
+pub(super) struct PeerRails {
+    pub(super) source: SocketAddr,
+    pub(super) lanes: Vec<Lane>,
+    state: Mutex<LanesState>,
+    metrics: Arc<Metrics>,
+}
+
+/// A lane chosen for one piece; hand it back with exactly one of the `PeerRails` outcomes.
+#[must_use = "a pick must end as done, failed, neutral or released"]
+pub(super) struct Pick {
+    pub(super) lane: usize,
+    ticket: Ticket,
+    pub(super) probe: bool,
+}
+
+/// How a piece on a lane ended.
+pub(super) enum LaneOutcome {
+    Done,
+    /// The source answered without the piece (not held): says nothing against the rail.
+    Neutral,
+    /// Failed; `hard` when the lane's queue pair broke or could not be set up.
+    Failed {
+        hard: bool,
+    },
+}
+
+impl PeerRails {
+    pub(super) fn new(
+        source: SocketAddr,
+        local: &[Arc<LocalRail>],
+        remote: &[RailAd],
+        pairs: &[RailPair],
+        health: HealthSettings,
+        metrics: &Arc<Metrics>,
+    ) -> PeerRails {
+        let lanes: Vec<Lane> = pairs
+            .iter()
+            .filter_map(|pair| {
+                let local = local.iter().find(|l| l.index == pair.local)?;
+                let remote = remote.iter().find(|r| r.index == pair.remote)?;
+                Some(Lane {
+                    local: Arc::clone(local),
+                    remote: remote.clone(),
+                    connecting: tokio::sync::Mutex::new(()),
+                })
+            })
+            .collect();
+        // A pair runs at the slower end's link rate until it is measured.
+        let link_mbps: Vec<u32> = lanes
+            .iter()
+            .map(|lane| {
+                let local = (lane.local.rail.speed_gbps * 1000.0).clamp(1.0, f64::from(u32::MAX));
+                (local as u32).min(lane.remote.speed_mbps.max(1))
+            })
+            .collect();
+        PeerRails {
+            source,
+            state: Mutex::new(LanesState {
+                balancer: Balancer::new(BalancerSettings::default(), &link_mbps),
+                health: lanes.iter().map(|_| RailHealth::new(health)).collect(),
+                sessions: lanes.iter().map(|_| Vec::new()).collect(),
+            }),
+            lanes,
+            metrics: Arc::clone(metrics),
+        }
+    }
+
+    /// Whether any lane may carry a piece now (up, or due for its probe).
+    pub(super) fn usable(&self, now: Instant) -> bool {
+        let state = self.state.lock().expect("lanes lock");
+        state.health.iter().any(|h| h.can_use(now) != Use::No)
+    }
+
+    /// The lane for a piece of `bytes`: a probe-ready one first, else the balancer's pick
+    /// among those up. None when every lane is paused (or probing).
+    pub(super) fn pick(&self, bytes: u64, now: Instant) -> Option<Pick> {
+        let mut state = self.state.lock().expect("lanes lock");
+        let state = &mut *state;
+        let uses: Vec<Use> = state.health.iter().map(|h| h.can_use(now)).collect();
+        let probe = uses.iter().position(|&u| u == Use::Probe);
+        for (lane, &u) in uses.iter().enumerate() {
+            let allowed = match probe {
+                Some(p) => lane == p,
+                None => u == Use::Carry,
+            };
+            state.balancer.set_usable(lane, allowed);
+        }
+        let ticket = state.balancer.pick(bytes, now)?;
+        if probe.is_some() {
+            state.health[ticket.lane].probe_started();
+            tracing::info!(source = %self.source, rail = %self.lanes[ticket.lane].label(), "rail pair's pause is over; probing it with one piece");
+        }
+        Some(Pick {
+            lane: ticket.lane,
+            ticket,
+            probe: probe.is_some(),
+        })
+    }
+
+    /// Ends a pick.
+    pub(super) fn finish(&self, pick: Pick, outcome: LaneOutcome, now: Instant) {
+        let lane = &self.lanes[pick.lane];
+        let change = {
+            let mut state = self.state.lock().expect("lanes lock");
+            let health = &mut state.health[pick.lane];
+            let change = match outcome {
+                LaneOutcome::Done => health.on_success(),
+                LaneOutcome::Neutral => health.on_neutral(pick.probe),
+                LaneOutcome::Failed { hard } => health.on_failure(hard, now),
+            };
+            match outcome {
+                LaneOutcome::Done => state.balancer.completed(pick.ticket, now),
+                _ => state.balancer.failed(pick.ticket),
+            }
+            if matches!(change, Change::Paused { .. }) {
+                // Its queue pairs are of no further use; the probe makes a fresh one.
+                for session in state.sessions[pick.lane].drain(..) {
+                    session.break_with(format!("rdma: rail pair {} paused", lane.label()));
+                }
+            }
+            change
+        };
+        let rail = lane.local.name();
+        match change {
+            Change::Paused { pause, pauses } => {
+                tracing::warn!(source = %self.source, rail = %lane.label(), pause_secs = pause.as_secs(), pauses_in_a_row = pauses, "RDMA rail pair failed; its pieces go over the other rails while it is paused");
+                // A failed probe pauses a pair that is already counted as paused.
+                if pauses == 1 {
+                    self.metrics.rdma_rail_paused(&rail, true);
+                }
+            }
+            Change::Rejoined => {
+                tracing::info!(source = %self.source, rail = %lane.label(), "RDMA rail pair works again and rejoins");
+                self.metrics.rdma_rail_paused(&rail, false);
+            }
+            Change::None => {}
+        }
+    }
+
+    /// Ends a pick that carried nothing (every queue pair of the lane was full): it did not
+    /// use the lane, so it says nothing of it; a probe stays due.
+    pub(super) fn release(&self, pick: Pick, now: Instant) {
+        let mut state = self.state.lock().expect("lanes lock");
+        state.balancer.failed(pick.ticket);
+        if pick.probe {
+            // Back to paused-and-due: the next pick probes again.
+            state.health[pick.lane].probe_abandoned(now);
+        }
+    }
+
+    /// The least busy queue pair on `lane` when it is idle or no other may be made.
+    pub(super) fn usable_session(&self, lane: usize, queue_pairs: usize) -> Option<Arc<Session>> {
+        let mut state = self.state.lock().expect("lanes lock");
+        let list = &mut state.sessions[lane];
+        list.retain(|s| !s.is_broken());
+        let best = list.iter().min_by_key(|s| s.in_flight()).cloned()?;
+        (list.len() >= queue_pairs || best.in_flight() == 0).then_some(best)
+    }
+
+    pub(super) fn add_session(&self, lane: usize, session: &Arc<Session>) {
+        let mut state = self.state.lock().expect("lanes lock");
+        state.sessions[lane].push(Arc::clone(session));
+    }
+
+    /// Whether `lane` may still take pieces (a pick made before it was paused may find it
+    /// paused by the time its queue pair would be made).
+    pub(super) fn lane_open(&self, lane: usize, now: Instant) -> bool {
+        let state = self.state.lock().expect("lanes lock");
+        !matches!(
+            state.health[lane].state(),
+            ferry_rdma::rails::health::RailState::Paused { until } if now < until
+        )
+    }
+
+    /// Breaks every queue pair (the source's breaker opened): the next piece makes fresh
+    /// ones. What is known of each rail pair stays.
+    pub(super) fn break_sessions(&self, why: &str) {
+        let mut state = self.state.lock().expect("lanes lock");
+        for session in state.sessions.iter_mut().flat_map(|list| list.drain(..)) {
+            session.break_with(format!("rdma: source {}: {why}", self.source));
+        }
+    }
+
+    /// Breaks every queue pair and takes this source's paused pairs out of the metrics: the
+    /// source is given up on, and a later transfer exchanges rails with it afresh.
+    pub(super) fn forget(&self, why: &str) {
+        self.break_sessions(why);
+        let state = self.state.lock().expect("lanes lock");
+        for (lane, health) in state.health.iter().enumerate() {
+            if !health.is_up() {
+                (self.metrics).rdma_rail_pairs_forgotten(&self.lanes[lane].local.name(), 1);
+            }
+        }
+    }
+}
