@@ -215,6 +215,17 @@ pub(super) enum Next {
     Done,
 }
 
+/// Adds one piece of `bytes` to `name`'s (name, bytes, pieces) entry.
+fn count_into(totals: &mut Vec<(String, u64, u32)>, name: &str, bytes: u64) {
+    match totals.iter_mut().find(|t| t.0 == name) {
+        Some(entry) => {
+            entry.1 += bytes;
+            entry.2 += 1;
+        }
+        None => totals.push((name.to_owned(), bytes, 1)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -393,16 +404,5 @@ mod tests {
         );
         assert!(matches!(s.next_for(0), Next::Done));
         assert!(matches!(s.next_for(1), Next::Done));
-    }
-}
-
-/// Adds one piece of `bytes` to `name`'s (name, bytes, pieces) entry.
-fn count_into(totals: &mut Vec<(String, u64, u32)>, name: &str, bytes: u64) {
-    match totals.iter_mut().find(|t| t.0 == name) {
-        Some(entry) => {
-            entry.1 += bytes;
-            entry.2 += 1;
-        }
-        None => totals.push((name.to_owned(), bytes, 1)),
     }
 }
