@@ -1132,6 +1132,30 @@ mod tests {
     }
 
     #[test]
+    fn rail_pauses_are_bounded_and_reach_the_health_machine() {
+        let mut config = Config::default();
+        let health = config.rdma.rail_health();
+        assert_eq!(health.first_pause, std::time::Duration::from_secs(30));
+        assert_eq!(health.max_pause, std::time::Duration::from_secs(300));
+        assert_eq!(health.errors_to_pause, 3);
+        config.rdma.rail_pause_secs = 0;
+        let text = config.validate().unwrap_err().to_string();
+        assert!(text.contains("rdma.rail_pause_secs"), "{text}");
+        config.rdma.rail_pause_secs = 60;
+        config.rdma.rail_max_pause_secs = 59;
+        let text = config.validate().unwrap_err().to_string();
+        assert!(text.contains("rdma.rail_max_pause_secs"), "{text}");
+        config.rdma.rail_max_pause_secs = 60;
+        config.validate().unwrap();
+        let parsed: Config =
+            toml::from_str("[rdma]\nrail_pause_secs = 2\nrail_max_pause_secs = 4\n").unwrap();
+        assert_eq!(
+            parsed.rdma.rail_health().max_pause,
+            std::time::Duration::from_secs(4)
+        );
+    }
+
+    #[test]
     fn rdma_settings_past_the_queue_depths_are_refused() {
         let refused = |change: fn(&mut Config), key: &str, says: &str| {
             let mut config = Config::default();

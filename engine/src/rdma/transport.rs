@@ -185,12 +185,18 @@ impl RdmaTransport {
         self.tcp_only.lock().expect("tcp_only lock").insert(source);
     }
 
-    /// A set-up TCP connection from `rail` to `to`. On a RoCE rail with an IPv4 GID it leaves
-    /// from that GID's address, which the source checks against the GID this side sends.
-    async fn dial(&self, rail: &LocalRail, to: SocketAddr) -> Result<TcpStream, TransportError> {
+    /// A set-up TCP connection to `to`, from `rail` when given. On a RoCE rail with an IPv4
+    /// GID it leaves from that GID's address, which the source checks against the GID this
+    /// side sends. The rail exchange names no rail: it goes however the host routes to the
+    /// source's data address (often a front-end network no rail is on).
+    async fn dial(
+        &self,
+        rail: Option<&LocalRail>,
+        to: SocketAddr,
+    ) -> Result<TcpStream, TransportError> {
         let limit = self.settings.connect_timeout;
         let dial = async {
-            match (rail.ipv4(), to) {
+            match (rail.and_then(LocalRail::ipv4), to) {
                 (Some(local), SocketAddr::V4(_)) => {
                     let socket = TcpSocket::new_v4()?;
                     socket.bind(SocketAddr::new(local.into(), 0))?;
@@ -267,7 +273,7 @@ impl RdmaTransport {
     /// Sends this host's rails to `source` and returns its own.
     async fn exchange_rails(&self, source: SocketAddr) -> Result<Vec<RailAd>, TransportError> {
         let io = self.settings.io_timeout;
-        let mut control = self.dial(&self.rails[0], source).await?;
+        let mut control = self.dial(None, source).await?;
         let ours = Message::Rails {
             rails: self.rails.iter().map(|r| r.ad()).collect(),
         };
@@ -338,7 +344,7 @@ impl RdmaTransport {
             }
             _ => source,
         };
-        let mut control = self.dial(&lane.local, target).await?;
+        let mut control = self.dial(Some(&lane.local), target).await?;
         let connection = Connection::new(&lane.local.context, ConnectionConfig::default())
             .map_err(rdma_failure)?;
         let hello = Message::ConnectRail {
