@@ -1,18 +1,15 @@
 //! The rail pairs to one source: matched from the rail lists both sides sent in the set-up
-//! exchange, each with its health (`ferry_rdma::rails::health`) and its queue pairs, and
-//! pieces spread over them by measured throughput (`ferry_rdma::rails::balance`), not round
-//! robin.
-//!
-//! A pick takes the probe-ready pair first (a paused pair whose back-off ran out: one piece
-//! re-measures it), else the balancer's choice among the pairs that are up. A pair that fails
-//! is paused; while any other is up, pieces go on over RDMA. Only when every pair is paused
-//! does [`PeerRails::usable`] say no, and the source's pieces go over TCP.
+//! exchange, each with its queue pairs. Which pair carries a piece (health, back-off, probes,
+//! throughput balancing) is the pure machine `ferry_rdma::rails::lanes`; this is its shell:
+//! it breaks a paused pair's queue pairs, logs, and counts into the metrics. Only when every
+//! pair is paused does [`PeerRails::usable`] say no, and the source's pieces go over TCP.
 
 use super::host::LocalRail;
 use super::session::Session;
 use crate::metrics::Metrics;
-use ferry_rdma::rails::balance::{Balancer, BalancerSettings, Ticket};
-use ferry_rdma::rails::health::{Change, HealthSettings, RailHealth, Use};
+use ferry_rdma::rails::health::{Change, HealthSettings};
+use ferry_rdma::rails::lanes::Lanes;
+pub(super) use ferry_rdma::rails::lanes::{LaneOutcome, Pick};
 use ferry_rdma::rails::matching::{RailAd, RailPair};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -34,8 +31,8 @@ impl Lane {
 }
 
 struct LanesState {
-    balancer: Balancer,
-    health: Vec<RailHealth>,
+    /// Which lane carries the next piece (the pure part: `ferry_rdma::rails::lanes`).
+    lanes: Lanes,
     sessions: Vec<Vec<Arc<Session>>>,
 }
 
@@ -45,25 +42,6 @@ pub(super) struct PeerRails {
     pub(super) lanes: Vec<Lane>,
     state: Mutex<LanesState>,
     metrics: Arc<Metrics>,
-}
-
-/// A lane chosen for one piece; hand it back with exactly one of the `PeerRails` outcomes.
-#[must_use = "a pick must end as done, failed, neutral or released"]
-pub(super) struct Pick {
-    pub(super) lane: usize,
-    ticket: Ticket,
-    pub(super) probe: bool,
-}
-
-/// How a piece on a lane ended.
-pub(super) enum LaneOutcome {
-    Done,
-    /// The source answered without the piece (not held): says nothing against the rail.
-    Neutral,
-    /// Failed; `hard` when the lane's queue pair broke or could not be set up.
-    Failed {
-        hard: bool,
-    },
 }
 
 impl PeerRails {
@@ -98,8 +76,7 @@ impl PeerRails {
         PeerRails {
             source,
             state: Mutex::new(LanesState {
-                balancer: Balancer::new(BalancerSettings::default(), &link_mbps),
-                health: lanes.iter().map(|_| RailHealth::new(health)).collect(),
+                lanes: Lanes::new(&link_mbps, health),
                 sessions: lanes.iter().map(|_| Vec::new()).collect(),
             }),
             lanes,
@@ -109,53 +86,30 @@ impl PeerRails {
 
     /// Whether any lane may carry a piece now (up, or due for its probe).
     pub(super) fn usable(&self, now: Instant) -> bool {
-        let state = self.state.lock().expect("lanes lock");
-        state.health.iter().any(|h| h.can_use(now) != Use::No)
+        self.state.lock().expect("lanes lock").lanes.usable(now)
     }
 
-    /// The lane for a piece of `bytes`: a probe-ready one first, else the balancer's pick
-    /// among those up. None when every lane is paused (or probing).
+    /// The lane for a piece of `bytes` (see `Lanes::pick`); None when every lane is paused.
     pub(super) fn pick(&self, bytes: u64, now: Instant) -> Option<Pick> {
-        let mut state = self.state.lock().expect("lanes lock");
-        let state = &mut *state;
-        let uses: Vec<Use> = state.health.iter().map(|h| h.can_use(now)).collect();
-        let probe = uses.iter().position(|&u| u == Use::Probe);
-        for (lane, &u) in uses.iter().enumerate() {
-            let allowed = match probe {
-                Some(p) => lane == p,
-                None => u == Use::Carry,
-            };
-            state.balancer.set_usable(lane, allowed);
+        let pick = self
+            .state
+            .lock()
+            .expect("lanes lock")
+            .lanes
+            .pick(bytes, now)?;
+        if pick.probe {
+            tracing::info!(source = %self.source, rail = %self.lanes[pick.lane].label(), "rail pair's pause is over; probing it with one piece");
         }
-        let ticket = state.balancer.pick(bytes, now)?;
-        if probe.is_some() {
-            state.health[ticket.lane].probe_started();
-            tracing::info!(source = %self.source, rail = %self.lanes[ticket.lane].label(), "rail pair's pause is over; probing it with one piece");
-        }
-        Some(Pick {
-            lane: ticket.lane,
-            ticket,
-            probe: probe.is_some(),
-        })
+        Some(pick)
     }
 
-    /// Ends a pick.
+    /// Ends a pick; a lane it pauses has its queue pairs broken (the probe makes a fresh one).
     pub(super) fn finish(&self, pick: Pick, outcome: LaneOutcome, now: Instant) {
         let lane = &self.lanes[pick.lane];
         let change = {
             let mut state = self.state.lock().expect("lanes lock");
-            let health = &mut state.health[pick.lane];
-            let change = match outcome {
-                LaneOutcome::Done => health.on_success(),
-                LaneOutcome::Neutral => health.on_neutral(pick.probe),
-                LaneOutcome::Failed { hard } => health.on_failure(hard, now),
-            };
-            match outcome {
-                LaneOutcome::Done => state.balancer.completed(pick.ticket, now),
-                _ => state.balancer.failed(pick.ticket),
-            }
+            let change = state.lanes.finish(pick, outcome, now);
             if matches!(change, Change::Paused { .. }) {
-                // Its queue pairs are of no further use; the probe makes a fresh one.
                 for session in state.sessions[pick.lane].drain(..) {
                     session.break_with(format!("rdma: rail pair {} paused", lane.label()));
                 }
@@ -179,15 +133,11 @@ impl PeerRails {
         }
     }
 
-    /// Ends a pick that carried nothing (every queue pair of the lane was full): it did not
-    /// use the lane, so it says nothing of it; a probe stays due.
+    /// Ends a pick that carried nothing (every queue pair of the lane was full).
     pub(super) fn release(&self, pick: Pick, now: Instant) {
-        let mut state = self.state.lock().expect("lanes lock");
-        state.balancer.failed(pick.ticket);
-        if pick.probe {
-            // Back to paused-and-due: the next pick probes again.
-            state.health[pick.lane].probe_abandoned(now);
-        }
+        (self.state.lock().expect("lanes lock"))
+            .lanes
+            .release(pick, now);
     }
 
     /// The least busy queue pair on `lane` when it is idle or no other may be made.
@@ -207,11 +157,7 @@ impl PeerRails {
     /// Whether `lane` may still take pieces (a pick made before it was paused may find it
     /// paused by the time its queue pair would be made).
     pub(super) fn lane_open(&self, lane: usize, now: Instant) -> bool {
-        let state = self.state.lock().expect("lanes lock");
-        !matches!(
-            state.health[lane].state(),
-            ferry_rdma::rails::health::RailState::Paused { until } if now < until
-        )
+        self.state.lock().expect("lanes lock").lanes.open(lane, now)
     }
 
     /// Breaks every queue pair (the source's breaker opened): the next piece makes fresh
@@ -228,8 +174,8 @@ impl PeerRails {
     pub(super) fn forget(&self, why: &str) {
         self.break_sessions(why);
         let state = self.state.lock().expect("lanes lock");
-        for (lane, health) in state.health.iter().enumerate() {
-            if !health.is_up() {
+        for lane in 0..self.lanes.len() {
+            if !state.lanes.is_up(lane) {
                 (self.metrics).rdma_rail_pairs_forgotten(&self.lanes[lane].local.name(), 1);
             }
         }

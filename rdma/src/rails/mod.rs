@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod health;
+pub mod lanes;
 pub mod matching;
 pub mod topology;
 pub mod wire;
