@@ -37,48 +37,52 @@ impl FreeSlots {
 
     /// Takes `needed` slots, in ascending order: the lowest run of `needed` adjacent free
     /// slots if there is one, else the lowest `needed` free slots. `None` if fewer are free.
+    #[cfg(test)]
     pub(super) fn take(&mut self, needed: usize) -> Option<Vec<u32>> {
-        if needed > self.count {
+        self.take_in(0..self.words.len() * 64, needed)
+    }
+
+    /// Free slots in `range`.
+    pub(super) fn count_in(&self, range: std::ops::Range<usize>) -> usize {
+        range.filter(|&slot| self.is_free(slot)).count()
+    }
+
+    /// Like [`FreeSlots::take`], but only slots in `range` (one part of a pool split by NUMA
+    /// node: a buffer never spans two parts, so one rail's registration covers it).
+    pub(super) fn take_in(
+        &mut self,
+        range: std::ops::Range<usize>,
+        needed: usize,
+    ) -> Option<Vec<u32>> {
+        let range = range.start..range.end.min(self.words.len() * 64);
+        if needed > self.count || needed > range.len() {
             return None;
         }
-        let total = self.words.len() * 64;
-        let start = if needed <= 1 {
-            None
-        } else {
-            let mut run_start = 0;
-            let mut run = 0;
-            let mut found = None;
-            for slot in 0..total {
-                if self.is_free(slot) {
-                    if run == 0 {
-                        run_start = slot;
-                    }
-                    run += 1;
-                    if run == needed {
-                        found = Some(run_start);
-                        break;
-                    }
-                } else {
-                    run = 0;
-                }
+        let mut free_in_range = Vec::with_capacity(needed);
+        let mut run_start = range.start;
+        let mut run = 0;
+        let mut found = None;
+        for slot in range {
+            if !self.is_free(slot) {
+                run = 0;
+                continue;
             }
-            found
-        };
-        let slots: Vec<u32> = match start {
+            if free_in_range.len() < needed {
+                free_in_range.push(slot as u32);
+            }
+            if run == 0 {
+                run_start = slot;
+            }
+            run += 1;
+            if run == needed {
+                found = Some(run_start);
+                break;
+            }
+        }
+        let slots: Vec<u32> = match found {
             Some(start) => (start..start + needed).map(|s| s as u32).collect(),
-            None => (self.words.iter().enumerate())
-                .flat_map(|(index, &word)| {
-                    let mut bits = word;
-                    std::iter::from_fn(move || {
-                        (bits != 0).then(|| {
-                            let bit = bits.trailing_zeros() as usize;
-                            bits &= bits - 1;
-                            (index * 64 + bit) as u32
-                        })
-                    })
-                })
-                .take(needed)
-                .collect(),
+            None if free_in_range.len() == needed => free_in_range,
+            None => return None,
         };
         for &slot in &slots {
             self.clear(slot as usize);
@@ -132,6 +136,27 @@ mod tests {
         );
         assert_eq!(free.take(60).unwrap(), (70..130).collect::<Vec<u32>>());
         assert_eq!(free.take(1), None, "no slot past the 130th");
+    }
+
+    #[test]
+    fn a_take_in_a_range_stays_in_it() {
+        let mut free = FreeSlots::all(16);
+        assert_eq!(free.take_in(8..16, 3), Some(vec![8, 9, 10]));
+        assert_eq!(free.count_in(8..16), 5);
+        assert_eq!(free.take_in(0..8, 9), None, "more than the range holds");
+        assert_eq!(free.take_in(0..8, 8).unwrap(), (0..8).collect::<Vec<u32>>());
+        assert_eq!(
+            free.take_in(0..8, 1),
+            None,
+            "the range is spent though others are free"
+        );
+        free.give_back(&[2, 5]);
+        assert_eq!(
+            free.take_in(0..8, 2),
+            Some(vec![2, 5]),
+            "no run: the lowest two"
+        );
+        assert_eq!(free.len(), 5);
     }
 
     proptest! {

@@ -9,6 +9,7 @@
 
 mod faults;
 mod free_slots;
+mod numa;
 pub mod pool;
 mod reflink;
 mod sync;
@@ -16,8 +17,8 @@ mod uring;
 
 pub use faults::{IoCounters, IoFault, IoFaults};
 pub use pool::{
-    Budget, BufferPool, DeviceLease, LingeringBuffer, PieceBuffer, PoolError, PoolInfo, Shares,
-    DIRECT_IO_ALIGN, POISON,
+    Budget, BufferPool, DeviceLease, LingeringBuffer, PartLayout, PieceBuffer, PoolError, PoolInfo,
+    PoolPart, Shares, DIRECT_IO_ALIGN, POISON,
 };
 pub use reflink::{reflink, unsupported as reflink_unsupported};
 

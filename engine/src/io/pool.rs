@@ -104,6 +104,32 @@ impl Shares {
     }
 }
 
+/// One part of a pool split by NUMA node, as asked for: `slots` slots allocated on
+/// `numa_node` (None: wherever the kernel likes).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PartLayout {
+    pub numa_node: Option<u32>,
+    pub slots: usize,
+}
+
+/// One part of the pool as made: its slots `first_slot..first_slot + slots` and where their
+/// pages landed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PoolPart {
+    pub numa_node: Option<u32>,
+    pub first_slot: usize,
+    pub slots: usize,
+    /// Of the pages sampled after faulting in, how many are on `numa_node` (None: no node
+    /// asked for, or the kernel could not say).
+    pub pages_on_node: Option<(usize, usize)>,
+}
+
+impl PoolPart {
+    fn range(&self) -> std::ops::Range<usize> {
+        self.first_slot..self.first_slot + self.slots
+    }
+}
+
 /// The slots not lent out, and how many of each budget's reserve and of the common part are.
 struct Accounts {
     free: FreeSlots,
@@ -115,6 +141,9 @@ pub struct BufferPool {
     base: NonNull<u8>,
     len: usize,
     info: PoolInfo,
+    /// One part per NUMA node with rails (one part without NUMA placement); a buffer's slots
+    /// always lie in one part.
+    parts: Box<[PoolPart]>,
     shares: Shares,
     common: usize,
     accounts: Mutex<Accounts>,
@@ -152,6 +181,8 @@ pub enum PoolError {
     NoSlots,
     #[error("reserving {reserved} slots for the budgets leaves none common in a pool of {total}")]
     BadShares { reserved: usize, total: usize },
+    #[error("a pool part needs at least one slot")]
+    EmptyPart,
     #[error("mapping {bytes} bytes for the buffer pool failed: {source}")]
     Map { bytes: usize, source: io::Error },
     #[error("a {bytes}-byte piece needs {needed} slots but the {budget} budget of the pool can hold at most {total}")]
@@ -184,11 +215,30 @@ impl BufferPool {
         slot_count: usize,
         shares: Shares,
     ) -> Result<Arc<BufferPool>, PoolError> {
+        let whole = PartLayout {
+            numa_node: None,
+            slots: slot_count,
+        };
+        BufferPool::with_layout(slot_size, &[whole], shares)
+    }
+
+    /// A pool of one part per entry of `layout`, in that order, each part's pages allocated on
+    /// its NUMA node (preferred: a node short of memory gives pages from another rather than
+    /// failing; where they landed is sampled and logged).
+    pub fn with_layout(
+        slot_size: usize,
+        layout: &[PartLayout],
+        shares: Shares,
+    ) -> Result<Arc<BufferPool>, PoolError> {
         if slot_size == 0 || !slot_size.is_multiple_of(DIRECT_IO_ALIGN) {
             return Err(PoolError::BadSlotSize(slot_size));
         }
+        let slot_count: usize = layout.iter().map(|p| p.slots).sum();
         if slot_count == 0 {
             return Err(PoolError::NoSlots);
+        }
+        if layout.iter().any(|p| p.slots == 0) {
+            return Err(PoolError::EmptyPart);
         }
         if shares.total() >= slot_count {
             return Err(PoolError::BadShares {
@@ -197,7 +247,42 @@ impl BufferPool {
             });
         }
         let len = slot_size * slot_count;
-        let (base, huge_pages) = map_region(len)?;
+        let placed = layout.iter().any(|p| p.numa_node.is_some());
+        // With a memory policy to set, the pages are faulted in only after it is set.
+        let (base, huge_pages) = map_region(len, !placed)?;
+        let page = if huge_pages { HUGE_PAGE } else { 4096 };
+        let mut parts = Vec::with_capacity(layout.len());
+        let mut first_slot = 0;
+        for part in layout {
+            let at = first_slot * slot_size;
+            let bytes = part.slots * slot_size;
+            // SAFETY: `at..at+bytes` lies inside the fresh mapping.
+            let ptr = unsafe { base.as_ptr().add(at) };
+            if let Some(node) = part.numa_node {
+                // SAFETY: a page-aligned range (slots are multiples of the page when huge
+                // pages are in use, else of 4 KiB) of our own fresh mapping, not faulted in.
+                if let Err(error) = unsafe { super::numa::prefer_node(ptr, bytes, node) } {
+                    tracing::warn!(node, bytes, %error, "could not place a buffer pool part on its NUMA node; its pages come from anywhere");
+                }
+            }
+            if placed {
+                // SAFETY: as above; nothing has been handed out yet.
+                unsafe { super::numa::fault_in(ptr, bytes, page) };
+            }
+            let pages_on_node = part.numa_node.and_then(|node| {
+                // SAFETY: the range is ours and faulted in.
+                let nodes = unsafe { super::numa::nodes_of_pages(ptr, bytes, page) }.ok()?;
+                let on = nodes.iter().filter(|&&n| n == node as i32).count();
+                Some((on, nodes.len()))
+            });
+            parts.push(PoolPart {
+                numa_node: part.numa_node,
+                first_slot,
+                slots: part.slots,
+                pages_on_node,
+            });
+            first_slot += part.slots;
+        }
         // SAFETY: `base..base+len` is the mapping made just above.
         let locked = unsafe { libc::mlock(base.as_ptr().cast(), len) } == 0;
         if !locked {
@@ -216,6 +301,7 @@ impl BufferPool {
                 huge_pages,
                 locked,
             },
+            parts: parts.into(),
             shares,
             common: slot_count - shares.total(),
             accounts: Mutex::new(Accounts {
@@ -231,6 +317,18 @@ impl BufferPool {
             poison_on_release: AtomicBool::new(false),
             lingering_slots: AtomicUsize::new(0),
         }))
+    }
+
+    /// The pool's parts, in slot order (one when the pool is not split by NUMA node).
+    pub fn parts(&self) -> &[PoolPart] {
+        &self.parts
+    }
+
+    /// The part holding `slot`.
+    fn part_of_slot(&self, slot: u32) -> usize {
+        (self.parts.iter())
+            .position(|p| p.range().contains(&(slot as usize)))
+            .expect("every slot lies in a part")
     }
 
     pub fn info(&self) -> PoolInfo {
@@ -267,6 +365,19 @@ impl BufferPool {
         unsafe { context.register(self.base.as_ptr(), self.len, false) }
     }
 
+    /// Registers one part of the pool (a rail on that part's NUMA node), as
+    /// [`BufferPool::register_rdma`] does the whole.
+    pub fn register_rdma_part(
+        self: &Arc<Self>,
+        context: &Arc<ferry_rdma::RdmaContext>,
+        part: usize,
+    ) -> Result<ferry_rdma::RegisteredRegion, ferry_rdma::RdmaError> {
+        let part = self.parts[part];
+        let ptr = self.slot_ptr(part.first_slot as u32);
+        // SAFETY: as in `register_rdma`, for a range inside the mapping.
+        unsafe { context.register(ptr, part.slots * self.info.slot_size, false) }
+    }
+
     /// One `iovec` per slot, for `io_uring_register_buffers` (buffer index = slot number).
     pub fn slot_iovecs(&self) -> Vec<libc::iovec> {
         (0..self.info.slot_count)
@@ -285,7 +396,9 @@ impl BufferPool {
 
     fn slots_for(&self, budget: Budget, bytes: u64) -> Result<usize, PoolError> {
         let needed = (bytes.max(1)).div_ceil(self.info.slot_size as u64) as usize;
-        let total = self.budget_limit(budget);
+        // A buffer lies in one part.
+        let largest_part = self.parts.iter().map(|p| p.slots).max().unwrap_or(0);
+        let total = self.budget_limit(budget).min(largest_part);
         if needed > total {
             return Err(PoolError::PieceTooLarge {
                 bytes,
@@ -317,14 +430,26 @@ impl BufferPool {
         budget: Budget,
         bytes: u64,
     ) -> Result<PieceBuffer, PoolError> {
+        self.acquire_near(budget, bytes, None).await
+    }
+
+    /// [`BufferPool::acquire_for`], from part `part` if it has the slots (the part local to
+    /// the rail that will carry the piece), else from another.
+    pub async fn acquire_near(
+        self: &Arc<Self>,
+        budget: Budget,
+        bytes: u64,
+        part: Option<usize>,
+    ) -> Result<PieceBuffer, PoolError> {
         let needed = self.slots_for(budget, bytes)?;
+        let from = part.map_or(PartChoice::Any, PartChoice::Prefer);
         let waiting = async {
             loop {
                 let returned = self.returned.notified();
                 tokio::pin!(returned);
                 // Registered before looking, so a return in between is not missed.
                 returned.as_mut().enable();
-                if let Some(buf) = self.take(budget, needed, bytes as usize) {
+                if let Some(buf) = self.take(budget, needed, bytes as usize, from) {
                     return buf;
                 }
                 returned.await;
@@ -358,12 +483,29 @@ impl BufferPool {
         bytes: u64,
     ) -> Result<Option<PieceBuffer>, PoolError> {
         let needed = self.slots_for(budget, bytes)?;
-        Ok(self.take(budget, needed, bytes as usize))
+        Ok(self.take(budget, needed, bytes as usize, PartChoice::Any))
     }
 
-    /// Takes `needed` slots for `budget` if its reserve and the common part have them,
-    /// its own reserve first (leaving the common part to the others).
-    fn take(self: &Arc<Self>, budget: Budget, needed: usize, len: usize) -> Option<PieceBuffer> {
+    /// Like [`BufferPool::try_acquire_for`], from part `part` only.
+    pub fn try_acquire_in(
+        self: &Arc<Self>,
+        budget: Budget,
+        bytes: u64,
+        part: usize,
+    ) -> Result<Option<PieceBuffer>, PoolError> {
+        let needed = self.slots_for(budget, bytes)?;
+        Ok(self.take(budget, needed, bytes as usize, PartChoice::Only(part)))
+    }
+
+    /// Takes `needed` slots of one part for `budget` if its reserve and the common part have
+    /// them, its own reserve first (leaving the common part to the others).
+    fn take(
+        self: &Arc<Self>,
+        budget: Budget,
+        needed: usize,
+        len: usize,
+        from: PartChoice,
+    ) -> Option<PieceBuffer> {
         let mut accounts = self.accounts.lock().expect("pool lock");
         let at = budget.index();
         let reserve_free = self.shares.get(budget) - accounts.reserve_used[at];
@@ -372,10 +514,25 @@ impl BufferPool {
         if self.common - accounts.common_used < from_common {
             return None;
         }
+        // The parts to try, in order: the one asked for, then those with most free slots.
+        let mut order: Vec<usize> = (0..self.parts.len()).collect();
+        if self.parts.len() > 1 {
+            order
+                .sort_by_key(|&p| std::cmp::Reverse(accounts.free.count_in(self.parts[p].range())));
+        }
+        match from {
+            PartChoice::Any => {}
+            PartChoice::Prefer(first) => {
+                order.retain(|&p| p != first);
+                order.insert(0, first);
+            }
+            PartChoice::Only(only) => order = vec![only],
+        }
+        // Contiguous when a run is free: one memory window grants the whole piece.
+        let slots = (order.into_iter())
+            .find_map(|p| accounts.free.take_in(self.parts[p].range(), needed))?;
         accounts.reserve_used[at] += from_reserve;
         accounts.common_used += from_common;
-        // Contiguous when a run is free: one memory window grants the whole piece.
-        let slots = (accounts.free.take(needed)).expect("the budgets account for every free slot");
         Some(PieceBuffer {
             pool: Arc::clone(self),
             slots,
@@ -429,9 +586,13 @@ impl Drop for BufferPool {
     }
 }
 
-fn map_region(len: usize) -> Result<(NonNull<u8>, bool), PoolError> {
+/// Maps `len` bytes, faulted in at once if `populate` (else the caller faults them in).
+fn map_region(len: usize, populate: bool) -> Result<(NonNull<u8>, bool), PoolError> {
     let prot = libc::PROT_READ | libc::PROT_WRITE;
-    let flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_POPULATE;
+    let mut flags = libc::MAP_PRIVATE | libc::MAP_ANONYMOUS;
+    if populate {
+        flags |= libc::MAP_POPULATE;
+    }
     if len.is_multiple_of(HUGE_PAGE) {
         // SAFETY: an anonymous mapping with no address hint touches no existing memory.
         let ptr = unsafe {
@@ -463,6 +624,14 @@ fn map_region(len: usize) -> Result<(NonNull<u8>, bool), PoolError> {
         unsafe { libc::madvise(ptr, len, libc::MADV_HUGEPAGE) };
     }
     Ok((NonNull::new(ptr.cast()).expect("mmap returned null"), false))
+}
+
+/// Which parts [`BufferPool::take`] may take from.
+#[derive(Debug, Clone, Copy)]
+enum PartChoice {
+    Any,
+    Prefer(usize),
+    Only(usize),
 }
 
 /// Slots borrowed from the pool for one piece; given back when dropped.
@@ -497,6 +666,11 @@ impl PieceBuffer {
     /// The budget the slots were taken from.
     pub fn budget(&self) -> Budget {
         self.budget
+    }
+
+    /// The pool part (NUMA node) the slots lie in.
+    pub fn part(&self) -> usize {
+        self.pool.part_of_slot(self.slots[0])
     }
 
     /// Marks every slot as reachable by a device operation about to be started (an SQE, a
@@ -792,6 +966,70 @@ impl Drop for LingeringBuffer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pool split in two parts, both placed on node 0 (the one node every Linux host has):
+    /// the pages land there, a buffer never spans the parts, a preferred part is used first and
+    /// the other when it is full, and a strict take stays in its part.
+    #[tokio::test]
+    async fn a_pool_split_by_node_places_its_parts_and_keeps_each_buffer_in_one() {
+        let layout = [
+            PartLayout {
+                numa_node: Some(0),
+                slots: 4,
+            },
+            PartLayout {
+                numa_node: Some(0),
+                slots: 2,
+            },
+        ];
+        let pool = BufferPool::with_layout(8192, &layout, Shares::NONE).unwrap();
+        let parts = pool.parts();
+        assert_eq!(parts.len(), 2);
+        assert_eq!((parts[1].first_slot, parts[1].slots), (4, 2));
+        for part in parts {
+            let (on, sampled) = part.pages_on_node.expect("the kernel says where pages are");
+            assert!(sampled > 0);
+            assert_eq!(
+                on, sampled,
+                "every sampled page on the node asked for: {part:?}"
+            );
+        }
+        // Larger than the largest part: refused, though the pool has six slots.
+        assert!(matches!(
+            pool.acquire(5 * 8192).await,
+            Err(PoolError::PieceTooLarge { total: 4, .. })
+        ));
+        let near = pool
+            .acquire_near(Budget::Receive, 8192, Some(1))
+            .await
+            .unwrap();
+        assert_eq!((near.part(), near.slots()), (1, &[4][..]));
+        let strict = pool
+            .try_acquire_in(Budget::Receive, 8192, 1)
+            .unwrap()
+            .unwrap();
+        assert_eq!(strict.slots(), [5]);
+        assert!(pool
+            .try_acquire_in(Budget::Receive, 8192, 1)
+            .unwrap()
+            .is_none());
+        // Part 1 is full: a preference for it falls back to part 0.
+        let spill = pool
+            .acquire_near(Budget::Receive, 2 * 8192, Some(1))
+            .await
+            .unwrap();
+        assert_eq!((spill.part(), spill.slots()), (0, &[0, 1][..]));
+        drop(near);
+        // Free: 2, 3 in part 0 and 4 in part 1. Three slots are free but no part has three.
+        assert_eq!(pool.free_slots(), 3);
+        assert!(pool
+            .try_acquire_for(Budget::Receive, 3 * 8192)
+            .unwrap()
+            .is_none());
+        // Any part: the one with most free slots first.
+        let any = pool.try_acquire(8192).unwrap().unwrap();
+        assert_eq!(any.part(), 0);
+    }
 
     #[tokio::test]
     async fn slots_are_exclusive_and_returned() {
