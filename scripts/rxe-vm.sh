@@ -5,7 +5,7 @@
 # initramfs, which mounts this host's root filesystem read-only over 9p and chroots into it,
 # so host-built binaries run there with the host's libraries.
 #
-#   scripts/rxe-vm.sh [--mem MiB] [--timeout SECS] [--rails N] [--disk MiB] [--rw DIR]... [--verbose] -- COMMAND [ARGS...]
+#   scripts/rxe-vm.sh [--mem MiB] [--timeout SECS] [--rails N] [--numa N] [--disk MiB] [--rw DIR]... [--verbose] -- COMMAND [ARGS...]
 #
 # Inside the VM the command runs as root in the current directory, with this environment
 # plus FERRY_RXE_ADDR0=10.77.0.1 FERRY_RXE_ADDR1=10.77.0.2 FERRY_RXE_DEV0=rxe0
@@ -14,6 +14,8 @@
 # veth<2k>, 10.77.k.1) to "host B" (rxe<2k+1> on veth<2k+1>, 10.77.k.2); rails do not reach
 # each other. FERRY_RXE_RAILS=N, FERRY_RXE_A_DEVS/FERRY_RXE_B_DEVS (comma-separated devices)
 # and FERRY_RXE_A_ADDRS/FERRY_RXE_B_ADDRS (their addresses, same order) describe them.
+# --numa N (1 or 2, default 1) gives the VM N NUMA nodes (memory split evenly, one CPU each),
+# FERRY_RXE_NUMA=N: rxe devices report no node, so tests name them (rdma.numa_nodes).
 # The host filesystem is read-only there; /tmp, /run and /dev/shm are fresh tmpfs (lost at
 # power-off); each --rw DIR (or FERRY_VM_RW=DIR:DIR...) is shared read-write at its own path.
 # FERRY_RXE_DISK=/run/ferry-disk is an ext4 filesystem on a real (virtio) block device, so
@@ -38,6 +40,7 @@ mem=${FERRY_VM_MEM:-2048}
 timeout_s=${FERRY_VM_TIMEOUT:-1800}
 verbose=${FERRY_VM_VERBOSE:-0}
 rails=${FERRY_VM_RAILS:-1}
+numa=${FERRY_VM_NUMA:-1}
 disk_mib=${FERRY_VM_DISK_MIB:-512}
 rw_dirs=()
 if [ -n "${FERRY_VM_RW:-}" ]; then
@@ -48,6 +51,7 @@ while [ $# -gt 0 ]; do
         --mem) mem=${2:?--mem needs MiB}; shift 2 ;;
         --timeout) timeout_s=${2:?--timeout needs seconds}; shift 2 ;;
         --rails) rails=${2:?--rails needs a count}; shift 2 ;;
+        --numa) numa=${2:?--numa needs a count}; shift 2 ;;
         --disk) disk_mib=${2:?--disk needs MiB}; shift 2 ;;
         --rw) rw_dirs+=("${2:?--rw needs a directory}"); shift 2 ;;
         --verbose) verbose=1; shift ;;
@@ -57,9 +61,10 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ $# -gt 0 ] || usage
-case "$mem$timeout_s$rails$disk_mib" in
-    *[!0-9]*) echo "rxe-vm: --mem, --timeout, --rails and --disk take integers" >&2; exit 2 ;;
+case "$mem$timeout_s$rails$numa$disk_mib" in
+    *[!0-9]*) echo "rxe-vm: --mem, --timeout, --rails, --numa and --disk take integers" >&2; exit 2 ;;
 esac
+case "$numa" in 1 | 2) ;; *) echo "rxe-vm: --numa takes 1 or 2" >&2; exit 2 ;; esac
 disk_mib=$((10#$disk_mib))
 # Smaller than this, mkfs.ext4 leaves the journal out or fails.
 [ "$disk_mib" = 0 ] || [ "$disk_mib" -ge 64 ] ||
@@ -328,6 +333,8 @@ for ((k = 0; k < rails; k++)); do
 done
 export FERRY_RXE_RAILS=$rails FERRY_RXE_A_DEVS=$a_devs FERRY_RXE_B_DEVS=$b_devs
 export FERRY_RXE_A_ADDRS=$a_addrs FERRY_RXE_B_ADDRS=$b_addrs
+nodes=(/sys/devices/system/node/node[0-9]*)
+export FERRY_RXE_NUMA=${#nodes[@]}
 [ ! -f "$d/disk" ] || export FERRY_RXE_DISK="$(<"$d/disk")"
 cd "$(<"$d/cwd")" || exit 125
 mapfile -d '' -t args <"$d/args"
@@ -434,9 +441,16 @@ append="console=ttyS0 panic=-1 rdinit=/init"
 
 # -cpu max: host-built binaries and libraries may use instructions qemu64 lacks.
 # -nic none: the guest gets no route anywhere; it only talks to itself over the veth pair.
-qemu=(qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m "$mem" -nographic -no-reboot
-    -nic none -kernel "$kdir/vmlinuz" -initrd "$initrd" -append "$append" "${shares[@]}"
-    "${disk[@]}")
+numa_args=()
+if [ "$numa" = 2 ]; then
+    half=$((mem / 2))
+    numa_args=(-object "memory-backend-ram,id=node0,size=${half}M"
+        -object "memory-backend-ram,id=node1,size=$((mem - half))M"
+        -numa node,nodeid=0,cpus=0,memdev=node0 -numa node,nodeid=1,cpus=1,memdev=node1)
+fi
+qemu=(qemu-system-x86_64 -accel tcg -cpu max -smp 2 -m "$mem" "${numa_args[@]}" -nographic
+    -no-reboot -nic none -kernel "$kdir/vmlinuz" -initrd "$initrd" -append "$append"
+    "${shares[@]}" "${disk[@]}")
 console=$ctl/console.log
 # Show only the command's output (between the markers) unless --verbose; the full console
 # goes to console.log for when the VM itself fails.

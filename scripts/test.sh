@@ -41,7 +41,7 @@ rails=$(test_binary ferry-tests rails)
 # The guest mounts a fresh /tmp: a checkout under /tmp must be shared into it explicitly.
 share=()
 case "$PWD" in /tmp/*) share=(--rw "$PWD") ;; esac
-./scripts/rxe-vm.sh --mem 4096 --timeout 1800 --rails 2 "${share[@]}" -- sh -c \
+./scripts/rxe-vm.sh --mem 4096 --timeout 1800 --rails 2 --numa 2 "${share[@]}" -- sh -c \
     "$verbs --ignored --test-threads 1 --color never && $daemons --ignored --test-threads 1 --color never && $rails --ignored --test-threads 1 --color never" 2>&1 | tee -a "$log"
 # One closing line for the whole run (cargo prints one per test binary, the last being the
 # doc tests). The tests the first pass ignored are the RDMA ones, which the VM pass ran.

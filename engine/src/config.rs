@@ -282,6 +282,10 @@ pub struct RdmaConfig {
     /// pause in a row doubles it, up to `rail_max_pause_secs`.
     pub rail_pause_secs: u64,
     pub rail_max_pause_secs: u64,
+    /// The NUMA node of a device, where the kernel reports none or a wrong one (firmware that
+    /// leaves `numa_node` at -1; VMs), e.g. { mlx5_0 = 0, mlx5_4 = 1 }. A rail's node decides
+    /// which part of the buffer pool is allocated near it and registered on it.
+    pub numa_nodes: std::collections::BTreeMap<String, u32>,
     /// How each device's completion thread waits: "event" (sleeps on the completion channel)
     /// or "busy" (polls its completion queues in a loop: lower latency, a core per device).
     pub poll: RdmaPoll,
@@ -361,6 +365,7 @@ impl Default for RdmaConfig {
             queue_pairs: 2,
             rail_pause_secs: 30,
             rail_max_pause_secs: 300,
+            numa_nodes: Default::default(),
             poll: RdmaPoll::Event,
         }
     }
@@ -752,6 +757,13 @@ impl Config {
                 "rdma.rail_max_pause_secs",
                 self.rdma.rail_max_pause_secs,
                 "rdma.rail_pause_secs to 86400",
+            );
+        }
+        if let Some((device, &node)) = self.rdma.numa_nodes.iter().find(|(_, &n)| n >= 1024) {
+            return invalid(
+                "rdma.numa_nodes",
+                format!("{device} = {node}"),
+                "NUMA nodes below 1024",
             );
         }
         if self.store.max_open_tasks > MAX_OPEN_TASKS {

@@ -10,7 +10,7 @@
 
 use crate::config::{Config, ControlEndpoint};
 use crate::control::{tcp_control_security, BearerAuth, ControlService, HostInfo};
-use crate::io::{BufferPool, IoEngine};
+use crate::io::{BufferPool, IoEngine, Shares};
 use crate::metrics::Metrics;
 use crate::proto::ferry_server::FerryServer;
 use crate::rdma::{RdmaHost, RdmaSettings};
@@ -97,7 +97,12 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
     let slot = (config.pool.slot_mib * MIB) as usize;
     let sizing = config.pool_sizing();
     let slots = (sizing.size_mib / config.pool.slot_mib) as usize;
-    let pool = BufferPool::new(slot, slots).context("allocating the buffer pool")?;
+    // The rails first: the pool is laid out by their NUMA nodes (one part per node with
+    // rails, each registered only on its node's rails).
+    let found = RdmaHost::discover(&config.rdma);
+    let layout = crate::rdma::pool_layout(found.plan(&config.rdma), slots);
+    let pool = BufferPool::with_layout(slot, &layout, Shares::default_for(slots))
+        .context("allocating the buffer pool")?;
     // For fault tests: a slot given back early and reused would then show as wrong bytes
     // (caught by the piece digests) instead of going unnoticed.
     if std::env::var_os("FERRY_TEST_POISON_POOL").is_some_and(|v| v == "1") {
@@ -115,9 +120,20 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         receive_reserved_slots = shares.receive,
         serve_reserved_slots = shares.serve,
         import_reserved_slots = shares.import,
+        parts = pool.parts().len(),
         "buffer pool ready"
     );
-    let rdma = Arc::new(RdmaHost::start(&config.rdma, &pool));
+    for (index, part) in pool.parts().iter().enumerate() {
+        tracing::info!(
+            part = index,
+            numa_node = ?part.numa_node,
+            first_slot = part.first_slot,
+            slots = part.slots,
+            sampled_pages_on_node = ?part.pages_on_node,
+            "buffer pool part"
+        );
+    }
+    let rdma = Arc::new(RdmaHost::open(found, &config.rdma, &pool));
     let io = IoEngine::start(&pool, config.io.backend, config.io.threads)
         .context("starting the I/O engine")?;
     tracing::info!(backend = io.name(), "I/O engine ready");

@@ -185,6 +185,7 @@ pub struct Metrics {
     rdma_rail_pauses: Family<RailLabel, Counter>,
     rdma_rail_rejoins: Family<RailLabel, Counter>,
     rdma_pieces_reissued: Counter,
+    rdma_buffers_moved_to_rail_node: Counter,
     rdma_registered_bytes: Gauge,
     buffer_pool_bytes: Gauge,
     buffer_pool_free_bytes: Gauge,
@@ -268,6 +269,7 @@ impl Metrics {
             rdma_rail_pauses: Family::default(),
             rdma_rail_rejoins: Family::default(),
             rdma_pieces_reissued: Counter::default(),
+            rdma_buffers_moved_to_rail_node: Counter::default(),
             rdma_registered_bytes: Gauge::default(),
             buffer_pool_bytes: Gauge::default(),
             buffer_pool_free_bytes: Gauge::default(),
@@ -486,9 +488,14 @@ impl Metrics {
             "Pieces whose RDMA fetch failed on one rail and were fetched again over RDMA (on another rail, or a new queue pair) instead of over TCP",
             metrics.rdma_pieces_reissued.clone(),
         );
+        registry.register(
+            "rdma_buffers_moved_to_rail_node",
+            "Receive buffers exchanged for one in the pool part (NUMA node) of the rail picked to carry the piece (the pool is split by node; each part is registered only on its node's rails)",
+            metrics.rdma_buffers_moved_to_rail_node.clone(),
+        );
         registry.register_with_unit(
             "rdma_registered",
-            "Memory registered with the RDMA device (the whole buffer pool, or 0 without RDMA)",
+            "Memory registered with the RDMA devices, summed over rails: each rail registers the whole buffer pool, or only its NUMA node's part when the pool is split by node (0 without RDMA)",
             Unit::Bytes,
             metrics.rdma_registered_bytes.clone(),
         );
@@ -903,6 +910,10 @@ impl Metrics {
 
     pub fn rdma_piece_reissued(&self) {
         self.rdma_pieces_reissued.inc();
+    }
+
+    pub fn rdma_buffer_moved_to_rail_node(&self) {
+        self.rdma_buffers_moved_to_rail_node.inc();
     }
 
     /// Counts an RDMA session as up until the returned guard is dropped.

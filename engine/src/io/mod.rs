@@ -17,8 +17,8 @@ mod uring;
 
 pub use faults::{IoCounters, IoFault, IoFaults};
 pub use pool::{
-    Budget, BufferPool, DeviceLease, LingeringBuffer, PartLayout, PieceBuffer, PoolError, PoolInfo,
-    PoolPart, Shares, DIRECT_IO_ALIGN, POISON,
+    Budget, BufferPool, DeviceLease, LingeringBuffer, PartChoice, PartLayout, PieceBuffer,
+    PoolError, PoolInfo, PoolPart, Shares, DIRECT_IO_ALIGN, POISON,
 };
 pub use reflink::{reflink, unsupported as reflink_unsupported};
 

@@ -430,19 +430,18 @@ impl BufferPool {
         budget: Budget,
         bytes: u64,
     ) -> Result<PieceBuffer, PoolError> {
-        self.acquire_near(budget, bytes, None).await
+        self.acquire_near(budget, bytes, PartChoice::Any).await
     }
 
-    /// [`BufferPool::acquire_for`], from part `part` if it has the slots (the part local to
-    /// the rail that will carry the piece), else from another.
+    /// [`BufferPool::acquire_for`], from the parts `from` allows (the part local to the rail
+    /// that will carry the piece).
     pub async fn acquire_near(
         self: &Arc<Self>,
         budget: Budget,
         bytes: u64,
-        part: Option<usize>,
+        from: PartChoice,
     ) -> Result<PieceBuffer, PoolError> {
         let needed = self.slots_for(budget, bytes)?;
-        let from = part.map_or(PartChoice::Any, PartChoice::Prefer);
         let waiting = async {
             loop {
                 let returned = self.returned.notified();
@@ -626,11 +625,14 @@ fn map_region(len: usize, populate: bool) -> Result<(NonNull<u8>, bool), PoolErr
     Ok((NonNull::new(ptr.cast()).expect("mmap returned null"), false))
 }
 
-/// Which parts [`BufferPool::take`] may take from.
-#[derive(Debug, Clone, Copy)]
-enum PartChoice {
+/// Which parts of the pool a buffer may come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PartChoice {
+    /// Any part, the one with most free slots first.
     Any,
+    /// This part if it has the slots, else another.
     Prefer(usize),
+    /// This part only (a rail registered on it alone will carry the buffer).
     Only(usize),
 }
 
@@ -671,6 +673,12 @@ impl PieceBuffer {
     /// The pool part (NUMA node) the slots lie in.
     pub fn part(&self) -> usize {
         self.pool.part_of_slot(self.slots[0])
+    }
+
+    /// A buffer like this one (same length and budget) from pool part `part`, if it has the
+    /// slots free now: for a piece whose rail is registered on another part than this buffer.
+    pub fn sibling_in(&self, part: usize) -> Result<Option<PieceBuffer>, PoolError> {
+        (self.pool).try_acquire_in(self.budget, self.len as u64, part)
     }
 
     /// Marks every slot as reachable by a device operation about to be started (an SQE, a
@@ -1000,7 +1008,7 @@ mod tests {
             Err(PoolError::PieceTooLarge { total: 4, .. })
         ));
         let near = pool
-            .acquire_near(Budget::Receive, 8192, Some(1))
+            .acquire_near(Budget::Receive, 8192, PartChoice::Prefer(1))
             .await
             .unwrap();
         assert_eq!((near.part(), near.slots()), (1, &[4][..]));
@@ -1015,7 +1023,7 @@ mod tests {
             .is_none());
         // Part 1 is full: a preference for it falls back to part 0.
         let spill = pool
-            .acquire_near(Budget::Receive, 2 * 8192, Some(1))
+            .acquire_near(Budget::Receive, 2 * 8192, PartChoice::Prefer(1))
             .await
             .unwrap();
         assert_eq!((spill.part(), spill.slots()), (0, &[0, 1][..]));

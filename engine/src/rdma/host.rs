@@ -2,7 +2,7 @@
 //! device opened with the buffer pool registered on it (once, at start-up).
 
 use crate::config::RdmaConfig;
-use crate::io::BufferPool;
+use crate::io::{BufferPool, PartChoice, PartLayout};
 use crate::proto;
 use ferry_rdma::rails::matching::RailAd;
 use ferry_rdma::rails::{Rail, RailPlan, SkippedPort};
@@ -11,7 +11,8 @@ use ferry_rdma::{
 };
 use std::sync::Arc;
 
-/// Opens one rail's device (the GID the plan chose) and registers the pool on it.
+/// Opens one rail's device (the GID the plan chose) and registers the pool on it: the whole
+/// pool, or when it is split by NUMA node only the part on the rail's node.
 fn open_rail(
     index: u8,
     rail: &Rail,
@@ -26,14 +27,45 @@ fn open_rail(
     };
     let selection = ferry_rdma::choose(devices, &request)?;
     let context = RdmaContext::open_with(selection.clone(), config.poll_mode())?;
-    let region = pool.register_rdma(&context)?;
+    let part = part_for(pool, rail);
+    let region = match part {
+        Some(part) => pool.register_rdma_part(&context, part)?,
+        None => pool.register_rdma(&context)?,
+    };
     Ok(LocalRail {
         index,
         rail: rail.clone(),
         selection,
         context,
         region: Arc::new(region),
+        part,
     })
+}
+
+/// The pool part a rail reads and writes: the one on its NUMA node when the pool is split
+/// (None: the pool is one part, or none is on the rail's node, so the rail gets all of it).
+fn part_for(pool: &BufferPool, rail: &Rail) -> Option<usize> {
+    let parts = pool.parts();
+    if parts.len() < 2 {
+        return None;
+    }
+    let node = rail.placement.numa_node?;
+    parts.iter().position(|p| p.numa_node == Some(node))
+}
+
+/// The pool's layout for `slots` slots over the rails of `plan`
+/// (`ferry_rdma::rails::topology::split_pool`: one part per NUMA node that has rails, or one
+/// part).
+pub fn pool_layout(plan: Option<&RailPlan>, slots: usize) -> Vec<PartLayout> {
+    let rails = plan.map_or(&[][..], |p| &p.rails[..]);
+    ferry_rdma::rails::topology::split_pool(slots, rails)
+        .into_iter()
+        .map(|part| PartLayout {
+            // One part on one node (every rail there): placed there too.
+            numa_node: part.numa_node,
+            slots: part.slots,
+        })
+        .collect()
 }
 
 pub enum RdmaStatus {
@@ -59,9 +91,21 @@ pub struct LocalRail {
     pub selection: Selection,
     pub context: Arc<RdmaContext>,
     pub region: Arc<RegisteredRegion>,
+    /// The pool part registered on this rail (None: the whole pool).
+    pub part: Option<usize>,
 }
 
 impl LocalRail {
+    /// The pool parts this rail can carry a buffer from.
+    pub fn buffers(&self) -> PartChoice {
+        self.part.map_or(PartChoice::Any, PartChoice::Only)
+    }
+
+    /// Whether this rail can carry a buffer of pool part `part`.
+    pub fn reaches(&self, part: usize) -> bool {
+        self.part.is_none_or(|p| p == part)
+    }
+
     pub fn name(&self) -> String {
         self.rail.name()
     }
@@ -80,6 +124,23 @@ impl LocalRail {
     }
 }
 
+/// What [`RdmaHost::discover`] found.
+pub struct Discovered {
+    pub devices: Vec<DeviceInfo>,
+    pub rails: Result<RailPlan, String>,
+    /// Why RDMA cannot be used at all (no library, no device).
+    unavailable: Option<String>,
+}
+
+impl Discovered {
+    /// The rails that would carry pieces, when RDMA is enabled and there are any.
+    pub fn plan(&self, config: &RdmaConfig) -> Option<&RailPlan> {
+        (config.enabled && self.unavailable.is_none())
+            .then_some(())
+            .and(self.rails.as_ref().ok())
+    }
+}
+
 pub struct RdmaHost {
     pub devices: Vec<DeviceInfo>,
     /// The host's rails as configured (`rdma.devices`, `rdma.exclude`), or why there are none.
@@ -92,15 +153,20 @@ impl RdmaHost {
     /// Never fails: a rail that cannot be opened is left out (logged); with none left RDMA is
     /// unavailable and TCP carries everything.
     pub fn start(config: &RdmaConfig, pool: &Arc<BufferPool>) -> RdmaHost {
+        RdmaHost::open(RdmaHost::discover(config), config, pool)
+    }
+
+    /// The host's devices and rails, nothing opened yet (the daemon lays out its pool by the
+    /// rails' NUMA nodes before opening them).
+    pub fn discover(config: &RdmaConfig) -> Discovered {
         let devices = match ferry_rdma::discover() {
             Ok(devices) => devices,
             Err(err) => {
-                tracing::info!(reason = %err, "RDMA unavailable; pieces move over TCP");
-                return RdmaHost {
+                return Discovered {
                     devices: Vec::new(),
                     rails: Err(err.to_string()),
-                    status: RdmaStatus::Unavailable(err.to_string()),
-                };
+                    unavailable: Some(err.to_string()),
+                }
             }
         };
         let rails = ferry_rdma::rails::enumerate(
@@ -108,7 +174,38 @@ impl RdmaHost {
             &config.rail_request(),
             &ferry_rdma::rails::host_facts(),
         )
+        .map(|mut plan| {
+            // The operator's word over the kernel's (which says -1 on some firmware and VMs).
+            for rail in &mut plan.rails {
+                if let Some(&node) = config.numa_nodes.get(&rail.device) {
+                    rail.placement.numa_node = Some(node);
+                }
+            }
+            plan
+        })
         .map_err(|e| e.to_string());
+        Discovered {
+            devices,
+            rails,
+            unavailable: None,
+        }
+    }
+
+    /// Opens every rail `found` planned (if RDMA is enabled) and registers `pool` on each.
+    pub fn open(found: Discovered, config: &RdmaConfig, pool: &Arc<BufferPool>) -> RdmaHost {
+        let Discovered {
+            devices,
+            rails,
+            unavailable,
+        } = found;
+        if let Some(reason) = unavailable {
+            tracing::info!(%reason, "RDMA unavailable; pieces move over TCP");
+            return RdmaHost {
+                devices,
+                rails,
+                status: RdmaStatus::Unavailable(reason),
+            };
+        }
         if !config.enabled {
             tracing::info!(devices = devices.len(), "RDMA disabled by configuration");
             return RdmaHost {
@@ -148,6 +245,8 @@ impl RdmaHost {
                         numa_node = ?rail.placement.numa_node,
                         pci = ?rail.placement.pci_address,
                         poll = %config.poll_mode(),
+                        pool_part = ?local.part,
+                        registered_bytes = local.region.len(),
                         seconds_per_gib = local.region.seconds_per_gib(),
                         "RDMA rail ready, buffer pool registered on it"
                     );

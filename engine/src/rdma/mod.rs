@@ -10,7 +10,7 @@ mod served;
 mod session;
 mod transport;
 
-pub use host::{LocalRail, RdmaHost, RdmaStatus};
+pub use host::{pool_layout, Discovered, LocalRail, RdmaHost, RdmaStatus};
 pub use serve::{RdmaService, MAX_WRITES_PER_PIECE};
 pub use transport::RdmaTransport;
 

@@ -91,12 +91,19 @@ impl PeerRails {
 
     /// The lane for a piece of `bytes` (see `Lanes::pick`); None when every lane is paused.
     pub(super) fn pick(&self, bytes: u64, now: Instant) -> Option<Pick> {
-        let pick = self
-            .state
-            .lock()
-            .expect("lanes lock")
-            .lanes
-            .pick(bytes, now)?;
+        self.pick_where(bytes, now, |_| true)
+    }
+
+    /// [`PeerRails::pick`] among the lanes `can_carry` allows (see `Lanes::pick_where`).
+    pub(super) fn pick_where(
+        &self,
+        bytes: u64,
+        now: Instant,
+        can_carry: impl Fn(&Lane) -> bool,
+    ) -> Option<Pick> {
+        let pick =
+            (self.state.lock().expect("lanes lock").lanes)
+                .pick_where(bytes, now, |lane| can_carry(&self.lanes[lane]))?;
         if pick.probe {
             tracing::info!(source = %self.source, rail = %self.lanes[pick.lane].label(), "rail pair's pause is over; probing it with one piece");
         }

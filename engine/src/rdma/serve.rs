@@ -207,7 +207,7 @@ impl RdmaService {
                             }
                             first_error = completion.ok().err();
                         } else if let Some(frame) = &completion.message {
-                            first_error = self.on_request(connection, pieces, frame).err();
+                            first_error = self.on_request(rail, connection, pieces, frame).err();
                         }
                     }
                     let now = connection.work_counts();
@@ -257,6 +257,7 @@ impl RdmaService {
 
     fn on_request(
         &self,
+        rail: &LocalRail,
         connection: &Connection,
         pieces: &mut Pieces,
         frame: &[u8],
@@ -279,12 +280,16 @@ impl RdmaService {
             Admitted::Answer(answer) => self.answer(connection, pieces, &answer),
             Admitted::Read(granted) => {
                 let store = Arc::clone(&self.store);
+                let from = rail.buffers();
                 pieces.served.read_started();
                 self.metrics.rdma_in_flight(true, pieces.served.in_flight());
                 pieces.reads.spawn(async move {
                     // From disk straight into the registered pool (O_DIRECT where possible),
-                    // in a buffer of the serving budget.
-                    match store.read_piece(&granted.task, granted.piece).await {
+                    // in a buffer of the serving budget, in the part this rail can send from.
+                    match store
+                        .read_piece_near(&granted.task, granted.piece, from)
+                        .await
+                    {
                         Ok(buf) => Ok((granted, buf)),
                         Err(err) => Err(failed(
                             granted.request,

@@ -460,6 +460,34 @@ impl RdmaTransport {
                     TransportError::Failed(format!("rdma: every rail pair to {source} is paused"));
                 return Fetched::with(buf, Err(paused));
             };
+            // The pool is split by NUMA node and each rail registered on its node's part: the
+            // buffer must lie in the picked rail's part. Exchanged for one there if that part
+            // has one free; else the piece goes on a rail that reaches the buffer.
+            let pick = match peer.lanes[pick.lane].local.part {
+                Some(part) if part != buf.part() => match buf.sibling_in(part) {
+                    Ok(Some(near)) => {
+                        buf = near;
+                        self.metrics.rdma_buffer_moved_to_rail_node();
+                        pick
+                    }
+                    _ => {
+                        peer.release(pick, Instant::now());
+                        let at = buf.part();
+                        let reaching =
+                            peer.pick_where(piece.length, Instant::now(), |l| l.local.reaches(at));
+                        match reaching {
+                            Some(pick) => pick,
+                            None => {
+                                // Neither: wait for buffers to come back (bounded by the
+                                // piece timeout), then pick again.
+                                tokio::time::sleep(Duration::from_millis(10)).await;
+                                continue;
+                            }
+                        }
+                    }
+                },
+                _ => pick,
+            };
             let lane = &peer.lanes[pick.lane];
             let session = match self.session(&peer, pick.lane).await {
                 Ok(session) => session,

@@ -3,7 +3,7 @@
 //! no CPU copies the payload), bounded by the store's I/O timeout.
 
 use super::*;
-use crate::io::{Budget, ReadRequest, DIRECT_IO_ALIGN};
+use crate::io::{Budget, PartChoice, ReadRequest, DIRECT_IO_ALIGN};
 
 impl StoredTask {
     /// The content file for the I/O engine's piece reads; opened now if it was closed.
@@ -106,7 +106,20 @@ impl Store {
         task: &Arc<StoredTask>,
         piece: PieceRange,
     ) -> Result<PieceBuffer, StoreError> {
-        let buf = self.pool.acquire_for(Budget::Serve, piece.length).await?;
+        self.read_piece_near(task, piece, PartChoice::Any).await
+    }
+
+    /// [`Store::read_piece`] into a buffer from the pool parts `from` allows (those the rail
+    /// that sends it is registered on).
+    pub async fn read_piece_near(
+        &self,
+        task: &Arc<StoredTask>,
+        piece: PieceRange,
+        from: PartChoice,
+    ) -> Result<PieceBuffer, StoreError> {
+        let buf = (self.pool)
+            .acquire_near(Budget::Serve, piece.length, from)
+            .await?;
         match self.read_piece_into(task, piece, buf).await {
             (Some(buf), Ok(())) => Ok(buf),
             (_, Err(err)) => Err(err),

@@ -73,7 +73,26 @@ impl Lanes {
 
     /// The lane for a piece of `bytes`; None when every lane is paused or probing.
     pub fn pick(&mut self, bytes: u64, now: Instant) -> Option<Pick> {
-        let uses: Vec<Use> = self.health.iter().map(|h| h.can_use(now)).collect();
+        self.pick_where(bytes, now, |_| true)
+    }
+
+    /// [`Lanes::pick`] among the lanes `can_carry` allows (those whose rail reaches the pool
+    /// part the piece's buffer lies in); a probe due on another lane stays due.
+    pub fn pick_where(
+        &mut self,
+        bytes: u64,
+        now: Instant,
+        can_carry: impl Fn(usize) -> bool,
+    ) -> Option<Pick> {
+        let uses: Vec<Use> = (self.health.iter().enumerate())
+            .map(|(lane, h)| {
+                if can_carry(lane) {
+                    h.can_use(now)
+                } else {
+                    Use::No
+                }
+            })
+            .collect();
         let probe = uses.iter().position(|&u| u == Use::Probe);
         for (lane, &u) in uses.iter().enumerate() {
             let allowed = match probe {
@@ -250,6 +269,28 @@ mod tests {
             Change::Rejoined,
             "a probe the peer answered cleanly proves the lane"
         );
+    }
+
+    #[test]
+    fn a_pick_restricted_to_some_lanes_stays_among_them_and_leaves_a_probe_due() {
+        let mut lanes = Lanes::new(&[100_000, 100_000, 100_000], settings());
+        let t = Instant::now();
+        for _ in 0..6 {
+            let pick = lanes.pick_where(PIECE, t, |lane| lane != 0).unwrap();
+            assert_ne!(pick.lane, 0);
+            lanes.release(pick, t);
+        }
+        assert_eq!(lanes.pick_where(PIECE, t, |_| false), None);
+        // Lane 2 fails and is paused; once its probe is due, a pick that may not use it does
+        // not take the probe, and the next pick that may use it does.
+        let pick = lanes.pick_where(PIECE, t, |lane| lane == 2).unwrap();
+        let _ = lanes.finish(pick, LaneOutcome::Failed { hard: true }, t);
+        let later = t + Duration::from_secs(2);
+        let elsewhere = lanes.pick_where(PIECE, later, |lane| lane != 2).unwrap();
+        assert!(!elsewhere.probe);
+        lanes.release(elsewhere, later);
+        let probe = lanes.pick(PIECE, later).unwrap();
+        assert!(probe.probe && probe.lane == 2, "{probe:?}");
     }
 
     #[test]
