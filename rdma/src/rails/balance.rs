@@ -98,6 +98,16 @@ impl Balancer {
         self.lanes[lane].usable = usable;
     }
 
+    /// Drops what was measured of a lane (it failed and came back): what it did before, or
+    /// while failing, says nothing of what it does now, so it is assumed as fast as the best
+    /// measured lane until its next completions say otherwise.
+    pub fn forget_rate(&mut self, lane: usize) {
+        let l = &mut self.lanes[lane];
+        l.rate = None;
+        l.last_done = None;
+        l.last_sample = None;
+    }
+
     pub fn stats(&self, lane: usize) -> LaneStats {
         let l = &self.lanes[lane];
         LaneStats {
@@ -284,6 +294,18 @@ mod tests {
         let share_slow = carried[1] as f64 / carried.iter().sum::<u64>() as f64;
         assert!(share_slow < 0.15, "degraded lane share {share_slow}");
         assert!(balancer.stats(0).carried_bytes > before);
+    }
+
+    #[test]
+    fn a_forgotten_lane_is_estimated_as_fast_as_the_best_and_measured_again() {
+        let mut balancer = Balancer::new(BalancerSettings::default(), &[400_000, 400_000]);
+        simulate(&mut balancer, &[1e9, 0.05e9], 8, 400);
+        assert!(balancer.stats(1).rate.unwrap() < 0.1e9);
+        balancer.forget_rate(1);
+        assert_eq!(balancer.stats(1).rate, None);
+        let carried = simulate(&mut balancer, &[1e9, 1e9], 8, 400);
+        let share = carried[1] as f64 / carried.iter().sum::<u64>() as f64;
+        assert!((0.4..=0.6).contains(&share), "recovered lane share {share}");
     }
 
     #[test]

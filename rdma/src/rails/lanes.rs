@@ -124,6 +124,11 @@ impl Lanes {
             LaneOutcome::Done => self.balancer.completed(pick.ticket, now),
             _ => self.balancer.failed(pick.ticket),
         }
+        if change == Change::Rejoined {
+            // Its rate was measured while it was failing, and its probe paid for a new queue
+            // pair: neither is what it does now.
+            self.balancer.forget_rate(pick.lane);
+        }
         change
     }
 
@@ -244,6 +249,33 @@ mod tests {
         assert!(
             after.iter().all(|&c| c >= 10),
             "both carry again: {after:?}"
+        );
+    }
+
+    #[test]
+    fn a_lane_that_rejoins_is_not_held_to_the_slow_rate_it_had_while_failing() {
+        let mut lanes = Lanes::new(&[100_000, 100_000], settings());
+        let mut t = Instant::now();
+        // Lane 0 is quick; lane 1 crawls (retries on a dying link), then fails.
+        for (lane, seconds) in [(0, 0.05), (1, 2.0)] {
+            for _ in 0..8 {
+                let pick = lanes.pick_where(PIECE, t, |l| l == lane).unwrap();
+                t += Duration::from_secs_f64(seconds);
+                let _ = lanes.finish(pick, LaneOutcome::Done, t);
+            }
+        }
+        let pick = lanes.pick_where(PIECE, t, |lane| lane == 1).unwrap();
+        let _ = lanes.finish(pick, LaneOutcome::Failed { hard: true }, t);
+        t += Duration::from_secs(2);
+        // Its probe is slow too: it waits for a new queue pair.
+        let probe = lanes.pick(PIECE, t).unwrap();
+        assert_eq!((probe.lane, probe.probe), (1, true));
+        t += Duration::from_secs(3);
+        assert_eq!(lanes.finish(probe, LaneOutcome::Done, t), Change::Rejoined);
+        let after = run(&mut lanes, &mut t, 40, &[0.05, 0.05], |_, _| false);
+        assert!(
+            after[1] >= 15,
+            "the rejoined lane carries its share: {after:?}"
         );
     }
 
