@@ -9,7 +9,8 @@
 #
 # Inside the VM the command runs as root in the current directory, with this environment
 # plus FERRY_RXE_ADDR0=10.77.0.1 FERRY_RXE_ADDR1=10.77.0.2 FERRY_RXE_DEV0=rxe0
-# FERRY_RXE_DEV1=rxe1 and FERRY_RXE_GID_INDEX (the RoCE v2 IPv4 GID index on both devices).
+# FERRY_RXE_DEV1=rxe1 and FERRY_RXE_GID_INDEX (the RoCE v2 IPv4 GID index on both devices;
+# FERRY_RXE_GIDS lists it for every device, rxe0 first, comma-separated).
 # --rails N (1-4, default 1) makes N veth pairs, rail k joining "host A" (rxe<2k> on
 # veth<2k>, 10.77.k.1) to "host B" (rxe<2k+1> on veth<2k+1>, 10.77.k.2); rails do not reach
 # each other. FERRY_RXE_RAILS=N, FERRY_RXE_A_DEVS/FERRY_RXE_B_DEVS (comma-separated devices)
@@ -326,6 +327,7 @@ read -r rails <"$d/rails"
 export FERRY_RXE_ADDR0=10.77.0.1 FERRY_RXE_ADDR1=10.77.0.2
 export FERRY_RXE_DEV0=rxe0 FERRY_RXE_DEV1=rxe1
 export FERRY_RXE_GID_INDEX=${gids[0]} FERRY_RXE_GID_INDEX0=${gids[0]} FERRY_RXE_GID_INDEX1=${gids[1]}
+export FERRY_RXE_GIDS=$(IFS=,; echo "${gids[*]}")
 a_devs="" b_devs="" a_addrs="" b_addrs=""
 for ((k = 0; k < rails; k++)); do
     a_devs+=${a_devs:+,}rxe$((2 * k)) b_devs+=${b_devs:+,}rxe$((2 * k + 1))

@@ -211,11 +211,27 @@ pub struct IbPair<'a> {
     pub server_addr: &'a str,
 }
 
-/// perftest's ib_write_bw between the two devices, `size`-byte messages over `qps` queue
-/// pairs with `tx_depth` messages in flight on each (perftest's `-t`; its default is 128),
-/// about `total` bytes; returns `baseline.ib_write_bw` (average bandwidth).
+/// The GID index ib_write_bw uses on `device`: the one `scripts/rxe-vm.sh` found for it
+/// (FERRY_RXE_GIDS, by rxe number), else FERRY_RXE_GID_INDEX, else 1.
+fn gid_index(device: &str) -> String {
+    let own = device
+        .strip_prefix("rxe")
+        .and_then(|n| n.parse::<usize>().ok())
+        .and_then(|n| {
+            let gids = std::env::var("FERRY_RXE_GIDS").ok()?;
+            gids.split(',').nth(n).map(str::to_owned)
+        });
+    own.or_else(|| std::env::var("FERRY_RXE_GID_INDEX").ok())
+        .unwrap_or_else(|| "1".into())
+}
+
+/// perftest's ib_write_bw on every pair at once (one server and one client per pair, all
+/// running together, as Ferry's rails do): `size`-byte messages over `qps` queue pairs with
+/// `tx_depth` messages in flight on each (perftest's `-t`; its default is 128), about `total`
+/// bytes per pair. Returns `baseline.ib_write_bw`: the pairs' average bandwidths added up,
+/// each pair's in its parameters (`rails`).
 pub fn ib_write_bw(
-    pair: &IbPair,
+    pairs: &[IbPair],
     size: u64,
     qps: u32,
     tx_depth: u32,
@@ -225,65 +241,104 @@ pub fn ib_write_bw(
         println!("ib_write_bw (perftest) is not installed");
         return Ok(None);
     }
+    anyhow::ensure!(!pairs.is_empty(), "ib_write_bw needs a device pair");
     let iterations = (total / size / u64::from(qps)).max(5);
-    let gid = std::env::var("FERRY_RXE_GID_INDEX").unwrap_or_else(|_| "1".into());
-    let port = free_port()?.to_string();
-    let common = [
-        "-s",
-        &size.to_string(),
-        "-q",
-        &qps.to_string(),
-        "-t",
-        &tx_depth.max(1).to_string(),
-        "-x",
-        &gid,
-        "-F",
-        "-n",
-        &iterations.to_string(),
-        "-p",
-        &port,
-    ]
-    .map(str::to_owned);
-    let mut server = Command::new("ib_write_bw")
-        .arg("-d")
-        .arg(pair.server_device)
-        .args(&common)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting ib_write_bw")?;
+    let common = |port: &str, device: &str| {
+        [
+            "-d",
+            device,
+            "-s",
+            &size.to_string(),
+            "-q",
+            &qps.to_string(),
+            "-t",
+            &tx_depth.max(1).to_string(),
+            "-x",
+            &gid_index(device),
+            "-F",
+            "-n",
+            &iterations.to_string(),
+            "-p",
+            port,
+        ]
+        .map(str::to_owned)
+    };
+    let mut servers = Vec::new();
+    let mut ports = Vec::new();
+    for pair in pairs {
+        let port = free_port()?.to_string();
+        servers.push(
+            Command::new("ib_write_bw")
+                .args(common(&port, pair.server_device))
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("starting ib_write_bw")?,
+        );
+        ports.push(port);
+    }
     std::thread::sleep(Duration::from_secs(2));
-    let output = Command::new("ib_write_bw")
-        .arg("-d")
-        .arg(pair.client_device)
-        .args(&common)
-        .arg(pair.server_addr)
-        .output()
-        .context("running ib_write_bw")?;
-    let _ = server.wait();
-    let text = String::from_utf8_lossy(&output.stdout);
-    // The result row: bytes, iterations, peak MB/s, average MB/s, Mpps (MB = 2^20 bytes).
-    let average = text
-        .lines()
-        .filter_map(|line| {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            (fields.len() >= 5 && fields[0] == size.to_string())
-                .then(|| fields[3].parse::<f64>().ok())
-                .flatten()
+    let mut clients = Vec::new();
+    for (pair, port) in pairs.iter().zip(&ports) {
+        clients.push(
+            Command::new("ib_write_bw")
+                .args(common(port, pair.client_device))
+                .arg(pair.server_addr)
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .context("running ib_write_bw")?,
+        );
+    }
+    let mut per_pair = Vec::new();
+    for ((client, mut server), pair) in clients.into_iter().zip(servers).zip(pairs) {
+        let output = client.wait_with_output().context("running ib_write_bw")?;
+        let _ = server.wait();
+        let text = String::from_utf8_lossy(&output.stdout);
+        // The result row: bytes, iterations, peak MB/s, average MB/s, Mpps (MB = 2^20 bytes).
+        let average = text
+            .lines()
+            .filter_map(|line| {
+                let fields: Vec<&str> = line.split_whitespace().collect();
+                (fields.len() >= 5 && fields[0] == size.to_string())
+                    .then(|| fields[3].parse::<f64>().ok())
+                    .flatten()
+            })
+            .next_back()
+            .with_context(|| {
+                format!(
+                    "no result row in ib_write_bw output ({} -> {}):\n{text}{}",
+                    pair.server_device,
+                    pair.client_device,
+                    String::from_utf8_lossy(&output.stderr)
+                )
+            })?;
+        per_pair.push(average * MIB as f64);
+    }
+    let bytes_per_second: f64 = per_pair.iter().sum();
+    let bytes = iterations * size * u64::from(qps) * pairs.len() as u64;
+    let rails: Vec<Value> = (pairs.iter().zip(&per_pair))
+        .map(|(pair, rate)| {
+            json!({
+                "server_device": pair.server_device,
+                "client_device": pair.client_device,
+                "bytes_per_second": rate,
+                "share": rate / bytes_per_second,
+            })
         })
-        .next_back()
-        .with_context(|| {
-            format!(
-                "no result row in ib_write_bw output:\n{text}{}",
-                String::from_utf8_lossy(&output.stderr)
-            )
-        })?;
-    let bytes_per_second = average * MIB as f64;
-    let bytes = iterations * size * u64::from(qps);
+        .collect();
+    let label = if pairs.len() == 1 {
+        format!("ib_write_bw -s {size} -q {qps}")
+    } else {
+        format!(
+            "ib_write_bw -s {size} -q {qps}, on {} rail pairs at once",
+            pairs.len()
+        )
+    };
     Ok(Some(
         Row::new(
             "baseline.ib_write_bw",
-            &format!("ib_write_bw -s {size} -q {qps}"),
+            &label,
             "ib_write_bw",
             "rdma",
             Measured {
@@ -292,6 +347,8 @@ pub fn ib_write_bw(
                 cpu_seconds: None,
             },
         )
-        .with_parameters(json!({ "message_size": size, "queue_pairs": qps })),
+        .with_parameters(json!({
+            "message_size": size, "queue_pairs": qps, "tx_depth": tx_depth, "rails": rails,
+        })),
     ))
 }

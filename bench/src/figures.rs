@@ -88,3 +88,35 @@ pub fn print(figures: &Value) {
         figures["peak_in_flight"]["receiver"], figures["peak_in_flight"]["source"]
     );
 }
+
+/// Bytes each local rail carried in `direction` ("in": fetched, "out": served), from
+/// `ferry_rdma_rail_bytes_total`, in the order the rails first appear.
+pub fn rail_bytes(text: &str, direction: &str) -> Vec<(String, f64)> {
+    let tail = format!(r#"",direction="{direction}"}}"#);
+    text.lines()
+        .filter_map(|line| {
+            let labels = line.strip_prefix(r#"ferry_rdma_rail_bytes_total{rail=""#)?;
+            let (rail, value) = labels.split_once(&tail)?;
+            Some((rail.to_owned(), value.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rail_bytes_are_read_by_rail_and_direction() {
+        let text = "# HELP ferry_rdma_rail_bytes_total Piece bytes\n\
+            ferry_rdma_rail_bytes_total{rail=\"rxe1:1\",direction=\"in\"} 100\n\
+            ferry_rdma_rail_bytes_total{rail=\"rxe0:1\",direction=\"out\"} 100\n\
+            ferry_rdma_rail_bytes_total{rail=\"rxe3:1\",direction=\"in\"} 50\n\
+            ferry_rdma_rail_pieces_total{rail=\"rxe3:1\",direction=\"in\"} 2\n";
+        assert_eq!(
+            rail_bytes(text, "in"),
+            vec![("rxe1:1".to_owned(), 100.0), ("rxe3:1".to_owned(), 50.0)]
+        );
+        assert_eq!(rail_bytes(text, "out"), vec![("rxe0:1".to_owned(), 100.0)]);
+    }
+}

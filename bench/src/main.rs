@@ -19,7 +19,7 @@ use ferry_engine::transfer::TransportChoice;
 use ferry_engine::transport::{PieceTransport, TcpTransport};
 use ferry_fallback_tcp::ClientConfig;
 use report::{Report, Row};
-use rig::{RdmaPlan, Rig, MIB};
+use rig::{PlanRequest, RdmaPlan, Rig, MIB};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -83,27 +83,37 @@ enum Bench {
 
 #[derive(Debug, Args)]
 struct RdmaDevices {
-    /// Serving side's device and address [default: $FERRY_RXE_DEV0, $FERRY_RXE_ADDR0].
+    /// Serving side's device, once per rail [default: $FERRY_RXE_DEV0, or with --rails N the
+    /// first N of $FERRY_RXE_A_DEVS].
     #[arg(long)]
-    server_device: Option<String>,
+    server_device: Vec<String>,
+    /// Serving device's address, once per rail, in the same order; the first is the seed's
+    /// data port [default: $FERRY_RXE_ADDR0, or the first N of $FERRY_RXE_A_ADDRS].
     #[arg(long)]
-    server_addr: Option<String>,
-    /// Receiving side's device [default: $FERRY_RXE_DEV1].
+    server_addr: Vec<String>,
+    /// Receiving side's device, once per rail, paired in order with --server-device
+    /// [default: $FERRY_RXE_DEV1, or the first N of $FERRY_RXE_B_DEVS].
     #[arg(long)]
-    client_device: Option<String>,
+    client_device: Vec<String>,
+    /// Rail pairs to stripe over (inside scripts/rxe-vm.sh --rails N: up to N) [default: 1,
+    /// or as many as the device flags name].
+    #[arg(long)]
+    rails: Option<usize>,
     /// Bytes per RDMA WRITE, KiB (also ib_write_bw's message size).
     #[arg(long, default_value_t = 1024)]
     chunk_kib: u32,
 }
 
 impl RdmaDevices {
-    fn plan(&self) -> Option<RdmaPlan> {
-        RdmaPlan::from_env(
-            &self.server_device,
-            &self.client_device,
-            &self.server_addr,
-            self.chunk_kib,
-        )
+    /// The rail pairs to use; None when no device is named and none is in the environment.
+    fn plan(&self) -> anyhow::Result<Option<RdmaPlan>> {
+        RdmaPlan::new(&PlanRequest {
+            server_devices: self.server_device.clone(),
+            client_devices: self.client_device.clone(),
+            server_addrs: self.server_addr.clone(),
+            rails: self.rails,
+            chunk_kib: self.chunk_kib,
+        })
     }
 }
 
@@ -118,13 +128,16 @@ struct RdmaArgs {
     /// Pieces in flight per queue pair.
     #[arg(long, default_value_t = 2)]
     window: usize,
-    /// Queue pairs to the source (ib_write_bw gets window x queue pairs queue pairs: the same
-    /// number of messages in flight).
+    /// Queue pairs to the source on each rail pair (ib_write_bw gets as many on each pair,
+    /// each with a window of pieces' worth of messages in flight: the same in flight).
     #[arg(long, default_value_t = 2)]
     queue_pairs: usize,
     /// Times the whole task is fetched for the into-memory figure.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
+    /// Rounds of Ferry and ib_write_bw taking turns; medians are compared.
+    #[arg(long, default_value_t = 3)]
+    repeat: usize,
     /// Pool sizes, MiB, whose registration is timed (seconds per GiB).
     #[arg(long, value_delimiter = ',', default_value = "256,1024")]
     register_mib: Vec<u64>,
@@ -466,7 +479,7 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
     let plan = if args.no_rdma {
         None
     } else {
-        args.devices.plan()
+        args.devices.plan()?
     };
     let name = if everything { "compare" } else { "e2e" };
     println!(
@@ -480,13 +493,16 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
             "warm (page cache)"
         },
         match &plan {
-            Some(p) => format!("{} -> {}", p.server_device, p.client_device),
+            Some(p) => p.describe(),
             None => "not measured (no devices)".into(),
         }
     );
     let size = args.size_mib * MIB;
     let piece = args.piece_mib * MIB;
-    let in_flight = args.streams.max((args.window * args.queue_pairs) as u32);
+    // RDMA: a window on each queue pair of each rail pair.
+    let rdma_in_flight =
+        (args.window * args.queue_pairs * plan.as_ref().map_or(1, |p| p.rails.len())) as u32;
+    let in_flight = args.streams.max(rdma_in_flight);
     let mut report = Report::new(
         name,
         json!({
@@ -530,7 +546,7 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
                     &task,
                     geometry,
                     args.rounds,
-                    (args.window * args.queue_pairs) as u32,
+                    rdma_in_flight,
                 )
                 .await?;
             cool(&task)?;
@@ -539,7 +555,7 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
                     Some(transport),
                     &task,
                     geometry,
-                    (args.window * args.queue_pairs) as u32,
+                    rdma_in_flight,
                     TransportChoice::Rdma,
                 )
                 .await?;
@@ -551,7 +567,7 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
     drop(rig);
     if let (Some(plan), Some(_)) = (&plan, &rdma) {
         for mib in &args.register_mib {
-            registrations.extend(rig::time_registration(&plan.client_device, *mib)?);
+            registrations.extend(rig::time_registration(plan.client_device(), *mib)?);
         }
         print_registrations(&registrations);
     }
@@ -562,7 +578,7 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
     let ib = match (&plan, &rdma) {
         // The same messages in flight: a window of pieces of chunks on each queue pair.
         (Some(plan), Some(_)) => baseline::ib_write_bw(
-            &plan.ib_pair(),
+            &plan.ib_pairs(),
             u64::from(plan.chunk_kib) * 1024,
             args.queue_pairs as u32,
             (args.window as u64 * piece).div_ceil(u64::from(plan.chunk_kib) * 1024) as u32,
@@ -680,30 +696,34 @@ fn drop_cache(path: &Path) -> anyhow::Result<()> {
 async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
     let plan = args
         .devices
-        .plan()
-        .context("give --server-device, --client-device and --server-addr (or run inside scripts/rxe-vm.sh, which sets FERRY_RXE_DEV0/DEV1/ADDR0)")?;
-    let in_flight = (args.window * args.queue_pairs) as u64;
+        .plan()?
+        .context("give --server-device, --client-device and --server-addr (or run inside scripts/rxe-vm.sh, which sets FERRY_RXE_DEV0/DEV1/ADDR0, and with --rails N the rail lists)")?;
+    let rails = plan.rails.len();
+    // A window on each queue pair of each rail pair.
+    let in_flight = (args.window * args.queue_pairs * rails) as u64;
     let mut report = Report::new(
         "rdma",
         json!({
             "size_bytes": args.size_mib * MIB, "piece_length": args.piece_mib * MIB,
             "chunk_bytes": plan.chunk_kib * 1024, "window": args.window,
-            "queue_pairs": args.queue_pairs, "rounds": args.rounds,
-            "server_device": plan.server_device, "client_device": plan.client_device,
+            "queue_pairs": args.queue_pairs, "rounds": args.rounds, "repeat": args.repeat,
+            "rails": rails,
+            "server_device": plan.rails[0].server_device,
+            "client_device": plan.rails[0].client_device,
+            "server_devices": plan.server_devices(), "client_devices": plan.client_devices(),
         }),
     );
     if args.serve || args.connect.is_some() {
         return two_hosts(dir, args, &plan, report).await;
     }
     println!(
-        "== rdma: {} MiB task, {} MiB pieces, {} KiB writes, window {} x {} queue pairs, {} -> {}",
+        "== rdma: {} MiB task, {} MiB pieces, {} KiB writes, window {} x {} queue pairs x {rails} rail pair(s): {}",
         args.size_mib,
         args.piece_mib,
         plan.chunk_kib,
         args.window,
         args.queue_pairs,
-        plan.server_device,
-        plan.client_device
+        plan.describe()
     );
     let rig = Rig::start(dir, pool_mib(in_flight, args.piece_mib), Some(&plan)).await?;
     let (task, geometry) = rig
@@ -712,20 +732,55 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
     let transport = rig
         .rdma(&plan, args.window, args.queue_pairs)
         .context("RDMA transport")?;
-    let memory = rig
-        .fetch_into_memory(
-            Arc::clone(&transport) as Arc<dyn PieceTransport>,
-            &task,
-            geometry,
-            args.rounds,
-            in_flight as u32,
-        )
-        .await?;
-    rig.metrics.observe_io(Arc::clone(rig.seed.io_counters()));
-    let counted = figures::per_piece(
-        &rig.metrics.render(),
-        u64::from(geometry.piece_count()) * u64::from(args.rounds),
-    );
+    // Ferry and ib_write_bw take turns; the medians are compared. ib_write_bw runs on every
+    // rail pair at once with the same messages in flight per rail: a window of pieces of
+    // chunks on each queue pair.
+    let chunk = u64::from(plan.chunk_kib) * 1024;
+    let ib_depth = (args.window as u64 * args.piece_mib * MIB).div_ceil(chunk) as u32;
+    let (mut ferry_rounds, mut ib_rounds) = (Vec::new(), Vec::new());
+    for round in 0..args.repeat.max(1) {
+        let memory = rig
+            .fetch_into_memory(
+                Arc::clone(&transport) as Arc<dyn PieceTransport>,
+                &task,
+                geometry,
+                args.rounds,
+                in_flight as u32,
+            )
+            .await?;
+        println!(
+            "  round {}: ferry {:.1} MB/s",
+            round + 1,
+            memory.bytes_per_second() / 1e6
+        );
+        ferry_rounds.push(Row::new(
+            "rdma.into_memory",
+            &format!("ferry rdma into memory (verified), {rails} rail pair(s)"),
+            "ferry",
+            "rdma",
+            memory,
+        ));
+        let ib = baseline::ib_write_bw(
+            &plan.ib_pairs(),
+            chunk,
+            args.queue_pairs as u32,
+            ib_depth,
+            args.size_mib * MIB,
+        )?;
+        if let Some(ib) = ib {
+            println!(
+                "  round {}: ib_write_bw {:.1} MB/s",
+                round + 1,
+                ib.bytes_per_second / 1e6
+            );
+            ib_rounds.push(ib);
+        }
+    }
+    let text = rig.metrics.render();
+    let fetched =
+        u64::from(geometry.piece_count()) * u64::from(args.rounds) * ferry_rounds.len() as u64;
+    let counted = figures::per_piece(&text, fetched);
+    let split = rail_split(&figures::rail_bytes(&text, "in"));
     let store = rig
         .transfer_into_store(
             Some(transport),
@@ -738,28 +793,40 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
     let mut registrations = rig.registrations.clone();
     drop(rig);
     for mib in &args.register_mib {
-        registrations.extend(rig::time_registration(&plan.client_device, *mib)?);
+        registrations.extend(rig::time_registration(plan.client_device(), *mib)?);
     }
     print_registrations(&registrations);
-    // The same messages in flight: a window of pieces of chunks on each queue pair.
-    let ib = baseline::ib_write_bw(
-        &plan.ib_pair(),
-        u64::from(plan.chunk_kib) * 1024,
-        args.queue_pairs as u32,
-        (args.window as u64 * args.piece_mib * MIB).div_ceil(u64::from(plan.chunk_kib) * 1024)
-            as u32,
-        args.size_mib * MIB,
-    )?;
-    report.rows.push(
-        Row::new(
-            "rdma.into_memory",
-            "ferry rdma into memory (verified)",
-            "ferry",
-            "rdma",
-            memory,
-        )
-        .against(ib.as_ref(), Some(0.95)),
-    );
+    let ib = median_row(ib_rounds);
+    let memory = median_row(ferry_rounds)
+        .context("no round ran")?
+        .against(ib.as_ref(), Some(0.95));
+    println!();
+    println!("bytes by rail (ferry into memory, every round):");
+    for rail in &split {
+        println!(
+            "  {:<8} {:>6} MiB  {:>5.1}%",
+            rail["rail"].as_str().unwrap_or("?"),
+            rail["bytes"].as_f64().unwrap_or(0.0) / MIB as f64,
+            rail["share"].as_f64().unwrap_or(0.0) * 100.0
+        );
+    }
+    if let Some(ib) = &ib {
+        let empty = Vec::new();
+        let ib_rails = ib.parameters["rails"].as_array().unwrap_or(&empty);
+        if ib_rails.len() > 1 {
+            println!("ib_write_bw by rail pair (median round, all pairs at once):");
+            for rail in ib_rails {
+                println!(
+                    "  {} -> {}  {:.1} MB/s  {:>5.1}%",
+                    rail["server_device"].as_str().unwrap_or("?"),
+                    rail["client_device"].as_str().unwrap_or("?"),
+                    rail["bytes_per_second"].as_f64().unwrap_or(0.0) / 1e6,
+                    rail["share"].as_f64().unwrap_or(0.0) * 100.0
+                );
+            }
+        }
+    }
+    report.rows.push(memory);
     report.rows.push(
         Row::new(
             "rdma.into_store",
@@ -772,8 +839,19 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
     );
     report.rows.extend(ib);
     figures::print(&counted);
-    report.extra = json!({ "registrations": registrations, "work_per_piece": counted });
+    report.extra = json!({
+        "registrations": registrations, "work_per_piece": counted, "rail_split": split,
+    });
     Ok(report)
+}
+
+/// Each rail's bytes and share of the total, from `figures::rail_bytes`.
+fn rail_split(bytes: &[(String, f64)]) -> Vec<serde_json::Value> {
+    let total: f64 = bytes.iter().map(|(_, b)| b).sum();
+    bytes
+        .iter()
+        .map(|(rail, b)| json!({ "rail": rail, "bytes": b, "share": if total > 0.0 { b / total } else { 0.0 } }))
+        .collect()
 }
 
 /// `--serve` / `--connect`: the two halves on two hosts with real NICs.
@@ -795,7 +873,8 @@ async fn two_hosts(
         );
         println!(
             "  ferry-bench rdma --connect {} --task {task} --client-device DEV --server-device DEV --server-addr {}",
-            rig.addr, plan.server_addr
+            rig.addr,
+            plan.server_addr()
         );
         tokio::signal::ctrl_c().await?;
         report.extra = json!({ "mode": "serve", "task_id": task, "address": rig.addr.to_string() });
@@ -835,7 +914,7 @@ async fn two_hosts(
 async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
     let plan = match args.transport {
         SweepTransport::Tcp => None,
-        SweepTransport::Rdma => Some(args.devices.plan().context(
+        SweepTransport::Rdma => Some(args.devices.plan()?.context(
             "an RDMA sweep needs two devices (run inside scripts/rxe-vm.sh, or give --server-device/--client-device/--server-addr)",
         )?),
     };
@@ -849,7 +928,8 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
     };
     let max_piece = *args.piece_mib.iter().max().context("no piece sizes")?;
     let max_in_flight = u64::from(*args.in_flight.iter().max().context("no in-flight values")?)
-        * u64::from(*queue_pairs.iter().max().expect("non-empty"));
+        * u64::from(*queue_pairs.iter().max().expect("non-empty"))
+        * plan.as_ref().map_or(1, |p| p.rails.len() as u64);
     let mut report = Report::new(
         &format!("sweep-{transport}"),
         json!({
@@ -876,7 +956,7 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
                     Some(plan) => (
                         rig.rdma(plan, in_flight as usize, qps as usize)
                             .context("RDMA transport")?,
-                        in_flight * qps,
+                        in_flight * qps * plan.rails.len() as u32,
                     ),
                 };
                 let measured = rig
@@ -903,9 +983,10 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
         let row = match &plan {
             None => baseline::iperf3(total, args.seconds)?.map(|(best, _)| best),
             Some(plan) => baseline::ib_write_bw(
-                &plan.ib_pair(),
+                &plan.ib_pairs(),
                 u64::from(plan.chunk_kib) * 1024,
-                total,
+                // The queue pairs in flight, spread over the rail pairs.
+                (total / plan.rails.len() as u32).max(1),
                 // perftest's default depth, as this sweep has always run it.
                 128,
                 (args.size_mib * MIB).min(256 * MIB),

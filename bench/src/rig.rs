@@ -26,40 +26,141 @@ use std::time::Duration;
 pub const MIB: u64 = 1024 * 1024;
 pub const SLOT: u64 = 4 * MIB;
 
-/// Two RDMA devices that reach each other (inside `scripts/rxe-vm.sh`: rxe0 and rxe1).
-#[derive(Debug, Clone)]
-pub struct RdmaPlan {
+/// One rail pair: a device on the serving side and the one on the receiving side that it
+/// reaches (inside `scripts/rxe-vm.sh --rails N`: rxe<2k> and rxe<2k+1>).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RailPair {
     pub server_device: String,
     pub client_device: String,
+    /// The serving device's address (ib_write_bw connects to it).
     pub server_addr: String,
+}
+
+/// The rail pairs a benchmark uses; the first one's address is the seed's data port.
+#[derive(Debug, Clone)]
+pub struct RdmaPlan {
+    pub rails: Vec<RailPair>,
+    pub chunk_kib: u32,
+}
+
+/// Where the rail pairs come from: flags, else the variables `scripts/rxe-vm.sh` sets.
+#[derive(Debug, Clone, Default)]
+pub struct PlanRequest {
+    pub server_devices: Vec<String>,
+    pub client_devices: Vec<String>,
+    pub server_addrs: Vec<String>,
+    pub rails: Option<usize>,
     pub chunk_kib: u32,
 }
 
 impl RdmaPlan {
-    /// From flags, else the variables `scripts/rxe-vm.sh` sets; None if neither is there.
-    pub fn from_env(
-        server_device: &Option<String>,
-        client_device: &Option<String>,
-        server_addr: &Option<String>,
-        chunk_kib: u32,
-    ) -> Option<RdmaPlan> {
-        let pick =
-            |flag: &Option<String>, var: &str| flag.clone().or_else(|| std::env::var(var).ok());
-        Some(RdmaPlan {
-            server_device: pick(server_device, "FERRY_RXE_DEV0")?,
-            client_device: pick(client_device, "FERRY_RXE_DEV1")?,
-            server_addr: pick(server_addr, "FERRY_RXE_ADDR0")?,
-            chunk_kib,
-        })
+    /// The plan `request` asks for; None when it names no device and the environment has
+    /// none (no RDMA here).
+    pub fn new(request: &PlanRequest) -> anyhow::Result<Option<RdmaPlan>> {
+        let env = |name: &str| std::env::var(name).ok().filter(|v| !v.is_empty());
+        let list = |name: &str| -> Vec<String> {
+            env(name).map_or_else(Vec::new, |v| v.split(',').map(str::to_owned).collect())
+        };
+        let flags = !(request.server_devices.is_empty()
+            && request.client_devices.is_empty()
+            && request.server_addrs.is_empty());
+        let (servers, clients, addrs) = if flags {
+            (
+                request.server_devices.clone(),
+                request.client_devices.clone(),
+                request.server_addrs.clone(),
+            )
+        } else if request.rails.unwrap_or(1) == 1 {
+            // One rail: the first pair scripts/rxe-vm.sh makes.
+            match (
+                env("FERRY_RXE_DEV0"),
+                env("FERRY_RXE_DEV1"),
+                env("FERRY_RXE_ADDR0"),
+            ) {
+                (Some(s), Some(c), Some(a)) => (vec![s], vec![c], vec![a]),
+                _ => return Ok(None),
+            }
+        } else {
+            (
+                list("FERRY_RXE_A_DEVS"),
+                list("FERRY_RXE_B_DEVS"),
+                list("FERRY_RXE_A_ADDRS"),
+            )
+        };
+        if servers.is_empty() && clients.is_empty() {
+            return Ok(None);
+        }
+        if servers.len() != clients.len() || servers.len() != addrs.len() {
+            bail!(
+                "each rail pair needs a server device, a client device and a server address: got {} --server-device, {} --client-device, {} --server-addr",
+                servers.len(),
+                clients.len(),
+                addrs.len()
+            );
+        }
+        let rails = request.rails.unwrap_or(servers.len());
+        if rails == 0 {
+            bail!("--rails must be at least 1");
+        }
+        if rails > servers.len() || (flags && rails != servers.len()) {
+            bail!(
+                "--rails {rails}, but {} rail pair(s) are given{}",
+                servers.len(),
+                if flags {
+                    ""
+                } else {
+                    " (scripts/rxe-vm.sh --rails N makes N)"
+                }
+            );
+        }
+        Ok(Some(RdmaPlan {
+            rails: (servers.into_iter().zip(clients).zip(addrs))
+                .take(rails)
+                .map(|((server_device, client_device), server_addr)| RailPair {
+                    server_device,
+                    client_device,
+                    server_addr,
+                })
+                .collect(),
+            chunk_kib: request.chunk_kib,
+        }))
     }
 
-    /// The same two devices, for ib_write_bw.
-    pub fn ib_pair(&self) -> crate::baseline::IbPair<'_> {
-        crate::baseline::IbPair {
-            server_device: &self.server_device,
-            client_device: &self.client_device,
-            server_addr: &self.server_addr,
-        }
+    /// The seed's data port binds here: the first rail's address.
+    pub fn server_addr(&self) -> &str {
+        &self.rails[0].server_addr
+    }
+
+    /// The receiving side's first device (registration is timed on it).
+    pub fn client_device(&self) -> &str {
+        &self.rails[0].client_device
+    }
+
+    pub fn server_devices(&self) -> Vec<String> {
+        self.rails.iter().map(|r| r.server_device.clone()).collect()
+    }
+
+    pub fn client_devices(&self) -> Vec<String> {
+        self.rails.iter().map(|r| r.client_device.clone()).collect()
+    }
+
+    /// `rxe0 -> rxe1, rxe2 -> rxe3`.
+    pub fn describe(&self) -> String {
+        (self.rails.iter())
+            .map(|r| format!("{} -> {}", r.server_device, r.client_device))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
+    /// The rail pairs, for ib_write_bw (one run per pair, all at once).
+    pub fn ib_pairs(&self) -> Vec<crate::baseline::IbPair<'_>> {
+        (self.rails.iter())
+            .map(|r| crate::baseline::IbPair {
+                server_device: &r.server_device,
+                client_device: &r.client_device,
+                server_addr: &r.server_addr,
+            })
+            .collect()
     }
 
     pub fn settings(&self, window: usize, queue_pairs: usize) -> RdmaSettings {
@@ -103,14 +204,15 @@ fn pool(pool_mib: u64) -> anyhow::Result<Arc<BufferPool>> {
     )?)
 }
 
+/// An RDMA host on `devices` (each one rail), the pool registered on each.
 fn registered_host(
     pool: &Arc<BufferPool>,
-    device: &str,
+    devices: &[String],
     side: &str,
     registrations: &mut Vec<Registration>,
 ) -> anyhow::Result<Arc<RdmaHost>> {
     let config = RdmaConfig {
-        device: Some(device.to_owned()),
+        devices: devices.to_vec(),
         ..Default::default()
     };
     let host = RdmaHost::start(&config, pool);
@@ -123,7 +225,9 @@ fn registered_host(
                 seconds_per_gib: rail.region.seconds_per_gib(),
             }))
         }
-        RdmaStatus::Unavailable(reason) => bail!("RDMA device {device} unusable: {reason}"),
+        RdmaStatus::Unavailable(reason) => {
+            bail!("RDMA device(s) {} unusable: {reason}", devices.join(", "))
+        }
         RdmaStatus::Disabled => bail!("RDMA disabled"),
     }
     Ok(Arc::new(host))
@@ -140,13 +244,13 @@ impl Rig {
             Some(plan) => (
                 Some(registered_host(
                     &seed_pool,
-                    &plan.server_device,
+                    &plan.server_devices(),
                     "seed",
                     &mut registrations,
                 )?),
                 Some(registered_host(
                     &receiver_pool,
-                    &plan.client_device,
+                    &plan.client_devices(),
                     "receiver",
                     &mut registrations,
                 )?),
@@ -161,7 +265,7 @@ impl Rig {
         let receiver = open("receiver", receiver_pool)?;
         let metrics = Arc::new(ferry_engine::metrics::Metrics::new());
         let bind = match rdma {
-            Some(plan) => format!("{}:0", plan.server_addr),
+            Some(plan) => format!("{}:0", plan.server_addr()),
             None => "127.0.0.1:0".into(),
         };
         let rdma_service = match (&seed_rdma, rdma) {
@@ -505,6 +609,64 @@ pub async fn store_pieces(
 pub fn time_registration(device: &str, pool_mib: u64) -> anyhow::Result<Vec<Registration>> {
     let pool = pool(pool_mib)?;
     let mut registrations = Vec::new();
-    registered_host(&pool, device, "timed", &mut registrations)?;
+    registered_host(&pool, &[device.to_owned()], "timed", &mut registrations)?;
     Ok(registrations)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(
+        servers: &[&str],
+        clients: &[&str],
+        addrs: &[&str],
+        rails: Option<usize>,
+    ) -> PlanRequest {
+        let own = |v: &[&str]| v.iter().map(|s| s.to_string()).collect();
+        PlanRequest {
+            server_devices: own(servers),
+            client_devices: own(clients),
+            server_addrs: own(addrs),
+            rails,
+            chunk_kib: 1024,
+        }
+    }
+
+    #[test]
+    fn device_flags_pair_in_order_and_the_first_address_is_the_data_port() {
+        let plan = RdmaPlan::new(&request(
+            &["mlx5_0", "mlx5_1"],
+            &["mlx5_2", "mlx5_3"],
+            &["10.0.0.1", "10.0.1.1"],
+            None,
+        ))
+        .unwrap()
+        .unwrap();
+        assert_eq!(plan.rails.len(), 2);
+        assert_eq!(plan.server_addr(), "10.0.0.1");
+        assert_eq!(plan.client_device(), "mlx5_2");
+        assert_eq!(plan.describe(), "mlx5_0 -> mlx5_2, mlx5_1 -> mlx5_3");
+        let pairs = plan.ib_pairs();
+        assert_eq!(
+            (
+                pairs[1].server_device,
+                pairs[1].client_device,
+                pairs[1].server_addr
+            ),
+            ("mlx5_1", "mlx5_3", "10.0.1.1")
+        );
+    }
+
+    #[test]
+    fn uneven_flags_or_a_rail_count_they_do_not_give_are_errors() {
+        for bad in [
+            request(&["a", "b"], &["c"], &["10.0.0.1", "10.0.1.1"], None),
+            request(&["a"], &["c"], &[], None),
+            request(&["a"], &["c"], &["10.0.0.1"], Some(2)),
+            request(&["a"], &["c"], &["10.0.0.1"], Some(0)),
+        ] {
+            assert!(RdmaPlan::new(&bad).is_err(), "{bad:?}");
+        }
+    }
 }

@@ -65,10 +65,13 @@ pub struct ScaleArgs {
     /// Hosts that fetch the content (besides the seed).
     #[arg(long, default_value_t = 500)]
     hosts: usize,
-    /// Every host's NIC line rate, Gbit/s (full duplex).
+    /// Every host's NIC line rate, Gbit/s (full duplex), per rail.
     #[arg(long, default_value_t = 400.0)]
     nic_gbit: f64,
-    /// The seed's uplink, Gbit/s [default: --nic-gbit].
+    /// RDMA NICs (rails) per host that Ferry stripes over; TCP uses one (the front-end NIC).
+    #[arg(long, default_value_t = 1)]
+    rails: u32,
+    /// The seed's uplink per rail, Gbit/s [default: --nic-gbit].
     #[arg(long)]
     seed_uplink_gbit: Option<f64>,
     /// CPU cores each host can give the data plane.
@@ -130,6 +133,8 @@ pub struct TransportModel {
     pub efficiency: f64,
     /// CPU seconds per GB moved, both ends together; each end is charged half.
     pub cpu_s_per_gb: f64,
+    /// NICs the transport stripes over on every host (the seed included).
+    pub rails: u32,
 }
 
 /// The hardware every host shares in the scenario.
@@ -164,8 +169,9 @@ fn min_named(options: &[(f64, &'static str)]) -> (f64, &'static str) {
 /// (the swarm's uploads are its downloads), so its CPU and its store are split evenly
 /// between the two directions; the seed only sends.
 pub fn host_rates(transport: &TransportModel, hw: &Hardware) -> Rates {
-    let nic = hw.nic_bytes_s * transport.efficiency;
-    let seed_nic = hw.seed_uplink_bytes_s * transport.efficiency;
+    let rails = f64::from(transport.rails.max(1));
+    let nic = hw.nic_bytes_s * rails * transport.efficiency;
+    let seed_nic = hw.seed_uplink_bytes_s * rails * transport.efficiency;
     // Sending and receiving one GB costs cpu_s_per_gb between them.
     let peer_cpu = hw.cores * GB / transport.cpu_s_per_gb;
     let seed_cpu = hw.cores * GB / (transport.cpu_s_per_gb / 2.0);
@@ -187,6 +193,26 @@ pub fn host_rates(transport: &TransportModel, hw: &Hardware) -> Rates {
         peer,
         peer_limit,
     }
+}
+
+/// `transport`'s per-host rates with each rail count of `rails`: what more NICs buy before
+/// the CPU or the store is the bound.
+pub fn rails_rates(transport: &TransportModel, hw: &Hardware, rails: &[u32]) -> Vec<(u32, Rates)> {
+    rails
+        .iter()
+        .map(|&n| {
+            (
+                n,
+                host_rates(
+                    &TransportModel {
+                        rails: n,
+                        ..*transport
+                    },
+                    hw,
+                ),
+            )
+        })
+        .collect()
 }
 
 /// A swarm to simulate: host 0 is the seed and holds every piece.
@@ -798,6 +824,9 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
     if args.hosts == 0 {
         bail!("--hosts must be at least 1");
     }
+    if !(1..=64).contains(&args.rails) {
+        bail!("--rails must be 1 to 64, got {}", args.rails);
+    }
     let size = (args.size_gb * GB) as u64;
     let piece_length = match args.piece_mib {
         Some(mib) => validate_piece_length(mib * MIB)?,
@@ -838,11 +867,13 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
             name: "rdma",
             efficiency: rdma_efficiency,
             cpu_s_per_gb: args.rdma_cpu_s_per_gb,
+            rails: args.rails,
         },
         TransportModel {
             name: "tcp",
             efficiency: args.tcp_efficiency,
             cpu_s_per_gb: tcp_cpu,
+            rails: 1,
         },
     ]
     .into_iter()
@@ -861,11 +892,12 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
     let seed_uplink_bytes_s = args.seed_uplink_gbit.unwrap_or(args.nic_gbit) * GB / 8.0;
     let pieces = size.div_ceil(piece_length);
     println!(
-        "{} GB to {} hosts from 1 seed; NIC {} Gbit/s, seed uplink {} Gbit/s, {} cores, store {} GB/s raw; \
+        "{} GB to {} hosts from 1 seed; NIC {} Gbit/s x {} rail(s) for RDMA (1 for TCP), seed uplink {} Gbit/s per rail, {} cores, store {} GB/s raw; \
          {} MiB pieces x {pieces}; {} in flight per host, {} per source, {} uploads per host",
         args.size_gb,
         args.hosts,
         args.nic_gbit,
+        args.rails,
         gbit(seed_uplink_bytes_s),
         args.cores,
         args.store_gbyte_s,
@@ -949,6 +981,42 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
             }));
         }
     }
+    // What more rails give: per-host RDMA rates by rail count (no simulation; the table above
+    // shows how per-host rates turn into swarm times).
+    let mut rails_rows = Vec::new();
+    if let Some(rdma) = transports.iter().find(|t| t.name == "rdma") {
+        let mut counts = vec![1, 2, 4, 8, args.rails];
+        counts.sort_unstable();
+        counts.dedup();
+        println!();
+        println!("RDMA rails per host (host rate and its bound):");
+        for &destination in &destinations {
+            let hw = Hardware {
+                nic_bytes_s,
+                seed_uplink_bytes_s,
+                cores: args.cores,
+                store_bytes_s: (destination == Destination::Store)
+                    .then_some(args.store_gbyte_s * GB),
+                store_efficiency: args.store_efficiency,
+            };
+            let into = match destination {
+                Destination::Store => "store",
+                _ => "memory",
+            };
+            let cells: Vec<String> = rails_rates(rdma, &hw, &counts)
+                .into_iter()
+                .map(|(n, rates)| {
+                    rails_rows.push(json!({
+                        "into": into, "rails": n, "host_gbit_per_s": gbit(rates.peer),
+                        "host_limited_by": rates.peer_limit, "seed_gbit_per_s": gbit(rates.seed_up),
+                        "seed_limited_by": rates.seed_limit,
+                    }));
+                    format!("{n}: {:.0} ({})", gbit(rates.peer), rates.peer_limit)
+                })
+                .collect();
+            println!("  into {into:<7} {}", cells.join(", "));
+        }
+    }
     let mut ratios = Vec::new();
     for into in ["memory", "store"] {
         let last = |name: &str| {
@@ -971,6 +1039,7 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
             "size_bytes": size,
             "hosts": args.hosts,
             "nic_gbit_per_s": args.nic_gbit,
+            "rdma_rails": args.rails,
             "seed_uplink_gbit_per_s": gbit(seed_uplink_bytes_s),
             "cores": args.cores,
             "store_gbyte_per_s": args.store_gbyte_s,
@@ -985,6 +1054,7 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
             "from": args.from,
         },
         "results": rows,
+        "rails": rails_rows,
         "ratios": ratios,
     }))
 }
@@ -1220,11 +1290,13 @@ mod tests {
             name: "tcp",
             efficiency: 0.94,
             cpu_s_per_gb: 0.34,
+            rails: 1,
         };
         let rdma = TransportModel {
             name: "rdma",
             efficiency: 0.95,
             cpu_s_per_gb: 0.17,
+            rails: 1,
         };
         let r = host_rates(&tcp, &hw);
         assert!(close(r.peer, 8.0 / 0.34 * 1e9, 1e-12));
@@ -1251,6 +1323,41 @@ mod tests {
         assert_eq!(r.peer_limit, "store");
         assert!(close(r.seed_up, 28e9, 1e-12));
         assert_eq!(r.seed_limit, "store");
+    }
+
+    #[test]
+    fn rails_multiply_the_nic_until_the_cpu_or_the_store_binds() {
+        let hw = Hardware {
+            nic_bytes_s: 50e9,
+            seed_uplink_bytes_s: 50e9,
+            cores: 64.0,
+            store_bytes_s: None,
+            store_efficiency: 0.92,
+        };
+        let rdma = TransportModel {
+            name: "rdma",
+            efficiency: 0.95,
+            cpu_s_per_gb: 0.17,
+            rails: 1,
+        };
+        let rows = rails_rates(&rdma, &hw, &[1, 2, 4, 8]);
+        // 64 cores carry 376 GB/s: the NIC binds up to 4 rails (190 GB/s), the CPU at 8.
+        for (rails, rates) in &rows[..3] {
+            assert!(close(rates.peer, f64::from(*rails) * 47.5e9, 1e-12));
+            assert_eq!(rates.peer_limit, "nic");
+            assert!(close(rates.seed_up, f64::from(*rails) * 47.5e9, 1e-12));
+        }
+        assert!(close(rows[3].1.peer, 64.0 / 0.17 * 1e9, 1e-12));
+        assert_eq!(rows[3].1.peer_limit, "cpu");
+        assert_eq!(rows[3].1.seed_limit, "nic");
+        // Into a 28 GB/s store, more than one rail buys nothing.
+        let store = Hardware {
+            store_bytes_s: Some(28e9),
+            ..hw
+        };
+        let rows = rails_rates(&rdma, &store, &[1, 2]);
+        assert_eq!(rows[0].1.peer, rows[1].1.peer);
+        assert_eq!(rows[1].1.peer_limit, "store");
     }
 
     #[test]
