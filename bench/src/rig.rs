@@ -288,7 +288,15 @@ impl Rig {
             host_id: "bench".into(),
             rdma: rdma_service,
         });
-        let server = tokio::spawn(Server::new(listener, provider, ServerConfig::default()).run());
+        let mut server = Server::new(listener, provider, ServerConfig::default());
+        // Queue pairs on the other rails are set up to each rail's own address, as in the
+        // daemon.
+        if let Some(host) = &seed_rdma {
+            for listener in host.rail_listeners(addr).await {
+                server = server.also_listen(listener);
+            }
+        }
+        let server = tokio::spawn(server.run());
         Ok(Rig {
             seed,
             receiver,

@@ -53,38 +53,6 @@ fn advertised_address(config: &Config, bound: SocketAddr) -> String {
     }
 }
 
-/// The data port on each RoCE rail's address too, when `listen` names one address: a
-/// receiver sets up each queue pair from its rail's address to the source's rail address (so
-/// both sides can check the GIDs against the TCP addresses). A rail whose address cannot be
-/// bound is left to fail its set-ups (and be paused) on the receivers; logged.
-async fn rail_listeners(rdma: &RdmaHost, bound: SocketAddr) -> Vec<TcpListener> {
-    if bound.ip().is_unspecified() {
-        return Vec::new();
-    }
-    let mut listeners = Vec::new();
-    let mut addresses: Vec<std::net::IpAddr> = Vec::new();
-    for rail in rdma.open_rails() {
-        let Some(ip) = rail.ipv4().map(std::net::IpAddr::V4) else {
-            continue;
-        };
-        if ip == bound.ip() || addresses.contains(&ip) {
-            continue;
-        }
-        addresses.push(ip);
-        let address = SocketAddr::new(ip, bound.port());
-        match TcpListener::bind(address).await {
-            Ok(listener) => {
-                tracing::info!(rail = %rail.name(), %address, "data port listening on the rail's address too");
-                listeners.push(listener);
-            }
-            Err(err) => {
-                tracing::warn!(rail = %rail.name(), %address, error = %err, "cannot listen on the rail's address; receivers cannot set up queue pairs on this rail");
-            }
-        }
-    }
-    listeners
-}
-
 pub async fn serve(config: Config) -> anyhow::Result<()> {
     config.validate()?;
     // Before anything is created: an unknown output.owner is a configuration error.
@@ -239,7 +207,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         max_connections_per_peer: config.server.max_connections_per_peer,
     };
     let mut server = Server::new(listener, provider, server_config);
-    for listener in rail_listeners(&rdma, bound).await {
+    for listener in rdma.rail_listeners(bound).await {
         server = server.also_listen(listener);
     }
     metrics.observe_server(server.stats());

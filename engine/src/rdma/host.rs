@@ -9,7 +9,9 @@ use ferry_rdma::rails::{Rail, RailPlan, SkippedPort};
 use ferry_rdma::{
     DeviceInfo, LinkLayer, RdmaContext, RdmaError, RegisteredRegion, Selection, SelectionRequest,
 };
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use tokio::net::TcpListener;
 
 /// Opens one rail's device (the GID the plan chose) and registers the pool on it: the whole
 /// pool, or when it is split by NUMA node only the part on the rail's node.
@@ -273,6 +275,38 @@ impl RdmaHost {
             rails,
             status,
         }
+    }
+
+    /// The data port on each RoCE rail's address too, when `listen` names one address: a
+    /// receiver sets up each queue pair from its rail's address to the source's rail address (so
+    /// both sides can check the GIDs against the TCP addresses). A rail whose address cannot be
+    /// bound is left to fail its set-ups (and be paused) on the receivers; logged.
+    pub async fn rail_listeners(&self, bound: SocketAddr) -> Vec<TcpListener> {
+        if bound.ip().is_unspecified() {
+            return Vec::new();
+        }
+        let mut listeners = Vec::new();
+        let mut addresses: Vec<IpAddr> = Vec::new();
+        for rail in self.open_rails() {
+            let Some(ip) = rail.ipv4().map(IpAddr::V4) else {
+                continue;
+            };
+            if ip == bound.ip() || addresses.contains(&ip) {
+                continue;
+            }
+            addresses.push(ip);
+            let address = SocketAddr::new(ip, bound.port());
+            match TcpListener::bind(address).await {
+                Ok(listener) => {
+                    tracing::info!(rail = %rail.name(), %address, "data port listening on the rail's address too");
+                    listeners.push(listener);
+                }
+                Err(err) => {
+                    tracing::warn!(rail = %rail.name(), %address, error = %err, "cannot listen on the rail's address; receivers cannot set up queue pairs on this rail");
+                }
+            }
+        }
+        listeners
     }
 
     /// The rails that carry pieces (none unless RDMA is ready).

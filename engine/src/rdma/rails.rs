@@ -36,10 +36,19 @@ struct LanesState {
     sessions: Vec<Vec<Arc<Session>>>,
 }
 
+/// How many fetches a lane holds at once: queue pairs per lane, each with a window of
+/// fetches.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LaneCapacity {
+    pub(super) queue_pairs: usize,
+    pub(super) window: usize,
+}
+
 /// The rail pairs to one source and what is known of each.
 pub(super) struct PeerRails {
     pub(super) source: SocketAddr,
     pub(super) lanes: Vec<Lane>,
+    capacity: LaneCapacity,
     state: Mutex<LanesState>,
     metrics: Arc<Metrics>,
 }
@@ -51,6 +60,7 @@ impl PeerRails {
         remote: &[RailAd],
         pairs: &[RailPair],
         health: HealthSettings,
+        capacity: LaneCapacity,
         metrics: &Arc<Metrics>,
     ) -> PeerRails {
         let lanes: Vec<Lane> = pairs
@@ -75,6 +85,7 @@ impl PeerRails {
             .collect();
         PeerRails {
             source,
+            capacity,
             state: Mutex::new(LanesState {
                 lanes: Lanes::new(&link_mbps, health),
                 sessions: lanes.iter().map(|_| Vec::new()).collect(),
@@ -95,15 +106,36 @@ impl PeerRails {
     }
 
     /// [`PeerRails::pick`] among the lanes `can_carry` allows (see `Lanes::pick_where`).
+    /// Lanes with room for the fetch (a queue pair with a free window, or one still to make)
+    /// come first: a piece waits for a full lane only when every lane is full, so the lane
+    /// measured faster cannot hoard fetches while another has windows free.
     pub(super) fn pick_where(
         &self,
         bytes: u64,
         now: Instant,
         can_carry: impl Fn(&Lane) -> bool,
     ) -> Option<Pick> {
-        let pick =
-            (self.state.lock().expect("lanes lock").lanes)
-                .pick_where(bytes, now, |lane| can_carry(&self.lanes[lane]))?;
+        let pick = {
+            let mut state = self.state.lock().expect("lanes lock");
+            let room: Vec<bool> = (state.sessions.iter())
+                .map(|list| {
+                    let live = list.iter().filter(|s| !s.is_broken());
+                    live.clone().count() < self.capacity.queue_pairs
+                        || live
+                            .into_iter()
+                            .any(|s| s.in_flight() < self.capacity.window)
+                })
+                .collect();
+            let with_room = state.lanes.pick_where(bytes, now, |lane| {
+                room[lane] && can_carry(&self.lanes[lane])
+            });
+            match with_room {
+                Some(pick) => pick,
+                None => state
+                    .lanes
+                    .pick_where(bytes, now, |lane| can_carry(&self.lanes[lane]))?,
+            }
+        };
         if pick.probe {
             tracing::info!(source = %self.source, rail = %self.lanes[pick.lane].label(), "rail pair's pause is over; probing it with one piece");
         }

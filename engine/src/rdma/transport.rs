@@ -5,7 +5,7 @@
 
 use super::breaker::{Admission, Breaker, BreakerSettings, Transition};
 use super::host::LocalRail;
-use super::rails::{LaneOutcome, PeerRails};
+use super::rails::{LaneCapacity, LaneOutcome, PeerRails};
 use super::session::{FetchError, Session};
 use super::{rdma_failure, RdmaSettings};
 use crate::geometry::PieceRange;
@@ -259,6 +259,10 @@ impl RdmaTransport {
             &remote,
             &pairs,
             self.settings.rail_health,
+            LaneCapacity {
+                queue_pairs: self.settings.queue_pairs,
+                window: self.settings.window,
+            },
             &self.metrics,
         ));
         let labels: Vec<String> = peer.lanes.iter().map(|l| l.label()).collect();
