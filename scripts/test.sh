@@ -42,8 +42,9 @@ rails=$(test_binary ferry-tests rails)
 share=()
 case "$PWD" in /tmp/*) share=(--rw "$PWD") ;; esac
 # 6 GiB: split over two NUMA nodes, with the 100-pieces test's two 640 MiB pools and its
-# 400 MiB files (source, store copies, output) on the guest's tmpfs, 4 GiB left it short:
-# registration ran at 3.8 s/GiB instead of 0.05 and once a queue pair failed mid-test.
+# 400 MiB files (source, store copies, output) on the guest's tmpfs, 4 GiB looked short:
+# once registration ran at 3.8 s/GiB instead of 0.05 and a queue pair failed mid-test
+# (memory pressure is the likely cause, not a proven one).
 ./scripts/rxe-vm.sh --mem 6144 --timeout 1800 --rails 2 --numa 2 "${share[@]}" -- sh -c \
     "$verbs --ignored --test-threads 1 --color never && $daemons --ignored --test-threads 1 --color never && $rails --ignored --test-threads 1 --color never" 2>&1 | tee -a "$log"
 # One closing line for the whole run (cargo prints one per test binary, the last being the
