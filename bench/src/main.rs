@@ -582,9 +582,9 @@ async fn bench_e2e(dir: &Path, args: &E2eArgs, everything: bool) -> anyhow::Resu
         // The same messages in flight: a window of pieces of chunks on each queue pair.
         (Some(plan), Some(_)) => baseline::ib_write_bw(
             &plan.ib_pairs(),
-            u64::from(plan.chunk_kib) * 1024,
+            plan.chunk_bytes(),
             args.queue_pairs as u32,
-            (args.window as u64 * piece).div_ceil(u64::from(plan.chunk_kib) * 1024) as u32,
+            plan.ib_depth(args.window, piece),
             size,
         )?,
         _ => None,
@@ -708,7 +708,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
         "rdma",
         json!({
             "size_bytes": args.size_mib * MIB, "piece_length": args.piece_mib * MIB,
-            "chunk_bytes": plan.chunk_kib * 1024, "window": args.window,
+            "chunk_bytes": plan.chunk_bytes(), "window": args.window,
             "queue_pairs": args.queue_pairs, "rounds": args.rounds, "repeat": args.repeat,
             "rails": rails,
             "server_device": plan.rails[0].server_device,
@@ -738,8 +738,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
     // Ferry and ib_write_bw take turns; the medians are compared. ib_write_bw runs on every
     // rail pair at once with the same messages in flight per rail: a window of pieces of
     // chunks on each queue pair.
-    let chunk = u64::from(plan.chunk_kib) * 1024;
-    let ib_depth = (args.window as u64 * args.piece_mib * MIB).div_ceil(chunk) as u32;
+    let ib_depth = plan.ib_depth(args.window, args.piece_mib * MIB);
     let (mut ferry_rounds, mut ib_rounds) = (Vec::new(), Vec::new());
     for round in 0..args.repeat.max(1) {
         let memory = rig
@@ -767,7 +766,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
         // emulation) leaves no sample; the median is over the rounds that have one.
         match baseline::ib_write_bw(
             &plan.ib_pairs(),
-            chunk,
+            plan.chunk_bytes(),
             args.queue_pairs as u32,
             ib_depth,
             args.size_mib * MIB,
@@ -949,7 +948,7 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
         json!({
             "transport": transport, "size_bytes": args.size_mib * MIB, "rounds": args.rounds,
             "piece_mib": args.piece_mib, "in_flight": args.in_flight, "queue_pairs": queue_pairs,
-            "chunk_bytes": plan.as_ref().map(|p| p.chunk_kib * 1024),
+            "chunk_bytes": plan.as_ref().map(|p| p.chunk_bytes()),
         }),
     );
     println!(
@@ -998,7 +997,7 @@ async fn bench_sweep(dir: &Path, args: &SweepArgs) -> anyhow::Result<Report> {
             None => baseline::iperf3(total, args.seconds)?.map(|(best, _)| best),
             Some(plan) => baseline::ib_write_bw(
                 &plan.ib_pairs(),
-                u64::from(plan.chunk_kib) * 1024,
+                plan.chunk_bytes(),
                 // The queue pairs in flight, spread over the rail pairs.
                 (total / plan.rails.len() as u32).max(1),
                 // perftest's default depth, as this sweep has always run it.

@@ -126,6 +126,17 @@ impl RdmaPlan {
         }))
     }
 
+    /// Bytes per RDMA WRITE (also ib_write_bw's message size).
+    pub fn chunk_bytes(&self) -> u64 {
+        u64::from(self.chunk_kib) * 1024
+    }
+
+    /// Messages in flight on one ib_write_bw queue pair that match Ferry's: a window of
+    /// `window` pieces of `piece_bytes`, in chunks.
+    pub fn ib_depth(&self, window: usize, piece_bytes: u64) -> u32 {
+        (window as u64 * piece_bytes).div_ceil(self.chunk_bytes()) as u32
+    }
+
     /// The seed's data port binds here: the first rail's address.
     pub fn server_addr(&self) -> &str {
         &self.rails[0].server_addr

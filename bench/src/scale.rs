@@ -922,15 +922,21 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
         "seed GB",
         "run s"
     );
+    // Each destination's hardware, and its name in the table and the JSON.
+    let hardware = |destination: Destination| Hardware {
+        nic_bytes_s,
+        seed_uplink_bytes_s,
+        cores: args.cores,
+        store_bytes_s: (destination == Destination::Store).then_some(args.store_gbyte_s * GB),
+        store_efficiency: args.store_efficiency,
+    };
+    let into_name = |destination: Destination| match destination {
+        Destination::Store => "store",
+        _ => "memory",
+    };
     let mut rows = Vec::new();
     for &destination in &destinations {
-        let hw = Hardware {
-            nic_bytes_s,
-            seed_uplink_bytes_s,
-            cores: args.cores,
-            store_bytes_s: (destination == Destination::Store).then_some(args.store_gbyte_s * GB),
-            store_efficiency: args.store_efficiency,
-        };
+        let hw = hardware(destination);
         for transport in &transports {
             let rates = host_rates(transport, &hw);
             let mut swarm = Swarm::uniform(size, piece_length, &rates, args.hosts);
@@ -943,10 +949,7 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
             let outcome = simulate(&swarm)?;
             let run_seconds = started.elapsed().as_secs_f64();
             let bound = swarm.lower_bound();
-            let into = match destination {
-                Destination::Store => "store",
-                _ => "memory",
-            };
+            let into = into_name(destination);
             println!(
                 "{:<5} {:<7} {:>11.1} {:<6} {:>11.1} {:<6} {:>9.2} {:>10.2} {:>9.2} {:>7.3}x {:>9.0} {:>6.1}",
                 transport.name,
@@ -991,19 +994,8 @@ fn run_scenario(args: &ScaleArgs) -> anyhow::Result<Value> {
         println!();
         println!("RDMA rails per host (host rate and its bound):");
         for &destination in &destinations {
-            let hw = Hardware {
-                nic_bytes_s,
-                seed_uplink_bytes_s,
-                cores: args.cores,
-                store_bytes_s: (destination == Destination::Store)
-                    .then_some(args.store_gbyte_s * GB),
-                store_efficiency: args.store_efficiency,
-            };
-            let into = match destination {
-                Destination::Store => "store",
-                _ => "memory",
-            };
-            let cells: Vec<String> = rails_rates(rdma, &hw, &counts)
+            let into = into_name(destination);
+            let cells: Vec<String> = rails_rates(rdma, &hardware(destination), &counts)
                 .into_iter()
                 .map(|(n, rates)| {
                     rails_rows.push(json!({

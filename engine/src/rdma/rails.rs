@@ -44,6 +44,21 @@ pub(super) struct LaneCapacity {
     pub(super) window: usize,
 }
 
+impl LaneCapacity {
+    /// Whether a lane with these queue pairs takes one more fetch without waiting: one of its
+    /// live queue pairs has a free window, or another queue pair may still be made.
+    fn has_room(&self, sessions: &[Arc<Session>]) -> bool {
+        let mut live = 0;
+        for session in sessions.iter().filter(|s| !s.is_broken()) {
+            if session.in_flight() < self.window {
+                return true;
+            }
+            live += 1;
+        }
+        live < self.queue_pairs
+    }
+}
+
 /// The rail pairs to one source and what is known of each.
 pub(super) struct PeerRails {
     pub(super) source: SocketAddr,
@@ -118,13 +133,7 @@ impl PeerRails {
         let pick = {
             let mut state = self.state.lock().expect("lanes lock");
             let room: Vec<bool> = (state.sessions.iter())
-                .map(|list| {
-                    let live = list.iter().filter(|s| !s.is_broken());
-                    live.clone().count() < self.capacity.queue_pairs
-                        || live
-                            .into_iter()
-                            .any(|s| s.in_flight() < self.capacity.window)
-                })
+                .map(|list| self.capacity.has_room(list))
                 .collect();
             let with_room = state.lanes.pick_where(bytes, now, |lane| {
                 room[lane] && can_carry(&self.lanes[lane])
