@@ -94,6 +94,7 @@ fn rdma(c: &mut Criterion) {
                 len: 4 << 20,
             })
             .collect(),
+        range: None,
     };
     let done = Message::Done {
         request: 7,

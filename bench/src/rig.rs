@@ -181,6 +181,7 @@ impl RdmaPlan {
             io_timeout: Duration::from_secs(30),
             window,
             queue_pairs,
+            stripe_pieces: true,
             rail_health: Default::default(),
         }
     }

@@ -850,6 +850,7 @@ async fn pull(as_json: bool, client: &mut ControlClient, args: &PullArgs) -> any
             "pieces": pieces.iter().map(|p| json!({
                 "number": p.number, "offset": p.offset, "length": p.length, "digest": p.digest,
                 "source": p.source, "transport": p.transport, "rail": p.rail, "bytes": p.bytes,
+                "rails": p.rails.iter().map(|x| json!({"rail": x.rail, "bytes": x.bytes})).collect::<Vec<_>>(),
                 "fetch_micros": p.fetch_micros, "write_micros": p.write_micros, "attempt": p.attempt,
             })).collect::<Vec<_>>(),
             "summary": summary_json(&summary),

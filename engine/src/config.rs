@@ -278,6 +278,10 @@ pub struct RdmaConfig {
     pub window: u32,
     /// Queue pairs per rail pair to a source peer.
     pub queue_pairs: u32,
+    /// Stripe each piece larger than one pool slot over the rail pairs to its source that
+    /// have room for it (a byte range each, at once), so one piece in flight keeps every
+    /// rail busy; off: a piece goes whole on one rail pair.
+    pub stripe_pieces: bool,
     /// How long a rail pair that failed is first paused (then probed with one piece); each
     /// pause in a row doubles it, up to `rail_max_pause_secs`.
     pub rail_pause_secs: u64,
@@ -363,6 +367,7 @@ impl Default for RdmaConfig {
             chunk_kib: 1024,
             window: 2,
             queue_pairs: 2,
+            stripe_pieces: true,
             rail_pause_secs: 30,
             rail_max_pause_secs: 300,
             numa_nodes: Default::default(),

@@ -242,7 +242,14 @@ fn piece_message(outcome: PieceOutcome) -> proto::PieceResult {
         fetch_micros: outcome.fetch_time.as_micros() as u64,
         write_micros: outcome.write_time.as_micros() as u64,
         attempt: outcome.attempt,
-        rail: outcome.rail.unwrap_or_default(),
+        rail: crate::transport::rail_label(&outcome.rails).unwrap_or_default(),
+        rails: (outcome.rails.into_iter())
+            .map(|share| proto::RailStats {
+                rail: share.rail,
+                bytes: share.bytes,
+                pieces: 1,
+            })
+            .collect(),
     }
 }
 

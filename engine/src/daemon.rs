@@ -171,6 +171,7 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         io_timeout: Duration::from_secs(transfer.io_timeout_secs),
         window: config.rdma.window as usize,
         queue_pairs: config.rdma.queue_pairs as usize,
+        stripe_pieces: config.rdma.stripe_pieces,
         rail_health: config.rdma.rail_health(),
     };
     let idle_timeout = Duration::from_secs(config.server.idle_timeout_secs);

@@ -186,6 +186,8 @@ pub struct Metrics {
     rdma_rail_rejoins: Family<RailLabel, Counter>,
     rdma_pieces_reissued: Counter,
     rdma_buffers_moved_to_rail_node: Counter,
+    rdma_pieces_striped: Counter,
+    rdma_stripes: Counter,
     rdma_registered_bytes: Gauge,
     buffer_pool_bytes: Gauge,
     buffer_pool_free_bytes: Gauge,
@@ -270,6 +272,8 @@ impl Metrics {
             rdma_rail_rejoins: Family::default(),
             rdma_pieces_reissued: Counter::default(),
             rdma_buffers_moved_to_rail_node: Counter::default(),
+            rdma_pieces_striped: Counter::default(),
+            rdma_stripes: Counter::default(),
             rdma_registered_bytes: Gauge::default(),
             buffer_pool_bytes: Gauge::default(),
             buffer_pool_free_bytes: Gauge::default(),
@@ -492,6 +496,16 @@ impl Metrics {
             "rdma_buffers_moved_to_rail_node",
             "Receive buffers exchanged for one in the pool part (NUMA node) of the rail picked to carry the piece (the pool is split by node; each part is registered only on its node's rails)",
             metrics.rdma_buffers_moved_to_rail_node.clone(),
+        );
+        registry.register(
+            "rdma_pieces_striped",
+            "Pieces fetched as stripes over several rail pairs at once (a byte range on each), rather than whole on one",
+            metrics.rdma_pieces_striped.clone(),
+        );
+        registry.register(
+            "rdma_stripes",
+            "Stripes those pieces were fetched in (each one fetch, one request and one answer on its rail pair)",
+            metrics.rdma_stripes.clone(),
         );
         registry.register_with_unit(
             "rdma_registered",
@@ -771,16 +785,20 @@ impl Metrics {
     }
 
     /// A piece was written whole to a peer over RDMA (the TCP side counts in the server).
-    pub fn rdma_piece_served(&self, bytes: u64) {
+    /// A piece, or one stripe of it, served over RDMA: its bytes count, and the piece counts
+    /// once, with its `first` stripe (or as a whole).
+    pub fn rdma_piece_served(&self, first: bool, bytes: u64) {
         self.transport_bytes
             .get_or_create(&TransportDirection {
                 transport: "rdma",
                 direction: "out",
             })
             .inc_by(bytes);
-        self.pieces_served
-            .get_or_create(&TransportLabel { transport: "rdma" })
-            .inc();
+        if first {
+            self.pieces_served
+                .get_or_create(&TransportLabel { transport: "rdma" })
+                .inc();
+        }
     }
 
     /// Adds the verbs work a queue pair did between two readings of its counts.
@@ -914,6 +932,12 @@ impl Metrics {
 
     pub fn rdma_buffer_moved_to_rail_node(&self) {
         self.rdma_buffers_moved_to_rail_node.inc();
+    }
+
+    /// A piece fetched in `stripes` stripes over as many rail pairs.
+    pub fn rdma_piece_striped(&self, stripes: usize) {
+        self.rdma_pieces_striped.inc();
+        self.rdma_stripes.inc_by(stripes as u64);
     }
 
     /// Counts an RDMA session as up until the returned guard is dropped.
@@ -1143,7 +1167,7 @@ pub(crate) mod tests {
         metrics.piece_failed(PieceFailure::Digest);
         metrics.piece_retried();
         metrics.rdma_fallback();
-        metrics.rdma_piece_served(1 << 20);
+        metrics.rdma_piece_served(true, 1 << 20);
         let session = metrics.rdma_session(true);
         let transfer = metrics.transfer_started();
         let text = metrics.render();

@@ -16,8 +16,28 @@ use std::sync::Mutex;
 pub struct FetchedPiece {
     pub advertised_digest: String,
     pub crc32: u32,
-    /// The RDMA rail pair that carried it (`rxe0:1>rxe1:1`); None over TCP.
-    pub rail: Option<String>,
+    /// The RDMA rail pairs that carried it and their bytes: one, or one per stripe of a
+    /// piece striped over several; none over TCP.
+    pub rails: Vec<RailShare>,
+}
+
+/// The bytes of a piece one RDMA rail pair (`rxe0:1>rxe1:1`) carried.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RailShare {
+    pub rail: String,
+    pub bytes: u64,
+}
+
+/// How a piece result names the rail pairs that carried it: `rxe0:1>rxe1:1`, or for a striped
+/// piece every pair joined by `+`; None over TCP.
+pub fn rail_label(rails: &[RailShare]) -> Option<String> {
+    (!rails.is_empty()).then(|| {
+        rails
+            .iter()
+            .map(|r| r.rail.as_str())
+            .collect::<Vec<_>>()
+            .join("+")
+    })
 }
 
 /// What a fetch gives back: the buffer it was handed, once no device can touch it any more,
@@ -223,7 +243,7 @@ impl TcpTransport {
             Ok(fetched) => {
                 self.give_back(source, connection);
                 Ok(FetchedPiece {
-                    rail: None,
+                    rails: Vec::new(),
                     advertised_digest: fetched.metadata.digest,
                     crc32: fetched.crc32,
                 })

@@ -9,6 +9,7 @@ use crate::credit::SlotCredit;
 use crate::error::RdmaError;
 use crate::handshake::{self, Endpoint};
 use crate::rails::matching::RailAd;
+use crate::rails::wire::Features;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -22,6 +23,9 @@ pub const TAG_RAILS: u8 = 0xF7;
 /// [`TAG_CONNECT`] for a queue pair on one of the source's rails (by its index in the list the
 /// source sent).
 pub const TAG_CONNECT_RAIL: u8 = 0xF8;
+/// [`TAG_FETCH`] for a byte range of the piece (one stripe); sent only to a source whose rail
+/// list says it serves ranges.
+pub const TAG_FETCH_RANGE: u8 = 0xF9;
 /// Vortex's error tag: what a peer answers when it refuses the upgrade.
 pub const TAG_VORTEX_ERROR: u8 = 0xFF;
 /// Most slots one fetch may grant (a 64 MiB piece in 4 MiB slots).
@@ -37,20 +41,25 @@ pub enum Message {
     Accept { endpoint: Endpoint },
     /// Either way, once per pair of hosts: the rails this side can move pieces on. The
     /// receiver sends its own and the source answers with its own, then closes.
-    Rails { rails: Vec<RailAd> },
+    Rails {
+        rails: Vec<RailAd>,
+        features: Features,
+    },
     /// Receiver → sender: connect my queue pair to one on your rail `rail` (an index from
     /// your [`Message::Rails`]); answered by [`Message::Accept`].
     ConnectRail { rail: u8, endpoint: Endpoint },
-    /// Receiver → sender: write piece `number` of `task_id` into these slots, in chunks of
-    /// `chunk_size`, naming `request` in every immediate.
+    /// Receiver → sender: write piece `number` of `task_id` (or only `range` of it) into
+    /// these slots, in chunks of `chunk_size`, naming `request` in every immediate.
     Fetch {
         request: u16,
         task_id: String,
         number: u32,
         chunk_size: u32,
         credits: Vec<SlotCredit>,
+        range: Option<ByteRange>,
     },
-    /// Sender → receiver: every chunk of `request` was written and acknowledged.
+    /// Sender → receiver: every chunk of `request` was written and acknowledged; `length` is
+    /// what was written (the range's, for a range) and `digest` the whole piece's.
     Done {
         request: u16,
         number: u32,
@@ -75,6 +84,21 @@ fn put_u32(out: &mut Vec<u8>, v: u32) {
 }
 fn put_u64(out: &mut Vec<u8>, v: u64) {
     out.extend_from_slice(&v.to_be_bytes());
+}
+
+/// Bytes `offset..offset + length` of a piece: the stripe one rail pair carries while others
+/// carry the rest. Never empty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    pub offset: u64,
+    pub length: u64,
+}
+
+impl ByteRange {
+    /// The end, or None where it would overflow.
+    pub fn end(&self) -> Option<u64> {
+        self.offset.checked_add(self.length)
+    }
 }
 
 /// Reads fixed-size fields off the front of a value.
@@ -127,7 +151,8 @@ impl Message {
             Message::Accept { .. } => TAG_ACCEPT,
             Message::Rails { .. } => TAG_RAILS,
             Message::ConnectRail { .. } => TAG_CONNECT_RAIL,
-            Message::Fetch { .. } => TAG_FETCH,
+            Message::Fetch { range: None, .. } => TAG_FETCH,
+            Message::Fetch { range: Some(_), .. } => TAG_FETCH_RANGE,
             Message::Done { .. } => TAG_DONE,
             Message::Failed { .. } => TAG_FAILED,
             Message::Refused { .. } => TAG_VORTEX_ERROR,
@@ -146,8 +171,8 @@ impl Message {
             Message::Connect { endpoint } | Message::Accept { endpoint } => {
                 out.extend_from_slice(&endpoint.encode())
             }
-            Message::Rails { rails } => out.extend_from_slice(
-                &crate::rails::wire::encode(rails).expect("this host's rails encode"),
+            Message::Rails { rails, features } => out.extend_from_slice(
+                &crate::rails::wire::encode(rails, *features).expect("this host's rails encode"),
             ),
             Message::ConnectRail { rail, endpoint } => {
                 out.push(*rail);
@@ -159,6 +184,7 @@ impl Message {
                 number,
                 chunk_size,
                 credits,
+                range,
             } => {
                 put_u16(&mut out, *request);
                 out.extend_from_slice(task_id.as_bytes());
@@ -169,6 +195,10 @@ impl Message {
                     put_u64(&mut out, credit.addr);
                     put_u32(&mut out, credit.rkey);
                     put_u32(&mut out, credit.len);
+                }
+                if let Some(range) = range {
+                    put_u64(&mut out, range.offset);
+                    put_u64(&mut out, range.length);
                 }
             }
             Message::Done {
@@ -240,16 +270,16 @@ impl Message {
                 endpoint: Endpoint::decode(r.take(handshake::ENCODED_LEN)?)?,
             },
             TAG_RAILS => {
-                let rails = crate::rails::wire::decode(r.0)
+                let (rails, features) = crate::rails::wire::decode(r.0)
                     .map_err(|e| RdmaError::Handshake(format!("rail list: {e}")))?;
                 r.0 = &[];
-                Message::Rails { rails }
+                Message::Rails { rails, features }
             }
             TAG_CONNECT_RAIL => Message::ConnectRail {
                 rail: r.u8()?,
                 endpoint: Endpoint::decode(r.take(handshake::ENCODED_LEN)?)?,
             },
-            TAG_FETCH => {
+            TAG_FETCH | TAG_FETCH_RANGE => {
                 let request = r.u16()?;
                 let task_id = r.text(TASK_ID_LEN)?;
                 if !task_id
@@ -276,12 +306,28 @@ impl Message {
                         len: r.u32()?,
                     });
                 }
+                let range = if tag == TAG_FETCH_RANGE {
+                    let range = ByteRange {
+                        offset: r.u64()?,
+                        length: r.u64()?,
+                    };
+                    if range.length == 0 || range.end().is_none() {
+                        return Err(RdmaError::Handshake(format!(
+                            "byte range of {} bytes at {} is empty or overflows",
+                            range.length, range.offset
+                        )));
+                    }
+                    Some(range)
+                } else {
+                    None
+                };
                 Message::Fetch {
                     request,
                     task_id,
                     number,
                     chunk_size,
                     credits,
+                    range,
                 }
             }
             TAG_DONE => {
@@ -420,8 +466,12 @@ mod tests {
                 gid: "::ffff:10.77.1.2".parse().unwrap(),
                 speed_mbps: 400_000,
             }],
+            features: Features::ALL,
         });
-        roundtrip(Message::Rails { rails: vec![] });
+        roundtrip(Message::Rails {
+            rails: vec![],
+            features: Features::default(),
+        });
         roundtrip(Message::Fetch {
             request: 7,
             task_id: "a".repeat(64),
@@ -439,6 +489,22 @@ mod tests {
                     len: 100,
                 },
             ],
+            range: None,
+        });
+        roundtrip(Message::Fetch {
+            request: 8,
+            task_id: "b".repeat(64),
+            number: 4,
+            chunk_size: 1 << 20,
+            credits: vec![SlotCredit {
+                addr: 0x1000,
+                rkey: 9,
+                len: 8 << 20,
+            }],
+            range: Some(ByteRange {
+                offset: 8 << 20,
+                length: 8 << 20,
+            }),
         });
         roundtrip(Message::Done {
             request: 7,
@@ -465,6 +531,7 @@ mod tests {
                 rkey: 0,
                 len: 1,
             }],
+            range: None,
         };
         assert!(
             Message::decode(TAG_FETCH, &fetch.encode_value()).is_err(),
@@ -476,6 +543,7 @@ mod tests {
             number: 0,
             chunk_size: 1,
             credits: vec![],
+            range: None,
         }
         .encode_value();
         assert!(Message::decode(TAG_FETCH, &no_credits)
@@ -488,6 +556,30 @@ mod tests {
             .to_string()
             .contains("truncated"));
         assert!(Message::decode(0x01, &[]).is_err());
+        // A range that is empty or runs past u64 is refused; a whole-piece fetch with a
+        // range's tail is refused as trailing bytes.
+        for (offset, length) in [(0, 0), (u64::MAX, 2)] {
+            let ranged = Message::Fetch {
+                request: 1,
+                task_id: "a".repeat(64),
+                number: 0,
+                chunk_size: 4096,
+                credits: vec![SlotCredit {
+                    addr: 0,
+                    rkey: 0,
+                    len: 1,
+                }],
+                range: Some(ByteRange { offset, length }),
+            };
+            assert!(Message::decode(TAG_FETCH_RANGE, &ranged.encode_value())
+                .unwrap_err()
+                .to_string()
+                .contains("empty or overflows"));
+            assert!(Message::decode(TAG_FETCH, &ranged.encode_value())
+                .unwrap_err()
+                .to_string()
+                .contains("trailing"));
+        }
         let mut done = Message::Done {
             request: 1,
             number: 1,

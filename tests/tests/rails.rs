@@ -114,13 +114,25 @@ async fn wait_port_active(device: &str) {
     }
 }
 
-/// Bytes each rail pair carried, from the pieces' results.
+/// Bytes each rail pair carried, from the pieces' results (a striped piece names a share on
+/// each pair that carried a stripe of it; the shares add up to the piece).
 fn bytes_by_rail(result: &Transfer) -> Vec<(String, u64)> {
     let mut by_rail: Vec<(String, u64)> = Vec::new();
     for piece in &result.pieces {
-        match by_rail.iter_mut().find(|(r, _)| *r == piece.rail) {
-            Some((_, bytes)) => *bytes += piece.length,
-            None => by_rail.push((piece.rail.clone(), piece.length)),
+        assert_eq!(
+            piece.rails.iter().map(|r| r.bytes).sum::<u64>(),
+            piece.length,
+            "piece {}: {:?}",
+            piece.number,
+            piece.rails
+        );
+        let names: Vec<&str> = piece.rails.iter().map(|r| r.rail.as_str()).collect();
+        assert_eq!(piece.rail, names.join("+"));
+        for share in &piece.rails {
+            match by_rail.iter_mut().find(|(r, _)| *r == share.rail) {
+                Some((_, bytes)) => *bytes += share.bytes,
+                None => by_rail.push((share.rail.clone(), share.bytes)),
+            }
         }
     }
     by_rail.sort();
@@ -207,6 +219,104 @@ async fn a_pull_between_two_hosts_with_two_rails_carries_bytes_on_both() {
         .collect();
     summed.sort();
     assert_eq!(summed, by_rail);
+}
+
+/// One piece in flight at a time (`streams_per_source = 1`), each of four pool slots: every
+/// piece is striped over both rail pairs (a byte range on each, fetched at once), so both
+/// rails carry bytes though only one piece is ever in flight. The work per piece is counted:
+/// one request and one answer per stripe.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE with two rails: scripts/rxe-vm.sh --rails 2 runs it"]
+async fn one_piece_in_flight_is_striped_over_both_rails() {
+    const SIZE: u64 = 128 * MIB;
+    const PIECE: u64 = 16 * MIB;
+    let (a, b) = (host_devices("A"), host_devices("B"));
+    let root = scratch("rails-one-piece");
+    let source = root.path().join("model.bin");
+    random_file(&source, SIZE, 67);
+    let seed = rails_daemon(root.path(), "seed", "A", 2, "").await;
+    let receiver = rails_daemon(
+        root.path(),
+        "receiver",
+        "B",
+        2,
+        "[transfer]\nstreams_per_source = 1\n",
+    )
+    .await;
+    let task = seed
+        .client()
+        .await
+        .import_task(proto::ImportTaskRequest {
+            path: source.display().to_string(),
+            piece_length: PIECE,
+            ..Default::default()
+        })
+        .await
+        .expect("import")
+        .into_inner();
+    let output = root.path().join("copy.bin");
+    let result = transfer(
+        &mut receiver.client().await,
+        pull_request(&task.task_id, &[&seed.data_address], &output),
+        |_| {},
+    )
+    .await
+    .unwrap();
+    let summary = result.summary.clone().unwrap();
+    assert!(same_contents(&source, &output));
+    let pieces = SIZE / PIECE;
+    assert_eq!(u64::from(summary.pieces_fetched), pieces);
+    assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
+    assert_eq!(summary.rdma_fallbacks, 0);
+    let pairs: Vec<String> = (0..2)
+        .map(|i| format!("{}>{}", rail_of(&b[i]), rail_of(&a[i])))
+        .collect();
+    for piece in &result.pieces {
+        let names: Vec<&str> = piece.rails.iter().map(|r| r.rail.as_str()).collect();
+        assert_eq!(names, pairs, "piece {} went on both pairs", piece.number);
+        for share in &piece.rails {
+            assert_eq!(
+                share.bytes % (4 * MIB),
+                0,
+                "stripes are whole slots: {share:?}"
+            );
+        }
+    }
+    let by_rail = bytes_by_rail(&result);
+    eprintln!("one piece in flight, bytes by rail pair: {by_rail:?}");
+    let fetched = receiver.scrape().await;
+    let served = seed.scrape().await;
+    for (ours, theirs) in b.iter().zip(&a).take(2) {
+        let got = rail_bytes(&fetched, &rail_of(ours), "in");
+        let sent = rail_bytes(&served, &rail_of(theirs), "out");
+        assert!(
+            got >= SIZE as f64 / 4.0,
+            "{ours} carried {got} of {SIZE} bytes"
+        );
+        assert_eq!(got, sent);
+    }
+    let stripes = metric(&fetched, "ferry_rdma_stripes_total").unwrap();
+    assert_eq!(
+        metric(&fetched, "ferry_rdma_pieces_striped_total"),
+        Some(pieces as f64)
+    );
+    assert_eq!(stripes, 2.0 * pieces as f64);
+    // One Fetch per stripe from the receiver, one Done per stripe from the source; each
+    // piece counts as served once.
+    let work = |scraped: &str, side: &str, kind: &str| {
+        metric(
+            scraped,
+            &format!(r#"ferry_rdma_work_total{{side="{side}",work="{kind}"}}"#),
+        )
+        .unwrap()
+    };
+    assert_eq!(work(&fetched, "fetching", "messages_sent"), stripes);
+    assert_eq!(work(&served, "serving", "messages_received"), stripes);
+    assert_eq!(work(&served, "serving", "messages_sent"), stripes);
+    assert_eq!(
+        metric(&served, r#"ferry_pieces_served_total{transport="rdma"}"#),
+        Some(pieces as f64)
+    );
 }
 
 /// One rail's link goes down mid-transfer: the pieces it had in flight are fetched again over

@@ -561,8 +561,10 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
             let (mut stream, _) = listener.accept().await.unwrap();
             match wire::read_message(&mut stream, limit).await {
                 Ok(Message::Rails { .. }) => {
+                    // A version-1 list: this rogue serves whole pieces only.
                     let rails = Message::Rails {
                         rails: vec![rail.clone()],
+                        features: Default::default(),
                     };
                     wire::write_message(&mut stream, &rails, limit)
                         .await

@@ -87,8 +87,8 @@ impl Tally {
         };
         add_source(&mut self.sources, &outcome.source, &one);
         add_transport(&mut self.transports, outcome.transport, length, 1);
-        if let Some(rail) = &outcome.rail {
-            add_transport(&mut self.rails, rail, length, 1);
+        for share in &outcome.rails {
+            add_transport(&mut self.rails, &share.rail, share.bytes, 1);
         }
         self.pieces += 1;
         self.bytes += length;
@@ -242,7 +242,14 @@ mod tests {
             digest: "crc32:1".into(),
             source: source.into(),
             transport,
-            rail: (transport == "rdma").then(|| "rxe0:1>rxe1:1".to_owned()),
+            rails: if transport == "rdma" {
+                vec![crate::transport::RailShare {
+                    rail: "rxe0:1>rxe1:1".to_owned(),
+                    bytes: 4 << 20,
+                }]
+            } else {
+                Vec::new()
+            },
             fell_back: false,
             fetch_time: Duration::ZERO,
             write_time: Duration::ZERO,

@@ -735,6 +735,60 @@ impl PieceBuffer {
         }
     }
 
+    /// Splits the buffer at byte `at` of the piece, a multiple of the slot size strictly
+    /// inside it: this buffer keeps the slots before `at`, the one returned owns the rest.
+    /// Each half is a buffer of its own (leased, quarantined and given back alone), so each
+    /// stripe of a piece fetched over several rails is owned by its own fetch; [`join`]
+    /// puts them back together.
+    ///
+    /// [`join`]: PieceBuffer::join
+    ///
+    /// # Panics
+    /// When `at` is not a slot boundary inside the piece: a caller bug.
+    pub fn split_off(&mut self, at: usize) -> PieceBuffer {
+        let slot_size = self.pool.info.slot_size;
+        assert!(
+            at > 0 && at < self.len && at.is_multiple_of(slot_size),
+            "split at {at} of a {}-byte piece in {slot_size}-byte slots",
+            self.len
+        );
+        let kept = at / slot_size;
+        let tail_slots = self.slots.split_off(kept);
+        // The reserve's share is kept first, so both halves give back what they took.
+        let kept_from_reserve = self.from_reserve.min(kept);
+        let tail = PieceBuffer {
+            pool: Arc::clone(&self.pool),
+            slots: tail_slots,
+            len: self.len - at,
+            budget: self.budget,
+            from_reserve: self.from_reserve - kept_from_reserve,
+        };
+        self.len = at;
+        self.from_reserve = kept_from_reserve;
+        tail
+    }
+
+    /// Appends `tail` (the inverse of [`PieceBuffer::split_off`]): this buffer's slots must
+    /// be full, and both from one pool and budget.
+    ///
+    /// # Panics
+    /// When they are not: a caller bug.
+    pub fn join(&mut self, mut tail: PieceBuffer) {
+        assert!(
+            Arc::ptr_eq(&self.pool, &tail.pool) && self.budget == tail.budget,
+            "joining buffers of different pools or budgets"
+        );
+        assert_eq!(
+            self.len,
+            self.capacity(),
+            "joining onto a partly filled slot"
+        );
+        self.slots.append(&mut tail.slots);
+        self.len += std::mem::take(&mut tail.len);
+        self.from_reserve += std::mem::take(&mut tail.from_reserve);
+        // `tail` holds no slot now: its drop gives nothing back.
+    }
+
     /// The slot numbers, in content order.
     pub fn slots(&self) -> &[u32] {
         &self.slots
@@ -1061,6 +1115,71 @@ mod tests {
         c.zero_tail(8192);
         assert!(c.chunks_upto_mut(8192)[0][100..].iter().all(|&x| x == 0));
         assert_eq!(c.chunks()[0].len(), 100);
+    }
+
+    /// A piece split into stripes: each half is a buffer of its own (a device lease on one
+    /// keeps only its slots out of the pool), the budget's accounts balance whichever half
+    /// goes back first, and joined again the bytes read as one piece.
+    #[tokio::test]
+    async fn a_buffer_splits_into_stripes_that_are_owned_alone_and_join_back() {
+        let pool = BufferPool::with_shares(
+            8192,
+            6,
+            Shares {
+                receive: 2,
+                serve: 1,
+                import: 1,
+            },
+        )
+        .unwrap();
+        let mut whole = pool.acquire(3 * 8192 - 100).await.unwrap();
+        let slots = whole.slots().to_vec();
+        let mut tail = whole.split_off(8192);
+        let last = tail.split_off(8192);
+        assert_eq!(
+            (whole.len(), tail.len(), last.len()),
+            (8192, 8192, 8192 - 100)
+        );
+        assert_eq!([whole.slots(), tail.slots(), last.slots()].concat(), slots);
+        for (n, part) in [&mut whole, &mut tail].into_iter().enumerate() {
+            part.chunks_mut()[0].fill(n as u8 + 1);
+        }
+        // The middle stripe's device never confirmed: only its slot stays out.
+        let lease = tail.lease_to_device();
+        drop(tail);
+        drop(last);
+        assert_eq!((pool.free_slots(), pool.quarantined_slots()), (4, 1));
+        drop(lease);
+        assert_eq!((pool.free_slots(), pool.quarantined_slots()), (5, 0));
+        drop(whole);
+        assert_eq!(pool.free_slots(), 6);
+        assert_eq!(
+            pool.available(Budget::Receive),
+            pool.budget_limit(Budget::Receive)
+        );
+
+        let mut a = pool.acquire(2 * 8192 + 1).await.unwrap();
+        let mut b = a.split_off(8192);
+        let c = b.split_off(8192);
+        a.chunks_mut()[0].fill(1);
+        b.chunks_mut()[0].fill(2);
+        let crc_parts = {
+            let mut h = crc32fast::Hasher::new();
+            h.update(&[1; 8192]);
+            h.update(&[2; 8192]);
+            h.update(&c.chunks()[0][..1]);
+            h.finalize()
+        };
+        b.join(c);
+        a.join(b);
+        assert_eq!((a.len(), a.slots().len()), (2 * 8192 + 1, 3));
+        assert_eq!(a.crc32(), crc_parts);
+        drop(a);
+        assert_eq!(pool.free_slots(), 6);
+        assert_eq!(
+            pool.available(Budget::Receive),
+            pool.budget_limit(Budget::Receive)
+        );
     }
 
     /// Was an unbounded wait: a pool drained by stuck work hung every acquirer forever.

@@ -61,6 +61,9 @@ pub struct RdmaSettings {
     pub window: usize,
     /// Queue pairs per rail pair to a source.
     pub queue_pairs: usize,
+    /// Stripe a piece of several pool slots over the rail pairs that have room for it (one
+    /// byte range each, fetched at once), when the source serves ranges.
+    pub stripe_pieces: bool,
     /// When a failing rail pair is paused, and for how long.
     pub rail_health: ferry_rdma::rails::health::HealthSettings,
 }

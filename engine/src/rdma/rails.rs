@@ -63,6 +63,8 @@ impl LaneCapacity {
 pub(super) struct PeerRails {
     pub(super) source: SocketAddr,
     pub(super) lanes: Vec<Lane>,
+    /// The source serves byte ranges of a piece: large pieces may be striped over lanes.
+    pub(super) serves_ranges: bool,
     capacity: LaneCapacity,
     state: Mutex<LanesState>,
     metrics: Arc<Metrics>,
@@ -100,6 +102,7 @@ impl PeerRails {
             .collect();
         PeerRails {
             source,
+            serves_ranges: false,
             capacity,
             state: Mutex::new(LanesState {
                 lanes: Lanes::new(&link_mbps, health),
@@ -108,6 +111,13 @@ impl PeerRails {
             lanes,
             metrics: Arc::clone(metrics),
         }
+    }
+
+    /// Says whether the source serves byte ranges (its rail list's features): only then are
+    /// pieces striped over the lanes.
+    pub(super) fn serving_ranges(mut self, serves_ranges: bool) -> PeerRails {
+        self.serves_ranges = serves_ranges;
+        self
     }
 
     /// Whether any lane may carry a piece now (up, or due for its probe).
@@ -149,6 +159,37 @@ impl PeerRails {
             tracing::info!(source = %self.source, rail = %self.lanes[pick.lane].label(), "rail pair's pause is over; probing it with one piece");
         }
         Some(pick)
+    }
+
+    /// Stripes of one piece of `bytes`, in whole `unit`s (the pool's slots), over the lanes
+    /// with room for a fetch that `can_carry` allows (see `Lanes::pick_stripes`): one pick
+    /// per lane, in the stripes' order. Empty, and the piece goes whole, when the source
+    /// serves no ranges, the piece is one unit, a paused lane's probe is due, or fewer than
+    /// two lanes would get a stripe.
+    pub(super) fn pick_stripes(
+        &self,
+        bytes: u64,
+        unit: u64,
+        now: Instant,
+        can_carry: impl Fn(&Lane) -> bool,
+    ) -> Vec<Pick> {
+        if !self.serves_ranges || bytes <= unit || self.lanes.len() < 2 {
+            return Vec::new();
+        }
+        let mut state = self.state.lock().expect("lanes lock");
+        let room: Vec<bool> = (state.sessions.iter())
+            .map(|list| self.capacity.has_room(list))
+            .collect();
+        let picks = state.lanes.pick_stripes(bytes, unit, now, |lane| {
+            room[lane] && can_carry(&self.lanes[lane])
+        });
+        if picks.len() < 2 {
+            for pick in picks {
+                state.lanes.release(pick, now);
+            }
+            return Vec::new();
+        }
+        picks
     }
 
     /// Ends a pick; a lane it pauses has its queue pairs broken (the probe makes a fresh one).

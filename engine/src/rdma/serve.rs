@@ -14,7 +14,8 @@ use crate::io::PieceBuffer;
 use crate::metrics::Metrics;
 use crate::store::{Store, StoredTask};
 use ferry_rdma::credit::{self, ChunkWrite, SlotCredit};
-use ferry_rdma::wire::{self, Message};
+use ferry_rdma::rails::wire::Features;
+use ferry_rdma::wire::{self, ByteRange, Message};
 use ferry_rdma::{Connection, ConnectionConfig, RdmaError};
 use std::sync::Arc;
 use std::time::Duration;
@@ -43,7 +44,13 @@ pub struct RdmaService {
 struct Granted {
     request: u16,
     task: Arc<StoredTask>,
+    /// What is read and written: the piece, or the range of it asked for (its number, its
+    /// offset in the content, its length).
     piece: crate::geometry::PieceRange,
+    /// The piece counts as served once, with its first byte (a stripe from 0 or the whole).
+    first: bool,
+    /// The whole piece's CRC-32, which the answer carries for the receiver to check the
+    /// piece against once every stripe is in.
     crc: u32,
     writes: Vec<ChunkWrite>,
     /// The window the completing SEND invalidates at the receiver.
@@ -87,7 +94,9 @@ impl RdmaService {
             .map(|a| a.to_string())
             .unwrap_or_default();
         let served = match Message::decode(tag, &value) {
-            Ok(Message::Rails { rails }) => self.exchange_rails(&mut stream, &rails).await,
+            Ok(Message::Rails { rails, features }) => {
+                self.exchange_rails(&mut stream, &rails, features).await
+            }
             Ok(Message::Connect { endpoint }) => {
                 // A receiver that sends no rail list: the first rail.
                 self.serve_connection(&mut stream, &self.rails[0], endpoint)
@@ -124,16 +133,24 @@ impl RdmaService {
         }
     }
 
-    /// Answers a receiver's rail list with this host's; the receiver matches them.
+    /// Answers a receiver's rail list with this host's; the receiver matches them. A
+    /// receiver that named no features may speak only version 1 of the list: it is answered
+    /// in version 1, without this host's features.
     async fn exchange_rails(
         &self,
         stream: &mut TcpStream,
         theirs: &[ferry_rdma::rails::matching::RailAd],
+        their_features: Features,
     ) -> Result<(), RdmaError> {
         let names: Vec<&str> = theirs.iter().map(|r| r.name.as_str()).collect();
         tracing::debug!(peer_rails = %names.join(", "), "RDMA rail exchange");
         let ours = Message::Rails {
             rails: self.rails.iter().map(|r| r.ad()).collect(),
+            features: if their_features.is_none() {
+                Features::default()
+            } else {
+                Features::ALL
+            },
         };
         wire::write_message(stream, &ours, self.settings.io_timeout).await
     }
@@ -248,8 +265,11 @@ impl RdmaService {
         if flushed {
             self.metrics.rdma_buffers_released_on_flush(true, 1);
         } else {
-            granted.task.count_served();
-            self.metrics.rdma_piece_served(granted.piece.length);
+            if granted.first {
+                granted.task.count_served();
+            }
+            self.metrics
+                .rdma_piece_served(granted.first, granted.piece.length);
             self.metrics
                 .rdma_rail_piece(&rail.name(), true, granted.piece.length);
         }
@@ -269,6 +289,7 @@ impl RdmaService {
             number,
             chunk_size,
             credits,
+            range,
         } = message
         else {
             return Err(RdmaError::Handshake(format!(
@@ -276,7 +297,7 @@ impl RdmaService {
                 message.tag()
             )));
         };
-        match self.admit(request, &task_id, number, chunk_size, &credits) {
+        match self.admit(request, &task_id, number, chunk_size, &credits, range) {
             Admitted::Answer(answer) => self.answer(connection, pieces, &answer),
             Admitted::Read(granted) => {
                 let store = Arc::clone(&self.store);
@@ -310,14 +331,22 @@ impl RdmaService {
         number: u32,
         chunk_size: u32,
         credits: &[SlotCredit],
+        range: Option<ByteRange>,
     ) -> Admitted {
         let refuse =
             |not_held: bool, message: String| Admitted::Answer(failed(request, not_held, message));
         let Some(task) = self.store.get(task_id) else {
             return refuse(true, format!("task {task_id} is not held here"));
         };
-        let Ok(piece) = task.geometry().piece(number) else {
+        let Ok(whole) = task.geometry().piece(number) else {
             return refuse(true, format!("piece {number} is out of range"));
+        };
+        let piece = match range {
+            None => whole,
+            Some(range) => match stripe_of(whole, range) {
+                Ok(stripe) => stripe,
+                Err(why) => return refuse(false, why),
+            },
         };
         let Some(crc) = task.held(number) else {
             return refuse(
@@ -349,6 +378,7 @@ impl RdmaService {
             request,
             task,
             piece,
+            first: piece.offset == whole.offset,
             crc,
             writes,
             invalidate: credits[0].rkey,
@@ -439,6 +469,28 @@ impl RdmaService {
     }
 }
 
+/// Range `range` of piece `whole`, as the content range to read; refused unless it lies in
+/// the piece and starts on a block boundary, so an O_DIRECT read of it stays aligned.
+fn stripe_of(
+    whole: crate::geometry::PieceRange,
+    range: ByteRange,
+) -> Result<crate::geometry::PieceRange, String> {
+    let align = crate::io::DIRECT_IO_ALIGN as u64;
+    match range.end() {
+        Some(end) if end <= whole.length && range.offset.is_multiple_of(align) => {
+            Ok(crate::geometry::PieceRange {
+                number: whole.number,
+                offset: whole.offset + range.offset,
+                length: range.length,
+            })
+        }
+        _ => Err(format!(
+            "bytes {}+{} are not a range of piece {} ({} bytes) starting on a {align}-byte boundary",
+            range.offset, range.length, whole.number, whole.length
+        )),
+    }
+}
+
 /// The pieces of one serving queue pair: the reads in flight, and the rest in the machine.
 #[derive(Default)]
 struct Pieces {
@@ -463,6 +515,42 @@ async fn peer_closed(stream: &TcpStream) -> Result<(), RdmaError> {
             }
             Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => continue,
             Err(err) => return Err(err.into()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::geometry::PieceRange;
+
+    #[test]
+    fn a_stripe_is_read_from_its_offset_in_the_content_and_a_bad_range_is_refused() {
+        let whole = PieceRange {
+            number: 3,
+            offset: 3 * (16 << 20),
+            length: 16 << 20,
+        };
+        let stripe = stripe_of(
+            whole,
+            ByteRange {
+                offset: 8 << 20,
+                length: 8 << 20,
+            },
+        )
+        .unwrap();
+        assert_eq!(
+            stripe,
+            PieceRange {
+                number: 3,
+                offset: 3 * (16 << 20) + (8 << 20),
+                length: 8 << 20,
+            }
+        );
+        // Past the piece's end, or off a block boundary (an O_DIRECT read must be aligned).
+        for (offset, length) in [(8 << 20, (8 << 20) + 1), (16 << 20, 1), (100, 4096)] {
+            let err = stripe_of(whole, ByteRange { offset, length }).unwrap_err();
+            assert!(err.contains("not a range of piece 3"), "{err}");
         }
     }
 }

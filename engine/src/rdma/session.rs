@@ -8,9 +8,9 @@ use super::{rdma_failure, WR_BIND, WR_FETCH, WR_INVALIDATE, WR_KIND};
 use crate::geometry::PieceRange;
 use crate::io::{DeviceLease, PieceBuffer};
 use crate::metrics::{Metrics, RdmaSessionGuard};
-use crate::transport::{FetchedPiece, TransportError};
+use crate::transport::TransportError;
 use ferry_rdma::credit::SlotCredit;
-use ferry_rdma::wire::Message;
+use ferry_rdma::wire::{ByteRange, Message};
 use ferry_rdma::{Connection, MemoryWindow, RdmaError, WorkCounts};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -59,6 +59,25 @@ const FLUSH_LIMIT: Duration = Duration::from_secs(10);
 /// How often the pump looks at abandoned requests while no completion arrives (their
 /// timeouts; completions settle them at once).
 const ABANDONED_TICK: Duration = Duration::from_secs(1);
+
+/// What one fetch asks a source for: a whole piece, or one stripe of it (a byte range, with
+/// the other stripes on other rail pairs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Wanted {
+    pub(super) piece: PieceRange,
+    pub(super) range: Option<ByteRange>,
+}
+
+impl Wanted {
+    pub(super) fn whole(piece: PieceRange) -> Wanted {
+        Wanted { piece, range: None }
+    }
+
+    /// The bytes the fetch carries.
+    pub(super) fn length(&self) -> u64 {
+        self.range.map_or(self.piece.length, |r| r.length)
+    }
+}
 
 /// Work request ids carry the request id, so completions find their fetch.
 fn wr_id(kind: u64, request: u16, seq: u64) -> u64 {
@@ -485,57 +504,35 @@ impl Session {
         }
     }
 
-    /// Fetches `piece` into `buf`, which comes back only if no device can write it any more:
-    /// `None` when the queue pair died and no flush completion proved that (the buffer then
-    /// stays out of the pool for good).
+    /// Fetches `wanted` into `buf` (a buffer of its length) and returns the digest the
+    /// source advertised for the piece. The buffer comes back only if no device can write it
+    /// any more: `None` when the queue pair died and no flush completion proved that (the
+    /// buffer then stays out of the pool for good).
     pub(super) async fn fetch(
         &self,
         transport: &RdmaTransport,
         task_id: &str,
-        piece: PieceRange,
+        wanted: Wanted,
         mut buf: PieceBuffer,
-    ) -> (Option<PieceBuffer>, Result<FetchedPiece, FetchError>) {
+    ) -> (Option<PieceBuffer>, Result<String, FetchError>) {
         let mut device_may_hold = false;
         let result = self
-            .fetch_into(transport, task_id, piece, &mut buf, &mut device_may_hold)
+            .fetch_into(transport, task_id, wanted, &mut buf, &mut device_may_hold)
             .await;
-        let advertised_digest = match result {
-            Ok(digest) => digest,
-            // A buffer whose lease is kept for good is quarantined when dropped.
-            Err(err) => return ((!device_may_hold).then_some(buf), Err(err)),
-        };
-        // The one digest pass, over the bytes the NIC wrote (4 ms for 64 MiB), on the blocking
-        // pool: no runtime worker (other sessions' tasks, sendfile) waits behind it.
-        let digested = tokio::task::spawn_blocking(move || {
-            let crc32 = buf.crc32();
-            (buf, crc32)
-        })
-        .await;
-        match digested {
-            Ok((buf, crc32)) => (
-                Some(buf),
-                Ok(FetchedPiece {
-                    advertised_digest,
-                    crc32,
-                    rail: None,
-                }),
-            ),
-            Err(err) => (
-                None,
-                Err(TransportError::Failed(format!("rdma: the digest pass failed: {err}")).into()),
-            ),
-        }
+        // A buffer whose lease is kept for good is quarantined when dropped.
+        let back = (result.is_ok() || !device_may_hold).then_some(buf);
+        (back, result)
     }
 
     async fn fetch_into(
         &self,
         transport: &RdmaTransport,
         task_id: &str,
-        piece: PieceRange,
+        wanted: Wanted,
         buf: &mut PieceBuffer,
         device_may_hold: &mut bool,
     ) -> Result<String, FetchError> {
-        let runs = granted_runs(buf, piece.length);
+        let runs = granted_runs(buf, wanted.length());
         let window_count = runs.len();
         // The worst case on the send queue: a bind and an invalidation per window, the request.
         let entries = 2 * window_count as u32 + 1;
@@ -589,7 +586,7 @@ impl Session {
             .fetch_granted(
                 transport,
                 task_id,
-                piece,
+                wanted,
                 buf,
                 request,
                 guard.windows.as_mut().expect("windows"),
@@ -622,7 +619,7 @@ impl Session {
         &self,
         transport: &RdmaTransport,
         task_id: &str,
-        piece: PieceRange,
+        wanted: Wanted,
         buf: &mut PieceBuffer,
         request: u16,
         windows: &mut [MemoryWindow],
@@ -659,9 +656,10 @@ impl Session {
         let fetch = Message::Fetch {
             request,
             task_id: task_id.to_owned(),
-            number: piece.number,
+            number: wanted.piece.number,
             chunk_size: settings.chunk_size,
             credits: credits.clone(),
+            range: wanted.range,
         };
         seq += 1;
         self.or_break(self.connection.post_message(
@@ -739,10 +737,11 @@ impl Session {
                 length,
                 digest,
             } => {
-                if number != piece.number || length != piece.length {
+                if number != wanted.piece.number || length != wanted.length() {
                     return Err(TransportError::Failed(format!(
-                        "rdma: source answered piece {number} of {length} bytes for piece {} of {}",
-                        piece.number, piece.length
+                        "rdma: source answered piece {number} with {length} bytes for piece {} ({} bytes wanted)",
+                        wanted.piece.number,
+                        wanted.length()
                     )));
                 }
                 digest

@@ -5,15 +5,16 @@
 
 use super::breaker::{Admission, Breaker, BreakerSettings, Transition};
 use super::host::LocalRail;
-use super::rails::{LaneCapacity, LaneOutcome, PeerRails};
-use super::session::{FetchError, Session};
+use super::rails::{LaneCapacity, LaneOutcome, PeerRails, Pick};
+use super::session::{FetchError, Session, Wanted};
 use super::{rdma_failure, RdmaSettings};
 use crate::geometry::PieceRange;
 use crate::io::PieceBuffer;
 use crate::metrics::Metrics;
-use crate::transport::{Fetched, PieceTransport, TransportError};
+use crate::transport::{Fetched, FetchedPiece, PieceTransport, RailShare, TransportError};
 use ferry_rdma::rails::matching::{match_rails, RailAd};
-use ferry_rdma::wire::{self, Message};
+use ferry_rdma::rails::wire::Features;
+use ferry_rdma::wire::{self, ByteRange, Message};
 use ferry_rdma::{Connection, ConnectionConfig, RdmaError};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -234,7 +235,7 @@ impl RdmaTransport {
         if let Some(peer) = self.known_peer(source) {
             return Ok(peer);
         }
-        let remote = self.exchange_rails(source).await?;
+        let (remote, features) = self.exchange_rails(source).await?;
         let ours: Vec<RailAd> = self.rails.iter().map(|r| r.ad()).collect();
         let pairs = match_rails(&ours, &remote);
         let names = |ads: &[RailAd]| {
@@ -253,20 +254,23 @@ impl RdmaTransport {
             self.refuse_rdma(source);
             return Err(TransportError::Unsupported(why));
         }
-        let peer = Arc::new(PeerRails::new(
-            source,
-            &self.rails,
-            &remote,
-            &pairs,
-            self.settings.rail_health,
-            LaneCapacity {
-                queue_pairs: self.settings.queue_pairs,
-                window: self.settings.window,
-            },
-            &self.metrics,
-        ));
+        let peer = Arc::new(
+            PeerRails::new(
+                source,
+                &self.rails,
+                &remote,
+                &pairs,
+                self.settings.rail_health,
+                LaneCapacity {
+                    queue_pairs: self.settings.queue_pairs,
+                    window: self.settings.window,
+                },
+                &self.metrics,
+            )
+            .serving_ranges(features.ranges),
+        );
         let labels: Vec<String> = peer.lanes.iter().map(|l| l.label()).collect();
-        tracing::info!(%source, rail_pairs = %labels.join(", "), "RDMA rails matched with the source");
+        tracing::info!(%source, rail_pairs = %labels.join(", "), serves_ranges = features.ranges, "RDMA rails matched with the source");
         self.peers
             .lock()
             .expect("peers lock")
@@ -274,18 +278,22 @@ impl RdmaTransport {
         Ok(peer)
     }
 
-    /// Sends this host's rails to `source` and returns its own.
-    async fn exchange_rails(&self, source: SocketAddr) -> Result<Vec<RailAd>, TransportError> {
+    /// Sends this host's rails to `source` and returns its own, and what it serves.
+    async fn exchange_rails(
+        &self,
+        source: SocketAddr,
+    ) -> Result<(Vec<RailAd>, Features), TransportError> {
         let io = self.settings.io_timeout;
         let mut control = self.dial(None, source).await?;
         let ours = Message::Rails {
             rails: self.rails.iter().map(|r| r.ad()).collect(),
+            features: Features::ALL,
         };
         wire::write_message(&mut control, &ours, io)
             .await
             .map_err(rdma_failure)?;
         match wire::read_message(&mut control, io).await {
-            Ok(Message::Rails { rails }) => Ok(rails),
+            Ok(Message::Rails { rails, features }) => Ok((rails, features)),
             Ok(Message::Refused { message }) => {
                 tracing::info!(%source, reason = %message, "source has no RDMA; using TCP with it");
                 self.refuse_rdma(source);
@@ -446,54 +454,219 @@ impl PieceTransport for RdmaTransport {
     }
 }
 
+/// What one fetch on one lane brought: the digest the source advertised, and the lane.
+struct Carried {
+    digest: String,
+    lane: usize,
+}
+
 impl RdmaTransport {
     async fn fetch_admitted(
         &self,
         source: SocketAddr,
         task_id: &str,
         piece: PieceRange,
-        mut buf: PieceBuffer,
+        buf: PieceBuffer,
     ) -> Fetched {
         let peer = match self.peer(source).await {
             Ok(peer) => peer,
             Err(err) => return Fetched::with(buf, Err(err)),
         };
-        loop {
-            let Some(pick) = peer.pick(piece.length, Instant::now()) else {
-                let paused =
-                    TransportError::Failed(format!("rdma: every rail pair to {source} is paused"));
-                return Fetched::with(buf, Err(paused));
+        if self.settings.stripe_pieces {
+            // Stripes only over lanes whose rail reaches the buffer's pool part: every stripe
+            // is a part of this one buffer.
+            let at = buf.part();
+            let unit = buf.slot_size() as u64;
+            let stripes =
+                peer.pick_stripes(piece.length, unit, Instant::now(), |l| l.local.reaches(at));
+            if !stripes.is_empty() {
+                return self
+                    .fetch_striped(&peer, task_id, piece, buf, stripes)
+                    .await;
+            }
+        }
+        let (back, carried) = self
+            .fetch_on_lanes(&peer, task_id, Wanted::whole(piece), buf, None)
+            .await;
+        let result = carried.map(|carried| {
+            let share = RailShare {
+                rail: peer.lanes[carried.lane].label(),
+                bytes: piece.length,
             };
-            // The pool is split by NUMA node and each rail registered on its node's part: the
-            // buffer must lie in the picked rail's part. Exchanged for one there if that part
-            // has one free; else the piece goes on a rail that reaches the buffer.
-            let pick = match peer.lanes[pick.lane].local.part {
-                Some(part) if part != buf.part() => match buf.sibling_in(part) {
-                    Ok(Some(near)) => {
-                        buf = near;
-                        self.metrics.rdma_buffer_moved_to_rail_node();
-                        pick
+            (carried.digest, vec![share])
+        });
+        digested(back, result).await
+    }
+
+    /// A piece striped over several lanes: the buffer split at the stripes' bounds, each part
+    /// fetched on its lane at once (a range fetch each), then joined again. The piece fails if
+    /// a stripe does (after every stripe has ended, so no part is still with a device); its
+    /// buffer comes back only if every part did.
+    async fn fetch_striped(
+        &self,
+        peer: &PeerRails,
+        task_id: &str,
+        piece: PieceRange,
+        mut buf: PieceBuffer,
+        stripes: Vec<Pick>,
+    ) -> Fetched {
+        let mut ranges = Vec::with_capacity(stripes.len());
+        let mut offset = 0;
+        for pick in &stripes {
+            ranges.push(ByteRange {
+                offset,
+                length: pick.bytes(),
+            });
+            offset += pick.bytes();
+        }
+        debug_assert_eq!(offset, piece.length, "the stripes cover the piece");
+        // Split from the end, so each split keeps the stripes before it.
+        let mut parts: Vec<PieceBuffer> = Vec::with_capacity(ranges.len());
+        for range in ranges.iter().skip(1).rev() {
+            parts.push(buf.split_off(range.offset as usize));
+        }
+        parts.push(buf);
+        parts.reverse();
+        self.metrics.rdma_piece_striped(stripes.len());
+        let lengths: Vec<u64> = ranges.iter().map(|r| r.length).collect();
+        let fetches = (stripes.into_iter().zip(ranges).zip(parts)).map(|((pick, range), part)| {
+            let wanted = Wanted {
+                piece,
+                range: Some(range),
+            };
+            self.fetch_on_lanes(peer, task_id, wanted, part, Some(pick))
+        });
+        let ended = futures_util::future::join_all(fetches).await;
+        let mut whole: Option<PieceBuffer> = None;
+        let mut lost_a_part = false;
+        let mut failure = None;
+        let mut digest: Option<String> = None;
+        let mut shares: Vec<RailShare> = Vec::new();
+        for ((back, carried), bytes) in ended.into_iter().zip(lengths) {
+            match back {
+                Some(part) if !lost_a_part => match whole.as_mut() {
+                    Some(joined) => joined.join(part),
+                    None => whole = Some(part),
+                },
+                // Dropped: back to the pool, or to quarantine while a device may hold it.
+                Some(_) => {}
+                None => {
+                    lost_a_part = true;
+                    whole = None;
+                }
+            }
+            match carried {
+                Ok(carried) if failure.is_none() => {
+                    if digest.as_ref().is_some_and(|d| *d != carried.digest) {
+                        failure = Some(TransportError::Failed(format!(
+                            "rdma: {} advertised two digests for piece {} ({} and {})",
+                            peer.source,
+                            piece.number,
+                            digest.as_deref().unwrap_or_default(),
+                            carried.digest
+                        )));
+                        continue;
                     }
-                    _ => {
-                        peer.release(pick, Instant::now());
-                        let at = buf.part();
-                        let reaching =
-                            peer.pick_where(piece.length, Instant::now(), |l| l.local.reaches(at));
-                        match reaching {
-                            Some(pick) => pick,
-                            None => {
-                                // Neither: wait for buffers to come back (bounded by the
-                                // piece timeout), then pick again.
-                                tokio::time::sleep(Duration::from_millis(10)).await;
-                                continue;
-                            }
+                    shares.push(RailShare {
+                        rail: peer.lanes[carried.lane].label(),
+                        bytes,
+                    });
+                    digest = Some(carried.digest);
+                }
+                Ok(_) => {}
+                Err(err) => {
+                    failure.get_or_insert(err);
+                }
+            }
+        }
+        let result = match failure {
+            Some(err) => Err(err),
+            None => Ok((digest.expect("at least two stripes"), shares)),
+        };
+        match whole {
+            Some(buf) => digested(Some(buf), result).await,
+            None => Fetched {
+                buf: None,
+                result: result.and_then(|_| {
+                    Err(TransportError::Failed(
+                        "rdma: a stripe's buffer was not released by its device".into(),
+                    ))
+                }),
+            },
+        }
+    }
+
+    /// Fetches `wanted` into `buf` over the lanes to `peer`: on `first` when given (a
+    /// stripe's lane), else on the lane the balancer picks; again on another lane while every
+    /// queue pair of the picked one is full. A whole piece whose buffer lies in another pool
+    /// part than the picked rail's is moved to a buffer there, or goes on a rail that reaches
+    /// it; a stripe, a part of a buffer shared with the other stripes, always does the latter.
+    async fn fetch_on_lanes(
+        &self,
+        peer: &PeerRails,
+        task_id: &str,
+        wanted: Wanted,
+        mut buf: PieceBuffer,
+        mut first: Option<Pick>,
+    ) -> (Option<PieceBuffer>, Result<Carried, TransportError>) {
+        let source = peer.source;
+        let bytes = wanted.length();
+        let stripe = wanted.range.is_some();
+        loop {
+            let pick = match first.take() {
+                Some(pick) => pick,
+                None if stripe => {
+                    let at = buf.part();
+                    match peer.pick_where(bytes, Instant::now(), |l| l.local.reaches(at)) {
+                        Some(pick) => pick,
+                        None => {
+                            let paused = TransportError::Failed(format!(
+                                "rdma: every rail pair to {source} that reaches the piece's buffer is paused"
+                            ));
+                            return (Some(buf), Err(paused));
                         }
                     }
-                },
-                _ => pick,
+                }
+                None => {
+                    let Some(pick) = peer.pick(bytes, Instant::now()) else {
+                        let paused = TransportError::Failed(format!(
+                            "rdma: every rail pair to {source} is paused"
+                        ));
+                        return (Some(buf), Err(paused));
+                    };
+                    // The pool is split by NUMA node and each rail registered on its node's
+                    // part: the buffer must lie in the picked rail's part. Exchanged for one
+                    // there if that part has one free; else the piece goes on a rail that
+                    // reaches the buffer.
+                    match peer.lanes[pick.lane].local.part {
+                        Some(part) if part != buf.part() => match buf.sibling_in(part) {
+                            Ok(Some(near)) => {
+                                buf = near;
+                                self.metrics.rdma_buffer_moved_to_rail_node();
+                                pick
+                            }
+                            _ => {
+                                peer.release(pick, Instant::now());
+                                let at = buf.part();
+                                let reaching =
+                                    peer.pick_where(bytes, Instant::now(), |l| l.local.reaches(at));
+                                match reaching {
+                                    Some(pick) => pick,
+                                    None => {
+                                        // Neither: wait for buffers to come back (bounded by
+                                        // the piece timeout), then pick again.
+                                        tokio::time::sleep(Duration::from_millis(10)).await;
+                                        continue;
+                                    }
+                                }
+                            }
+                        },
+                        _ => pick,
+                    }
+                }
             };
             let lane = &peer.lanes[pick.lane];
-            let session = match self.session(&peer, pick.lane).await {
+            let session = match self.session(peer, pick.lane).await {
                 Ok(session) => session,
                 Err(err) => {
                     let outcome = match err {
@@ -504,11 +677,11 @@ impl RdmaTransport {
                         }
                     };
                     peer.finish(pick, outcome, Instant::now());
-                    return Fetched::with(buf, Err(err));
+                    return (Some(buf), Err(err));
                 }
             };
             let progressed = session.progress.notified();
-            let (back, result) = session.fetch(self, task_id, piece, buf).await;
+            let (back, result) = session.fetch(self, task_id, wanted, buf).await;
             let now = Instant::now();
             let result = match result {
                 // Every queue pair of the lane is full (more streams than window x queue
@@ -520,12 +693,14 @@ impl RdmaTransport {
                     let _ = tokio::time::timeout(Duration::from_millis(100), progressed).await;
                     continue;
                 }
-                Ok(mut fetched) => {
+                Ok(digest) => {
                     peer.finish(pick, LaneOutcome::Done, now);
                     self.metrics
-                        .rdma_rail_piece(&lane.local.name(), false, piece.length);
-                    fetched.rail = Some(lane.label());
-                    Ok(fetched)
+                        .rdma_rail_piece(&lane.local.name(), false, bytes);
+                    Ok(Carried {
+                        digest,
+                        lane: pick.lane,
+                    })
                 }
                 Err(FetchError::Transport(err)) => {
                     let outcome = match err {
@@ -543,8 +718,47 @@ impl RdmaTransport {
                     Err(err)
                 }
             };
-            return Fetched { buf: back, result };
+            return (back, result);
         }
+    }
+}
+
+/// The one digest pass over a fetched piece, over the bytes the NICs wrote (4 ms for 64 MiB),
+/// on the blocking pool: no runtime worker (other sessions' tasks, sendfile) waits behind it.
+async fn digested(
+    back: Option<PieceBuffer>,
+    result: Result<(String, Vec<RailShare>), TransportError>,
+) -> Fetched {
+    let (buf, (advertised_digest, rails)) = match (back, result) {
+        (Some(buf), Ok(carried)) => (buf, carried),
+        (buf, Err(err)) => {
+            return Fetched {
+                buf,
+                result: Err(err),
+            }
+        }
+        (None, Ok(_)) => unreachable!("a fetch that succeeded gives its buffer back"),
+    };
+    let pass = tokio::task::spawn_blocking(move || {
+        let crc32 = buf.crc32();
+        (buf, crc32)
+    })
+    .await;
+    match pass {
+        Ok((buf, crc32)) => Fetched::with(
+            buf,
+            Ok(FetchedPiece {
+                advertised_digest,
+                crc32,
+                rails,
+            }),
+        ),
+        Err(err) => Fetched {
+            buf: None,
+            result: Err(TransportError::Failed(format!(
+                "rdma: the digest pass failed: {err}"
+            ))),
+        },
     }
 }
 

@@ -224,8 +224,9 @@ pub struct PieceOutcome {
     pub digest: String,
     pub source: String,
     pub transport: &'static str,
-    /// The RDMA rail pair that carried it; None over TCP.
-    pub rail: Option<String>,
+    /// The RDMA rail pairs that carried it (one per stripe of a striped piece); none over
+    /// TCP.
+    pub rails: Vec<crate::transport::RailShare>,
     /// RDMA failed for this piece and TCP carried it.
     pub fell_back: bool,
     pub fetch_time: Duration,

@@ -3,6 +3,7 @@
 
 use super::SourceTotals;
 use crate::store::StoreError;
+use crate::transport::RailShare;
 use std::collections::VecDeque;
 
 pub(super) struct Entry {
@@ -145,10 +146,12 @@ impl Schedule {
         self.queue = queue;
     }
 
-    pub(super) fn count_transport(&mut self, name: &str, rail: Option<&str>, bytes: u64) {
+    /// Counts a piece into its transport's totals, and each stripe into its rail pair's (a
+    /// striped piece counts as a piece on every pair that carried a stripe of it).
+    pub(super) fn count_transport(&mut self, name: &str, rails: &[RailShare], bytes: u64) {
         count_into(&mut self.transports, name, bytes);
-        if let Some(rail) = rail {
-            count_into(&mut self.rails, rail, bytes);
+        for share in rails {
+            count_into(&mut self.rails, &share.rail, share.bytes);
         }
     }
 

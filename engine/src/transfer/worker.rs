@@ -10,7 +10,7 @@ use crate::metrics::PieceFailure;
 use crate::origin::{Origin, OriginError};
 use crate::rdma::RdmaTransport;
 use crate::store::{StoreError, StoredTask};
-use crate::transport::{Fetched, FetchedPiece, PieceTransport, TransportError};
+use crate::transport::{Fetched, FetchedPiece, PieceTransport, RailShare, TransportError};
 
 /// RDMA fetches one piece may take before it goes over TCP: a rail pair that fails is paused,
 /// so each re-issue goes over another (or waits for none and goes over TCP).
@@ -320,7 +320,7 @@ impl Worker {
                 buf,
                 crc32,
                 transport: "origin",
-                rail: None,
+                rails: Vec::new(),
                 fell_back: false,
                 fetch_time: fetch_started.elapsed(),
             });
@@ -352,7 +352,7 @@ impl Worker {
             buf,
             crc32: fetched.crc32,
             transport,
-            rail: fetched.rail,
+            rails: fetched.rails,
             fell_back,
             fetch_time,
         })
@@ -369,7 +369,7 @@ impl Worker {
             buf,
             crc32,
             transport,
-            rail,
+            rails,
             fell_back,
             fetch_time,
         } = verified;
@@ -396,7 +396,7 @@ impl Worker {
             digest: geometry::format_digest(crc32),
             source: self.source_name.clone(),
             transport,
-            rail,
+            rails,
             fell_back,
             fetch_time,
             write_time,
@@ -415,11 +415,7 @@ impl Worker {
                     let totals = &mut state.totals[self.source_index];
                     totals.bytes += outcome.piece.length;
                     totals.pieces += 1;
-                    state.count_transport(
-                        outcome.transport,
-                        outcome.rail.as_deref(),
-                        outcome.piece.length,
-                    );
+                    state.count_transport(outcome.transport, &outcome.rails, outcome.piece.length);
                     state.rdma_fallbacks += u32::from(outcome.fell_back);
                     Some(outcome)
                 }
@@ -534,7 +530,7 @@ struct VerifiedPiece {
     buf: crate::io::PieceBuffer,
     crc32: u32,
     transport: &'static str,
-    rail: Option<String>,
+    rails: Vec<RailShare>,
     fell_back: bool,
     fetch_time: Duration,
 }

@@ -162,6 +162,25 @@ fn main() {
                         len: 4 << 20,
                     },
                 ],
+                range: None,
+            },
+        ),
+        (
+            "fetch_range",
+            Message::Fetch {
+                request: 8,
+                task_id: TASK.into(),
+                number: 3,
+                chunk_size: 1 << 20,
+                credits: vec![SlotCredit {
+                    addr: 0x7f00_0080_0000,
+                    rkey: 0x1236,
+                    len: 4 << 20,
+                }],
+                range: Some(ferry_rdma::wire::ByteRange {
+                    offset: 4 << 20,
+                    length: 4 << 20,
+                }),
             },
         ),
         (

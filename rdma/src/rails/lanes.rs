@@ -39,6 +39,13 @@ pub enum LaneOutcome {
     },
 }
 
+impl Pick {
+    /// The bytes picked for the lane: the piece's, or its stripe's.
+    pub fn bytes(&self) -> u64 {
+        self.ticket.bytes
+    }
+}
+
 impl Lanes {
     /// Lanes running at `link_mbps` each until measured.
     pub fn new(link_mbps: &[u32], health: HealthSettings) -> Lanes {
@@ -110,6 +117,38 @@ impl Lanes {
             ticket,
             probe: probe.is_some(),
         })
+    }
+
+    /// One piece of `bytes` striped in whole `unit`s over the lanes `can_carry` allows that
+    /// are up (see [`Balancer::pick_split`]): one pick per lane that got a stripe, in the
+    /// stripes' order. Empty when a paused lane is due for its probe (the probe is one whole
+    /// piece: [`Lanes::pick_where`]) or no allowed lane is up.
+    pub fn pick_stripes(
+        &mut self,
+        bytes: u64,
+        unit: u64,
+        now: Instant,
+        can_carry: impl Fn(usize) -> bool,
+    ) -> Vec<Pick> {
+        let mut probe_due = false;
+        for (lane, health) in self.health.iter().enumerate() {
+            let carry = can_carry(lane) && {
+                let usable = health.can_use(now);
+                probe_due |= usable == Use::Probe;
+                usable == Use::Carry
+            };
+            self.balancer.set_usable(lane, carry);
+        }
+        if probe_due {
+            return Vec::new();
+        }
+        (self.balancer.pick_split(bytes, unit, now).into_iter())
+            .map(|ticket| Pick {
+                lane: ticket.lane,
+                ticket,
+                probe: false,
+            })
+            .collect()
     }
 
     /// Ends a pick that carried its piece, or tried to.
@@ -323,6 +362,45 @@ mod tests {
         lanes.release(elsewhere, later);
         let probe = lanes.pick(PIECE, later).unwrap();
         assert!(probe.probe && probe.lane == 2, "{probe:?}");
+    }
+
+    #[test]
+    fn stripes_go_over_the_lanes_that_are_up_and_a_due_probe_takes_a_whole_piece() {
+        let mut lanes = Lanes::new(&[100_000; 3], settings());
+        let t = Instant::now();
+        let stripes = lanes.pick_stripes(6 * PIECE, PIECE, t, |_| true);
+        let got: Vec<(usize, bool)> = stripes.iter().map(|p| (p.lane, p.probe)).collect();
+        assert_eq!(got, [(0, false), (1, false), (2, false)]);
+        // A stripe that fails pauses its lane like a whole piece does; the others carried.
+        for pick in stripes {
+            let outcome = if pick.lane == 1 {
+                LaneOutcome::Failed { hard: true }
+            } else {
+                LaneOutcome::Done
+            };
+            let _ = lanes.finish(pick, outcome, t);
+        }
+        let without_1 = lanes.pick_stripes(6 * PIECE, PIECE, t, |_| true);
+        assert_eq!(without_1.iter().map(|p| p.lane).collect::<Vec<_>>(), [0, 2]);
+        for pick in without_1 {
+            lanes.release(pick, t);
+        }
+        // Only lanes allowed (those reaching the buffer's pool part) get stripes.
+        let only_2 = lanes.pick_stripes(6 * PIECE, PIECE, t, |lane| lane == 2);
+        assert_eq!(only_2.len(), 1);
+        assert_eq!(only_2[0].lane, 2);
+        lanes.release(only_2[0], t);
+        // Lane 1's pause is over: no stripes until its probe, one whole piece, is sent.
+        let later = t + Duration::from_secs(2);
+        assert!(lanes
+            .pick_stripes(6 * PIECE, PIECE, later, |_| true)
+            .is_empty());
+        let probe = lanes.pick(6 * PIECE, later).unwrap();
+        assert_eq!((probe.lane, probe.probe), (1, true));
+        assert!(
+            lanes.pick_stripes(6 * PIECE, PIECE, later, |_| true).len() == 2,
+            "while the probe is out, stripes use the lanes that are up"
+        );
     }
 
     #[test]

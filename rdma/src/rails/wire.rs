@@ -1,7 +1,8 @@
 //! The rail list each side sends in the set-up exchange (bounded, versioned, checked field by
 //! field: a peer's list is untrusted input).
 //!
-//! Layout: version `1`, rail count (at most [`MAX_RAILS`]), then per rail: index, link layer
+//! Layout: version (`1`, or `2` followed by a features byte, see [`Features`]), rail count (at
+//! most [`MAX_RAILS`]), then per rail: index, link layer
 //! (0 InfiniBand, 1 Ethernet), LID (u16 BE), GID (16 bytes), link rate in Mbit/s (u32 BE),
 //! fabric (tag 0 IB + subnet prefix u64, 1 IPv4 + network u32 + prefix length, 2 IPv6 +
 //! network u128 + prefix length, 3 unknown), name length (at most 64) and name (ASCII).
@@ -11,7 +12,37 @@ use super::Fabric;
 use crate::address::LinkLayer;
 use std::net::Ipv6Addr;
 
-pub const VERSION: u8 = 1;
+/// The newest version this build speaks; it also reads version 1 (no features byte).
+pub const VERSION: u8 = 2;
+/// Version 2's features byte, bit 0: the host serves byte ranges of a piece (one stripe per
+/// rail pair) as well as whole pieces.
+const FEATURE_RANGES: u8 = 1;
+
+/// What a host does beyond version 1's whole-piece fetches. A list with none is sent as
+/// version 1, so a receiver that only speaks version 1 still reads the answer it gets; a
+/// receiver that asks in version 2 gets the source's features.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Features {
+    /// Serves a byte range of a piece (`Fetch` with a range): one piece striped over rails.
+    pub ranges: bool,
+}
+
+impl Features {
+    /// Everything this build does.
+    pub const ALL: Features = Features { ranges: true };
+
+    pub fn is_none(self) -> bool {
+        self == Features::default()
+    }
+
+    fn bits(self) -> u8 {
+        if self.ranges {
+            FEATURE_RANGES
+        } else {
+            0
+        }
+    }
+}
 /// More NICs than any host carries; bounds what a peer can make us allocate.
 pub const MAX_RAILS: usize = 16;
 const MAX_NAME: usize = 64;
@@ -21,8 +52,12 @@ const MAX_NAME: usize = 64;
 pub enum RailWireError {
     #[error("truncated after {0} bytes")]
     Truncated(usize),
-    #[error("version {0} (this build speaks {VERSION})")]
+    #[error("version {0} (this build speaks 1 and {VERSION})")]
     Version(u8),
+    /// A features byte with bits this build does not know, or a version 2 list with none
+    /// (which is sent as version 1: one encoding per list).
+    #[error("features byte {0:#04x}")]
+    Features(u8),
     #[error("{0} rails (at most {MAX_RAILS})")]
     TooMany(usize),
     #[error("rail index {0} listed twice")]
@@ -39,11 +74,16 @@ pub enum RailWireError {
     Trailing(usize),
 }
 
-pub fn encode(rails: &[RailAd]) -> Result<Vec<u8>, RailWireError> {
+pub fn encode(rails: &[RailAd], features: Features) -> Result<Vec<u8>, RailWireError> {
     if rails.len() > MAX_RAILS {
         return Err(RailWireError::TooMany(rails.len()));
     }
-    let mut out = vec![VERSION, rails.len() as u8];
+    let mut out = if features.is_none() {
+        vec![1]
+    } else {
+        vec![2, features.bits()]
+    };
+    out.push(rails.len() as u8);
     for r in rails {
         if r.name.is_empty() || r.name.len() > MAX_NAME || !r.name.is_ascii() {
             return Err(RailWireError::Name);
@@ -105,12 +145,16 @@ impl Reader<'_> {
     }
 }
 
-pub fn decode(bytes: &[u8]) -> Result<Vec<RailAd>, RailWireError> {
+pub fn decode(bytes: &[u8]) -> Result<(Vec<RailAd>, Features), RailWireError> {
     let mut r = Reader { bytes, at: 0 };
-    let version = r.u8()?;
-    if version != VERSION {
-        return Err(RailWireError::Version(version));
-    }
+    let features = match r.u8()? {
+        1 => Features::default(),
+        2 => match r.u8()? {
+            FEATURE_RANGES => Features { ranges: true },
+            other => return Err(RailWireError::Features(other)),
+        },
+        version => return Err(RailWireError::Version(version)),
+    };
     let count = usize::from(r.u8()?);
     if count > MAX_RAILS {
         return Err(RailWireError::TooMany(count));
@@ -183,7 +227,7 @@ pub fn decode(bytes: &[u8]) -> Result<Vec<RailAd>, RailWireError> {
     if r.at != bytes.len() {
         return Err(RailWireError::Trailing(bytes.len() - r.at));
     }
-    Ok(rails)
+    Ok((rails, features))
 }
 
 #[cfg(test)]
@@ -240,14 +284,16 @@ mod tests {
 
     proptest! {
         #[test]
-        fn round_trips(list in rails()) {
-            let bytes = encode(&list).unwrap();
-            prop_assert_eq!(decode(&bytes).unwrap(), list);
+        fn round_trips(list in rails(), ranges in any::<bool>()) {
+            let features = Features { ranges };
+            let bytes = encode(&list, features).unwrap();
+            prop_assert_eq!(bytes[0], if ranges { 2 } else { 1 });
+            prop_assert_eq!(decode(&bytes).unwrap(), (list, features));
         }
 
         #[test]
         fn every_truncation_is_an_error(list in rails(), cut in any::<prop::sample::Index>()) {
-            let bytes = encode(&list).unwrap();
+            let bytes = encode(&list, Features::ALL).unwrap();
             let cut = cut.index(bytes.len());
             prop_assert!(decode(&bytes[..cut]).is_err());
         }
@@ -260,8 +306,15 @@ mod tests {
 
     #[test]
     fn hostile_lists_get_precise_errors() {
-        assert_eq!(decode(&[2, 0]), Err(RailWireError::Version(2)));
+        assert_eq!(decode(&[3, 0]), Err(RailWireError::Version(3)));
         assert_eq!(decode(&[1, 17]), Err(RailWireError::TooMany(17)));
+        assert_eq!(decode(&[2, 1, 17]), Err(RailWireError::TooMany(17)));
+        // Version 2 without a feature is version 1's list: refused, so each list has one
+        // encoding; so are bits this build does not know.
+        assert_eq!(decode(&[2, 0, 0]), Err(RailWireError::Features(0)));
+        assert_eq!(decode(&[2, 3, 0]), Err(RailWireError::Features(3)));
+        assert_eq!(decode(&[2, 1, 0]), Ok((vec![], Features::ALL)));
+        assert_eq!(decode(&[1, 0]), Ok((vec![], Features::default())));
         let one = RailAd {
             index: 0,
             name: "rxe0:1".into(),
@@ -271,28 +324,34 @@ mod tests {
             gid: Ipv6Addr::UNSPECIFIED,
             speed_mbps: 10_000,
         };
-        let mut two = encode(&[one.clone(), one.clone()]).unwrap();
+        let mut two = encode(&[one.clone(), one.clone()], Features::default()).unwrap();
         assert_eq!(decode(&two), Err(RailWireError::DuplicateIndex(0)));
         two.truncate(2 + (two.len() - 2) / 2);
         two[1] = 1;
         two.push(0);
         assert_eq!(decode(&two), Err(RailWireError::Trailing(1)));
-        let mut bad_prefix = encode(&[RailAd {
-            fabric: Fabric::Ipv4 {
-                network: 0,
-                prefix_len: 24,
-            },
-            ..one.clone()
-        }])
+        let mut bad_prefix = encode(
+            &[RailAd {
+                fabric: Fabric::Ipv4 {
+                    network: 0,
+                    prefix_len: 24,
+                },
+                ..one.clone()
+            }],
+            Features::default(),
+        )
         .unwrap();
         let at = 2 + 1 + 1 + 2 + 16 + 4 + 1 + 4;
         bad_prefix[at] = 33;
         assert_eq!(decode(&bad_prefix), Err(RailWireError::PrefixLen(33)));
         assert_eq!(
-            encode(&[RailAd {
-                name: String::new(),
-                ..one
-            }]),
+            encode(
+                &[RailAd {
+                    name: String::new(),
+                    ..one
+                }],
+                Features::ALL
+            ),
             Err(RailWireError::Name)
         );
     }
