@@ -43,6 +43,11 @@ pub fn per_piece(text: &str, pieces: u64) -> Value {
         "windows_invalidated_locally": sample(text, r#"ferry_rdma_windows_invalidated_total{by="local"}"#) / n,
         "source_reads": reads / n,
         "source_payload_copies": sample(text, "ferry_serve_payload_copies_total") / n,
+        // Each stripe of a piece striped over rail pairs is one fetch: one request, one
+        // answer and one memory window on its pair.
+        "pieces_striped": sample(text, "ferry_rdma_pieces_striped_total") / n,
+        "stripes_per_striped_piece": sample(text, "ferry_rdma_stripes_total")
+            / sample(text, "ferry_rdma_pieces_striped_total").max(1.0),
         // The receiver hashes the bytes the NIC wrote once; the source sends the digest it
         // stored at import.
         "digest_passes": { "receiver": 1, "source": 0 },
@@ -82,6 +87,11 @@ pub fn print(figures: &Value) {
         "  source: {:.2} store reads, {:.2} CPU copies of payload (0 with O_DIRECT); digest passes: receiver 1, source 0",
         f(&figures["source_reads"]),
         f(&figures["source_payload_copies"])
+    );
+    println!(
+        "  striped over rail pairs: {:.0}% of pieces, {:.2} stripes each",
+        f(&figures["pieces_striped"]) * 100.0,
+        f(&figures["stripes_per_striped_piece"])
     );
     println!(
         "  peak pieces in flight on one queue pair: receiver {}, source {}",

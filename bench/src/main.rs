@@ -105,6 +105,10 @@ struct RdmaDevices {
     /// Bytes per RDMA WRITE, KiB (also ib_write_bw's message size).
     #[arg(long, default_value_t = 1024)]
     chunk_kib: u32,
+    /// Fetch every piece whole on one rail pair (the daemon's `rdma.stripe_pieces = false`);
+    /// by default a piece of several pool slots is striped over the rail pairs.
+    #[arg(long)]
+    whole_pieces: bool,
 }
 
 impl RdmaDevices {
@@ -116,6 +120,7 @@ impl RdmaDevices {
             server_addrs: self.server_addr.clone(),
             rails: self.rails,
             chunk_kib: self.chunk_kib,
+            stripe_pieces: !self.whole_pieces,
         })
     }
 }
@@ -710,7 +715,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
             "size_bytes": args.size_mib * MIB, "piece_length": args.piece_mib * MIB,
             "chunk_bytes": plan.chunk_bytes(), "window": args.window,
             "queue_pairs": args.queue_pairs, "rounds": args.rounds, "repeat": args.repeat,
-            "rails": rails,
+            "rails": rails, "stripe_pieces": plan.stripe_pieces,
             "server_device": plan.rails[0].server_device,
             "client_device": plan.rails[0].client_device,
             "server_devices": plan.server_devices(), "client_devices": plan.client_devices(),

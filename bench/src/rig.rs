@@ -41,6 +41,8 @@ pub struct RailPair {
 pub struct RdmaPlan {
     pub rails: Vec<RailPair>,
     pub chunk_kib: u32,
+    /// Stripe pieces of several slots over the rail pairs (`rdma.stripe_pieces`).
+    pub stripe_pieces: bool,
 }
 
 /// Where the rail pairs come from: flags, else the variables `scripts/rxe-vm.sh` sets.
@@ -51,6 +53,7 @@ pub struct PlanRequest {
     pub server_addrs: Vec<String>,
     pub rails: Option<usize>,
     pub chunk_kib: u32,
+    pub stripe_pieces: bool,
 }
 
 impl RdmaPlan {
@@ -123,6 +126,7 @@ impl RdmaPlan {
                 })
                 .collect(),
             chunk_kib: request.chunk_kib,
+            stripe_pieces: request.stripe_pieces,
         }))
     }
 
@@ -181,7 +185,7 @@ impl RdmaPlan {
             io_timeout: Duration::from_secs(30),
             window,
             queue_pairs,
-            stripe_pieces: true,
+            stripe_pieces: self.stripe_pieces,
             rail_health: Default::default(),
         }
     }
@@ -650,6 +654,7 @@ mod tests {
             server_addrs: own(addrs),
             rails,
             chunk_kib: 1024,
+            stripe_pieces: true,
         }
     }
 

@@ -207,7 +207,8 @@ pub struct ServeArgs {
     /// Disk I/O backend [default: auto].
     #[arg(long, value_enum)]
     pub io: Option<IoChoice>,
-    /// Pieces in flight per source peer: TCP connections, or RDMA queue pairs [default: 4].
+    /// Pieces in flight per source peer [default: 4, or with RDMA one queue pair's window per
+    /// rail if more: 16 for 8 rails].
     #[arg(long)]
     pub streams_per_source: Option<u32>,
     /// Seconds of silence from a peer before a read fails [default: 10].

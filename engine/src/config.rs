@@ -414,6 +414,8 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct TransferConfig {
+    /// Pieces in flight per source peer; 0 (the default): [`TransferConfig::auto_streams`],
+    /// which follows the host's RDMA rails.
     pub streams_per_source: u32,
     pub piece_timeout_secs: u64,
     pub io_timeout_secs: u64,
@@ -490,10 +492,30 @@ impl Default for StoreConfig {
     }
 }
 
+impl TransferConfig {
+    /// Streams per source when none is set: 4 (TCP, or one or two rails), or one queue
+    /// pair's window on every RDMA rail, so pieces of one pool slot (which are not striped)
+    /// from one source keep every rail busy too: 16 for 8 rails with `rdma.window` 2.
+    pub fn auto_streams(rails: usize, window: u32) -> u32 {
+        let per_rails = u32::try_from(rails)
+            .unwrap_or(u32::MAX)
+            .saturating_mul(window);
+        per_rails.clamp(4, 128)
+    }
+
+    /// `streams_per_source`, or [`TransferConfig::auto_streams`] when it is 0.
+    pub fn streams_per_source(&self, rails: usize, window: u32) -> u32 {
+        match self.streams_per_source {
+            0 => Self::auto_streams(rails, window),
+            n => n,
+        }
+    }
+}
+
 impl Default for TransferConfig {
     fn default() -> Self {
         TransferConfig {
-            streams_per_source: 4,
+            streams_per_source: 0,
             piece_timeout_secs: 60,
             io_timeout_secs: 10,
             connect_timeout_secs: 5,
@@ -640,11 +662,11 @@ impl Config {
             return invalid("io.threads", self.io.threads, "1 to 16");
         }
         // As many as one queue pair's window can carry at once.
-        if !(1..=128).contains(&self.transfer.streams_per_source) {
+        if self.transfer.streams_per_source > 128 {
             return invalid(
                 "transfer.streams_per_source",
                 self.transfer.streams_per_source,
-                "1 to 128",
+                "0 (follow the rails) or 1 to 128",
             );
         }
         if self.store.max_task_bytes == 0 {
@@ -1325,6 +1347,25 @@ mod tests {
             "[dragonfly]\nannounce_interval_secs = 86401\n",
             "dragonfly.announce_interval_secs",
         );
+    }
+
+    #[test]
+    fn streams_per_source_follows_the_rails_unless_set() {
+        let auto = TransferConfig::default();
+        assert_eq!(auto.streams_per_source, 0);
+        assert_eq!(auto.streams_per_source(0, 2), 4, "TCP only");
+        assert_eq!(auto.streams_per_source(1, 2), 4);
+        assert_eq!(auto.streams_per_source(2, 2), 4);
+        assert_eq!(auto.streams_per_source(8, 2), 16);
+        assert_eq!(auto.streams_per_source(16, 128), 128, "at most 128");
+        let set = TransferConfig {
+            streams_per_source: 2,
+            ..Default::default()
+        };
+        assert_eq!(set.streams_per_source(8, 2), 2, "a value set is kept");
+        let mut config = Config::default();
+        config.transfer.streams_per_source = 129;
+        assert!(config.validate().is_err());
     }
 
     #[test]

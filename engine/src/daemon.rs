@@ -141,8 +141,15 @@ pub async fn serve(config: Config) -> anyhow::Result<()> {
         connect_timeout: Duration::from_secs(transfer.connect_timeout_secs),
         io_timeout: Duration::from_secs(transfer.io_timeout_secs),
     }));
+    let streams_per_source =
+        transfer.streams_per_source(rdma.open_rails().len(), config.rdma.window);
+    tracing::info!(
+        streams_per_source,
+        rails = rdma.open_rails().len(),
+        "pieces in flight per source"
+    );
     let settings = TransferSettings {
-        streams_per_source: transfer.streams_per_source,
+        streams_per_source,
         piece_timeout: Duration::from_secs(transfer.piece_timeout_secs),
         max_attempts: transfer.max_attempts,
         source_failure_limit: transfer.source_failure_limit,
