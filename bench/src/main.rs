@@ -279,6 +279,15 @@ struct PlotArgs {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // The engine's warnings (a rail pair paused, a piece fetched again) go to stderr;
+    // FERRY_BENCH_LOG=debug (an env-filter) says more.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_BENCH_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     if let Bench::Plot(args) = &cli.command {
         return plot::plot(&args.inputs, &args.out_dir);
     }

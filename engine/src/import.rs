@@ -294,11 +294,26 @@ async fn import_opened(
         if running.len() >= IMPORT_DEPTH {
             hasher = hash_next(&mut running, hasher).await?;
         }
-        let buf = store
-            .pool()
-            .acquire_for(crate::io::Budget::Import, piece.length)
-            .await
-            .map_err(StoreError::Pool)?;
+        // The import budget may hold fewer than IMPORT_DEPTH pieces (a small pool, 64 MiB
+        // pieces): waiting for a buffer while the pieces that hold them wait to be hashed
+        // would never end, so the oldest is finished first.
+        let buf = loop {
+            let pool = store.pool();
+            let budget = crate::io::Budget::Import;
+            match pool.try_acquire_for(budget, piece.length) {
+                Ok(Some(buf)) => break buf,
+                Ok(None) if !running.is_empty() => {
+                    hasher = hash_next(&mut running, hasher).await?;
+                }
+                Ok(None) => {
+                    break pool
+                        .acquire_for(budget, piece.length)
+                        .await
+                        .map_err(StoreError::Pool)?
+                }
+                Err(err) => return Err(StoreError::Pool(err).into()),
+            }
+        };
         let (store, task, file, shown) = (
             Arc::clone(store),
             Arc::clone(&task),
@@ -383,4 +398,40 @@ async fn hash_next(
     })
     .await
     .expect("hash task panicked"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::{BufferPool, IoChoice, IoEngine};
+    use std::time::Duration;
+
+    /// Was a hang: 16 MiB pieces from a 64 MiB pool, whose import budget (2 reserved + 6
+    /// common slots of 4 MiB) holds two pieces, fewer than the import's depth of four. The
+    /// third piece waited for a buffer that the first two held until they were hashed, which
+    /// came only after the fourth was started.
+    #[tokio::test]
+    async fn an_import_budget_smaller_than_the_import_depth_does_not_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = BufferPool::new(4 << 20, 16).unwrap();
+        let io = IoEngine::start(&pool, IoChoice::Auto, 1).unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("store"), pool, io, false).unwrap());
+        let path = dir.path().join("model.bin");
+        let bytes: Vec<u8> = (0..64u32 << 20).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&path, &bytes).unwrap();
+        let options = ImportOptions {
+            piece_length: 16 << 20,
+            ..Default::default()
+        };
+        let imported = tokio::time::timeout(
+            Duration::from_secs(60),
+            import_file(&store, &path, &options),
+        )
+        .await
+        .expect("the import finishes");
+        let (task, _) = imported.unwrap();
+        assert_eq!(task.geometry().piece_count(), 4);
+        assert!((0..4).all(|n| task.held(n).is_some()));
+        assert_eq!(store.pool().free_slots(), 16, "every buffer went back");
+    }
 }

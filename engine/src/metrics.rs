@@ -459,7 +459,7 @@ impl Metrics {
         );
         registry.register(
             "rdma_rail_pieces",
-            "Pieces carried over RDMA, by local rail and direction",
+            "Pieces carried over RDMA, by local rail and direction (each stripe of a piece striped over rail pairs counts on its rail)",
             metrics.rdma_rail_pieces.clone(),
         );
         registry.register(
