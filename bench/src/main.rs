@@ -143,6 +143,11 @@ struct RdmaArgs {
     /// Times the whole task is fetched for the into-memory figure.
     #[arg(long, default_value_t = 2)]
     rounds: u32,
+    /// Pieces Ferry keeps in flight [default: a window on each queue pair of each rail pair,
+    /// window x queue pairs x rails]; fewer than the rail pairs shows what striping one
+    /// piece over them gives.
+    #[arg(long)]
+    in_flight: Option<u64>,
     /// Rounds of Ferry and ib_write_bw taking turns; medians are compared.
     #[arg(long, default_value_t = 3)]
     repeat: usize,
@@ -716,15 +721,17 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
         .plan()?
         .context("give --server-device, --client-device and --server-addr (or run inside scripts/rxe-vm.sh, which sets FERRY_RXE_DEV0/DEV1/ADDR0, and with --rails N the rail lists)")?;
     let rails = plan.rails.len();
-    // A window on each queue pair of each rail pair.
-    let in_flight = (args.window * args.queue_pairs * rails) as u64;
+    // A window on each queue pair of each rail pair, unless asked for.
+    let in_flight = (args.in_flight)
+        .unwrap_or((args.window * args.queue_pairs * rails) as u64)
+        .max(1);
     let mut report = Report::new(
         "rdma",
         json!({
             "size_bytes": args.size_mib * MIB, "piece_length": args.piece_mib * MIB,
             "chunk_bytes": plan.chunk_bytes(), "window": args.window,
             "queue_pairs": args.queue_pairs, "rounds": args.rounds, "repeat": args.repeat,
-            "rails": rails, "stripe_pieces": plan.stripe_pieces,
+            "rails": rails, "stripe_pieces": plan.stripe_pieces, "in_flight": in_flight,
             "server_device": plan.rails[0].server_device,
             "client_device": plan.rails[0].client_device,
             "server_devices": plan.server_devices(), "client_devices": plan.client_devices(),
@@ -734,12 +741,13 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
         return two_hosts(dir, args, &plan, report).await;
     }
     println!(
-        "== rdma: {} MiB task, {} MiB pieces, {} KiB writes, window {} x {} queue pairs x {rails} rail pair(s): {}",
+        "== rdma: {} MiB task, {} MiB pieces, {} KiB writes, window {} x {} queue pairs x {rails} rail pair(s), {in_flight} piece(s) in flight, {}: {}",
         args.size_mib,
         args.piece_mib,
         plan.chunk_kib,
         args.window,
         args.queue_pairs,
+        if plan.stripe_pieces { "pieces striped over the rail pairs" } else { "whole pieces" },
         plan.describe()
     );
     let rig = Rig::start(dir, pool_mib(in_flight, args.piece_mib), Some(&plan)).await?;
