@@ -427,6 +427,88 @@ async fn a_rail_whose_link_goes_down_mid_transfer_is_paused_while_the_other_carr
     );
 }
 
+/// The same with striped pieces (16 MiB, four slots; two in flight, so most are split over
+/// both rail pairs): a stripe on the rail whose link goes down fails, its piece is fetched
+/// again over RDMA on the rail that works (whole: one pair is left), the transfer completes
+/// byte-identical with no TCP piece, and the failed pair is reported paused.
+#[tokio::test(flavor = "multi_thread")]
+#[ignore = "needs soft-RoCE with two rails: scripts/rxe-vm.sh --rails 2 runs it"]
+async fn a_rail_whose_link_goes_down_under_striped_pieces_is_paused_and_the_pieces_fetched_again() {
+    const SIZE: u64 = 256 * MIB;
+    const PIECE: u64 = 16 * MIB;
+    let (a, b) = (host_devices("A"), host_devices("B"));
+    let root = scratch("rails-stripe-failover");
+    let source = root.path().join("model.bin");
+    random_file(&source, SIZE, 68);
+    let config = "[rdma]\nrail_pause_secs = 60\nrail_max_pause_secs = 60\n\
+                  [transfer]\nstreams_per_source = 2\npiece_timeout_secs = 120\nmax_attempts = 8\n";
+    let seed = rails_daemon(root.path(), "seed", "A", 2, "").await;
+    let receiver = rails_daemon(root.path(), "receiver", "B", 2, config).await;
+    let task = seed
+        .client()
+        .await
+        .import_task(proto::ImportTaskRequest {
+            path: source.display().to_string(),
+            piece_length: PIECE,
+            ..Default::default()
+        })
+        .await
+        .expect("import")
+        .into_inner();
+    let output = root.path().join("copy.bin");
+    let request = pull_request(&task.task_id, &[&seed.data_address], &output);
+    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
+    let mut client = receiver.client().await;
+    let pull = tokio::spawn(async move {
+        let mut first_piece = Some(first_piece);
+        transfer(&mut client, request, |_| {
+            if let Some(tx) = first_piece.take() {
+                let _ = tx.send(());
+            }
+        })
+        .await
+    });
+    got_first_piece.await.unwrap();
+    let striped_before = metric(&receiver.scrape().await, "ferry_rdma_pieces_striped_total");
+    set_link("veth2", "down");
+    let result = pull.await.unwrap();
+    set_link("veth2", "up");
+    let result = result.unwrap();
+    let summary = result.summary.clone().unwrap();
+    let scraped = receiver.scrape().await;
+    let (rail0, rail1) = (rail_of(&b[0]), rail_of(&b[1]));
+    eprintln!(
+        "striped pieces, rail 1 down: by rail {:?}, striped {:?} (before the link went down {:?}), reissued {:?}",
+        bytes_by_rail(&result),
+        metric(&scraped, "ferry_rdma_pieces_striped_total"),
+        striped_before,
+        metric(&scraped, "ferry_rdma_pieces_reissued_total"),
+    );
+    assert!(same_contents(&source, &output));
+    assert_eq!(u64::from(summary.pieces_fetched), SIZE / PIECE);
+    assert!(
+        result.pieces.iter().all(|p| p.transport == "rdma"),
+        "no piece went over TCP while rail 0 worked"
+    );
+    assert_eq!(summary.rdma_fallbacks, 0);
+    assert!(striped_before.unwrap_or(0.0) >= 1.0, "pieces were striped");
+    assert_eq!(
+        rail_metric(&scraped, "ferry_rdma_rail_paused_pairs", &rail1),
+        1.0,
+        "rail 1 is reported down"
+    );
+    assert_eq!(
+        rail_metric(&scraped, "ferry_rdma_rail_paused_pairs", &rail0),
+        0.0
+    );
+    // While rail 1 is paused (60 s), pieces go whole on rail 0.
+    let pair0 = format!("{rail0}>{}", rail_of(&a[0]));
+    assert!(
+        result.pieces.iter().any(|p| p.rail == pair0),
+        "pieces after the failure went whole on rail 0"
+    );
+}
+
 /// A host with two rails pulling from one with one: the one rail pair that exists carries
 /// every piece; the receiver's other rail carries nothing.
 #[tokio::test(flavor = "multi_thread")]
