@@ -303,6 +303,20 @@ impl Daemon {
         self.import_as(path, "").await
     }
 
+    /// Imports a file cut into pieces of `piece_length` bytes and returns the task.
+    pub async fn import_in_pieces(&self, path: &Path, piece_length: u64) -> proto::Task {
+        self.client()
+            .await
+            .import_task(proto::ImportTaskRequest {
+                path: path.display().to_string(),
+                piece_length,
+                ..Default::default()
+            })
+            .await
+            .expect("import")
+            .into_inner()
+    }
+
     /// Imports a file under `url` (the task id is Dragonfly's for it; a Dragonfly peer
     /// announces it as a candidate parent) and returns the task.
     pub async fn import_as(&self, path: &Path, url: &str) -> proto::Task {
@@ -356,6 +370,29 @@ pub fn pull_request(
         output_path: output.display().to_string(),
         ..Default::default()
     }
+}
+
+/// Starts `request` on `daemon` in a task of its own; the receiver resolves when its first
+/// piece is in (so a test can act while the rest are in flight).
+pub async fn spawn_transfer_noting_first_piece(
+    daemon: &Daemon,
+    request: proto::TransferPiecesRequest,
+) -> (
+    tokio::task::JoinHandle<Result<Transfer, tonic::Status>>,
+    tokio::sync::oneshot::Receiver<()>,
+) {
+    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
+    let mut client = daemon.client().await;
+    let running = tokio::spawn(async move {
+        let mut first_piece = Some(first_piece);
+        transfer(&mut client, request, |_| {
+            if let Some(tx) = first_piece.take() {
+                let _ = tx.send(());
+            }
+        })
+        .await
+    });
+    (running, got_first_piece)
 }
 
 /// Runs a transfer to the end; `on_piece` sees each piece result as it arrives.

@@ -243,17 +243,7 @@ async fn one_piece_in_flight_is_striped_over_both_rails() {
         "[transfer]\nstreams_per_source = 1\n",
     )
     .await;
-    let task = seed
-        .client()
-        .await
-        .import_task(proto::ImportTaskRequest {
-            path: source.display().to_string(),
-            piece_length: PIECE,
-            ..Default::default()
-        })
-        .await
-        .expect("import")
-        .into_inner();
+    let task = seed.import_in_pieces(&source, PIECE).await;
     let output = root.path().join("copy.bin");
     let result = transfer(
         &mut receiver.client().await,
@@ -338,17 +328,7 @@ async fn a_rail_whose_link_goes_down_mid_transfer_is_paused_while_the_other_carr
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
     let request = pull_request(&task.task_id, &[&seed.data_address], &output);
-    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
-    let mut client = receiver.client().await;
-    let pull = tokio::spawn(async move {
-        let mut first_piece = Some(first_piece);
-        transfer(&mut client, request, |_| {
-            if let Some(tx) = first_piece.take() {
-                let _ = tx.send(());
-            }
-        })
-        .await
-    });
+    let (pull, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
     got_first_piece.await.unwrap();
     // veth2 carries rxe2, host A's rail 1 (scripts/rxe-vm.sh).
     set_link("veth2", "down");
@@ -444,30 +424,10 @@ async fn a_rail_whose_link_goes_down_under_striped_pieces_is_paused_and_the_piec
                   [transfer]\nstreams_per_source = 2\npiece_timeout_secs = 120\nmax_attempts = 8\n";
     let seed = rails_daemon(root.path(), "seed", "A", 2, "").await;
     let receiver = rails_daemon(root.path(), "receiver", "B", 2, config).await;
-    let task = seed
-        .client()
-        .await
-        .import_task(proto::ImportTaskRequest {
-            path: source.display().to_string(),
-            piece_length: PIECE,
-            ..Default::default()
-        })
-        .await
-        .expect("import")
-        .into_inner();
+    let task = seed.import_in_pieces(&source, PIECE).await;
     let output = root.path().join("copy.bin");
     let request = pull_request(&task.task_id, &[&seed.data_address], &output);
-    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
-    let mut client = receiver.client().await;
-    let pull = tokio::spawn(async move {
-        let mut first_piece = Some(first_piece);
-        transfer(&mut client, request, |_| {
-            if let Some(tx) = first_piece.take() {
-                let _ = tx.send(());
-            }
-        })
-        .await
-    });
+    let (pull, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
     got_first_piece.await.unwrap();
     let striped_before = metric(&receiver.scrape().await, "ferry_rdma_pieces_striped_total");
     set_link("veth2", "down");

@@ -108,29 +108,6 @@ fn rdma_work(scraped: &str, side: &str, kind: &str) -> f64 {
     .unwrap_or_else(|| panic!("no {side} {kind} in {scraped}"))
 }
 
-/// Starts `request` on `daemon` in a task of its own; the receiver resolves when its first
-/// piece is in (so a test can act while the rest are in flight).
-async fn spawn_transfer_noting_first_piece(
-    daemon: &Daemon,
-    request: proto::TransferPiecesRequest,
-) -> (
-    tokio::task::JoinHandle<Result<Transfer, tonic::Status>>,
-    tokio::sync::oneshot::Receiver<()>,
-) {
-    let (first_piece, got_first_piece) = tokio::sync::oneshot::channel();
-    let mut client = daemon.client().await;
-    let running = tokio::spawn(async move {
-        let mut first_piece = Some(first_piece);
-        transfer(&mut client, request, |_| {
-            if let Some(tx) = first_piece.take() {
-                let _ = tx.send(());
-            }
-        })
-        .await
-    });
-    (running, got_first_piece)
-}
-
 /// Waits (at most a minute) until every buffer of `daemon`'s pool is free again; returns its
 /// metrics then.
 async fn pool_whole(daemon: &Daemon) -> String {

@@ -512,7 +512,10 @@ fn a_bad_value_is_refused_naming_the_key_and_what_is_allowed() {
         (
             "",
             &["--streams-per-source", "129"],
-            &["transfer.streams_per_source", "0 (follow the rails) or 1 to 128"],
+            &[
+                "transfer.streams_per_source",
+                "0 (follow the rails) or 1 to 128",
+            ],
         ),
         (
             "control = \"relative.sock\"\n",
