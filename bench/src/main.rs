@@ -109,6 +109,16 @@ struct RdmaDevices {
     /// by default a piece of several pool slots is striped over the rail pairs.
     #[arg(long)]
     whole_pieces: bool,
+    /// How each device's completion thread waits (the daemon's `rdma.poll`): event sleeps on
+    /// the completion channel, busy polls its completion queues (as ib_write_bw does).
+    #[arg(long, value_enum, default_value_t = PollArg::Event)]
+    poll: PollArg,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum PollArg {
+    Event,
+    Busy,
 }
 
 impl RdmaDevices {
@@ -121,6 +131,10 @@ impl RdmaDevices {
             rails: self.rails,
             chunk_kib: self.chunk_kib,
             stripe_pieces: !self.whole_pieces,
+            poll: match self.poll {
+                PollArg::Event => ferry_engine::config::RdmaPoll::Event,
+                PollArg::Busy => ferry_engine::config::RdmaPoll::Busy,
+            },
         })
     }
 }
@@ -732,6 +746,7 @@ async fn bench_rdma(dir: &Path, args: &RdmaArgs) -> anyhow::Result<Report> {
             "chunk_bytes": plan.chunk_bytes(), "window": args.window,
             "queue_pairs": args.queue_pairs, "rounds": args.rounds, "repeat": args.repeat,
             "rails": rails, "stripe_pieces": plan.stripe_pieces, "in_flight": in_flight,
+            "poll": format!("{:?}", plan.poll),
             "server_device": plan.rails[0].server_device,
             "client_device": plan.rails[0].client_device,
             "server_devices": plan.server_devices(), "client_devices": plan.client_devices(),

@@ -4,7 +4,7 @@
 
 use crate::report::{Measured, Stopwatch};
 use anyhow::{bail, Context};
-use ferry_engine::config::RdmaConfig;
+use ferry_engine::config::{RdmaConfig, RdmaPoll};
 use ferry_engine::geometry::{self, Geometry};
 use ferry_engine::import::{import_file, ImportOptions};
 use ferry_engine::io::{
@@ -43,6 +43,8 @@ pub struct RdmaPlan {
     pub chunk_kib: u32,
     /// Stripe pieces of several slots over the rail pairs (`rdma.stripe_pieces`).
     pub stripe_pieces: bool,
+    /// How each device's completion thread waits (`rdma.poll`).
+    pub poll: RdmaPoll,
 }
 
 /// Where the rail pairs come from: flags, else the variables `scripts/rxe-vm.sh` sets.
@@ -54,6 +56,7 @@ pub struct PlanRequest {
     pub rails: Option<usize>,
     pub chunk_kib: u32,
     pub stripe_pieces: bool,
+    pub poll: RdmaPoll,
 }
 
 impl RdmaPlan {
@@ -127,6 +130,7 @@ impl RdmaPlan {
                 .collect(),
             chunk_kib: request.chunk_kib,
             stripe_pieces: request.stripe_pieces,
+            poll: request.poll,
         }))
     }
 
@@ -224,11 +228,13 @@ fn pool(pool_mib: u64) -> anyhow::Result<Arc<BufferPool>> {
 fn registered_host(
     pool: &Arc<BufferPool>,
     devices: &[String],
+    poll: RdmaPoll,
     side: &str,
     registrations: &mut Vec<Registration>,
 ) -> anyhow::Result<Arc<RdmaHost>> {
     let config = RdmaConfig {
         devices: devices.to_vec(),
+        poll,
         ..Default::default()
     };
     let host = RdmaHost::start(&config, pool);
@@ -261,12 +267,14 @@ impl Rig {
                 Some(registered_host(
                     &seed_pool,
                     &plan.server_devices(),
+                    plan.poll,
                     "seed",
                     &mut registrations,
                 )?),
                 Some(registered_host(
                     &receiver_pool,
                     &plan.client_devices(),
+                    plan.poll,
                     "receiver",
                     &mut registrations,
                 )?),
@@ -633,7 +641,13 @@ pub async fn store_pieces(
 pub fn time_registration(device: &str, pool_mib: u64) -> anyhow::Result<Vec<Registration>> {
     let pool = pool(pool_mib)?;
     let mut registrations = Vec::new();
-    registered_host(&pool, &[device.to_owned()], "timed", &mut registrations)?;
+    registered_host(
+        &pool,
+        &[device.to_owned()],
+        RdmaPoll::Event,
+        "timed",
+        &mut registrations,
+    )?;
     Ok(registrations)
 }
 
@@ -655,6 +669,7 @@ mod tests {
             rails,
             chunk_kib: 1024,
             stripe_pieces: true,
+            poll: RdmaPoll::Event,
         }
     }
 
