@@ -8,6 +8,7 @@ mod requests;
 mod serve;
 mod served;
 mod session;
+mod stripe;
 mod transport;
 
 pub use host::{pool_layout, Discovered, LocalRail, RdmaHost, RdmaStatus};
@@ -45,7 +46,9 @@ use std::time::Duration;
 //
 // Up to `window` pieces are in flight on one queue pair, over up to `queue_pairs` queue pairs
 // per rail pair; pieces are spread over the rail pairs by measured throughput, and a rail pair
-// that fails is paused while the others carry on (`rails.rs`). The source reads the next
+// that fails is paused while the others carry on (`rails.rs`). A piece of several pool slots
+// is striped over the rail pairs that have room (`stripe.rs`): a Fetch with a byte range on
+// each, the same exchange per stripe, one digest pass over the joined piece. The source reads the next
 // pieces while earlier ones are on the wire. A fetch dropped while its windows are bound
 // leaves them to its session, which takes them back once the source answered.
 

@@ -14,7 +14,7 @@ use crate::metrics::Metrics;
 use crate::transport::{Fetched, FetchedPiece, PieceTransport, RailShare, TransportError};
 use ferry_rdma::rails::matching::{match_rails, RailAd};
 use ferry_rdma::rails::wire::Features;
-use ferry_rdma::wire::{self, ByteRange, Message};
+use ferry_rdma::wire::{self, Message};
 use ferry_rdma::{Connection, ConnectionConfig, RdmaError};
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -455,9 +455,9 @@ impl PieceTransport for RdmaTransport {
 }
 
 /// What one fetch on one lane brought: the digest the source advertised, and the lane.
-struct Carried {
-    digest: String,
-    lane: usize,
+pub(super) struct Carried {
+    pub(super) digest: String,
+    pub(super) lane: usize,
 }
 
 impl RdmaTransport {
@@ -498,110 +498,12 @@ impl RdmaTransport {
         digested(back, result).await
     }
 
-    /// A piece striped over several lanes: the buffer split at the stripes' bounds, each part
-    /// fetched on its lane at once (a range fetch each), then joined again. The piece fails if
-    /// a stripe does (after every stripe has ended, so no part is still with a device); its
-    /// buffer comes back only if every part did.
-    async fn fetch_striped(
-        &self,
-        peer: &PeerRails,
-        task_id: &str,
-        piece: PieceRange,
-        mut buf: PieceBuffer,
-        stripes: Vec<Pick>,
-    ) -> Fetched {
-        let mut ranges = Vec::with_capacity(stripes.len());
-        let mut offset = 0;
-        for pick in &stripes {
-            ranges.push(ByteRange {
-                offset,
-                length: pick.bytes(),
-            });
-            offset += pick.bytes();
-        }
-        debug_assert_eq!(offset, piece.length, "the stripes cover the piece");
-        // Split from the end, so each split keeps the stripes before it.
-        let mut parts: Vec<PieceBuffer> = Vec::with_capacity(ranges.len());
-        for range in ranges.iter().skip(1).rev() {
-            parts.push(buf.split_off(range.offset as usize));
-        }
-        parts.push(buf);
-        parts.reverse();
-        self.metrics.rdma_piece_striped(stripes.len());
-        let lengths: Vec<u64> = ranges.iter().map(|r| r.length).collect();
-        let fetches = (stripes.into_iter().zip(ranges).zip(parts)).map(|((pick, range), part)| {
-            let wanted = Wanted {
-                piece,
-                range: Some(range),
-            };
-            self.fetch_on_lanes(peer, task_id, wanted, part, Some(pick))
-        });
-        let ended = futures_util::future::join_all(fetches).await;
-        let mut whole: Option<PieceBuffer> = None;
-        let mut lost_a_part = false;
-        let mut failure = None;
-        let mut digest: Option<String> = None;
-        let mut shares: Vec<RailShare> = Vec::new();
-        for ((back, carried), bytes) in ended.into_iter().zip(lengths) {
-            match back {
-                Some(part) if !lost_a_part => match whole.as_mut() {
-                    Some(joined) => joined.join(part),
-                    None => whole = Some(part),
-                },
-                // Dropped: back to the pool, or to quarantine while a device may hold it.
-                Some(_) => {}
-                None => {
-                    lost_a_part = true;
-                    whole = None;
-                }
-            }
-            match carried {
-                Ok(carried) if failure.is_none() => {
-                    if digest.as_ref().is_some_and(|d| *d != carried.digest) {
-                        failure = Some(TransportError::Failed(format!(
-                            "rdma: {} advertised two digests for piece {} ({} and {})",
-                            peer.source,
-                            piece.number,
-                            digest.as_deref().unwrap_or_default(),
-                            carried.digest
-                        )));
-                        continue;
-                    }
-                    shares.push(RailShare {
-                        rail: peer.lanes[carried.lane].label(),
-                        bytes,
-                    });
-                    digest = Some(carried.digest);
-                }
-                Ok(_) => {}
-                Err(err) => {
-                    failure.get_or_insert(err);
-                }
-            }
-        }
-        let result = match failure {
-            Some(err) => Err(err),
-            None => Ok((digest.expect("at least two stripes"), shares)),
-        };
-        match whole {
-            Some(buf) => digested(Some(buf), result).await,
-            None => Fetched {
-                buf: None,
-                result: result.and_then(|_| {
-                    Err(TransportError::Failed(
-                        "rdma: a stripe's buffer was not released by its device".into(),
-                    ))
-                }),
-            },
-        }
-    }
-
     /// Fetches `wanted` into `buf` over the lanes to `peer`: on `first` when given (a
     /// stripe's lane), else on the lane the balancer picks; again on another lane while every
     /// queue pair of the picked one is full. A whole piece whose buffer lies in another pool
     /// part than the picked rail's is moved to a buffer there, or goes on a rail that reaches
     /// it; a stripe, a part of a buffer shared with the other stripes, always does the latter.
-    async fn fetch_on_lanes(
+    pub(super) async fn fetch_on_lanes(
         &self,
         peer: &PeerRails,
         task_id: &str,
@@ -725,7 +627,7 @@ impl RdmaTransport {
 
 /// The one digest pass over a fetched piece, over the bytes the NICs wrote (4 ms for 64 MiB),
 /// on the blocking pool: no runtime worker (other sessions' tasks, sendfile) waits behind it.
-async fn digested(
+pub(super) async fn digested(
     back: Option<PieceBuffer>,
     result: Result<(String, Vec<RailShare>), TransportError>,
 ) -> Fetched {
