@@ -188,6 +188,7 @@ pub struct Metrics {
     rdma_buffers_moved_to_rail_node: Counter,
     rdma_pieces_striped: Counter,
     rdma_stripes: Counter,
+    rdma_stripes_reissued: Counter,
     rdma_registered_bytes: Gauge,
     buffer_pool_bytes: Gauge,
     buffer_pool_free_bytes: Gauge,
@@ -274,6 +275,7 @@ impl Metrics {
             rdma_buffers_moved_to_rail_node: Counter::default(),
             rdma_pieces_striped: Counter::default(),
             rdma_stripes: Counter::default(),
+            rdma_stripes_reissued: Counter::default(),
             rdma_registered_bytes: Gauge::default(),
             buffer_pool_bytes: Gauge::default(),
             buffer_pool_free_bytes: Gauge::default(),
@@ -506,6 +508,11 @@ impl Metrics {
             "rdma_stripes",
             "Stripes those pieces were fetched in (each one fetch, one request and one answer on its rail pair)",
             metrics.rdma_stripes.clone(),
+        );
+        registry.register(
+            "rdma_stripes_reissued",
+            "Stripes whose rail pair failed, fetched again on another pair while the piece's other stripes were kept",
+            metrics.rdma_stripes_reissued.clone(),
         );
         registry.register_with_unit(
             "rdma_registered",
@@ -932,6 +939,11 @@ impl Metrics {
 
     pub fn rdma_buffer_moved_to_rail_node(&self) {
         self.rdma_buffers_moved_to_rail_node.inc();
+    }
+
+    /// `stripes` stripes of a piece fetched again after their rail pairs failed.
+    pub fn rdma_stripes_reissued(&self, stripes: usize) {
+        self.rdma_stripes_reissued.inc_by(stripes as u64);
     }
 
     /// A piece fetched in `stripes` stripes over as many rail pairs.

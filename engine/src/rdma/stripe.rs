@@ -13,9 +13,10 @@ use ferry_rdma::wire::ByteRange;
 
 impl RdmaTransport {
     /// A piece striped over several lanes: the buffer split at the stripes' bounds, each part
-    /// fetched on its lane at once (a range fetch each), then joined again. The piece fails if
-    /// a stripe does (after every stripe has ended, so no part is still with a device); its
-    /// buffer comes back only if every part did.
+    /// fetched on its lane at once (a range fetch each), then joined again. A stripe that
+    /// fails is fetched again once on another lane; the piece fails if it fails again (after
+    /// every stripe has ended, so no part is still with a device). Its buffer comes back only
+    /// if every part did.
     pub(super) async fn fetch_striped(
         &self,
         peer: &PeerRails,
@@ -43,14 +44,42 @@ impl RdmaTransport {
         parts.reverse();
         self.metrics.rdma_piece_striped(stripes.len());
         let lengths: Vec<u64> = ranges.iter().map(|r| r.length).collect();
-        let fetches = (stripes.into_iter().zip(ranges).zip(parts)).map(|((pick, range), part)| {
-            let wanted = Wanted {
+        let wanted: Vec<Wanted> = (ranges.iter())
+            .map(|&range| Wanted {
                 piece,
                 range: Some(range),
-            };
-            self.fetch_on_lanes(peer, task_id, wanted, part, Some(pick))
-        });
-        let ended = futures_util::future::join_all(fetches).await;
+            })
+            .collect();
+        let fetches =
+            (stripes.into_iter().zip(&wanted).zip(parts)).map(|((pick, &wanted), part)| {
+                self.fetch_on_lanes(peer, task_id, wanted, part, Some(pick))
+            });
+        let mut ended = futures_util::future::join_all(fetches).await;
+        // A stripe whose rail pair failed (its buffer back: no device holds it) is fetched
+        // again once, at once, on a pair that is up, while the other stripes' bytes are kept;
+        // not when the source said it does not hold the piece.
+        let not_held = (ended.iter()).any(|(_, r)| matches!(r, Err(TransportError::NotHeld(_))));
+        let again: Vec<usize> = (0..ended.len())
+            .filter(|&i| {
+                let (back, result) = &ended[i];
+                back.is_some()
+                    && matches!(
+                        result,
+                        Err(TransportError::Failed(_) | TransportError::Unreachable(_))
+                    )
+            })
+            .collect();
+        if !again.is_empty() && !not_held && peer.usable(std::time::Instant::now()) {
+            self.metrics.rdma_stripes_reissued(again.len());
+            let retries = again.iter().map(|&i| {
+                let part = ended[i].0.take().expect("a buffer that came back");
+                self.fetch_on_lanes(peer, task_id, wanted[i], part, None)
+            });
+            let retried = futures_util::future::join_all(retries).await;
+            for (i, outcome) in again.into_iter().zip(retried) {
+                ended[i] = outcome;
+            }
+        }
         let mut whole: Option<PieceBuffer> = None;
         let mut lost_a_part = false;
         let mut failure = None;
