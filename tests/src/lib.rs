@@ -358,6 +358,18 @@ pub struct Transfer {
     pub summary: Option<proto::TransferSummary>,
 }
 
+/// Pulls `task_id` from `sources` into `output` on `receiver`, waiting for the transfer to
+/// end; panics if it fails.
+pub async fn pull(receiver: &Daemon, task_id: &str, sources: &[&str], output: &Path) -> Transfer {
+    transfer(
+        &mut receiver.client().await,
+        pull_request(task_id, sources, output),
+        |_| {},
+    )
+    .await
+    .unwrap()
+}
+
 /// A transfer request for every piece of `task_id` into `output`.
 pub fn pull_request(
     task_id: &str,

@@ -233,13 +233,7 @@ async fn outputs_get_the_configured_mode_owner_and_group() {
     )
     .await;
     let placed = out.join("model.bin");
-    let done = transfer(
-        &mut receiver.client().await,
-        pull_request(&task_id, &[&seed.data_address], &placed),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let done = pull(&receiver, &task_id, &[&seed.data_address], &placed).await;
     let summary = done.summary.unwrap();
     // A hard link would hand the store's own file to uid 4242: a copy instead.
     assert_ne!(summary.placement, "hard link", "{summary:?}");

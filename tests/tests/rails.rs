@@ -157,13 +157,7 @@ async fn a_pull_between_two_hosts_with_two_rails_carries_bytes_on_both() {
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
     let before: Vec<(u64, u64)> = b.iter().take(2).map(|d| device_packets(d)).collect();
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     let after: Vec<(u64, u64)> = b.iter().take(2).map(|d| device_packets(d)).collect();
     let summary = result.summary.clone().unwrap();
     assert!(same_contents(&source, &output));
@@ -247,13 +241,7 @@ async fn a_piece_in_flight_alone_is_striped_over_both_rails() {
     .await;
     let task = seed.import_in_pieces(&source, PIECE).await;
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     let summary = result.summary.clone().unwrap();
     assert!(same_contents(&source, &output));
     let pieces = SIZE / PIECE;
@@ -332,11 +320,11 @@ async fn a_rail_whose_link_goes_down_mid_transfer_is_paused_while_the_other_carr
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
     let request = pull_request(&task.task_id, &[&seed.data_address], &output);
-    let (pull, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
+    let (running, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
     got_first_piece.await.unwrap();
     // veth2 carries rxe2, host A's rail 1 (scripts/rxe-vm.sh).
     set_link("veth2", "down");
-    let result = pull.await.unwrap().unwrap();
+    let result = running.await.unwrap().unwrap();
     let summary = result.summary.clone().unwrap();
     let scraped = receiver.scrape().await;
     let (rail0, rail1) = (rail_of(&b[0]), rail_of(&b[1]));
@@ -380,13 +368,7 @@ async fn a_rail_whose_link_goes_down_mid_transfer_is_paused_while_the_other_carr
     let next_task = seed.import(&next).await;
     let before = receiver.scrape().await;
     let again = root.path().join("again.bin");
-    let second = transfer(
-        &mut receiver.client().await,
-        pull_request(&next_task.task_id, &[&seed.data_address], &again),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let second = pull(&receiver, &next_task.task_id, &[&seed.data_address], &again).await;
     assert!(same_contents(&next, &again));
     assert_eq!(second.summary.as_ref().unwrap().pieces_fetched, 64);
     assert!(second.pieces.iter().all(|p| p.transport == "rdma"));
@@ -431,11 +413,11 @@ async fn a_rail_whose_link_goes_down_under_striped_pieces_is_paused_and_the_piec
     let task = seed.import_in_pieces(&source, PIECE).await;
     let output = root.path().join("copy.bin");
     let request = pull_request(&task.task_id, &[&seed.data_address], &output);
-    let (pull, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
+    let (running, got_first_piece) = spawn_transfer_noting_first_piece(&receiver, request).await;
     got_first_piece.await.unwrap();
     let striped_before = metric(&receiver.scrape().await, "ferry_rdma_pieces_striped_total");
     set_link("veth2", "down");
-    let result = pull.await.unwrap();
+    let result = running.await.unwrap();
     set_link("veth2", "up");
     let result = result.unwrap();
     let summary = result.summary.clone().unwrap();
@@ -494,13 +476,7 @@ async fn a_host_with_two_rails_pulls_from_one_with_one_over_the_pair_that_exists
     let receiver = rails_daemon(root.path(), "receiver", "B", 2, "").await;
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     assert!(same_contents(&source, &output));
     assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
     let pair = format!("{}>{}", rail_of(&b[0]), rail_of(&a[0]));
@@ -599,13 +575,7 @@ async fn rails_on_two_numa_nodes_split_the_pool_and_each_registers_its_part() {
     }
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     let summary = result.summary.clone().unwrap();
     assert!(same_contents(&source, &output));
     assert!(result.pieces.iter().all(|p| p.transport == "rdma"));

@@ -183,13 +183,7 @@ async fn pieces_move_over_rdma_between_two_daemons() {
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
     let started = Instant::now();
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     let summary = result.summary.unwrap();
     eprintln!("256 MiB over rdma in {:?}", started.elapsed());
     assert_eq!(summary.pieces_fetched, 64);
@@ -301,13 +295,7 @@ async fn a_daemon_without_rdma_is_reached_over_tcp() {
     assert!(rdma_available(&receiver).await);
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     assert!(result.pieces.iter().all(|p| p.transport == "tcp"));
     assert_eq!(
         result.summary.unwrap().rdma_fallbacks,
@@ -664,13 +652,7 @@ async fn a_source_writing_after_its_credit_returned_is_refused() {
     let seed = rdma_daemon(root.path(), "seed", 0, NO_FLAGS).await;
     let task = seed.import(&source).await;
     let next = root.path().join("next-copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &next),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &next).await;
     assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
     assert!(same_contents(&source, &next));
 }
@@ -831,13 +813,7 @@ async fn a_gid_that_is_not_the_peers_address_is_refused_and_the_rail_pauses() {
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
     let started = Instant::now();
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     let summary = result.summary.unwrap();
     eprintln!(
         "64 MiB with a lying rail in {:?}, {} RDMA fallbacks, {} lying accepts",
@@ -1238,13 +1214,7 @@ async fn pieces_move_over_rdma_with_busy_polling_completion_threads() {
     );
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     assert_eq!(result.summary.unwrap().pieces_fetched, 16);
     assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
     assert!(same_contents(&source, &output));
@@ -1284,13 +1254,7 @@ async fn a_piece_of_four_slots_is_granted_through_one_window() {
         .unwrap()
         .into_inner();
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     assert_eq!(result.summary.unwrap().pieces_fetched, 4);
     assert!(result.pieces.iter().all(|p| p.transport == "rdma"));
     assert!(same_contents(&source, &output));
@@ -1341,13 +1305,7 @@ async fn a_hundred_pieces_are_in_flight_on_one_queue_pair() {
         rdma_daemon_with_pool(root.path(), "receiver", 1, &receiver_args, Some(640)).await;
     let task = seed.import(&source).await;
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     let summary = result.summary.unwrap();
     assert_eq!(summary.pieces_fetched, 100);
     let not_rdma = result
@@ -1465,13 +1423,7 @@ async fn a_piece_cold_on_disk_is_served_over_rdma_without_a_cpu_copy() {
     let before = seed.scrape().await;
     assert_eq!(metric(&before, "ferry_serve_reads_total"), Some(0.0));
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     let summary = result.summary.unwrap();
     let pieces = (COLD_SIZE / (4 * MIB)) as u32;
     assert_eq!(summary.pieces_fetched, pieces);

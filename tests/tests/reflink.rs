@@ -199,13 +199,7 @@ async fn an_import_on_xfs_with_reflinks_is_a_clone_and_from_ext4_a_copy() {
     std::fs::write(&on_xfs, vec![0xee; MIB as usize]).unwrap();
     let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
     let output = root.path().join("pulled.bin");
-    let pulled = transfer(
-        &mut receiver.client().await,
-        pull_request(&task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let pulled = pull(&receiver, &task_id, &[&seed.data_address], &output).await;
     assert_eq!(pulled.summary.unwrap().bytes_fetched, SIZE);
     assert!(
         same_contents(&on_ext4, &output),

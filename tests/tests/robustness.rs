@@ -69,13 +69,7 @@ async fn garbage_on_the_data_port_closes_only_that_connection() {
     // The daemon still serves a real transfer.
     let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
     let output = root.path().join("out.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&addr], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&addr], &output).await;
     assert_eq!(result.summary.unwrap().pieces_fetched, 5);
     assert!(same_contents(&source, &output));
 }

@@ -688,13 +688,7 @@ async fn data_port_caps_connections_per_peer_and_in_total() {
     )
     .await;
     let output = root.path().join("copy.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task.task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task.task_id, &[&seed.data_address], &output).await;
     assert_eq!(result.summary.unwrap().pieces_fetched, 3);
     assert!(same_contents(&source, &output));
 }

@@ -110,13 +110,7 @@ async fn sigterm_during_a_transfer_drains_and_a_restart_fetches_only_what_is_mis
         held.len()
     );
 
-    let second = transfer(
-        &mut receiver.client().await,
-        pull_request(&task_id, &[&seed.data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let second = pull(&receiver, &task_id, &[&seed.data_address], &output).await;
     let summary = second.summary.unwrap();
     assert_eq!(summary.pieces_reused as usize, held.len());
     assert_eq!(summary.pieces_fetched as usize, 64 - held.len());

@@ -43,13 +43,7 @@ async fn one_seed_transfers_256_mib() {
     let (source, task_id, seeds) = seeded(root.path(), 1).await;
     let receiver = Daemon::start(root.path(), "receiver", DaemonOptions::default()).await;
     let output = root.path().join("out.bin");
-    let result = transfer(
-        &mut receiver.client().await,
-        pull_request(&task_id, &[&seeds[0].data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let result = pull(&receiver, &task_id, &[&seeds[0].data_address], &output).await;
     let summary = result.summary.unwrap();
     assert_eq!(summary.pieces_fetched, 64);
     assert_eq!(summary.bytes_fetched, SIZE);
@@ -192,13 +186,7 @@ async fn a_restarted_receiver_resumes_without_refetching() {
         held.len()
     );
     assert!(held.len() < 64);
-    let second = transfer(
-        &mut receiver.client().await,
-        pull_request(&task_id, &[&seeds[0].data_address], &output),
-        |_| {},
-    )
-    .await
-    .unwrap();
+    let second = pull(&receiver, &task_id, &[&seeds[0].data_address], &output).await;
     let summary = second.summary.unwrap();
     assert_eq!(summary.pieces_reused as usize, held.len());
     assert_eq!(summary.pieces_fetched as usize, 64 - held.len());
